@@ -1,0 +1,1 @@
+"""interpkv: position-correct KV caches for TransformerLens."""
