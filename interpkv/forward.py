@@ -1,0 +1,127 @@
+"""``interpkv.forward``: one forward pass, through a cache or not, with hooks."""
+
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from . import _tl
+from .attention import Step
+from .cache import KVCache
+from .positions import absolute_positions, validate_mask
+from .schemes import scheme_for
+
+__all__ = ["forward"]
+
+Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
+
+
+def _as_input(model, tokens: Tensor) -> Tensor:
+    if not isinstance(tokens, Tensor):
+        raise TypeError(
+            f"tokens must be a torch.Tensor of token ids [batch, pos], got {type(tokens).__name__}; "
+            "interpkv works on token ids (use model.to_tokens(text) if the model has a tokenizer)."
+        )
+    if tokens.is_floating_point():
+        if tokens.ndim != 3 or tokens.shape[-1] != model.cfg.d_model:
+            raise ValueError(
+                f"float input must be token embeddings [batch, pos, d_model={model.cfg.d_model}], "
+                f"got shape {tuple(tokens.shape)}"
+            )
+        return tokens.to(model.cfg.device)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
+    if tokens.shape[1] == 0:
+        raise ValueError("tokens has no positions (shape [batch, 0]); pass at least one token")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab):
+        raise ValueError(
+            f"token ids must lie in [0, d_vocab={model.cfg.d_vocab}), got min {int(tokens.min())} "
+            f"and max {int(tokens.max())}"
+        )
+    return tokens.to(model.cfg.device)
+
+
+def forward(
+    model: "_tl.HookedTransformer",
+    tokens: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],
+    *,
+    cache: Optional[KVCache] = None,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    fwd_hooks: Sequence[Hook] = (),
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Run ``model`` on new tokens, through ``cache`` if given.
+
+    With a cache, only ``tokens`` are computed: their keys and values are
+    appended (unless the cache is frozen) and each token is placed at its
+    row's next absolute position, which the cache tracks. Without one it is an
+    ordinary uncached forward, through the same code. TransformerLens hook
+    points fire under their usual names; ``fwd_hooks`` take TransformerLens's
+    ``(name or filter, hook)`` form.
+
+    Args:
+        model: a HookedTransformer.
+        tokens: new token ids ``[batch, pos]`` (or ``[pos]``), or token
+            embeddings ``[batch, pos, d_model]`` (taken as ``hook_embed``'s output).
+        cache: a :class:`KVCache` made for ``model`` with this batch size.
+        attention_mask: ``[batch, pos]`` for the new tokens: 1 = real, 0 =
+            padding. Left padding and ragged rows are fine; padding takes no
+            position and is never attended to.
+        fwd_hooks: hooks active for this call only.
+
+    Returns:
+        Logits ``[batch, pos, d_vocab]`` for the new positions (padding rows hold
+        unspecified values).
+
+    Raises:
+        ValueError: bad shapes or token ids, or a position past ``n_ctx`` for
+            learned position embeddings.
+        CacheMismatchError: the cache belongs to another model, batch size,
+            dtype or device.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("llama")
+    >>> cache = interpkv.KVCache.for_model(model)
+    >>> prompt = interpkv.forward(model, torch.tensor([[5, 6, 7]]), cache=cache)
+    >>> step = interpkv.forward(model, torch.tensor([[8]]), cache=cache)
+    >>> full = interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]))
+    >>> torch.allclose(step[:, -1], full[:, -1], atol=1e-5)
+    True
+    """
+    inputs = _as_input(model, tokens)
+    mask = validate_mask(inputs, attention_mask)
+    scheme = scheme_for(model)
+    batch, n_new = inputs.shape[:2]
+    if cache is None:
+        cache = KVCache.for_model(model, batch, capacity=n_new)
+    else:
+        cache.check_compatible(model, batch, inputs.device)
+
+    q_pos = absolute_positions(mask, cache.next_positions)
+    limit = scheme.max_positions()
+    if limit is not None and int(q_pos.max()) >= limit:
+        raise ValueError(
+            f"position {int(q_pos.max())} is past this model's n_ctx={limit}: its learned "
+            f"position embedding has only {limit} rows (the cache already holds up to "
+            f"position {int(cache.next_positions.max()) - 1}). Crop the cache or use a "
+            "windowed cache; positions are never wrapped or clamped."
+        )
+    start = cache.reserve(n_new)
+    k_pos = cache.key_positions(q_pos)
+    step = Step(cache, scheme, q_pos, k_pos, start)
+
+    with model.hooks(fwd_hooks=list(fwd_hooks)), _tl.attention_replaced(model, step.attention_for):
+        if inputs.is_floating_point():
+            embed = inputs
+        else:
+            if model.cfg.use_hook_tokens:
+                inputs = model.hook_tokens(inputs)
+            embed = model.hook_embed(model.embed(inputs))  # (B, T, d_model)
+        residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
+        logits = model(
+            residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed
+        )
+    cache.commit(q_pos)
+    return logits

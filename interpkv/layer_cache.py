@@ -1,0 +1,73 @@
+"""Per-layer key/value storage: one preallocated buffer pair per attention layer.
+
+The multi-layer container (positions, offsets, model binding) is
+:class:`interpkv.cache.KVCache`; this module only knows tensors and slots.
+"""
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["LayerCache"]
+
+
+class LayerCache:
+    """Keys and values of one layer, ``[batch, kv_head, capacity, d_head]``.
+
+    Slots ``[0, length)`` are in use (the container owns ``length``). Writes go
+    to slots past it first and only count once the container commits, so a
+    forward pass that fails halfway, or a frozen cache, leaves the stored
+    history untouched. Capacity grows geometrically, so appending is amortised
+    O(new tokens) and never re-touches stored keys except to move them once on
+    growth.
+
+    Keys are stored at ``n_key_value_heads`` heads: grouped-query heads are
+    shared at attention time, never repeated in storage.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        d_head: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (batch, kv_heads, capacity, d_head)
+        self.keys: Float[Tensor, "batch kv_head capacity d_head"] = torch.zeros(
+            shape, dtype=dtype, device=device
+        )
+        self.values: Float[Tensor, "batch kv_head capacity d_head"] = torch.zeros(
+            shape, dtype=dtype, device=device
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def reserve(self, used: int, needed: int) -> None:
+        """Make room for ``needed`` slots, keeping the first ``used``."""
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], new_capacity, old.shape[3]))
+            new[:, :, :used] = old[:, :, :used]
+            setattr(self, name, new)
+
+    def write(
+        self,
+        start: int,
+        keys: Float[Tensor, "batch pos kv_head d_head"],
+        values: Float[Tensor, "batch pos kv_head d_head"],
+    ) -> None:
+        """Write new keys and values (TransformerLens layout) at ``start``."""
+        end = start + keys.shape[1]
+        self.keys[:, :, start:end] = keys.transpose(1, 2)
+        self.values[:, :, start:end] = values.transpose(1, 2)
+
+    def view(self, end: int):
+        """Keys and values of slots ``[0, end)``, ``[batch, kv_head, kv_pos, d_head]``."""
+        return self.keys[:, :, :end], self.values[:, :, :end]

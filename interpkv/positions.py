@@ -1,0 +1,66 @@
+"""Absolute positions: the one function every positional scheme reads.
+
+Attention mask + per-row offsets -> absolute position of each new token.
+Learned embeddings index their rows with it, rotary rotates by it and ALiBi
+biases by differences of it. Callers never compute offsets themselves (the
+"feed only the last token without its offset" bug).
+"""
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from ._types import PAD_POSITION
+
+__all__ = ["absolute_positions", "validate_mask"]
+
+
+def validate_mask(
+    tokens: Tensor, attention_mask: "Tensor | None"
+) -> Int[Tensor, "batch pos"]:
+    """Check a mask against its tokens and return it as int64 (all ones if None).
+
+    Raises:
+        ValueError: the shapes differ, or the mask holds values other than 0 and 1.
+    """
+    if attention_mask is None:
+        return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    if attention_mask.shape != tokens.shape[:2]:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the tokens have "
+            f"shape {tuple(tokens.shape[:2])} (batch, pos); the mask covers exactly the "
+            "new tokens of this call: pass one 0/1 entry per token."
+        )
+    mask = attention_mask.to(device=tokens.device)
+    if mask.dtype == torch.bool:
+        return mask.long()
+    if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            "attention_mask must hold only 0 (padding) and 1 (real token); got values "
+            f"{torch.unique(mask).tolist()[:8]}"
+        )
+    return mask.long()
+
+
+def absolute_positions(
+    attention_mask: Int[Tensor, "batch pos"], offsets: Int[Tensor, "batch"]
+) -> Int[Tensor, "batch pos"]:
+    """Absolute position of each token, ``-1`` for padding.
+
+    A real token's position is the number of real tokens before it in its row,
+    counting the ``offsets[b]`` already stored in a cache.
+
+    Args:
+        attention_mask: 1 for real tokens, 0 for padding (any pattern).
+        offsets: real tokens already seen per row (``KVCache`` tracks it).
+
+    Returns:
+        Positions with the mask's shape.
+
+    >>> absolute_positions(torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([0, 5]))
+    tensor([[-1,  0,  1],
+            [ 5,  6,  7]])
+    """
+    mask = attention_mask.long()
+    positions = offsets.long()[:, None] + mask.cumsum(dim=1) - 1  # (B, T)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, PAD_POSITION))

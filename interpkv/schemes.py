@@ -1,0 +1,251 @@
+"""Positional schemes: the one factory that reads ``cfg.positional_embedding_type``.
+
+:func:`scheme_for` inspects a model's config once and returns a strategy
+object; nothing else in interpkv branches on the scheme string. Every strategy
+reads the absolute positions produced by :func:`interpkv.positions.absolute_positions`:
+
+- :class:`LearnedPositions` (GPT-2, OPT, and Shortformer, which adds them to
+  queries and keys only): embedding rows at each token's absolute position.
+- :class:`Rotary` (RoPE, Su et al. 2021, "RoFormer"): queries and keys rotated by
+  their absolute positions; keys are rotated once, before they are stored.
+- :class:`ALiBi` (Press et al. 2021, "Train Short, Test Long"): a per-head bias
+  ``slope[h] * (key_pos - query_pos)`` built from absolute positions, never by
+  slicing a precomputed matrix.
+"""
+
+import math
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from . import _tl
+
+__all__ = [
+    "PositionalScheme",
+    "LearnedPositions",
+    "Rotary",
+    "ALiBi",
+    "scheme_for",
+    "alibi_slopes",
+    "UnsupportedModelError",
+]
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model uses an attention feature interpkv does not implement."""
+
+
+class PositionalScheme:
+    """Base strategy: no positional information (subclasses add their own)."""
+
+    name = "none"
+
+    def embed(
+        self, model: "_tl.HookedTransformer", embed: Tensor, positions: Tensor
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Return ``(residual, shortformer_pos_embed)`` for the new tokens."""
+        return embed, None
+
+    def rotate(self, layer: int, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate queries or keys ``[batch, pos, head, d_head]`` (identity here)."""
+        return x
+
+    @property
+    def rotates(self) -> bool:
+        return False
+
+    def score_bias(
+        self, q_pos: Tensor, k_pos: Tensor, dtype: torch.dtype
+    ) -> Optional[Float[Tensor, "batch head_index pos kv_pos"]]:
+        """Additive bias for attention scores, or None."""
+        return None
+
+    def max_positions(self) -> Optional[int]:
+        """Largest supported number of positions (None: unbounded)."""
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+class LearnedPositions(PositionalScheme):
+    """Learned absolute position embeddings (``W_pos``) at absolute positions.
+
+    Args:
+        shortformer: add them to queries and keys only (Shortformer) instead of
+            to the residual stream (GPT-2).
+        n_ctx: rows in ``W_pos``; a position at or past it raises.
+    """
+
+    def __init__(self, n_ctx: int, shortformer: bool):
+        self.n_ctx = n_ctx
+        self.shortformer = shortformer
+        self.name = "shortformer" if shortformer else "learned absolute"
+
+    def embed(self, model, embed, positions):
+        W_pos = model.pos_embed.W_pos  # (n_ctx, d_model)
+        pos_embed = model.hook_pos_embed(W_pos[positions.clamp(min=0)])  # (B, T, d_model)
+        if self.shortformer:
+            return embed, pos_embed
+        return embed + pos_embed, None
+
+    def max_positions(self):
+        return self.n_ctx
+
+
+class Rotary(PositionalScheme):
+    """Rotary position embedding applied at absolute positions (Su et al. 2021).
+
+    Tables come from TransformerLens's own per-layer computation (see
+    :func:`interpkv._tl.rotary_tables`) and grow geometrically on demand.
+    """
+
+    def __init__(self, model: "_tl.HookedTransformer", rotary_dim: int, adjacent_pairs: bool):
+        self.rotary_dim = rotary_dim
+        self.adjacent_pairs = adjacent_pairs
+        self._attn = [block.attn for block in model.blocks]
+        # Layers whose tables are equal share one: they differ only by base and
+        # local/global type (Gemma-style per-layer bases and scalings).
+        self._kind = [(_tl.rotary_base(a), _tl.is_local_layer(a)) for a in self._attn]
+        self._tables: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self.name = "rotary"
+
+    @property
+    def rotates(self) -> bool:
+        return True
+
+    def _table(self, layer: int, needed: int, dtype, device) -> Tuple[Tensor, Tensor]:
+        key = (self._kind[layer], dtype, device)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < needed:
+            size = max(needed, 2 * (table[0].shape[0] if table is not None else 512))
+            sin, cos = _tl.rotary_tables(self._attn[layer], size, dtype)
+            table = (sin.to(device), cos.to(device))
+            self._tables[key] = table
+        return table
+
+    def rotate(self, layer, x, positions):
+        needed = int(positions.max().item()) + 1 if positions.numel() else 1
+        sin, cos = self._table(layer, needed, x.dtype, x.device)
+        index = positions.clamp(min=0)
+        sin = sin[index][:, :, None, :]  # (B, T, 1, rotary_dim)
+        cos = cos[index][:, :, None, :]
+        x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.adjacent_pairs:  # GPT-J: pairs (0,1), (2,3), ...
+            flipped = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+        else:  # GPT-NeoX / Llama: pairs (i, i + rotary_dim/2)
+            half = self.rotary_dim // 2
+            flipped = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        return torch.cat((x_rot * cos + flipped * sin, x_pass), dim=-1)
+
+    def describe(self):
+        style = "adjacent pairs" if self.adjacent_pairs else "rotate-half"
+        return f"rotary ({style}, rotary_dim {self.rotary_dim})"
+
+
+def alibi_slopes(n_heads: int) -> Float[Tensor, "head_index"]:
+    """ALiBi head slopes by Bloom's rule, in float64.
+
+    For a power of two ``n`` the slopes are ``2^(-8i/n)``, i = 1..n. Otherwise
+    the ``2^floor(log2 n)`` slopes of the next lower power are followed by the
+    odd-indexed slopes of the next higher power (Press et al. 2021; HF Bloom's
+    ``build_alibi_tensor``). TransformerLens 3.x uses ``2^(-8/n)`` for every n,
+    which is wrong when n is not a power of two.
+
+    >>> alibi_slopes(4).tolist()
+    [0.25, 0.0625, 0.015625, 0.00390625]
+    """
+    if n_heads < 1:
+        raise ValueError(f"n_heads must be positive, got {n_heads}")
+    closest = 2 ** math.floor(math.log2(n_heads))
+
+    def powers(n: int) -> list:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    slopes = powers(closest)
+    if closest != n_heads:
+        slopes += powers(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+class ALiBi(PositionalScheme):
+    """ALiBi: ``slope[h] * (key_pos - query_pos)`` from absolute positions."""
+
+    def __init__(self, n_heads: int):
+        self.slopes = alibi_slopes(n_heads)
+        self.name = "ALiBi"
+
+    def score_bias(self, q_pos, k_pos, dtype):
+        slopes = self.slopes.to(device=q_pos.device, dtype=dtype)
+        distance = (k_pos[:, None, :] - q_pos[:, :, None]).clamp(max=0)  # (B, T, S)
+        return slopes[None, :, None, None] * distance[:, None].to(dtype)  # (B, H, T, S)
+
+    def describe(self):
+        return f"ALiBi ({len(self.slopes)} heads)"
+
+
+_UNSUPPORTED = {
+    "use_attention_sinks": "learned attention-sink logits (GPT-OSS)",
+    "clip_qkv": "Q/K/V clipping (OLMo)",
+    "use_logn_attn": "log-n attention scaling (Qwen-1)",
+    "use_dynamic_ntk_rope": "dynamic NTK rotary rescaling (Qwen-1)",
+}
+
+_SCHEMES: "weakref.WeakKeyDictionary[_tl.HookedTransformer, PositionalScheme]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _check_supported(cfg) -> None:
+    for field, what in _UNSUPPORTED.items():
+        value = getattr(cfg, field, None)
+        if value not in (None, False, 0):
+            raise UnsupportedModelError(
+                f"interpkv does not support {what} (cfg.{field}={value!r}) yet; "
+                "run this model with TransformerLens's own forward."
+            )
+    if getattr(cfg, "attention_dir", "causal") != "causal":
+        raise UnsupportedModelError(
+            f"interpkv caches causal models only; this one has attention_dir={cfg.attention_dir!r}"
+        )
+    if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+        raise UnsupportedModelError(
+            f"interpkv does not support {cfg.original_architecture}'s full-width Q/K norms yet"
+        )
+
+
+def scheme_for(model: "_tl.HookedTransformer") -> PositionalScheme:
+    """The positional strategy of a model (memoized per model object).
+
+    Args:
+        model: a TransformerLens ``HookedTransformer``.
+
+    Returns:
+        A :class:`PositionalScheme` for ``model.cfg.positional_embedding_type``.
+
+    Raises:
+        UnsupportedModelError: a scheme or attention feature interpkv cannot cache.
+    """
+    scheme = _SCHEMES.get(model)
+    if scheme is not None:
+        return scheme
+    cfg = model.cfg
+    _check_supported(cfg)
+    kind = cfg.positional_embedding_type
+    if kind in ("standard", "shortformer"):
+        scheme = LearnedPositions(cfg.n_ctx, shortformer=kind == "shortformer")
+    elif kind == "rotary":
+        scheme = Rotary(model, int(cfg.rotary_dim), bool(cfg.rotary_adjacent_pairs))
+    elif kind == "alibi":
+        scheme = ALiBi(cfg.n_heads)
+    else:
+        raise UnsupportedModelError(
+            f"positional_embedding_type={kind!r} is not supported by interpkv "
+            "(supported: standard, shortformer, rotary, alibi)"
+        )
+    _SCHEMES[model] = scheme
+    return scheme
