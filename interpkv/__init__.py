@@ -9,6 +9,7 @@ import importlib
 
 from .cache import CacheMismatchError, KVCache
 from .forward import forward
+from .persist import CacheFileError
 from .positions import absolute_positions
 from .schemes import UnsupportedModelError, alibi_slopes
 
@@ -17,6 +18,7 @@ _LAZY_SUBMODULES = ("zoo",)
 __all__ = [
     "KVCache",
     "CacheMismatchError",
+    "CacheFileError",
     "UnsupportedModelError",
     "forward",
     "absolute_positions",

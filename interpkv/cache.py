@@ -8,8 +8,9 @@ history again on every step), and its position is recorded alongside it in
 """
 
 import contextlib
+import os
 import weakref
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Int
@@ -19,6 +20,7 @@ from . import _tl
 from ._types import PAD_POSITION
 from .layer_cache import LayerCache
 from .schemes import scheme_for
+from .window import compact_positions, compaction_index, kept_slots, required_positions
 
 __all__ = ["KVCache", "CacheMismatchError", "model_signature"]
 
@@ -184,14 +186,238 @@ class KVCache:
     def freeze(self) -> Iterator["KVCache"]:
         """Context manager: forwards inside read the cache but append nothing.
 
+        Inside the block every forward attends to the stored keys plus its own
+        new tokens, exactly as an unfrozen forward would, but nothing is stored
+        and no position advances, so each call sees the same history (useful to
+        score many candidate continuations of one prefix). Lifecycle calls that
+        change the cache (``crop``) raise inside the block.
+
         Returns:
             The same cache (for ``with cache.freeze() as c:``).
+
+        >>> with cache.freeze():
+        ...     a = interpkv.forward(model, torch.tensor([[4]]), cache=cache)
+        ...     b = interpkv.forward(model, torch.tensor([[4]]), cache=cache)  # same as a
         """
         self._frozen += 1
         try:
             yield self
         finally:
             self._frozen -= 1
+
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` stored slots of every row, in place; returns None.
+
+        ``n`` counts slots (:attr:`seq_len`), padding slots included. Each row's
+        next position becomes one past its last kept real position, so the next
+        token continues right after the kept ones. To drop the last ``k`` tokens
+        of rows fed without padding since then: ``cache.crop(cache.seq_len - k)``.
+
+        Args:
+            n: slots to keep, ``0 <= n <= seq_len``.
+
+        Raises:
+            ValueError: ``n`` out of range; or, for a windowed cache, cropping
+                would need keys the window already evicted (keep a
+                :meth:`fork` from before the point you want to return to).
+            RuntimeError: the cache is frozen.
+
+        >>> cache.crop(cache.seq_len - 1)  # forget the last token
+        """
+        if self.frozen:
+            raise RuntimeError("cannot crop a frozen cache: crop after the `with cache.freeze()` block")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self._length:
+            raise ValueError(
+                f"crop(n) keeps the first n of the {self._length} stored slots: n must be an int "
+                f"in [0, {self._length}], got {n!r}"
+            )
+        kept = self._positions[:, :n]  # (B, n)
+        if n:
+            next_positions = kept.max(dim=1).values + 1  # padding only -> -1 + 1 = 0
+        else:
+            next_positions = torch.zeros_like(self._next_position)
+        if self.window is not None:
+            self._check_holds_required(kept, next_positions, "crop({n})".format(n=n))
+        self._positions[:, n : self._length] = PAD_POSITION
+        self._length = n
+        self._next_position = next_positions
+
+    def fork(self) -> "KVCache":
+        """An independent deep copy: appending to either never changes the other.
+
+        Returns:
+            A new :class:`KVCache` bound to the same model (not frozen), holding
+            the same slots in the same layout.
+
+        >>> branch = cache.fork()
+        >>> _ = interpkv.forward(model, torch.tensor([[9]]), cache=branch)  # cache is unchanged
+        """
+        return self._take_rows(torch.arange(self.batch_size, device=self.device))
+
+    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, "n"]]) -> "KVCache":
+        """A new cache holding rows ``batch_indices`` (in that order; repeats allowed).
+
+        The original is unchanged. The slot layout is kept (``seq_len`` stays).
+
+        Args:
+            batch_indices: row indices in ``[0, batch_size)``, a sequence of ints
+                or a 1-D integer tensor, at least one.
+
+        Returns:
+            A new :class:`KVCache` with ``len(batch_indices)`` rows.
+
+        Raises:
+            TypeError: indices that are not integers (a bool mask, floats).
+            ValueError: no index, or an index outside ``[0, batch_size)``.
+
+        >>> second = cache.select([1])
+        """
+        return self._take_rows(self._validated_rows(batch_indices))
+
+    def repeat(self, n: int) -> "KVCache":
+        """A new cache with each row repeated ``n`` times, row-major.
+
+        Rows come out as ``[r0] * n + [r1] * n + ...`` (like
+        ``torch.repeat_interleave``), so row ``b * n + i`` is the ``i``-th copy of
+        row ``b``. Use it to run ``n`` continuations of one prompt without
+        recomputing the prompt. The original is unchanged.
+
+        Args:
+            n: copies per row, ``>= 1``.
+
+        Returns:
+            A new :class:`KVCache` with ``batch_size * n`` rows.
+
+        >>> many = cache.repeat(4)  # 4 continuations of every row
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"repeat(n) needs an int n >= 1 (copies per row), got {n!r}")
+        rows = torch.arange(self.batch_size, device=self.device).repeat_interleave(n)
+        return self._take_rows(rows)
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write the stored slots to a safetensors file, atomically; returns None.
+
+        Only stored slots are written (never the preallocated capacity), with
+        the positions, window, dtype and a fingerprint of the model (its
+        architecture and a hash of its weights). See :mod:`interpkv.persist`.
+
+        >>> cache.save("prompt.safetensors")
+        """
+        from . import persist
+
+        persist.save_cache(self, path)
+
+    @classmethod
+    def load(
+        cls, path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransformer"
+    ) -> "KVCache":
+        """Read a cache written by :meth:`save`, for ``model`` (which must be the same model).
+
+        Returns:
+            A new :class:`KVCache`; forwards through it continue exactly where
+            the saved one stopped.
+
+        Raises:
+            CacheFileError: the file is not a valid interpkv cache for this
+                model (another model or weights, dtype, truncated, corrupted,
+                not safetensors, inconsistent shapes or positions). Nothing is
+                ever unpickled.
+
+        >>> cache = interpkv.KVCache.load("prompt.safetensors", model)
+        """
+        from . import persist
+
+        return persist.load_cache(path, model)
+
+    # ------------------------------------------------------------ internals
+    def _validated_rows(self, batch_indices) -> Tensor:
+        if isinstance(batch_indices, Tensor):
+            if batch_indices.dtype == torch.bool or batch_indices.is_floating_point():
+                raise TypeError(
+                    f"select() takes integer row indices, got a {batch_indices.dtype} tensor; "
+                    "for a boolean row mask pass mask.nonzero().flatten()"
+                )
+            if batch_indices.ndim != 1:
+                raise ValueError(
+                    f"select() takes a 1-D list of row indices, got shape {tuple(batch_indices.shape)}"
+                )
+            rows = batch_indices.tolist()
+        else:
+            rows = list(batch_indices)
+            bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int)]
+            if bad:
+                raise TypeError(f"select() takes integer row indices, got {bad[:3]!r}")
+        if not rows:
+            raise ValueError("select() needs at least one row index; a cache has >= 1 row")
+        outside = [r for r in rows if not 0 <= r < self.batch_size]
+        if outside:
+            raise ValueError(
+                f"row indices {outside[:5]} are outside [0, {self.batch_size}) for a cache "
+                f"with batch_size={self.batch_size}"
+            )
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _take_rows(self, rows: Tensor) -> "KVCache":
+        layers = [layer.take(rows, self._length) for layer in self.layers]
+        return self._with_storage(
+            layers, self.positions.index_select(0, rows), self._next_position.index_select(0, rows)
+        )
+
+    def _with_storage(self, layers, positions, next_positions) -> "KVCache":
+        """A new cache sharing this one's binding and window, with the given storage."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._frozen = 0
+        new._install(layers, positions, next_positions)
+        return new
+
+    def _install(
+        self,
+        layers: List[LayerCache],
+        positions: Int[Tensor, "batch kv_pos"],
+        next_positions: Int[Tensor, "batch"],
+    ) -> None:
+        """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""
+        self.layers = layers
+        self._positions = positions.clone()
+        self._next_position = next_positions.clone()
+        self._length = positions.shape[1]
+
+    def _check_holds_required(self, positions: Tensor, next_positions: Tensor, what: str) -> None:
+        """Raise unless every row holds each position its next query may attend."""
+        limit = int(next_positions.max()) if next_positions.numel() else 0
+        required = required_positions(next_positions, self.window, self.sinks, limit)  # (B, L)
+        present = torch.zeros_like(required)
+        real = positions >= 0
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        present[rows[real], positions[real]] = True
+        missing = required & ~present
+        if bool(missing.any()):
+            row = int(missing.any(dim=1).nonzero()[0])
+            lost = missing[row].nonzero().flatten().tolist()
+            raise ValueError(
+                f"{what} would leave row {row} continuing at position "
+                f"{int(next_positions[row])} without positions {lost[:6]}, which the window "
+                f"(window={self.window}, sinks={self.sinks}) already evicted; a windowed "
+                "cache cannot be cropped back past its window. Keep a fork() from the point "
+                "you want to return to."
+            )
+
+    def _evict(self) -> None:
+        """Drop slots no future query can attend (window), compacting rows in place."""
+        length = self._length
+        positions = self._positions[:, :length]
+        keep = kept_slots(positions, self._next_position, self.window, self.sinks)
+        if bool(keep.all()):
+            return
+        index, real = compaction_index(keep)  # (B, kept)
+        kept = index.shape[1]
+        for layer in self.layers:
+            layer.gather_slots_(index, length)
+        self._positions[:, :kept] = compact_positions(positions, index, real)
+        self._positions[:, kept:length] = PAD_POSITION
+        self._length = kept
 
     # ------------------------------------------------------ forward protocol
     def check_compatible(self, model: "_tl.HookedTransformer", batch: int, device) -> None:
@@ -257,6 +483,8 @@ class KVCache:
         self._length += n_new
         real = (new_positions >= 0).sum(dim=1)
         self._next_position = self._next_position + real
+        if self.window is not None:
+            self._evict()
 
     def layer_view(self, layer: int, end: int) -> Tuple[Tensor, Tensor]:
         return self.layers[layer].view(end)

@@ -71,3 +71,40 @@ class LayerCache:
     def view(self, end: int):
         """Keys and values of slots ``[0, end)``, ``[batch, kv_head, kv_pos, d_head]``."""
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    # ------------------------------------------------------------ lifecycle
+    @classmethod
+    def from_tensors(
+        cls,
+        keys: Float[Tensor, "batch kv_head kv_pos d_head"],
+        values: Float[Tensor, "batch kv_head kv_pos d_head"],
+    ) -> "LayerCache":
+        """A layer cache holding exactly ``keys`` and ``values`` (capacity = their length)."""
+        layer = cls.__new__(cls)
+        layer.keys, layer.values = keys, values
+        return layer
+
+    def take(self, rows: Tensor, length: int) -> "LayerCache":
+        """A new, independent layer cache of ``rows`` (in that order), slots ``[0, length)``."""
+        keys, values = self.view(length)
+        return LayerCache.from_tensors(
+            keys.index_select(0, rows).contiguous(), values.index_select(0, rows).contiguous()
+        )
+
+    def gather_slots_(self, index: Tensor, length: int) -> None:
+        """In place: new slot ``j`` of row ``b`` becomes old slot ``index[b, j]``.
+
+        Args:
+            index: ``[batch, kept]`` old slot indices, each ``< length``.
+            length: slots in use before the move.
+
+        Capacity is unchanged (a windowed cache reuses its buffers, so memory
+        stays flat); slots past ``kept`` keep stale data and are unused.
+        """
+        batch, kv_heads, _, d_head = self.keys.shape
+        kept = index.shape[1]
+        expanded = index[:, None, :, None].expand(batch, kv_heads, kept, d_head)
+        for name in ("keys", "values"):
+            buffer = getattr(self, name)
+            moved = buffer[:, :, :length].gather(2, expanded)  # (B, kvh, kept, d)
+            buffer[:, :, :kept] = moved

@@ -1,0 +1,109 @@
+"""Eviction for windowed caches: which stored slots a future query can still attend.
+
+A windowed cache (``window=W, sinks=S``) lets a query at position ``q`` attend a
+key at position ``k`` iff ``k < S`` (an attention sink) or ``k > q - W`` (inside
+the window), plus causality; that mask is :func:`interpkv.attention.allowed_keys`.
+Every future query of a row comes after its newest stored position ``n``, so a
+key at ``S <= k <= n - W`` can never be attended again and is dropped. What
+stays is the first ``S`` and the last ``W`` positions of each row, so memory is
+flat: ``S + W`` slots per row once the window is full.
+
+Kept keys keep their absolute positions (they are not renumbered), so rotary,
+ALiBi and learned position embeddings still see the right distances: a windowed
+cache equals an uncached run whose attention is restricted to the same keys.
+
+Rows may be ragged (left padding, different lengths), so different rows drop
+different slots. Storage stays rectangular: :func:`compaction_index` moves each
+row's kept slots to the right end, in their original order, and fills the
+front with padding slots (position ``-1``), the same layout left padding gives.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from ._types import PAD_POSITION
+
+__all__ = ["kept_slots", "required_positions", "compaction_index", "compact_positions"]
+
+
+def kept_slots(
+    positions: Int[Tensor, "batch kv_pos"],
+    next_positions: Int[Tensor, "batch"],
+    window: Optional[int],
+    sinks: int = 0,
+) -> Bool[Tensor, "batch kv_pos"]:
+    """Stored slots a future query may still attend (padding slots are never kept).
+
+    Args:
+        positions: absolute position of each stored slot, ``-1`` for padding.
+        next_positions: position the next token of each row will get (the
+            newest stored position is ``next_positions - 1``).
+        window: the cache window ``W`` (None: keep every real slot).
+        sinks: the first ``sinks`` positions are kept forever.
+
+    Returns:
+        True for slots to keep: real, and ``p < sinks`` or ``p > newest - window``.
+
+    >>> kept_slots(torch.tensor([[-1, 0, 1, 2, 3, 4]]), torch.tensor([5]), 2, 1).tolist()
+    [[False, True, False, False, True, True]]
+    """
+    real = positions >= 0
+    if window is None:
+        return real
+    newest = (next_positions - 1)[:, None]  # (B, 1)
+    return real & ((positions < sinks) | (positions > newest - window))
+
+
+def required_positions(
+    next_positions: Int[Tensor, "batch"], window: Optional[int], sinks: int, limit: int
+) -> Bool[Tensor, "batch limit"]:
+    """Positions ``0..limit-1`` a correct cache of each row must hold.
+
+    A row that has seen ``m = next_positions[b]`` tokens must hold every position
+    below ``m`` (no window), or those below ``min(sinks, m)`` and the last
+    ``window`` ones (windowed). Used to validate loaded files and crops.
+    """
+    p = torch.arange(limit, device=next_positions.device)[None, :]  # (1, L)
+    m = next_positions[:, None]  # (B, 1)
+    seen = p < m
+    if window is None:
+        return seen
+    return seen & ((p < sinks) | (p >= m - window))
+
+
+def compaction_index(
+    keep: Bool[Tensor, "batch kv_pos"],
+) -> Tuple[Int[Tensor, "batch kept"], Bool[Tensor, "batch kept"]]:
+    """Slot indices that move each row's kept slots to the right end, in order.
+
+    Args:
+        keep: which slots of each row survive.
+
+    Returns:
+        ``(index, real)``: ``index[b, j]`` is the old slot that becomes new slot
+        ``j`` of row ``b``, and ``real[b, j]`` says whether it is a kept slot
+        (False: a padding slot at the front of a shorter row). The new length
+        is the largest number of kept slots in any row.
+
+    >>> index, real = compaction_index(torch.tensor([[True, False, True], [False, False, True]]))
+    >>> index.tolist(), real.tolist()
+    ([[0, 2], [1, 2]], [[True, True], [False, True]])
+    """
+    n_slots = keep.shape[1]
+    n_kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
+    # A stable sort on "kept" puts dropped slots first and kept ones last, each
+    # group in its original slot order.
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # (B, L)
+    index = order[:, n_slots - n_kept :]  # (B, L')
+    return index, keep.gather(1, index)
+
+
+def compact_positions(
+    positions: Int[Tensor, "batch kv_pos"], index: Tensor, real: Tensor
+) -> Int[Tensor, "batch kept"]:
+    """Positions after :func:`compaction_index`: gathered, ``-1`` where not real."""
+    gathered = positions.gather(1, index)
+    return torch.where(real, gathered, torch.full_like(gathered, PAD_POSITION))
