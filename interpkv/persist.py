@@ -238,7 +238,9 @@ def _parse_header(data: bytes, path: str) -> dict:
 def _entry_span(name: str, entry, path: str) -> Tuple[int, int]:
     """``(begin, end)`` of one tensor's bytes, after checking dtype, shape and size agree."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise CacheFileError(f"{path}: corrupted header entry for tensor {name!r}: {entry!r}")
+        raise CacheFileError(
+            f"{path}: corrupted header entry for tensor {name!r}: {repr(entry)[:120]}"
+        )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in _DTYPES:
         raise CacheFileError(
@@ -271,6 +273,8 @@ def _check_metadata(header: dict, model, path: str) -> dict:
             f"format={None if not isinstance(raw, dict) else raw.get('format')!r}, expected "
             f"{FORMAT!r}); write caches with cache.save(path)"
         )
+    if not all(isinstance(v, str) for v in raw.values()):
+        raise CacheFileError(f"{path}: corrupted header: metadata values must be strings")
     missing = {"format_version", "model", "weights_sha256", "dtype", "batch_size", "seq_len",
                "window", "sinks"} - set(raw)
     if missing:
@@ -292,17 +296,17 @@ def _check_metadata(header: dict, model, path: str) -> dict:
             f"{path} was saved from another model architecture ({detail}); load it with the "
             "model that made it"
         )
-    if raw["weights_sha256"] != weights_fingerprint(model):
-        raise CacheFileError(
-            f"{path} was saved from a model with the same architecture but different weights "
-            f"(weights sha256 {raw['weights_sha256'][:12]}... vs "
-            f"{weights_fingerprint(model)[:12]}...); its keys mean nothing to this model"
-        )
     model_dtype = _DTYPE_NAMES.get(model.cfg.dtype, str(model.cfg.dtype))
     if raw["dtype"] != model_dtype:
         raise CacheFileError(
             f"{path} holds a {raw['dtype']} cache but the model runs in {model_dtype}; "
             "load it into the model in the dtype it was saved from"
+        )
+    if raw["weights_sha256"] != weights_fingerprint(model):
+        raise CacheFileError(
+            f"{path} was saved from a model with the same architecture but different weights "
+            f"(weights sha256 {raw['weights_sha256'][:12]}... vs "
+            f"{weights_fingerprint(model)[:12]}...); its keys mean nothing to this model"
         )
     try:
         batch, length, sinks = int(raw["batch_size"]), int(raw["seq_len"]), int(raw["sinks"])
