@@ -361,7 +361,7 @@ class KVCache:
     def _take_rows(self, rows: Tensor) -> "KVCache":
         layers = [layer.take(rows, self._length) for layer in self.layers]
         return self._with_storage(
-            layers, self.positions.index_select(0, rows), self._next_position.index_select(0, rows)
+            layers, self.positions[rows], self._next_position[rows]
         )
 
     def _with_storage(self, layers, positions, next_positions) -> "KVCache":

@@ -14,7 +14,8 @@ capacity: the "saved prompt cache kept its zero padding" bug, mlx-examples
 
 Writes are atomic: a temporary file in the same directory is written, flushed
 with ``fsync`` and renamed over the target with ``os.replace``, so the target is
-always either the old file or the complete new one.
+always either the old file or the complete new one (an interrupted save leaves
+the old file and removes its temporary file).
 
 Loading trusts nothing. The safetensors header (8-byte little-endian length,
 then JSON) is parsed and checked here, before any byte reaches safetensors:
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import struct
+import sys
 import tempfile
 import weakref
 from typing import Dict, List, Tuple, Union
@@ -54,6 +56,7 @@ _DTYPES: Dict[str, torch.dtype] = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
     "I64": torch.int64,
+    "U8": torch.uint8,  # not in a cache, but parsed so that such files get a clear error
 }
 _DTYPE_NAMES = {
     torch.float64: "float64",
@@ -135,21 +138,8 @@ def save_cache(cache: KVCache, path: Union[str, "os.PathLike[str]"]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    # The directory is not fsynced: after a power loss the rename may be lost and
+    # the previous file (complete, loadable) be back, but never a partial one.
 
 
 # ----------------------------------------------------------------------- load
@@ -157,14 +147,17 @@ def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransform
     """Read and fully validate a cache file for ``model`` (see the module docstring)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
-        data = f.read()  # one read: what is validated is exactly what is loaded
-    header = _parse_header(data, path)
-    metadata = _check_metadata(header, model, path)
-    _check_tensors(header, metadata, model, path)
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as error:  # safetensors raises its own SafetensorError
-        raise CacheFileError(f"{path}: safetensors could not read the file ({error})") from error
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) == 8:
+            prefix += f.read(min(struct.unpack("<Q", prefix)[0], _MAX_HEADER_BYTES))
+        header = _parse_header(prefix, size, path)
+        metadata = _check_metadata(header, model, path)
+        expected = _check_tensors(header, metadata, model, path)
+        body = bytearray(size - len(prefix))
+        if f.readinto(body) != len(body) or f.read(1):
+            raise CacheFileError(f"{path} changed size while it was being loaded; load it again")
+    tensors = _decode(body, header, expected)
     device = next(iter(model.parameters())).device
     positions = tensors["positions"].to(device)
     next_positions = tensors["next_positions"].to(device)
@@ -182,9 +175,38 @@ def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransform
     return cache
 
 
-def _parse_header(data: bytes, path: str) -> dict:
-    """The safetensors JSON header, after checking it against the file's size."""
-    size = len(data)
+def _decode(body: bytearray, header: dict, expected: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+    """Tensors viewing ``body`` (the bytes after the header), by the validated header.
+
+    safetensors stores each tensor little-endian, C-contiguous, at ``data_offsets``
+    within the body; every one of those numbers has been checked against the
+    file size, dtype and shape before this runs. The tensors are writable views
+    of one buffer the cache owns (safetensors' own readers either map the file,
+    tying the cache to it, or return read-only tensors that need a second copy).
+    """
+    tensors = {}
+    for name, (dtype_name, shape) in expected.items():
+        dtype = _DTYPES[dtype_name]
+        begin, end = header[name]["data_offsets"]
+        if begin == end:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(body, dtype=torch.uint8, count=end - begin, offset=begin)
+        tensor = flat.view(dtype).reshape(shape)
+        if sys.byteorder == "big":  # the format is little-endian
+            tensor = torch.from_numpy(tensor.numpy().byteswap(inplace=False))
+        tensors[name] = tensor
+    return tensors
+
+
+def _parse_header(prefix: bytes, size: int, path: str) -> dict:
+    """The safetensors JSON header, after checking it against the file's ``size``.
+
+    Args:
+        prefix: the file's first bytes: the 8-byte length and (up to) that many more.
+        size: the file's size in bytes.
+    """
+    data = prefix
     if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
         kind = "a zip archive (torch.save)" if data[:2] == b"PK" else "a Python pickle"
         raise CacheFileError(
@@ -196,7 +218,7 @@ def _parse_header(data: bytes, path: str) -> dict:
             f"{path} is {size} bytes: too short for a safetensors header (truncated?)"
         )
     (n_header,) = struct.unpack("<Q", data[:8])
-    if n_header > size - 8 or n_header > _MAX_HEADER_BYTES:
+    if n_header > size - 8 or n_header > _MAX_HEADER_BYTES or len(data) < 8 + n_header:
         raise CacheFileError(
             f"{path}: the header length prefix says {n_header} bytes but the file has only "
             f"{size - 8} after it; the file is truncated or not safetensors"
@@ -261,6 +283,11 @@ def _entry_span(name: str, entry, path: str) -> Tuple[int, int]:
             f"{path}: tensor {name!r} ({dtype} {shape}) needs {expected} bytes but its "
             f"data_offsets span {offsets[1] - offsets[0]}; corrupted header"
         )
+    if offsets[0] % _DTYPES[dtype].itemsize:
+        raise CacheFileError(
+            f"{path}: tensor {name!r} starts at byte {offsets[0]} of the data, not a multiple "
+            f"of its {_DTYPES[dtype].itemsize}-byte {dtype} elements; corrupted header"
+        )
     return offsets[0], offsets[1]
 
 
@@ -324,8 +351,12 @@ def _check_metadata(header: dict, model, path: str) -> dict:
             "dtype": model.cfg.dtype}
 
 
-def _check_tensors(header: dict, metadata: dict, model, path: str) -> None:
-    """Each expected tensor is present, with the dtype and shape the metadata implies."""
+def _check_tensors(header: dict, metadata: dict, model, path: str) -> Dict[str, tuple]:
+    """Each expected tensor is present, with the dtype and shape the metadata implies.
+
+    Returns:
+        ``{name: (safetensors dtype, shape)}`` of the expected tensors.
+    """
     cfg = model.cfg
     batch, length = metadata["batch_size"], metadata["seq_len"]
     kv_shape = [batch, _tl.kv_head_count(cfg), length, int(cfg.d_head)]
@@ -348,6 +379,7 @@ def _check_tensors(header: dict, metadata: dict, model, path: str) -> None:
                 f"(batch_size={batch}, seq_len={length}, dtype {metadata['dtype']}) and the model "
                 f"imply {dtype} {shape}"
             )
+    return expected
 
 
 def _check_positions(positions, next_positions, metadata: dict, model, path: str) -> None:

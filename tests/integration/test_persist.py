@@ -155,6 +155,23 @@ class Evil:
         return (open, (self.marker, "w"))
 
 
+def _misalign(path):
+    """Shift every tensor by one byte (one pad byte first): offsets stay consistent, alignment breaks."""
+
+    def shift(header):
+        for name, entry in header.items():
+            if name != "__metadata__":
+                entry["data_offsets"] = [o + 1 for o in entry["data_offsets"]]
+        header["pad"] = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}
+
+    data = path.read_bytes()
+    (n_header,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n_header])
+    shift(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" + data[8 + n_header :])
+
+
 def _corrupt_json(path, model):
     data = bytearray(path.read_bytes())
     data[8] = ord("x")  # the header's opening brace
@@ -252,9 +269,13 @@ MALFORMED = {
             data_offsets=[h["positions"]["data_offsets"][0] + 8, h["positions"]["data_offsets"][1] + 8])),
         "tensors must be contiguous",
     ),
+    "misaligned-offsets": (
+        lambda p, m: _misalign(p),
+        r"tensor 'next_positions' starts at byte 1 of the data, not a multiple of its 8-byte I64",
+    ),
     "unknown-dtype": (
-        lambda p, m: rewrite_header(p, lambda h: h["positions"].update(dtype="U8")),
-        "tensor 'positions' has dtype 'U8'",
+        lambda p, m: rewrite_header(p, lambda h: h["positions"].update(dtype="X9")),
+        "tensor 'positions' has dtype 'X9'; a cache holds only",
     ),
     "next-positions-ahead": (
         lambda p, m: rewrite(p, tensors={"next_positions": torch.tensor([5, 2])}),
@@ -312,3 +333,4 @@ def test_weights_fingerprint_follows_in_place_edits():
     with torch.no_grad():
         model.blocks[0].attn.W_Q[0, 0, 0] += 1.0
     assert persist.weights_fingerprint(model) != before
+

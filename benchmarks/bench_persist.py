@@ -1,0 +1,141 @@
+"""Benchmark: cache save/load against safetensors directly, file size, fork/repeat vs recompute.
+
+Run:
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_persist.py [--seq 1024 --batch 4]
+
+Prints a markdown table (numbers go to docs/performance.md, section "Cache persistence").
+
+- save: ``cache.save(path)`` (write to a temp file + fsync + atomic rename) against
+  ``safetensors.torch.save_file`` of the same tensors (no fsync), and against the
+  same plus an fsync (what a durable write costs anyway).
+- load: ``KVCache.load(path, model)`` (reads, checks the header, the model
+  fingerprint and the positions) against ``safetensors.torch.load_file`` (which
+  maps the file and reads nothing until a tensor is touched), the same plus one
+  pass over every tensor, and ``safetensors.torch.load(bytes)``.
+- size: file bytes against ``cache.nbytes`` (the difference is the header and
+  ``next_positions``).
+- fork / repeat(n): against recomputing the prefix with one uncached forward.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import safetensors.torch
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import interpkv
+from interpkv import persist
+
+
+def build(args) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=args.layers, d_model=args.d_model, d_head=args.d_model // args.heads,
+        n_heads=args.heads, n_key_value_heads=args.kv_heads, d_mlp=4 * args.d_model,
+        n_ctx=args.seq, d_vocab=1000, act_fn="silu", normalization_type="RMS",
+        positional_embedding_type="rotary", rotary_dim=args.d_model // args.heads,
+        gated_mlp=True, dtype=torch.float32,
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs (seconds)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fsync_save(tensors, path):
+    safetensors.torch.save_file(tensors, path)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeat-n", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dir", default=None, help="where to write files (default: a temp dir)")
+    args = parser.parse_args()
+
+    model = build(args)
+    tokens = torch.randint(0, 1000, (args.batch, args.seq))
+    cache = interpkv.KVCache.for_model(model, args.batch)
+    with torch.no_grad():
+        interpkv.forward(model, tokens, cache=cache)
+    mb = cache.nbytes / 2**20
+
+    workdir = tempfile.mkdtemp(dir=args.dir)
+    ours, direct = os.path.join(workdir, "ours.safetensors"), os.path.join(workdir, "direct.safetensors")
+    tensors = {"positions": cache.positions.contiguous(), "next_positions": cache.next_positions}
+    for i, layer in enumerate(cache.layers):
+        keys, values = layer.view(cache.seq_len)
+        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = keys.contiguous(), values.contiguous()
+
+    start = time.perf_counter()
+    persist.weights_fingerprint(model)  # first call hashes the weights, later ones are memoized
+    hash_s = time.perf_counter() - start
+
+    save_ours = timed(lambda: cache.save(ours), args.repeats)
+    save_direct = timed(lambda: safetensors.torch.save_file(tensors, direct), args.repeats)
+    save_fsync = timed(lambda: fsync_save(tensors, direct), args.repeats)
+    load_ours = timed(lambda: interpkv.KVCache.load(ours, model), args.repeats)
+    load_lazy = timed(lambda: safetensors.torch.load_file(direct), args.repeats)
+    load_touch = timed(lambda: [t.sum() for t in safetensors.torch.load_file(direct).values()],
+                       args.repeats)
+    load_bytes = timed(lambda: safetensors.torch.load(open(direct, "rb").read()), args.repeats)
+    size = os.path.getsize(ours)
+
+    with torch.no_grad():
+        fork_s = timed(cache.fork, args.repeats)
+        repeat_s = timed(lambda: cache.repeat(args.repeat_n), args.repeats)
+        recompute_s = timed(lambda: interpkv.forward(model, tokens), max(3, args.repeats // 2))
+        recompute_rep_s = timed(
+            lambda: interpkv.forward(model, tokens.repeat_interleave(args.repeat_n, 0)), 3
+        )
+
+    print(f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads / "
+          f"{args.kv_heads} kv heads, float32; cache: batch {args.batch} x {args.seq} positions "
+          f"= {mb:.1f} MiB; torch threads {torch.get_num_threads()}\n")
+    print("| operation | interpkv | baseline | ratio (baseline / interpkv time) |")
+    print("|---|---|---|---|")
+    print(f"| save | {mb / save_ours:.0f} MiB/s | safetensors save_file {mb / save_direct:.0f} MiB/s"
+          f" | {save_direct / save_ours:.2f}x |")
+    print(f"| save | {mb / save_ours:.0f} MiB/s | save_file + fsync {mb / save_fsync:.0f} MiB/s"
+          f" | {save_fsync / save_ours:.2f}x |")
+    for label, base in (("load_file (lazy mmap, reads no data)", load_lazy),
+                        ("load_file + read every tensor once", load_touch),
+                        ("load(f.read()) (read-only tensors)", load_bytes)):
+        print(f"| load (validated) | {mb / load_ours:.0f} MiB/s | {label} {mb / base:.0f} MiB/s"
+              f" | {base / load_ours:.2f}x |")
+    print(f"| fork | {fork_s * 1e3:.1f} ms | recompute prefix {recompute_s * 1e3:.0f} ms "
+          f"| {recompute_s / fork_s:.0f}x |")
+    print(f"| repeat({args.repeat_n}) | {repeat_s * 1e3:.1f} ms | recompute {args.repeat_n}x prefix "
+          f"{recompute_rep_s * 1e3:.0f} ms | {recompute_rep_s / repeat_s:.0f}x |")
+    print(f"\nfile {size} bytes, nbytes {cache.nbytes}: file - nbytes = {size - cache.nbytes} bytes "
+          f"({(size - cache.nbytes) / cache.nbytes:.4%}; next_positions {8 * args.batch} + header)")
+    print(f"weights fingerprint (sha256, once per model, memoized): {hash_s * 1e3:.0f} ms")
+    for path in (ours, direct):
+        os.unlink(path)
+    os.rmdir(workdir)
+
+
+if __name__ == "__main__":
+    main()
