@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,6 +166,11 @@ def _tl_from_hf(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
         shutil.rmtree(tmp, ignore_errors=True)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    # Unused tables (e.g. W_pos of rotary/ALiBi models) are absent from the HF
+    # checkpoint; TL fills them with uninitialised memory, make them zeros.
+    for key, value in model.state_dict().items():
+        if key not in state_dict and "W_" in key:
+            state_dict[key] = torch.zeros_like(value)
     state_dict = _process_weights(model.fill_missing_keys(state_dict), cfg)
     # Folded norm weights (now all ones / zeros) have no parameter in *Pre norms.
     result = model.load_state_dict(state_dict, strict=False)
@@ -269,3 +276,44 @@ def tl_model(name: str, seed: int, dtype: torch.dtype) -> HookedTransformer:
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+# --- trained weights (plug-in point; none shipped yet) ------------------------
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+"""Where trained weights live: ``<name>.safetensors`` plus ``<name>.json``."""
+
+
+def trained_names() -> list[str]:
+    """Zoo names that ship trained weights (both files present).
+
+    Returns:
+        Sorted names; empty until trained weights are added.
+    """
+    return sorted(
+        n
+        for n in SPECS
+        if (WEIGHTS_DIR / f"{n}.safetensors").is_file() and (WEIGHTS_DIR / f"{n}.json").is_file()
+    )
+
+
+def load_trained(model: HookedTransformer, name: str) -> HookedTransformer:
+    """Overwrite ``model``'s weights with the shipped trained weights of ``name``.
+
+    The safetensors file must hold the *processed* TL state dict (folded LN,
+    as produced by :func:`tl_model`); the json file holds free-form metadata
+    (training data, steps, ...) and is attached as ``model.zoo_metadata``.
+
+    Args:
+        model: A fresh model of the same zoo name (any dtype).
+        name: Zoo name with trained weights.
+
+    Returns:
+        The same model, updated in place.
+    """
+    from safetensors.torch import load_file
+
+    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
+    model.load_state_dict({k: v.to(model.cfg.dtype) for k, v in sd.items()}, strict=True)
+    model.zoo_metadata = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+    return model
