@@ -201,9 +201,9 @@ SPECS: dict[str, ModelSpec] = {
             hf_config_class="BloomConfig",
             hf_kwargs=_bloom(6, 96),
             tl_pair_note=(
-                "TransformerLens 3.9 computes ALiBi slopes as 2^(-8/n) powers for any n; "
-                "for non-power-of-two n the HF/BLOOM slopes interleave two geometric "
-                "series, so TL logits differ from HF here."
+                "TransformerLens 3.9 gives head i the ALiBi slope 2^(-8(i+1)/n) for any n; "
+                "for non-power-of-two n HF/BLOOM interleave two geometric series "
+                "(here [2^-2, 2^-4, 2^-6, 2^-8, 2^-1, 2^-3]), so TL logits differ from HF."
             ),
         ),
         ModelSpec(

@@ -23,10 +23,12 @@ F64_ATOL = {"gpt2": 1e-10}
 F64_ATOL_HF_FLOAT32_INTERNALS = 5e-5
 F32_ATOL = 1e-4
 
-# Known TL bug, fixed by interpkv itself: TransformerLens 3.9 uses ALiBi slopes
-# 2^(-8 i / n) for every n, while BLOOM/HF (and the ALiBi paper) interleave two
-# geometric series when n is not a power of two. With 6 heads TL's slopes are
-# wrong for heads 1..5, so TL and HF logits must *differ* for "bloom6".
+# Known TL bug, fixed by interpkv itself: TransformerLens 3.9 gives head i the
+# ALiBi slope 2^(-8 (i + 1) / n) for every n, while BLOOM/HF (and the ALiBi
+# paper) use that only for powers of two and otherwise interleave two geometric
+# series. For 6 heads HF has [2^-2, 2^-4, 2^-6, 2^-8, 2^-1, 2^-3] and TL
+# [2^-4/3, 2^-8/3, ...]: every head differs, so TL and HF logits must *differ*
+# for "bloom6". This is an expected mismatch, asserted to document the bug.
 EXPECTED_MISMATCH = {"bloom6"}
 
 
@@ -83,6 +85,9 @@ def test_low_precision_loads(name: str, dtype: torch.dtype) -> None:
     if dtype == torch.bfloat16:
         with torch.no_grad():
             assert torch.isfinite(model(_tokens(name, 1, 8)).float()).all()
+    if name in PAIRS:
+        _, hf = zoo.load_pair(name, dtype=dtype)
+        assert next(hf.parameters()).dtype == dtype and not hf.training
 
 
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
@@ -154,3 +159,30 @@ def test_errors() -> None:
         zoo.load_pair("shortformer")
     with pytest.raises(ValueError, match="dtype"):
         zoo.load("gpt2", dtype=torch.int64)
+
+
+WINDOWED = ["mistral", "gemma2", "gptneo"]
+
+
+@pytest.mark.parametrize("name", WINDOWED, ids=WINDOWED)
+def test_sliding_window_bites(name: str) -> None:
+    """Local layers attend to exactly the last `window` keys, in TL and in HF."""
+    tl, hf = zoo.load_pair(name, dtype=torch.float64)
+    meta = zoo.info(name)
+    window = meta["window"]
+    tokens = _tokens(name)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+        hf_attn = hf(tokens, output_attentions=True).attentions
+    q = torch.arange(SEQ)[:, None]
+    k = torch.arange(SEQ)[None, :]
+    outside = (k <= q - window) | (k > q)
+    for layer, kind in enumerate(meta["attn_types"]):
+        pattern = cache["pattern", layer]
+        if kind == "local":
+            assert pattern[..., outside].abs().max() == 0
+            assert hf_attn[layer][..., outside].abs().max() == 0
+        else:
+            assert pattern[..., k <= q - window].abs().max() > 0
+        # HF softmaxes in float32 (see F64 note above), hence the loose tolerance
+        torch.testing.assert_close(pattern, hf_attn[layer], atol=1e-5, rtol=0)
