@@ -9,6 +9,7 @@ import importlib
 
 from .cache import CacheMismatchError, KVCache
 from .forward import forward
+from .generate import Generation, generate
 from .positions import absolute_positions
 from .schemes import UnsupportedModelError, alibi_slopes
 
@@ -19,6 +20,8 @@ __all__ = [
     "CacheMismatchError",
     "UnsupportedModelError",
     "forward",
+    "generate",
+    "Generation",
     "absolute_positions",
     "alibi_slopes",
     *_LAZY_SUBMODULES,
