@@ -9,7 +9,9 @@ import importlib
 
 from .cache import CacheMismatchError, KVCache
 from .forward import forward
+from .gendiff import GenerationDiff
 from .generate import Generation, generate
+from .generation_diff import compare_generation
 from .positions import absolute_positions
 from .schemes import UnsupportedModelError, alibi_slopes
 
@@ -22,6 +24,8 @@ __all__ = [
     "forward",
     "generate",
     "Generation",
+    "compare_generation",
+    "GenerationDiff",
     "absolute_positions",
     "alibi_slopes",
     *_LAZY_SUBMODULES,
