@@ -15,7 +15,7 @@ from .generation_diff import compare_generation
 from .positions import absolute_positions
 from .schemes import UnsupportedModelError, alibi_slopes
 
-_LAZY_SUBMODULES = ("zoo",)
+_LAZY_SUBMODULES = ("zoo", "patching")
 
 __all__ = [
     "KVCache",
