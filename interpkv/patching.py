@@ -79,7 +79,9 @@ def shared_prefix_length(
     mask = validate_mask(corrupt_tokens, attention_mask)
     agree = (clean_tokens == corrupt_tokens) | (mask == 0)  # (B, T)
     differs = ~agree
-    first = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], agree.shape[1], dtype=torch.long))
+    n_pos = agree.shape[1]
+    # argmax of a bool row = its first True; rows that never differ share everything
+    first = torch.where(differs.any(1), differs.long().argmax(1), torch.full_like(differs[:, 0], n_pos, dtype=torch.long))
     return int(first.min())
 
 
@@ -212,9 +214,8 @@ def patch(
             suffix_cols = [c - prefix for c in cols if c >= prefix]
             sites.extend(((layer, h), layer, suffix_cols, h) for h in range(n_heads))
 
-    shape = (model.cfg.n_layers, len(cols), n_heads) if "head" in kind.axes and by_pos else (
-        (model.cfg.n_layers, n_heads) if not by_pos else (model.cfg.n_layers, len(cols))
-    )
+    sizes = {"layer": model.cfg.n_layers, "pos": len(cols), "head": n_heads}
+    shape = tuple(sizes[axis] for axis in kind.axes)
     dtype = model.cfg.dtype if model.cfg.dtype.is_floating_point else torch.float32
     result = torch.full(shape, baseline, dtype=dtype, device=device)  # no-op patches keep it
     todo = [site for site in sites if site[2]]
