@@ -79,7 +79,8 @@ def _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens
     if top_p is not None and not (0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     d_vocab = model.cfg.d_vocab_out
-    for name, values in (("stop_tokens", stop_tokens or ()), ("pad_token", [pad_token] if pad_token is not None else ())):
+    pad = [pad_token] if pad_token is not None else []
+    for name, values in (("stop_tokens", list(stop_tokens or ())), ("pad_token", pad)):
         bad = [t for t in values if not 0 <= int(t) < d_vocab]
         if bad:
             raise ValueError(f"{name} {bad} are not token ids of this model (d_vocab_out={d_vocab})")
@@ -218,7 +219,9 @@ def generate(
             "generation continues from each row's last column, so pad prompts on the LEFT."
         )
     batch, prompt_len = tokens.shape[:2]
-    device = tokens.device if cache is None else cache.device
+    device = torch.device(model.cfg.device or "cpu")  # forward moves the tokens here
+    tokens = tokens.to(device)
+    mask = mask.to(device)
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=prompt_len + max_new_tokens)
     stop = torch.tensor(list(stop_tokens or ()), dtype=torch.long, device=device)
