@@ -86,6 +86,9 @@ class Sink:
     def logits(self, logits: Tensor, q_pos: Int[Tensor, "batch pos"]) -> None:
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Called once after the last chunk."""
+
 
 def attention_rows(
     act: Float[Tensor, "batch head_index pos kv_pos"],
@@ -112,6 +115,37 @@ def attention_rows(
     rows = src.new_full((src.shape[0], len(q_index), n_positions), float("nan"))
     rows[:, :, k_abs] = src  # (H, nq, P)
     return q_abs, rows
+
+
+class _Chunk:
+    """Query and key positions of the chunk being run (updated per chunk)."""
+
+    def __init__(self, cache: Optional[KVCache], history: Tensor):
+        self.cache = cache
+        self.history = history  # (B, stored slots): positions as this capture knows them
+        self.q_pos = history
+
+    def begin(self, q_pos: Tensor) -> None:
+        self.q_pos = q_pos
+        self._k_pos: Optional[Tensor] = None
+
+    def key_positions(self) -> Tensor:
+        if self._k_pos is None:
+            stored = self.cache.seq_len if self.cache is not None else 0
+            # Slots added by someone else (a fault, an eviction) are taken
+            # with the positions the cache gives them.
+            hist = self.history if stored == self.history.shape[1] else self.cache.positions
+            self._k_pos = torch.cat([hist, self.q_pos], dim=1)  # (B, S)
+        return self._k_pos
+
+    def end(self) -> None:
+        cache, n = self.cache, self.q_pos.shape[1]
+        if cache is None:
+            return
+        if cache.seq_len == self.history.shape[1] + n:
+            self.history = torch.cat([self.history, self.q_pos], dim=1)
+        elif cache.seq_len != self.history.shape[1]:  # not frozen: someone added slots
+            self.history = torch.cat([cache.positions[:, :-n], self.q_pos], dim=1)
 
 
 class _RecordBuilder(Sink):
@@ -194,54 +228,41 @@ def run(
     sink = sink_factory(valid)
     wanted = names_filter(names)
 
-    # Positions of the cache's slots as this capture knows them.
-    history = cache.positions.clone() if cache is not None else true_pos[:, :0]
-    start = 0
-    for n in chunks:
-        q_pos = true_pos[:, start : start + n]
-        key_positions: List[Tensor] = []  # computed at the first attention hook
+    chunk = _Chunk(cache, cache.positions.clone() if cache is not None else true_pos[:, :0])
 
-        def hook(act: Tensor, hook, q_pos=q_pos, key_positions=key_positions):
-            name = hook.name
-            act = act.detach()
-            if is_attention_hook(name):
-                if not key_positions:
-                    stored = cache.seq_len if cache is not None else 0
-                    # Slots appended by someone else (a fault, an eviction) are
-                    # taken with the positions the cache gives them.
-                    hist = history if stored == history.shape[1] else cache.positions
-                    key_positions.append(torch.cat([hist, q_pos], dim=1))
-                k_pos = key_positions[0]
-                if act.shape[-1] != k_pos.shape[1] or act.shape[-2] != q_pos.shape[1]:
-                    raise ValueError(
-                        f"{name} has shape {tuple(act.shape)} but this call has {q_pos.shape[1]} "
-                        f"queries and {k_pos.shape[1]} key slots"
-                    )
-                sink.activation(name, act, q_pos, k_pos)
-                return
-            if act.ndim < 2 or act.shape[:2] != q_pos.shape:
+    def hook(act: Tensor, hook) -> None:
+        name = hook.name
+        act = act.detach()
+        q_pos = chunk.q_pos
+        if is_attention_hook(name):
+            k_pos = chunk.key_positions()
+            if act.shape[-1] != k_pos.shape[1] or act.shape[-2] != q_pos.shape[1]:
                 raise ValueError(
-                    f"cannot capture {name}: shape {tuple(act.shape)} does not start with "
-                    f"[batch, pos] = {tuple(q_pos.shape)}; leave it out with names=..."
+                    f"{name} has shape {tuple(act.shape)} but this call has {q_pos.shape[1]} "
+                    f"queries and {k_pos.shape[1]} key slots"
                 )
-            sink.activation(name, act, q_pos, None)
-
-        chunk_mask = None if attention_mask is None else attention_mask[:, start : start + n]
-        with torch.no_grad():
-            logits = forward(
-                model,
-                tokens[:, start : start + n],
-                cache=cache,
-                attention_mask=chunk_mask,
-                fwd_hooks=[(wanted, hook)],
+            sink.activation(name, act, q_pos, k_pos)
+            return
+        if act.ndim < 2 or act.shape[:2] != q_pos.shape:
+            raise ValueError(
+                f"cannot capture {name}: shape {tuple(act.shape)} does not start with "
+                f"[batch, pos] = {tuple(q_pos.shape)}; leave it out with names=..."
             )
-        sink.logits(logits.detach(), q_pos)
-        if cache is not None:
-            if cache.seq_len == history.shape[1] + n:
-                history = torch.cat([history, q_pos], dim=1)
-            elif cache.seq_len != history.shape[1]:  # not frozen: someone added slots
-                history = torch.cat([cache.positions[:, :-n], q_pos], dim=1)
-        start += n
+        sink.activation(name, act, q_pos, None)
+
+    # Hooks are registered once for the whole run, not once per chunk.
+    start = 0
+    with torch.no_grad(), model.hooks(fwd_hooks=[(wanted, hook)]):
+        for n in chunks:
+            chunk.begin(true_pos[:, start : start + n])
+            chunk_mask = None if attention_mask is None else attention_mask[:, start : start + n]
+            logits = forward(
+                model, tokens[:, start : start + n], cache=cache, attention_mask=chunk_mask
+            )
+            sink.logits(logits.detach(), chunk.q_pos)
+            chunk.end()
+            start += n
+    sink.finish()
     return sink
 
 

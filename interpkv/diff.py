@@ -358,7 +358,14 @@ def _pad_attention(x: Tensor, n: int) -> Tensor:
 
 
 class _Comparator(Sink):
-    """A sink comparing each activation to a reference Record as it fires."""
+    """A sink comparing each activation to a reference Record as it fires.
+
+    Activations wait in a small per-hook buffer (at most ``FLUSH_SITES``
+    positions) and are compared in one batched call, then dropped: a chunk of
+    one token costs an append, not a dozen small tensor ops per hook.
+    """
+
+    FLUSH_SITES = 64
 
     def __init__(self, reference: Record, valid: Tensor):
         if valid.shape != reference.valid.shape:
@@ -369,32 +376,57 @@ class _Comparator(Sink):
         self.reference = reference
         self.table = _StatsTable(*valid.shape)
         self.seen: Dict[str, None] = {}
+        self.pending: Dict[str, list] = {}
+        self.pending_sites: Dict[str, int] = {}
 
     def activation(self, name, act, q_pos, k_pos):
         self.seen[name] = None
         if name not in self.reference:
             return
-        ref = self.reference[name]
-        _check_shapes(name, act, ref)
-        if k_pos is None:
-            rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
-            positions = q_pos[rows, cols]
-            stats = site_stats(act[rows, cols], ref[rows, positions])
-            self.table.put(name, rows, positions, stats)
-            return
-        P = ref.shape[-1]
-        for b in range(q_pos.shape[0]):
-            q_abs, a_rows = attention_rows(act, q_pos, k_pos, P, b)  # (H, nq, P)
-            b_rows = ref[b][:, q_abs]
-            stats = site_stats(a_rows.transpose(0, 1), b_rows.transpose(0, 1))
-            self.table.put(name, torch.full_like(q_abs, b), q_abs, stats)
+        _check_shapes(name, act, self.reference[name])
+        self._push(name, (act, q_pos, k_pos))
 
     def logits(self, logits, q_pos):
-        rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
-        positions = q_pos[rows, cols]
-        ref = self.reference.logits[rows, positions]
-        self.table.put(LOGITS, rows, positions, site_stats(logits[rows, cols], ref))
-        self.table.kl[rows, positions] = _kl(logits[rows, cols], ref).cpu()
+        self._push(LOGITS, (logits, q_pos, None))
+
+    def _push(self, name: str, entry) -> None:
+        self.pending.setdefault(name, []).append(entry)
+        self.pending_sites[name] = self.pending_sites.get(name, 0) + entry[1].shape[1]
+        if self.pending_sites[name] >= self.FLUSH_SITES:
+            self._flush(name)
+
+    def finish(self) -> None:
+        for name in list(self.pending):
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        entries = self.pending.pop(name, [])
+        self.pending_sites.pop(name, None)
+        if not entries:
+            return
+        ref = self.reference[name]
+        a_parts, row_parts, pos_parts = [], [], []
+        for act, q_pos, k_pos in entries:
+            if k_pos is None:
+                rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
+                a_parts.append(act[rows, cols])
+                row_parts.append(rows)
+                pos_parts.append(q_pos[rows, cols])
+                continue
+            for b in range(q_pos.shape[0]):
+                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b)
+                a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
+                row_parts.append(torch.full_like(q_abs, b))
+                pos_parts.append(q_abs)
+        rows, positions = torch.cat(row_parts), torch.cat(pos_parts)
+        a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
+        if is_attention_hook(name):
+            b_sites = ref.permute(0, 2, 1, 3)[rows, positions]  # (n, H, P)
+        else:
+            b_sites = ref[rows, positions]
+        self.table.put(name, rows, positions, site_stats(a_sites, b_sites))
+        if name == LOGITS:
+            self.table.kl[rows, positions] = _kl(a_sites, b_sites).cpu()
 
     def report(self) -> DivergenceReport:
         order = self.reference.order
