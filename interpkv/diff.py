@@ -384,7 +384,8 @@ class _Comparator(Sink):
         if name not in self.reference:
             return
         _check_shapes(name, act, self.reference[name])
-        self._push(name, (act, q_pos, k_pos))
+        # A copy: a later hook may modify this tensor in place before the flush.
+        self._push(name, (act.clone(), q_pos, k_pos))
 
     def logits(self, logits, q_pos):
         self._push(LOGITS, (logits, q_pos, None))
