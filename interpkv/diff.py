@@ -378,6 +378,7 @@ class _Comparator(Sink):
         self.seen: Dict[str, None] = {}
         self.pending: Dict[str, list] = {}
         self.pending_sites: Dict[str, int] = {}
+        self._memo = None
 
     def activation(self, name, act, q_pos, k_pos):
         self.seen[name] = None
@@ -385,10 +386,11 @@ class _Comparator(Sink):
             return
         _check_shapes(name, act, self.reference[name])
         # A copy: a later hook may modify this tensor in place before the flush.
-        self._push(name, (act.clone(), q_pos, k_pos))
+        sites = self._sites(q_pos) if k_pos is None else None
+        self._push(name, (act.clone(), q_pos, k_pos, sites))
 
     def logits(self, logits, q_pos):
-        self._push(LOGITS, (logits, q_pos, None))
+        self._push(LOGITS, (logits, q_pos, None, self._sites(q_pos)))
 
     def _push(self, name: str, entry) -> None:
         self.pending.setdefault(name, []).append(entry)
@@ -400,6 +402,16 @@ class _Comparator(Sink):
         for name in list(self.pending):
             self._flush(name)
 
+    def _sites(self, q_pos: Tensor):
+        """Rows, chunk columns and absolute positions of a chunk's real tokens.
+
+        Memoized on the chunk's ``q_pos`` object, which every hook of a chunk shares.
+        """
+        if self._memo is None or self._memo[0] is not q_pos:
+            rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
+            self._memo = (q_pos, rows, cols, q_pos[rows, cols])
+        return self._memo[1:]
+
     def _flush(self, name: str) -> None:
         entries = self.pending.pop(name, [])
         self.pending_sites.pop(name, None)
@@ -407,12 +419,12 @@ class _Comparator(Sink):
             return
         ref = self.reference[name]
         a_parts, row_parts, pos_parts = [], [], []
-        for act, q_pos, k_pos in entries:
+        for act, q_pos, k_pos, sites in entries:
             if k_pos is None:
-                rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
+                rows, cols, positions = sites
                 a_parts.append(act[rows, cols])
                 row_parts.append(rows)
-                pos_parts.append(q_pos[rows, cols])
+                pos_parts.append(positions)
                 continue
             for b in range(q_pos.shape[0]):
                 q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b)
