@@ -7,7 +7,6 @@ import interpkv
 from interpkv import zoo
 from interpkv.diff import _Comparator
 
-torch.set_num_threads(1)  # tiny tensors: thread hand-off costs more than it saves on a shared box
 
 # float64 parity: cached and uncached runs differ only by summation order (~1e-14).
 TOL64 = dict(atol=1e-10, rtol=1e-10)

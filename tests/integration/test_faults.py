@@ -6,7 +6,6 @@ import torch
 import interpkv
 from interpkv import faults, zoo
 
-torch.set_num_threads(1)  # tiny tensors: thread hand-off costs more than it saves on a shared box
 
 # float64 parity: without a fault, cached and uncached runs agree to ~1e-14.
 TOL64 = dict(atol=1e-10, rtol=1e-10)

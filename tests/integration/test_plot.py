@@ -11,7 +11,6 @@ import interpkv
 from interpkv import faults, plot, zoo
 from interpkv.gendiff import GenerationDiff
 
-torch.set_num_threads(1)
 
 TOL64 = dict(atol=1e-10, rtol=1e-10)
 
