@@ -12,9 +12,13 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import _tl
 from .cache import KVCache
 from .forward import forward
 from .positions import absolute_positions
+
+HookedTransformer = _tl.HookedTransformer
+PreTrainedModel = "transformers.PreTrainedModel"
 
 __all__ = ["CheckResult", "check_model", "check_zoo", "CACHED_TOL", "HF_TOL"]
 
@@ -73,7 +77,13 @@ def _hf_logits(hf, tokens, mask):
 
 
 def check_model(
-    model, *, label: str, hf=None, length: int = 24, seed: int = 0, splits: Sequence[int] = ()
+    model: "HookedTransformer",
+    *,
+    label: str,
+    hf: "Optional[PreTrainedModel]" = None,
+    length: int = 24,
+    seed: int = 0,
+    splits: Sequence[int] = (),
 ) -> CheckResult:
     """Check one HookedTransformer (and its HF twin, if given).
 

@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import _tl
+from . import _faultpoints, _tl
 from .attention import Step
 from .cache import KVCache
 from .positions import absolute_positions, validate_mask
@@ -95,12 +95,18 @@ def forward(
     mask = validate_mask(inputs, attention_mask)
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
+    faults = frozenset()  # interpkv.faults only ever touch a caller's cache
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=n_new)
     else:
         cache.check_compatible(model, batch, inputs.device)
+        faults = _faultpoints.active(model)
 
-    q_pos = absolute_positions(mask, cache.next_positions)
+    offsets = cache.next_positions
+    if faults:
+        offsets = _faultpoints.query_offsets(faults, cache)
+        _faultpoints.before_reserve(faults, model, cache)
+    q_pos = absolute_positions(mask, offsets)
     limit = scheme.max_positions()
     if limit is not None and int(q_pos.max()) >= limit:
         raise ValueError(
@@ -111,7 +117,7 @@ def forward(
         )
     start = cache.reserve(n_new)
     k_pos = cache.key_positions(q_pos)
-    step = Step(cache, scheme, q_pos, k_pos, start)
+    step = Step(cache, scheme, q_pos, k_pos, start, faults)
 
     # model.hooks() resets every hook point on exit (~1 ms): only pay it when needed.
     hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()

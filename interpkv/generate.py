@@ -14,7 +14,7 @@ embeddings ``[batch, pos, d_model]``. Sampling draws from a private
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -23,11 +23,13 @@ from torch import Tensor
 from . import _tl
 from .cache import KVCache
 from .forward import Hook, forward
+from .capture import capture as capture_run
 from .positions import validate_mask
+from .record import Record
 
 __all__ = ["Generation", "generate", "sample_next"]
 
-HookNames = Union[str, Sequence[str], Callable[[str], bool]]
+HookNames = Union[str, Sequence[str], Callable[[str], bool]]  # as interpkv.capture's names
 
 
 @dataclass
@@ -45,10 +47,10 @@ class Generation:
         finished: ``Bool[Tensor, "batch"]``: rows that emitted a stop token.
         logits: ``Float[Tensor, "batch new d_vocab"]``, the logits each new token
             was chosen from (only with ``keep_logits=True``, else None).
-        records: one entry per step when ``capture`` was given (else None): the
-            activations of the captured hook points on that step's new
-            positions. Currently a plain ``{hook_name: tensor}`` dict per step
-            (see :func:`_step_record`).
+        records: one :class:`~interpkv.record.Record` per step when ``capture``
+            was given (else None): the captured hook points and the logits of
+            that step's new tokens, at their absolute positions (earlier
+            positions are NaN; ``record.valid`` marks the step's tokens).
     """
 
     tokens: Int[Tensor, "batch seq"]
@@ -56,7 +58,7 @@ class Generation:
     prompt_length: int
     finished: Bool[Tensor, "batch"]
     logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
-    records: Optional[List[Dict[str, Tensor]]] = None
+    records: Optional[List[Record]] = None
 
     @property
     def new_tokens(self) -> Int[Tensor, "batch new"]:
@@ -128,24 +130,14 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _capture_filter(capture: HookNames) -> Callable[[str], bool]:
-    if callable(capture):
-        return capture
-    names = {capture} if isinstance(capture, str) else set(capture)
-    return names.__contains__
-
-
-def _step_record(activations: Dict[str, Tensor], positions: Tensor) -> Dict[str, Tensor]:
-    """ADAPTER POINT (capture): turn one step's activations into a Record.
-
-    ``interpkv.capture.Record`` (branch ``capture``) is not on main yet. Until it
-    lands, a step's record is the plain dict ``{hook_name: activation}`` of the
-    new positions (``positions``: their absolute positions ``[batch, pos]``,
-    -1 for padding, currently dropped). Replace the body with the Record
-    constructor once it exists.
-    """
-    del positions
-    return activations
+def _captured_step(model, tokens, cache, mask, fwd_hooks, names) -> Tuple[Tensor, Record]:
+    """One step through ``cache`` recorded by :func:`interpkv.capture`; returns (last logits, Record)."""
+    offsets = cache.next_positions.clone()
+    with model.hooks(fwd_hooks=list(fwd_hooks)):  # active inside capture's own forward
+        record = capture_run(model, tokens, cache=cache, attention_mask=mask, names=names)
+    # The last column of each running row, at its absolute position (stopped rows are ignored).
+    last = (offsets + mask.sum(1) - 1).clamp(min=0)  # (B,)
+    return record.logits[torch.arange(tokens.shape[0]), last], record
 
 
 @torch.no_grad()
@@ -181,8 +173,9 @@ def generate(
             with a real token).
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active at
             every step. They see only the new positions of each step.
-        capture: hook names (a name, a list of names or a filter) whose
-            activations are recorded at every step into ``Generation.records``.
+        capture: which hook points to record at every step into
+            ``Generation.records``, as ``names`` of :func:`interpkv.capture`: a
+            substring, a list of exact names, or a predicate on names.
         temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
         top_k, top_p: restrict sampling (need ``temperature > 0``).
         seed: seed of the private ``torch.Generator`` used for sampling; the same
@@ -233,30 +226,19 @@ def generate(
     else:
         generator.manual_seed(int(seed))
 
-    capture_hooks: List[Hook] = []
-    current: Dict[str, Tensor] = {}
-    if capture is not None:
-
-        def save(activation: Tensor, hook) -> None:
-            current[hook.name] = activation.detach().clone()
-
-        capture_hooks = [(_capture_filter(capture), save)]
-    hooks = [*fwd_hooks, *capture_hooks]
-
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: List[Tensor] = []
     new_mask: List[Tensor] = []
     kept_logits: List[Tensor] = []
-    records: Optional[List[Dict[str, Tensor]]] = [] if capture is not None else None
+    records: Optional[List[Record]] = [] if capture is not None else None
     step_input, step_mask = tokens, mask
     for step in range(max_new_tokens):
-        current.clear()
-        offsets = cache.next_positions.clone()
-        logits = forward(model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=hooks)
-        last = logits[:, -1]  # (B, d_vocab): real for every running row (left padding)
-        if records is not None:
-            positions = offsets[:, None] + step_mask.cumsum(1) - 1
-            records.append(_step_record(dict(current), positions.masked_fill(step_mask == 0, -1)))
+        if records is None:
+            last = forward(model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=fwd_hooks)[:, -1]
+        else:
+            last, record = _captured_step(model, step_input, cache, step_mask, fwd_hooks, capture)
+            records.append(record)
+        # last: (B, d_vocab), real for every running row (left padding)
         chosen = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         running = ~finished
         chosen = torch.where(running, chosen, torch.full_like(chosen, pad))

@@ -13,7 +13,6 @@ earlier flip.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
@@ -60,7 +59,9 @@ def compare_generation(
         A :class:`GenerationDiff`: per step (step 0 = the token chosen from the
         prompt, step 1 = the first step that reads cached history), the worst
         row's logit max-abs error, ``KL(uncached || cached)`` and whether the
-        cached token is the uncached argmax, plus the first divergent step.
+        cached token is the uncached argmax, plus the first divergent step
+        (``tokens_a``: the cached run's tokens; ``tokens_b``: the uncached
+        argmax at each step, given the cached run's history).
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("llama", dtype=torch.float64)
@@ -81,23 +82,16 @@ def compare_generation(
     atol = default_atol(model.cfg.dtype) if atol is None else atol
 
     cached = generate(model, tokens, attention_mask=mask, max_new_tokens=max_new_tokens, keep_logits=True)
-    steps = cached.logits.shape[1]
     # Uncached, teacher-forced: position prompt_len - 1 + k chose step k.
     history = cached.tokens[:, :-1]
     history_mask = cached.attention_mask[:, :-1]
     reference = forward(model, history, attention_mask=history_mask)[:, tokens.shape[1] - 1 :]
 
-    max_abs, kl, agree = [], [], []
-    first = None
-    for step in range(steps):
-        a = cached.logits[:, step].double()  # (B, d_vocab)
-        b = reference[:, step].double()
-        max_abs.append(float((a - b).abs().max()))
-        log_a, log_b = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
-        kl.append(float((log_b.exp() * (log_b - log_a)).sum(-1).max()))
-        agree.append(bool((cached.new_tokens[:, step] == b.argmax(-1)).all()))
-        if first is None and (max_abs[-1] > atol or not agree[-1]):
-            first = step
-    return GenerationDiff(
-        logits_max_abs=max_abs, kl=kl, top1_agree=agree, first_divergent_step=first
+    steps = range(cached.logits.shape[1])
+    return GenerationDiff.from_step_logits(
+        [cached.logits[:, k] for k in steps],
+        [reference[:, k] for k in steps],
+        atol=atol,
+        tokens_a=cached.new_tokens,  # what the cached run generated
+        tokens_b=reference.argmax(-1),  # what uncached greedy picks from the same history
     )

@@ -84,23 +84,47 @@ def test_hooks_see_only_the_new_positions_of_each_step():
     assert shapes == [(3, 10, m.cfg.d_model)] + [(3, 1, m.cfg.d_model)] * 3
 
 
-def test_capture_records_each_step_at_its_positions():
-    m = model("neox", F64)
+@pytest.mark.parametrize("name", ["neox", "gpt2"])
+def test_capture_records_each_step_at_its_absolute_positions(name):
+    m = model(name, F64)
     tokens, mask = prompts(m.cfg.d_vocab)
-    name = "blocks.1.hook_resid_post"
-    out = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=4, capture=[name])
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    out = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=4, capture=hooks)
     assert len(out.records) == 4
-    assert out.records[0][name].shape == (3, 10, m.cfg.d_model)
-    full = {}
-    interpkv.forward(
-        m,
-        out.tokens[:, :-1],
-        attention_mask=out.attention_mask[:, :-1],
-        fwd_hooks=[(name, lambda x, hook: full.setdefault("x", x.clone()))],
+    one_shot = interpkv.capture(m, out.tokens[:, :-1], attention_mask=out.attention_mask[:, :-1], names=hooks)
+    covered = torch.zeros_like(one_shot.valid)
+    for step, record in enumerate(out.records):
+        assert record.valid.sum(1).tolist() == ([10, 7, 4] if step == 0 else [1, 1, 1])
+        n = record.valid.shape[1]
+        for hook in hooks + ["logits"]:
+            got = record.logits if hook == "logits" else record[hook]
+            full = one_shot.logits if hook == "logits" else one_shot[hook]
+            if hook.endswith("hook_pattern"):  # [batch, head, q, k]: the step's query rows
+                for b in range(3):
+                    rows = record.valid[b]
+                    a, r = got[b][:, rows, :n], full[b][:, : rows.shape[0]][:, rows, :n]
+                    assert torch.allclose(a, r, atol=TOL[F64], equal_nan=True), (step, hook)
+            else:
+                a, r = got[record.valid], full[:, :n][record.valid]
+                assert (a - r).abs().max() < TOL[F64], (step, hook)
+        covered[:, :n] |= record.valid
+    assert torch.equal(covered, one_shot.valid)  # every position was recorded by some step
+
+
+def test_capture_with_a_steering_hook_records_the_steered_run():
+    m = model("llama", F64)
+    tokens, mask = prompts(m.cfg.d_vocab)
+    vector = torch.ones(m.cfg.d_model, dtype=F64)
+    hooks = [("blocks.0.hook_resid_post", _steer(vector))]
+    out = interpkv.generate(
+        m, tokens, attention_mask=mask, max_new_tokens=3, fwd_hooks=hooks, capture=["blocks.1.hook_resid_pre"]
     )
-    got = torch.cat([record[name] for record in out.records], dim=1)  # (B, 10 + 3, d)
-    real = out.attention_mask[:, :-1].bool()
-    assert (got - full["x"])[real].abs().max() < TOL[F64]
+    plain = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=3, fwd_hooks=hooks)
+    assert torch.equal(out.tokens, plain.tokens)
+    steered = interpkv.capture(m, tokens, attention_mask=mask, names=["blocks.0.hook_resid_post"])
+    recorded = out.records[0]["blocks.1.hook_resid_pre"]  # resid_pre of layer 1 = resid_post of layer 0
+    valid = out.records[0].valid
+    assert ((recorded - steered["blocks.0.hook_resid_post"])[valid] - 1.0).abs().max() < TOL[F64]
 
 
 def test_generation_continues_from_a_cache():
