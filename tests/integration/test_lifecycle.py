@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from lifecycle_helpers import tiny_model as build_model
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
 
@@ -21,15 +21,9 @@ import interpkv
 # summation-order differences while still catching any wrong position (>1e-3).
 ATOL = 1e-10
 
-# Hypothesis profiles: `make test` runs a few examples per scheme; the slow
-# marker (or INTERPKV_HYPOTHESIS_PROFILE=full) runs >= 200 per scheme.
-settings.register_profile(
-    "default", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile(
-    "full", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-PROFILE = os.environ.get("INTERPKV_HYPOTHESIS_PROFILE", "default")
+# Hypothesis profiles (registered in tests/conftest.py): `make test` runs a few
+# programs per scheme; the slow marker, or INTERPKV_HYPOTHESIS_PROFILE=full, >= 200.
+PROFILE = "lifecycle-" + os.environ.get("INTERPKV_HYPOTHESIS_PROFILE", "fast")
 
 # Models are never modified by a forward, so each is built once per session.
 tiny_model = functools.lru_cache(maxsize=None)(build_model)
@@ -299,7 +293,7 @@ def test_random_lifecycle_programs_windowed(scheme, program, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-@settings(settings.get_profile("full"))
+@settings(settings.get_profile("lifecycle-full"))
 @given(program=programs(max_steps=8))
 def test_random_lifecycle_programs_full(scheme, program, tmp_path_factory):
     window = (3, 1) if len(program) % 2 else (None, 0)

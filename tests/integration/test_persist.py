@@ -15,13 +15,14 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from lifecycle_helpers import tiny_model as build_model
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
 from interpkv import persist
 
 HELPERS = os.path.join(os.path.dirname(__file__), "lifecycle_helpers.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # float64 agrees with uncached TransformerLens to ~1e-14 (1e-10 = summation order
 # only); float32 accumulates ~1e-6 rounding over two layers, hence 1e-5.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -50,7 +51,7 @@ def test_resume_in_a_fresh_process_equals_one_uncached_forward(tmp_path):
                 want = [reference(model, a + b, window, sinks)[-4:] for a, b in zip(part_a, part_b)]
                 expected.append((name, dtype, torch.stack(want), [len(a) + 4 for a in part_a]))
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     subprocess.run([sys.executable, HELPERS, "resume", str(tmp_path / "jobs.json")],
                    check=True, env=env, timeout=300)
     for job, (name, dtype, want, lengths) in zip(jobs, expected):

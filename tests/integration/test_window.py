@@ -9,8 +9,8 @@ import functools
 
 import pytest
 import torch
-from lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from lifecycle_helpers import tiny_model as build_model
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
 
