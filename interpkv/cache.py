@@ -63,12 +63,19 @@ class KVCache:
 
     Keys are stored after rotary, so they are rotated exactly once.
 
+    Lifecycle: :meth:`crop` (in place), :meth:`fork`, :meth:`select` and
+    :meth:`repeat` (new caches), :meth:`freeze` (read-only forwards),
+    :meth:`save` / :meth:`load` (safetensors, see :mod:`interpkv.persist`). A
+    windowed cache evicts, after each forward, the keys no future query can
+    attend (see :mod:`interpkv.window`), so its memory stays flat.
+
     Attributes:
         batch_size: rows in the cache.
         seq_len: stored key slots per row (padding slots included).
         positions: ``Int[Tensor, "batch kv_pos"]``, absolute position of each
             stored key, ``-1`` for padding.
         nbytes: bytes of stored keys and values plus the position index.
+        next_positions: ``Int[Tensor, "batch"]``, position of each row's next token.
         window, sinks: a windowed cache keeps the first ``sinks`` and the last
             ``window`` positions of each row.
 
