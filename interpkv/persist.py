@@ -20,25 +20,27 @@ the old file and removes its temporary file).
 Loading trusts nothing. The safetensors header (8-byte little-endian length,
 then JSON) is parsed and checked here, before any byte reaches safetensors:
 sizes, offsets, dtypes and shapes against the metadata and the model, then
-the positions against ``next_positions``. Any problem raises
+the positions against ``next_positions`` (the container checks live in
+:mod:`interpkv._st_format`). Any problem raises
 :class:`CacheFileError` (a ``ValueError``) and no cache is returned. Nothing
 is ever unpickled.
 """
 
 import hashlib
 import json
-import math
 import os
 import struct
-import sys
 import tempfile
 import weakref
-from typing import Dict, List, Tuple, Union
+from typing import Dict, Tuple, Union
 
 import safetensors.torch
 import torch
 
 from . import _tl
+from ._st_format import DTYPES as _DTYPES
+from ._st_format import MAX_HEADER_BYTES as _MAX_HEADER_BYTES
+from ._st_format import CacheFileError, decode, parse_header
 from .cache import KVCache, model_signature
 from .layer_cache import LayerCache
 from .schemes import scheme_for
@@ -47,27 +49,13 @@ __all__ = ["CacheFileError", "save_cache", "load_cache", "weights_fingerprint", 
 
 FORMAT = "interpkv.KVCache"
 FORMAT_VERSION = 1
-# A cache header lists 2 tensors per layer plus 2; even 1,000 layers fit in far less.
-_MAX_HEADER_BYTES = 16 * 1024 * 1024
 
-_DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "U8": torch.uint8,  # not in a cache, but parsed so that such files get a clear error
-}
 _DTYPE_NAMES = {
     torch.float64: "float64",
     torch.float32: "float32",
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
 }
-
-
-class CacheFileError(ValueError):
-    """A file is not a valid interpkv cache for the model it is loaded with."""
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -151,13 +139,13 @@ def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransform
         prefix = f.read(8)
         if len(prefix) == 8:
             prefix += f.read(min(struct.unpack("<Q", prefix)[0], _MAX_HEADER_BYTES))
-        header = _parse_header(prefix, size, path)
+        header = parse_header(prefix, size, path)
         metadata = _check_metadata(header, model, path)
         expected = _check_tensors(header, metadata, model, path)
         body = bytearray(size - len(prefix))
         if f.readinto(body) != len(body) or f.read(1):
             raise CacheFileError(f"{path} changed size while it was being loaded; load it again")
-    tensors = _decode(body, header, expected)
+    tensors = decode(body, header, expected)
     device = next(iter(model.parameters())).device
     positions = tensors["positions"].to(device)
     next_positions = tensors["next_positions"].to(device)
@@ -173,122 +161,6 @@ def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransform
     )
     cache._install(layers, positions, next_positions)
     return cache
-
-
-def _decode(body: bytearray, header: dict, expected: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
-    """Tensors viewing ``body`` (the bytes after the header), by the validated header.
-
-    safetensors stores each tensor little-endian, C-contiguous, at ``data_offsets``
-    within the body; every one of those numbers has been checked against the
-    file size, dtype and shape before this runs. The tensors are writable views
-    of one buffer the cache owns (safetensors' own readers either map the file,
-    tying the cache to it, or return read-only tensors that need a second copy).
-    """
-    tensors = {}
-    for name, (dtype_name, shape) in expected.items():
-        dtype = _DTYPES[dtype_name]
-        begin, end = header[name]["data_offsets"]
-        if begin == end:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        flat = torch.frombuffer(body, dtype=torch.uint8, count=end - begin, offset=begin)
-        tensor = flat.view(dtype).reshape(shape)
-        if sys.byteorder == "big":  # the format is little-endian
-            tensor = torch.from_numpy(tensor.numpy().byteswap(inplace=False))
-        tensors[name] = tensor
-    return tensors
-
-
-def _parse_header(prefix: bytes, size: int, path: str) -> dict:
-    """The safetensors JSON header, after checking it against the file's ``size``.
-
-    Args:
-        prefix: the file's first bytes: the 8-byte length and (up to) that many more.
-        size: the file's size in bytes.
-    """
-    data = prefix
-    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
-        kind = "a zip archive (torch.save)" if data[:2] == b"PK" else "a Python pickle"
-        raise CacheFileError(
-            f"{path} looks like {kind}, not safetensors; interpkv never unpickles files. "
-            "Save caches with cache.save(path)."
-        )
-    if size < 8:
-        raise CacheFileError(
-            f"{path} is {size} bytes: too short for a safetensors header (truncated?)"
-        )
-    (n_header,) = struct.unpack("<Q", data[:8])
-    if n_header > size - 8 or n_header > _MAX_HEADER_BYTES or len(data) < 8 + n_header:
-        raise CacheFileError(
-            f"{path}: the header length prefix says {n_header} bytes but the file has only "
-            f"{size - 8} after it; the file is truncated or not safetensors"
-        )
-    try:
-        header = json.loads(data[8 : 8 + n_header].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheFileError(f"{path}: corrupted safetensors header ({error})") from None
-    if not isinstance(header, dict):
-        raise CacheFileError(f"{path}: corrupted safetensors header (JSON {type(header).__name__}, not an object)")
-    body = size - 8 - n_header
-    spans: List[Tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        spans.append((*_entry_span(name, entry, path), name))
-    spans.sort()
-    cursor = 0
-    for begin, end, name in spans:
-        if begin != cursor:
-            raise CacheFileError(
-                f"{path}: tensor {name!r} starts at byte {begin} of the data but the previous "
-                f"one ends at {cursor}; corrupted header (tensors must be contiguous)"
-            )
-        cursor = end
-    if cursor > body:
-        raise CacheFileError(
-            f"{path}: the header describes {cursor} bytes of tensor data but the file holds "
-            f"only {body}; the file is truncated"
-        )
-    if cursor < body:
-        raise CacheFileError(
-            f"{path}: the file holds {body - cursor} bytes more than its header describes "
-            f"({body} instead of {cursor}); refusing a file with unaccounted data"
-        )
-    return header
-
-
-def _entry_span(name: str, entry, path: str) -> Tuple[int, int]:
-    """``(begin, end)`` of one tensor's bytes, after checking dtype, shape and size agree."""
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise CacheFileError(
-            f"{path}: corrupted header entry for tensor {name!r}: {repr(entry)[:120]}"
-        )
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPES:
-        raise CacheFileError(
-            f"{path}: tensor {name!r} has dtype {dtype!r}; a cache holds only "
-            f"{sorted(_DTYPES)}"
-        )
-    ints = lambda xs: isinstance(xs, list) and all(  # noqa: E731
-        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs
-    )
-    if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CacheFileError(
-            f"{path}: corrupted header entry for tensor {name!r}: shape {shape!r}, "
-            f"data_offsets {offsets!r}"
-        )
-    expected = math.prod(shape) * _DTYPES[dtype].itemsize
-    if offsets[1] - offsets[0] != expected:
-        raise CacheFileError(
-            f"{path}: tensor {name!r} ({dtype} {shape}) needs {expected} bytes but its "
-            f"data_offsets span {offsets[1] - offsets[0]}; corrupted header"
-        )
-    if offsets[0] % _DTYPES[dtype].itemsize:
-        raise CacheFileError(
-            f"{path}: tensor {name!r} starts at byte {offsets[0]} of the data, not a multiple "
-            f"of its {_DTYPES[dtype].itemsize}-byte {dtype} elements; corrupted header"
-        )
-    return offsets[0], offsets[1]
 
 
 def _check_metadata(header: dict, model, path: str) -> dict:
