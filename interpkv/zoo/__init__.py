@@ -1,0 +1,179 @@
+"""A zoo of tiny, deterministic TransformerLens models, one per positional scheme.
+
+Every model is built offline from a config (no hub access), is small enough
+for fast CPU tests, and — where an HF class exists — has an HF twin with the
+same weights, so TransformerLens behaviour can be checked against HF::
+
+    from interpkv import zoo
+    model = zoo.load("llama", dtype=torch.float64)
+    tl, hf = zoo.load_pair("mistral")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from interpkv.zoo import _build
+from interpkv.zoo._specs import SPECS
+
+__all__ = ["names", "pairs", "trained", "info", "load", "load_pair"]
+
+
+def names() -> list[str]:
+    """Every built-in zoo model.
+
+    Returns:
+        Model names, in a stable order.
+    """
+    return list(SPECS)
+
+
+def pairs() -> list[str]:
+    """Zoo models that have an HF twin (usable with :func:`load_pair`).
+
+    Returns:
+        Model names, in a stable order.
+    """
+    return [n for n, s in SPECS.items() if s.hf_config_class is not None]
+
+
+def trained() -> list[str]:
+    """Zoo models that ship trained weights (usable with ``trained=True``).
+
+    Returns:
+        Model names; empty until trained weights are added.
+    """
+    return _build.trained_names()
+
+
+def _check_name(name: str) -> None:
+    if name not in SPECS:
+        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(names())}")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
+def info(name: str) -> dict[str, Any]:
+    """Describe a zoo model (for tables and docs).
+
+    Args:
+        name: Zoo model name.
+
+    Returns:
+        A dict with ``name``, ``architecture``, ``positional`` (scheme
+        description), ``attention`` (heads / GQA / windows), the key sizes
+        ``n_layers``, ``d_model``, ``n_heads``, ``n_kv_heads``, ``d_head``,
+        ``rotary_dim``, ``window`` (``None`` if no layer is windowed),
+        ``attn_types``, ``n_ctx``, ``d_vocab``, and the flags ``has_pair``,
+        ``trained`` and ``tl_pair_note`` (known TL-vs-HF mismatch, if any).
+
+    Raises:
+        ValueError: If ``name`` is not a zoo model.
+    """
+    _check_name(name)
+    spec = SPECS[name]
+    cfg, _ = _build.processed(name, 0, torch.float32)
+    rotary = cfg.positional_embedding_type == "rotary"
+    return {
+        "name": name,
+        "architecture": spec.architecture,
+        "positional": spec.positional,
+        "attention": spec.attention,
+        "positional_embedding_type": cfg.positional_embedding_type,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_key_value_heads or cfg.n_heads,
+        "d_head": cfg.d_head,
+        "rotary_dim": cfg.rotary_dim if rotary else None,
+        "window": cfg.window_size if cfg.use_local_attn else None,
+        "attn_types": list(cfg.attn_types) if cfg.attn_types else None,
+        "n_ctx": cfg.n_ctx,
+        "d_vocab": cfg.d_vocab,
+        "has_pair": spec.hf_config_class is not None,
+        "trained": name in trained(),
+        "tl_pair_note": spec.tl_pair_note,
+    }
+
+
+def load(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    trained: bool = False,
+) -> Any:
+    """Load a fresh tiny HookedTransformer.
+
+    The model is on CPU, in eval mode, has no tokenizer and
+    ``cfg.default_prepend_bos = False`` (interpkv works on token ids). Weights
+    are deterministic in ``seed``; for HF-backed models they are the HF init
+    converted with ``fold_ln``, ``center_writing_weights`` and
+    ``fold_value_biases`` (but not ``center_unembed``, so logits equal HF's).
+    The first call per ``(name, seed, dtype)`` builds and converts; later calls
+    reuse memoized tensors and return an independent copy.
+
+    Args:
+        name: Zoo model name (see :func:`names`).
+        dtype: Parameter dtype. float32 and float64 are converted in their
+            own precision; float16/bfloat16 are the float32 weights cast down.
+        seed: Initialisation seed.
+        trained: Load shipped trained weights instead of the random init.
+
+    Returns:
+        A ``transformer_lens.HookedTransformer``.
+
+    Raises:
+        ValueError: Unknown name, bad dtype, or ``trained=True`` for a model
+            without trained weights.
+    """
+    _check_name(name)
+    _check_dtype(dtype)
+    if trained:
+        have = _build.trained_names()
+        if name not in have:
+            raise ValueError(
+                f"zoo model {name!r} has no trained weights; models with trained "
+                f"weights: {', '.join(have) if have else 'none yet'}"
+            )
+    model = _build.tl_model(name, int(seed), dtype)
+    if trained:
+        _build.load_trained(model, name)
+    return model
+
+
+def load_pair(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """Load a zoo model together with its HF twin holding the same weights.
+
+    Args:
+        name: Zoo model name with an HF class (see :func:`pairs`).
+        dtype: dtype of both models.
+        seed: Initialisation seed.
+
+    Returns:
+        ``(hooked_transformer, hf_model)``; the HF model (eager attention) is
+        in eval mode with the same dtype. Both are fresh copies.
+
+    Raises:
+        ValueError: Unknown name, bad dtype, or a model without an HF class.
+    """
+    _check_name(name)
+    _check_dtype(dtype)
+    if SPECS[name].hf_config_class is None:
+        raise ValueError(
+            f"zoo model {name!r} has no HuggingFace class (it exists only in "
+            f"TransformerLens); models with an HF pair: {', '.join(pairs())}"
+        )
+    tl = _build.tl_model(name, int(seed), dtype)
+    hf = _build.hf_model(name, int(seed), dtype)
+    return tl, hf

@@ -1,0 +1,319 @@
+"""Build zoo models: HF construction and HF -> TransformerLens conversion.
+
+The expensive work (HF init, conversion, weight processing) is memoized per
+``(name, seed)`` (HF weights) and ``(name, seed, dtype)`` (processed TL state
+dict and config). Public loaders then build a *fresh* model per call from the
+memoized tensors, so users can mutate what they get back.
+
+All TransformerLens imports of the zoo live in the block below so they can be
+routed through the ``interpkv._tl`` seam with a one-line move.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+# --- TransformerLens imports (route through interpkv._tl later) -------------
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.loading_from_pretrained import (
+    get_pretrained_model_config,
+    get_pretrained_state_dict,
+)
+from transformer_lens.weight_processing import ProcessWeights
+
+# -----------------------------------------------------------------------------
+
+from interpkv.zoo._specs import SPECS, ModelSpec
+
+_EXACT = (torch.float32, torch.float64)
+
+
+def hf_config(spec: ModelSpec) -> transformers.PretrainedConfig:
+    """Instantiate the HF config of a spec (eager attention, no dropout).
+
+    Args:
+        spec: A spec with an HF config class.
+
+    Returns:
+        The HF config object.
+    """
+    cls = getattr(transformers, spec.hf_config_class)
+    cfg = cls(**spec.hf_kwargs)
+    cfg._attn_implementation = "eager"
+    cfg.architectures = [spec.architecture]
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_float32(name: str, seed: int) -> transformers.PreTrainedModel:
+    """Randomly initialise the float32 HF model of ``name`` (memoized).
+
+    The global RNG state is left untouched (``fork_rng``).
+    """
+    spec = SPECS[name]
+    config = hf_config(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager", dtype=torch.float32
+        )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def hf_model(name: str, seed: int, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    """A fresh HF model of ``name``: the float32 weights cast to ``dtype``.
+
+    Args:
+        name: Zoo name with an HF pair.
+        seed: Initialisation seed.
+        dtype: Target dtype.
+
+    Returns:
+        The HF model in eval mode.
+    """
+    model = copy.deepcopy(_hf_float32(name, seed)).to(dtype)
+    return model.eval()
+
+
+def _gemma2_tl_config(config: Any, dtype: torch.dtype) -> HookedTransformerConfig:
+    """Hand-built TL config for Gemma2 (TL 3.9 only maps gemma-2 by hub name).
+
+    Mirrors what ``convert_hf_model_config`` produces for ``google/gemma-2-2b``,
+    with the sizes and the local/global layer pattern read off the HF config.
+    """
+    attn_types = [
+        "local" if t == "sliding_attention" else "global" for t in config.layer_types
+    ]
+    return HookedTransformerConfig(
+        d_model=config.hidden_size,
+        d_head=config.head_dim,
+        n_heads=config.num_attention_heads,
+        d_mlp=config.intermediate_size,
+        n_layers=config.num_hidden_layers,
+        n_ctx=config.max_position_embeddings,
+        eps=config.rms_norm_eps,
+        d_vocab=config.vocab_size,
+        act_fn=config.hidden_activation,
+        normalization_type="RMSPre",  # fold_ln=True, as from_pretrained would do
+        rotary_base=config.rope_parameters["rope_theta"],
+        positional_embedding_type="rotary",
+        rotary_dim=config.head_dim,
+        use_attn_scale=True,
+        attn_scale=config.query_pre_attn_scalar**0.5,
+        n_key_value_heads=config.num_key_value_heads,
+        window_size=config.sliding_window,
+        use_local_attn=True,
+        attn_types=attn_types,
+        attn_scores_soft_cap=config.attn_logit_softcapping,
+        output_logits_soft_cap=config.final_logit_softcapping,
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM",
+        model_name="gemma2",
+        init_weights=False,
+        dtype=dtype,
+        device="cpu",
+        default_prepend_bos=False,
+    )
+
+
+def _fix_tl_config(name: str, cfg: HookedTransformerConfig, config: Any) -> None:
+    """Patch fields TL's converter gets wrong or drops for tiny local configs."""
+    cfg.model_name = f"interpkv-zoo-{name}"
+    cfg.tokenizer_name = None
+    cfg.default_prepend_bos = False
+    cfg.device = "cpu"
+    if name == "mistral" and not cfg.use_local_attn:
+        cfg.use_local_attn = True
+        cfg.attn_types = ["local"] * cfg.n_layers
+        cfg.window_size = config.sliding_window
+
+
+def _tl_from_hf(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
+    """Convert the HF model of ``name`` to a processed TL (cfg, state dict)."""
+    hf = hf_model(name, seed, dtype)
+    config = hf.config
+    tmp = tempfile.mkdtemp(prefix="ikv_")  # no "llama"/"gemma": TL sniffs paths
+    try:
+        config.save_pretrained(tmp)  # TL only reads config.json; weights come from `hf`
+        if name == "gemma2":
+            cfg = _gemma2_tl_config(config, dtype)
+        else:
+            cfg = get_pretrained_model_config(
+                tmp,
+                hf_cfg=config.to_dict(),
+                fold_ln=True,
+                device="cpu",
+                default_prepend_bos=False,
+                dtype=dtype,
+            )
+        _fix_tl_config(name, cfg, config)
+        state_dict = get_pretrained_state_dict(tmp, cfg, hf_model=hf, dtype=dtype)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    # Unused tables (e.g. W_pos of rotary/ALiBi models) are absent from the HF
+    # checkpoint; TL fills them with uninitialised memory, make them zeros.
+    for key, value in model.state_dict().items():
+        if key not in state_dict and "W_" in key:
+            state_dict[key] = torch.zeros_like(value)
+    state_dict = _process_weights(model.fill_missing_keys(state_dict), cfg)
+    # Folded norm weights (now all ones / zeros) have no parameter in *Pre norms.
+    result = model.load_state_dict(state_dict, strict=False)
+    leftover = [k for k in result.unexpected_keys if k.rsplit(".", 2)[-2][:2] != "ln"]
+    if result.missing_keys or leftover:
+        raise RuntimeError(f"zoo/{name}: bad conversion {result.missing_keys} {leftover}")
+    return model.cfg, model.state_dict()
+
+
+def _process_weights(state_dict: dict, cfg: Any) -> dict:
+    """``load_and_process_state_dict``'s processing, without its float32 round trip.
+
+    Equivalent to ``fold_ln=True, center_writing_weights=True,
+    center_unembed=False, fold_value_biases=True``. TL 3.9's
+    ``ProcessWeights.process_weights`` casts every non-float32 tensor to float32
+    and back, which silently rounds float64 weights to float32 precision; the
+    steps below are the same calls in the same order, in the tensors' own dtype.
+    ``cfg.normalization_type`` must already be the folded ``LNPre``/``RMSPre``.
+
+    Args:
+        state_dict: Converted TL state dict (all keys present).
+        cfg: The model's TL config.
+
+    Returns:
+        The processed state dict.
+    """
+    is_ln = cfg.normalization_type in ("LN", "LNPre")
+    if cfg.normalization_type in ("LN", "LNPre", "RMS", "RMSPre"):
+        state_dict = ProcessWeights.fold_layer_norm(
+            state_dict, cfg, fold_biases=is_ln, center_weights=is_ln
+        )
+    center = is_ln and not cfg.final_rms
+    if center:
+        state_dict = ProcessWeights.center_writing_weights(state_dict, cfg)
+    state_dict = ProcessWeights.fold_value_biases(state_dict, cfg)
+    if center:
+        for layer in range(cfg.n_layers):
+            key = f"blocks.{layer}.attn.b_O"
+            state_dict[key] = state_dict[key] - state_dict[key].mean()
+    return state_dict
+
+
+def _tl_only(name: str, seed: int) -> tuple[Any, dict]:
+    """Randomly initialise a TL-only model (float32)."""
+    spec = SPECS[name]
+    cfg = HookedTransformerConfig(
+        **spec.tl_kwargs,
+        dtype=torch.float32,
+        device="cpu",
+        default_prepend_bos=False,
+        model_name=f"interpkv-zoo-{name}",
+        original_architecture=spec.architecture,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    return model.cfg, model.state_dict()
+
+
+@functools.lru_cache(maxsize=None)
+def processed(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
+    """Memoized processed TL (cfg, state dict) of ``name`` in ``dtype``.
+
+    Float32/float64 HF models are converted and weight-processed in their own
+    dtype (so folding is exact to that precision); other dtypes are the
+    float32 result cast down.
+
+    Args:
+        name: Zoo name.
+        seed: Initialisation seed.
+        dtype: Target dtype.
+
+    Returns:
+        ``(cfg, state_dict)``; treat both as read-only.
+    """
+    spec = SPECS[name]
+    if spec.hf_config_class is not None and dtype in _EXACT:
+        return _tl_from_hf(name, seed, dtype)
+    cfg, sd = _tl_only(name, seed) if spec.hf_config_class is None else processed(
+        name, seed, torch.float32
+    )
+    if dtype == torch.float32:
+        return cfg, sd
+    cfg = copy.deepcopy(cfg)
+    cfg.dtype = dtype
+    return cfg, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def tl_model(name: str, seed: int, dtype: torch.dtype) -> HookedTransformer:
+    """A fresh HookedTransformer of ``name`` built from the memoized weights.
+
+    Args:
+        name: Zoo name.
+        seed: Initialisation seed.
+        dtype: Target dtype.
+
+    Returns:
+        The model in eval mode, on CPU, without a tokenizer.
+    """
+    cfg, sd = processed(name, seed, dtype)
+    cfg = copy.deepcopy(cfg)
+    cfg.init_weights = False
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+# --- trained weights (plug-in point; none shipped yet) ------------------------
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+"""Where trained weights live: ``<name>.safetensors`` plus ``<name>.json``."""
+
+
+def trained_names() -> list[str]:
+    """Zoo names that ship trained weights (both files present).
+
+    Returns:
+        Sorted names; empty until trained weights are added.
+    """
+    return sorted(
+        n
+        for n in SPECS
+        if (WEIGHTS_DIR / f"{n}.safetensors").is_file() and (WEIGHTS_DIR / f"{n}.json").is_file()
+    )
+
+
+def load_trained(model: HookedTransformer, name: str) -> HookedTransformer:
+    """Overwrite ``model``'s weights with the shipped trained weights of ``name``.
+
+    The safetensors file must hold the *processed* TL state dict (folded LN,
+    as produced by :func:`tl_model`); the json file holds free-form metadata
+    (training data, steps, ...) and is attached as ``model.zoo_metadata``.
+
+    Args:
+        model: A fresh model of the same zoo name (any dtype).
+        name: Zoo name with trained weights.
+
+    Returns:
+        The same model, updated in place.
+    """
+    from safetensors.torch import load_file
+
+    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
+    model.load_state_dict({k: v.to(model.cfg.dtype) for k, v in sd.items()}, strict=True)
+    model.zoo_metadata = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+    return model

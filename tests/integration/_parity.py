@@ -1,0 +1,88 @@
+"""Shared helpers for parity tests: cached runs and the two references."""
+
+import functools
+from typing import Sequence
+
+import torch
+
+import interpkv
+from interpkv import zoo
+
+# float64 leaves only summation-order noise (~1e-14): 1e-10 would catch any real
+# difference. float32 accumulates ~1e-7 relative per op over a few layers on
+# logits of size ~1-10: 1e-5 is the stated bar. HF vs TL in float32 differs by
+# weight folding (fold_ln, centering) as well: 1e-4.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+HF_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+# TransformerLens 3.9 computes ALiBi slopes as 2^(-8/n) for every head count,
+# wrong when n is not a power of two (Bloom's rule differs): its own forward is
+# no reference for these models; HF is.
+TL_WRONG = {"bloom6"}
+
+
+@functools.lru_cache(maxsize=None)
+def _pair(name: str, dtype: torch.dtype):
+    if name in zoo.pairs():
+        return zoo.load_pair(name, dtype=dtype)
+    return zoo.load(name, dtype=dtype), None
+
+
+def model(name: str, dtype: torch.dtype = torch.float32):
+    return _pair(name, dtype)[0]
+
+
+def hf_model(name: str, dtype: torch.dtype = torch.float32):
+    return _pair(name, dtype)[1]
+
+
+def batch(kind: str, d_vocab: int, length: int = 24, seed: int = 0):
+    """Tokens and mask: "b1" (one row, no padding) or "b3" (left-padded, ragged)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "b1":
+        tokens = torch.randint(0, d_vocab, (1, length), generator=gen)
+        return tokens, torch.ones_like(tokens)
+    tokens = torch.randint(0, d_vocab, (3, length), generator=gen)
+    mask = torch.ones_like(tokens)
+    mask[1, :5] = 0
+    mask[2, : length // 2] = 0
+    return tokens, mask
+
+
+def cached_logits(m, tokens, mask, splits: Sequence[int], **cache_kwargs):
+    """Feed ``tokens`` in chunks of ``splits`` through one cache; concatenate logits."""
+    assert sum(splits) == tokens.shape[1]
+    cache = interpkv.KVCache.for_model(m, tokens.shape[0], **cache_kwargs)
+    out, start = [], 0
+    for size in splits:
+        end = start + size
+        out.append(
+            interpkv.forward(m, tokens[:, start:end], cache=cache, attention_mask=mask[:, start:end])
+        )
+        start = end
+    return torch.cat(out, dim=1)
+
+
+def tl_reference(m, tokens, mask):
+    """TransformerLens's own forward, each row alone on its real tokens."""
+    out = torch.zeros(*tokens.shape, m.cfg.d_vocab, dtype=m.cfg.dtype)
+    for row in range(tokens.shape[0]):
+        real = mask[row].bool()
+        out[row, real] = m(tokens[row, real][None])[0]
+    return out
+
+
+def hf_reference(hf, tokens, mask):
+    """The HF model on the padded batch with the same mask and explicit positions."""
+    kwargs = {"attention_mask": mask}
+    if "position_ids" in hf.forward.__code__.co_varnames:
+        kwargs["position_ids"] = interpkv.absolute_positions(
+            mask, torch.zeros(tokens.shape[0], dtype=torch.long)
+        ).clamp(min=0)
+    with torch.no_grad():
+        return hf(tokens, **kwargs).logits
+
+
+def max_err(a, b, mask):
+    real = mask.bool()
+    return (a[real] - b[real]).abs().max().item()

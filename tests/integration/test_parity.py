@@ -1,0 +1,84 @@
+"""Cached == uncached == HuggingFace, for every zoo model and positional scheme.
+
+For every model x {one row, a left-padded ragged batch} x {one shot, token by
+token, random chunks}: the concatenated cached logits equal TransformerLens's
+uncached logits (each row alone on its real tokens) and the HF model's logits
+under the same mask.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import interpkv
+from interpkv import zoo
+
+from ._parity import HF_TOL, TL_WRONG, TOL, batch, cached_logits, hf_model, hf_reference, max_err, model, tl_reference
+
+NAMES = zoo.names()
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+SPLITS = {
+    "one-shot": lambda n: [n],
+    "token-by-token": lambda n: [1] * n,
+    "prefill-then-steps": lambda n: [n - 6] + [1] * 6,
+}
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=list(SPLITS))
+@pytest.mark.parametrize("kind", ["b1", "b3"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_equals_transformer_lens(name, dtype, kind, split):
+    if name in TL_WRONG:
+        pytest.skip("TransformerLens's own ALiBi slopes are wrong here; see test_cached_equals_hf")
+    m = model(name, dtype)
+    tokens, mask = batch(kind, m.cfg.d_vocab)
+    got = cached_logits(m, tokens, mask, SPLITS[split](tokens.shape[1]))
+    assert max_err(got, tl_reference(m, tokens, mask), mask) < TOL[dtype]
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=list(SPLITS))
+@pytest.mark.parametrize("kind", ["b1", "b3"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
+@pytest.mark.parametrize("name", zoo.pairs())
+def test_cached_equals_hf(name, dtype, kind, split):
+    m, hf = model(name, dtype), hf_model(name, dtype)
+    tokens, mask = batch(kind, m.cfg.d_vocab)
+    got = cached_logits(m, tokens, mask, SPLITS[split](tokens.shape[1]))
+    assert max_err(got, hf_reference(hf, tokens, mask), mask) < HF_TOL[dtype]
+
+
+@pytest.mark.parametrize("name", sorted(TL_WRONG))
+def test_transformer_lens_alibi_differs_from_hf_where_we_do_not(name):
+    """Documents the TL 3.9 slope bug the library fixes (fails if TL fixes it)."""
+    m, hf = model(name, torch.float64), hf_model(name, torch.float64)
+    tokens, mask = batch("b1", m.cfg.d_vocab)
+    ref = hf_reference(hf, tokens, mask)
+    assert max_err(tl_reference(m, tokens, mask), ref, mask) > 1e-3
+    assert max_err(interpkv.forward(m, tokens), ref, mask) < HF_TOL[torch.float64]
+
+
+@st.composite
+def random_splits(draw, n):
+    sizes, left = [], n
+    while left:
+        size = draw(st.integers(1, min(left, 9)))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+@pytest.mark.parametrize("kind", ["b1", "b3"])
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_chunks_equal_uncached(name, kind, data):
+    m = model(name, torch.float64)
+    tokens, mask = batch(kind, m.cfg.d_vocab, seed=data.draw(st.integers(0, 3), label="seed"))
+    splits = data.draw(random_splits(tokens.shape[1]), label="splits")
+    got = cached_logits(m, tokens, mask, splits)
+    ref = interpkv.forward(m, tokens, attention_mask=mask)
+    assert max_err(got, ref, mask) < TOL[torch.float64]
+    if name not in TL_WRONG:
+        assert max_err(got, tl_reference(m, tokens, mask), mask) < TOL[torch.float64]
