@@ -48,14 +48,14 @@ sys.path.insert(0, str(ROOT))
 from interpkv.zoo import _corpus, charvocab  # noqa: E402
 
 V = charvocab.VOCAB_SIZE
-CONTEXT = 256
+CONTEXT = 128
 PROMPTS = ("def ", "Return the ")
 
 MODELS = {
     "gpt2": (
         "GPT2Config",
         dict(
-            vocab_size=V, n_positions=CONTEXT, n_embd=128, n_layer=3, n_head=4,
+            vocab_size=V, n_positions=CONTEXT, n_ctx=CONTEXT, n_embd=128, n_layer=3, n_head=4,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
         ),
@@ -230,11 +230,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="gpt2,llama,bloom")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=CONTEXT)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--warmup", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-chars", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "interpkv" / "zoo" / "weights"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -144,7 +143,22 @@ def _fix_tl_config(name: str, cfg: HookedTransformerConfig, config: Any) -> None
 
 def _tl_from_hf(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
     """Convert the HF model of ``name`` to a processed TL (cfg, state dict)."""
-    hf = hf_model(name, seed, dtype)
+    return convert_hf(name, hf_model(name, seed, dtype), dtype)
+
+
+def convert_hf(name: str, hf: transformers.PreTrainedModel, dtype: torch.dtype) -> tuple[Any, dict]:
+    """Convert an HF model (already in ``dtype``) to a processed TL (cfg, state dict).
+
+    Used for the random zoo models and for the trained ones (``_trained.py``).
+
+    Args:
+        name: Zoo name (selects config fixes, e.g. Mistral's window).
+        hf: The HF model, eager attention.
+        dtype: Its dtype; the TL weights are processed in this dtype.
+
+    Returns:
+        ``(cfg, state_dict)`` of the processed HookedTransformer.
+    """
     config = hf.config
     tmp = tempfile.mkdtemp(prefix="ikv_")  # no "llama"/"gemma": TL sniffs paths
     try:
@@ -278,7 +292,7 @@ def tl_model(name: str, seed: int, dtype: torch.dtype) -> HookedTransformer:
     return model.eval()
 
 
-# --- trained weights (plug-in point; none shipped yet) ------------------------
+# --- trained weights (loaded by interpkv.zoo._trained) -------------------------
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 """Where trained weights live: ``<name>.safetensors`` plus ``<name>.json``."""
@@ -295,25 +309,3 @@ def trained_names() -> list[str]:
         for n in SPECS
         if (WEIGHTS_DIR / f"{n}.safetensors").is_file() and (WEIGHTS_DIR / f"{n}.json").is_file()
     )
-
-
-def load_trained(model: HookedTransformer, name: str) -> HookedTransformer:
-    """Overwrite ``model``'s weights with the shipped trained weights of ``name``.
-
-    The safetensors file must hold the *processed* TL state dict (folded LN,
-    as produced by :func:`tl_model`); the json file holds free-form metadata
-    (training data, steps, ...) and is attached as ``model.zoo_metadata``.
-
-    Args:
-        model: A fresh model of the same zoo name (any dtype).
-        name: Zoo name with trained weights.
-
-    Returns:
-        The same model, updated in place.
-    """
-    from safetensors.torch import load_file
-
-    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
-    model.load_state_dict({k: v.to(model.cfg.dtype) for k, v in sd.items()}, strict=True)
-    model.zoo_metadata = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
-    return model

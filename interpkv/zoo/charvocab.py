@@ -16,13 +16,13 @@ character (tabs, non-ASCII letters, ...). Decoding :data:`UNK` gives
 'caf\\ufffd'
 """
 
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["CHARS", "UNK", "UNK_CHAR", "VOCAB_SIZE", "encode", "decode"]
+__all__ = ["CHARS", "UNK", "UNK_CHAR", "VOCAB_SIZE", "encode", "decode", "CharTokenizer", "TOKENIZER"]
 
 CHARS: str = "\n" + "".join(chr(c) for c in range(32, 127))
 """The characters of ids 0 .. 95, in id order."""
@@ -84,3 +84,21 @@ def decode(ids: Union[Int[Tensor, " pos"], Sequence[int]]) -> str:
             raise ValueError(f"id {i} is outside the character vocabulary [0, {VOCAB_SIZE})")
         out.append(CHARS[i] if i < UNK else UNK_CHAR)
     return "".join(out)
+
+
+class CharTokenizer(NamedTuple):
+    """The vocabulary as one object, returned by :func:`interpkv.zoo.tokenizer`.
+
+    Attributes:
+        encode: :func:`encode`.
+        decode: :func:`decode`.
+        vocab_size: :data:`VOCAB_SIZE`.
+    """
+
+    encode: object
+    decode: object
+    vocab_size: int
+
+
+TOKENIZER = CharTokenizer(encode=encode, decode=decode, vocab_size=VOCAB_SIZE)
+"""The tokenizer shared by every trained zoo model."""
