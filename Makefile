@@ -24,10 +24,10 @@ demo: install
 	$(VENV)/bin/interpkv demo --html reports/interpkv-report.html
 
 test: install
-	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not slow" -n 2 -p no:cacheprovider
 
 test-all: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 bench: install
 	$(PY) benchmarks/run.py

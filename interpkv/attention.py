@@ -18,14 +18,14 @@ Cached and uncached calls run exactly this code; an uncached call just uses a
 fresh cache.
 """
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, FrozenSet, Optional
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from . import _tl
+from . import _faultpoints, _tl
 from .cache import KVCache
 from .schemes import PositionalScheme
 
@@ -69,6 +69,7 @@ class Step:
         q_pos: Int[Tensor, "batch pos"],
         k_pos: Int[Tensor, "batch kv_pos"],
         start: int,
+        faults: FrozenSet[str] = frozenset(),
     ):
         self.cache = cache
         self.scheme = scheme
@@ -76,6 +77,11 @@ class Step:
         self.k_pos = k_pos
         self.start = start
         self.end = k_pos.shape[1]
+        # Injected bugs (interpkv.faults); empty unless a test asked for one.
+        self.faults = faults
+        self.bias_q_pos = q_pos
+        if faults:
+            self.bias_q_pos = _faultpoints.bias_positions(faults, cache, q_pos)
         self._masks: Dict[Optional[int], Tensor] = {}
 
     def mask(self, local_window: Optional[int]) -> Tensor:
@@ -87,6 +93,10 @@ class Step:
                 cache_window=self.cache.window,
                 sinks=self.cache.sinks,
             )
+            if self.faults:
+                self._masks[local_window] = _faultpoints.allowed(
+                    self.faults, self.cache, self.start, self._masks[local_window]
+                )
         return self._masks[local_window]
 
     def attention_for(self, layer: int, attn: torch.nn.Module) -> Callable[..., Tensor]:
@@ -102,6 +112,8 @@ class Step:
                 q = attn.hook_rot_q(scheme.rotate(layer, q, step.q_pos))
                 k = attn.hook_rot_k(scheme.rotate(layer, k, step.q_pos))
             layer_cache = step.cache.layers[layer]
+            if step.faults:
+                k, v = _faultpoints.stored_kv(step.faults, layer_cache, k, v)
             layer_cache.write(step.start, k, v)
             keys, values = layer_cache.view(step.end)  # (B, kvh, S, d)
 
@@ -113,7 +125,7 @@ class Step:
             scores = (q_grouped @ keys.transpose(-1, -2)).view(batch, n_heads, n_q, n_k)
             scores = scores / attn.attn_scale
             scores = _tl.apply_softcap(scores, cfg.attn_scores_soft_cap)
-            bias = scheme.score_bias(step.q_pos, step.k_pos, scores.dtype)
+            bias = scheme.score_bias(step.bias_q_pos, step.k_pos, scores.dtype)
             if bias is not None:
                 scores = scores + bias
             scores = torch.where(step.mask(local_window), scores, attn.IGNORE.to(scores.dtype))

@@ -1,12 +1,13 @@
 """``interpkv.forward``: one forward pass, through a cache or not, with hooks."""
 
+import contextlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import _tl
+from . import _faultpoints, _tl
 from .attention import Step
 from .cache import KVCache
 from .positions import absolute_positions, validate_mask
@@ -94,12 +95,18 @@ def forward(
     mask = validate_mask(inputs, attention_mask)
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
+    faults = frozenset()  # interpkv.faults only ever touch a caller's cache
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=n_new)
     else:
         cache.check_compatible(model, batch, inputs.device)
+        faults = _faultpoints.active(model)
 
-    q_pos = absolute_positions(mask, cache.next_positions)
+    offsets = cache.next_positions
+    if faults:
+        offsets = _faultpoints.query_offsets(faults, cache)
+        _faultpoints.before_reserve(faults, model, cache)
+    q_pos = absolute_positions(mask, offsets)
     limit = scheme.max_positions()
     if limit is not None and int(q_pos.max()) >= limit:
         raise ValueError(
@@ -110,9 +117,11 @@ def forward(
         )
     start = cache.reserve(n_new)
     k_pos = cache.key_positions(q_pos)
-    step = Step(cache, scheme, q_pos, k_pos, start)
+    step = Step(cache, scheme, q_pos, k_pos, start, faults)
 
-    with model.hooks(fwd_hooks=list(fwd_hooks)), _tl.attention_replaced(model, step.attention_for):
+    # model.hooks() resets every hook point on exit (~1 ms): only pay it when needed.
+    hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
+    with hooks, _tl.attention_replaced(model, step.attention_for):
         if inputs.is_floating_point():
             embed = inputs
         else:

@@ -28,6 +28,7 @@ __all__ = [
     "info",
     "load",
     "load_pair",
+    "from_hf",
 ]
 
 
@@ -232,3 +233,20 @@ def load_pair(
     tl = _build.tl_model(name, int(seed), dtype)
     hf = _build.hf_model(name, int(seed), dtype)
     return tl, hf
+
+
+def from_hf(hf: Any, *, label: str = "hf") -> Any:
+    """Convert any in-memory HF causal LM (float32/float64) into a HookedTransformer.
+
+    Uses the zoo's own conversion path (TransformerLens's converters, with the
+    float64-exact weight processing and the config fixes the zoo needs), so the
+    result computes the same function as ``hf``.
+
+    Args:
+        hf: a ``transformers`` causal LM of a class TransformerLens converts.
+        label: a name recorded in ``cfg.model_name``.
+
+    Returns:
+        A HookedTransformer in eval mode on CPU, without a tokenizer.
+    """
+    return _build.model_from_hf(hf, label=label)

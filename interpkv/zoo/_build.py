@@ -135,7 +135,7 @@ def _fix_tl_config(name: str, cfg: HookedTransformerConfig, config: Any) -> None
     cfg.tokenizer_name = None
     cfg.default_prepend_bos = False
     cfg.device = "cpu"
-    if name == "mistral" and not cfg.use_local_attn:
+    if getattr(config, "model_type", None) == "mistral" and config.sliding_window and not cfg.use_local_attn:
         cfg.use_local_attn = True
         cfg.attn_types = ["local"] * cfg.n_layers
         cfg.window_size = config.sliding_window
@@ -143,27 +143,27 @@ def _fix_tl_config(name: str, cfg: HookedTransformerConfig, config: Any) -> None
 
 def _tl_from_hf(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
     """Convert the HF model of ``name`` to a processed TL (cfg, state dict)."""
-    return convert_hf(name, hf_model(name, seed, dtype), dtype)
+    return convert_hf(hf_model(name, seed, dtype), label=name, dtype=dtype)
 
 
-def convert_hf(name: str, hf: transformers.PreTrainedModel, dtype: torch.dtype) -> tuple[Any, dict]:
-    """Convert an HF model (already in ``dtype``) to a processed TL (cfg, state dict).
-
-    Used for the random zoo models and for the trained ones (``_trained.py``).
+def convert_hf(hf: Any, *, label: str, dtype: torch.dtype) -> tuple[Any, dict]:
+    """Convert an in-memory HF causal LM to a processed TL (cfg, state dict).
 
     Args:
-        name: Zoo name (selects config fixes, e.g. Mistral's window).
-        hf: The HF model, eager attention.
-        dtype: Its dtype; the TL weights are processed in this dtype.
+        hf: a ``transformers`` causal LM (any class TL 3.9 converts, or Gemma2).
+        label: a name for the model (used in its TL ``model_name``).
+        dtype: float32 or float64 (processing runs in this dtype).
 
     Returns:
-        ``(cfg, state_dict)`` of the processed HookedTransformer.
+        ``(cfg, state_dict)`` of a HookedTransformer computing the same function.
     """
     config = hf.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(hf).__name__]  # TL reads the class from here
     tmp = tempfile.mkdtemp(prefix="ikv_")  # no "llama"/"gemma": TL sniffs paths
     try:
         config.save_pretrained(tmp)  # TL only reads config.json; weights come from `hf`
-        if name == "gemma2":
+        if config.model_type == "gemma2":
             cfg = _gemma2_tl_config(config, dtype)
         else:
             cfg = get_pretrained_model_config(
@@ -174,7 +174,7 @@ def convert_hf(name: str, hf: transformers.PreTrainedModel, dtype: torch.dtype) 
                 default_prepend_bos=False,
                 dtype=dtype,
             )
-        _fix_tl_config(name, cfg, config)
+        _fix_tl_config(label, cfg, config)
         state_dict = get_pretrained_state_dict(tmp, cfg, hf_model=hf, dtype=dtype)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,8 +190,27 @@ def convert_hf(name: str, hf: transformers.PreTrainedModel, dtype: torch.dtype) 
     result = model.load_state_dict(state_dict, strict=False)
     leftover = [k for k in result.unexpected_keys if k.rsplit(".", 2)[-2][:2] != "ln"]
     if result.missing_keys or leftover:
-        raise RuntimeError(f"zoo/{name}: bad conversion {result.missing_keys} {leftover}")
+        raise RuntimeError(f"zoo/{label}: bad conversion {result.missing_keys} {leftover}")
     return model.cfg, model.state_dict()
+
+
+def model_from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
+    """A HookedTransformer computing the same function as an HF causal LM.
+
+    Args:
+        hf: the HF model (float32 or float64; its dtype is kept).
+        label: a name for the model.
+
+    Returns:
+        The converted model, eval mode, CPU, no tokenizer.
+    """
+    dtype = next(hf.parameters()).dtype
+    if dtype not in _EXACT:
+        raise ValueError(f"convert a float32 or float64 HF model (got {dtype}); cast afterwards")
+    cfg, sd = convert_hf(hf.eval(), label=label, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
 
 
 def _process_weights(state_dict: dict, cfg: Any) -> dict:

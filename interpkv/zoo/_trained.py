@@ -95,7 +95,7 @@ def _processed(name: str, dtype: torch.dtype) -> tuple[Any, dict]:
         cfg = copy.deepcopy(cfg)
         cfg.dtype = dtype
         return cfg, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    cfg, sd = _build.convert_hf(name, hf_model(name, dtype), dtype)
+    cfg, sd = _build.convert_hf(hf_model(name, dtype), label=name, dtype=dtype)
     cfg = copy.deepcopy(cfg)
     cfg.model_name = f"interpkv-zoo-{name}-trained"
     return cfg, sd

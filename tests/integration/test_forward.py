@@ -64,7 +64,7 @@ def test_fwd_hooks_edit_the_run_like_transformer_lens(name):
 def test_transformer_lens_generate_still_works_after_interpkv(name):
     m = model(name)
     tokens, _ = batch("b1", m.cfg.d_vocab, length=6)
-    kwargs = dict(max_new_tokens=4, use_past_kv_cache=True, verbose=False, do_sample=False)
+    kwargs = dict(max_new_tokens=4, use_past_kv_cache=True, verbose=False, do_sample=False, stop_at_eos=False)
     before = m.generate(tokens, **kwargs)
     interpkv.forward(m, tokens, cache=interpkv.KVCache.for_model(m))
     assert all("forward" not in block.attn.__dict__ for block in m.blocks)

@@ -1,0 +1,314 @@
+"""``interpkv.capture``: record every hook point of a (possibly chunked) run.
+
+The run is one uncached pass (``steps=None, cache=None``) or the tokens fed
+in chunks through a cache, one ``interpkv.forward`` call per chunk. Every
+activation is handed, as it fires, to a *sink* together with the absolute
+positions of its queries (and, for attention-shaped hooks, of its keys). The
+default sink assembles a :class:`~interpkv.record.Record`;
+:func:`interpkv.compare` passes one that compares against a reference and
+keeps only statistics, so two full sets of activations never coexist.
+
+Absolute positions are computed here from the attention mask (and the
+offsets of a cache passed in), never read back from the run: a faulty run
+(``interpkv.faults``) that misplaces its tokens is still recorded at the
+positions the tokens really have. Key positions are those of the cache's
+stored slots, followed by the new tokens'; slots this capture appended
+itself carry the positions capture assigned to them.
+"""
+
+from typing import Callable, Iterable, List, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .cache import KVCache
+from .forward import forward
+from .positions import absolute_positions, validate_mask
+from .record import Record, is_attention_hook
+
+__all__ = ["capture", "NamesFilter"]
+
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+
+def names_filter(names: NamesFilter) -> Callable[[str], bool]:
+    """A hook-name predicate from ``names``.
+
+    ``None``: every hook. A string: hooks whose name contains it (so an exact
+    name selects that hook). A list of strings: exactly those names. A
+    callable: used as is (TransformerLens's ``names_filter``).
+    """
+    if names is None:
+        return lambda name: True
+    if callable(names):
+        return names
+    if isinstance(names, str):
+        return lambda name: names in name
+    wanted = set(names)
+    bad = [n for n in wanted if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"names must be hook-name strings, got {bad[:3]}")
+    return lambda name: name in wanted
+
+
+def split_steps(n_tokens: int, steps: Optional[Iterable[int]]) -> List[int]:
+    """Validate ``steps`` (chunk lengths) against ``n_tokens``.
+
+    >>> split_steps(12, [6, 1, 1, 4])
+    [6, 1, 1, 4]
+    """
+    if steps is None:
+        return [n_tokens]
+    steps = [int(s) for s in steps]
+    if any(s < 1 for s in steps):
+        raise ValueError(f"every step must be at least 1 token, got steps={steps}")
+    if sum(steps) != n_tokens:
+        raise ValueError(
+            f"steps {steps} sum to {sum(steps)} but the tokens have {n_tokens} positions; "
+            f"the chunks must cover the tokens exactly (e.g. steps=[{n_tokens}])"
+        )
+    return steps
+
+
+class Sink:
+    """Receives a run's activations as they fire (see module docstring)."""
+
+    def activation(
+        self,
+        name: str,
+        act: Tensor,
+        q_pos: Int[Tensor, "batch pos"],
+        k_pos: Optional[Int[Tensor, "batch kv_pos"]],
+    ) -> None:
+        raise NotImplementedError
+
+    def logits(self, logits: Tensor, q_pos: Int[Tensor, "batch pos"]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the last chunk."""
+
+
+def attention_rows(
+    act: Float[Tensor, "batch head_index pos kv_pos"],
+    q_pos: Int[Tensor, "batch pos"],
+    k_pos: Int[Tensor, "batch kv_pos"],
+    n_positions: int,
+    row: int,
+):
+    """Row ``row`` of an attention-shaped activation with keys at absolute positions.
+
+    Returns:
+        ``(positions, rows)``: the absolute positions of the row's real
+        queries ``[n]`` and ``[head_index, n, n_positions]`` values, NaN for
+        keys not present and for keys after their query.
+    """
+    q_index = (q_pos[row] >= 0).nonzero(as_tuple=True)[0]
+    k_index = (k_pos[row] >= 0).nonzero(as_tuple=True)[0]
+    q_abs, k_abs = q_pos[row, q_index], k_pos[row, k_index]
+    src = act[row][:, q_index][:, :, k_index]  # (H, nq, nk)
+    if not src.is_floating_point():
+        src = src.double()
+    future = k_abs[None, None, :] > q_abs[None, :, None]
+    src = torch.where(future, torch.full_like(src, float("nan")), src)
+    rows = src.new_full((src.shape[0], len(q_index), n_positions), float("nan"))
+    rows[:, :, k_abs] = src  # (H, nq, P)
+    return q_abs, rows
+
+
+class _Chunk:
+    """Query and key positions of the chunk being run (updated per chunk)."""
+
+    def __init__(self, cache: Optional[KVCache], history: Tensor):
+        self.cache = cache
+        self.history = history  # (B, stored slots): positions as this capture knows them
+        self.q_pos = history
+
+    def begin(self, q_pos: Tensor) -> None:
+        self.q_pos = q_pos
+        self._k_pos: Optional[Tensor] = None
+
+    def key_positions(self) -> Tensor:
+        if self._k_pos is None:
+            stored = self.cache.seq_len if self.cache is not None else 0
+            # Slots added by someone else (a fault, an eviction) are taken
+            # with the positions the cache gives them.
+            hist = self.history if stored == self.history.shape[1] else self.cache.positions
+            self._k_pos = torch.cat([hist, self.q_pos], dim=1)  # (B, S)
+        return self._k_pos
+
+    def end(self) -> None:
+        cache, n = self.cache, self.q_pos.shape[1]
+        if cache is None:
+            return
+        if cache.seq_len == self.history.shape[1] + n:
+            self.history = torch.cat([self.history, self.q_pos], dim=1)
+        elif cache.seq_len != self.history.shape[1]:  # not frozen: someone added slots
+            self.history = torch.cat([cache.positions[:, :-n], self.q_pos], dim=1)
+
+
+class _RecordBuilder(Sink):
+    def __init__(self, valid: Tensor):
+        self.valid = valid
+        self.batch, self.n_positions = valid.shape
+        self.acts: dict = {}
+        self.logit_parts: Optional[Tensor] = None
+
+    def _full(self, name: str, act: Tensor, shape) -> Tensor:
+        full = self.acts.get(name)
+        if full is None:
+            dtype = act.dtype if act.is_floating_point() else torch.float64
+            full = torch.full(shape, float("nan"), dtype=dtype, device=act.device)
+            self.acts[name] = full
+        return full
+
+    def _place(self, full: Tensor, act: Tensor, q_pos: Tensor) -> None:
+        rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
+        full[rows, q_pos[rows, cols]] = act[rows, cols].to(full.dtype)
+
+    def activation(self, name, act, q_pos, k_pos):
+        if k_pos is None:
+            full = self._full(name, act, (self.batch, self.n_positions, *act.shape[2:]))
+            self._place(full, act, q_pos)
+            return
+        P = self.n_positions
+        full = self._full(name, act, (self.batch, act.shape[1], P, P))
+        for b in range(self.batch):
+            # A query position belongs to exactly one chunk: its whole row is written here.
+            q_abs, rows = attention_rows(act, q_pos, k_pos, P, b)
+            full[b][:, q_abs] = rows.to(full.dtype)
+
+    def logits(self, logits, q_pos):
+        if self.logit_parts is None:
+            self.logit_parts = logits.new_full(
+                (self.batch, self.n_positions, logits.shape[-1]), float("nan")
+            )
+        self._place(self.logit_parts, logits, q_pos)
+
+    def record(self, meta: dict) -> Record:
+        return Record(dict(self.acts), self.logit_parts, self.valid, meta)
+
+
+def run(
+    model,
+    tokens: Tensor,
+    sink_factory: Callable[[Tensor], Sink],
+    *,
+    cache: Optional[KVCache] = None,
+    steps: Optional[Sequence[int]] = None,
+    attention_mask: Optional[Tensor] = None,
+    names: NamesFilter = None,
+) -> Sink:
+    """Run ``model`` over ``tokens`` (chunked by ``steps``), feeding a sink.
+
+    ``sink_factory(valid)`` builds the sink once the absolute positions are
+    known (``valid``: ``[batch, pos]``, True where a row has a token).
+    """
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor [batch, pos], got {type(tokens).__name__}")
+    if tokens.ndim == 1 and not tokens.is_floating_point():
+        tokens = tokens[None]
+    if attention_mask is not None and attention_mask.ndim == 1:
+        attention_mask = attention_mask[None]
+    mask = validate_mask(tokens, attention_mask)
+    batch, n_tokens = tokens.shape[:2]
+    chunks = split_steps(n_tokens, steps)
+    if cache is None and steps is not None:
+        cache = KVCache.for_model(model, batch)
+
+    offsets = cache.next_positions if cache is not None else mask.new_zeros(batch)
+    true_pos = absolute_positions(mask, offsets)  # (B, T), -1 for padding
+    n_positions = int(true_pos.max()) + 1 if true_pos.numel() else 0
+    if n_positions <= 0:
+        raise ValueError("attention_mask marks every token as padding: nothing to capture")
+    valid = torch.zeros(batch, n_positions, dtype=torch.bool, device=true_pos.device)
+    rows, cols = (true_pos >= 0).nonzero(as_tuple=True)
+    valid[rows, true_pos[rows, cols]] = True
+    sink = sink_factory(valid)
+    wanted = names_filter(names)
+
+    chunk = _Chunk(cache, cache.positions.clone() if cache is not None else true_pos[:, :0])
+
+    def hook(act: Tensor, hook) -> None:
+        name = hook.name
+        act = act.detach()
+        q_pos = chunk.q_pos
+        if is_attention_hook(name):
+            k_pos = chunk.key_positions()
+            if act.shape[-1] != k_pos.shape[1] or act.shape[-2] != q_pos.shape[1]:
+                raise ValueError(
+                    f"{name} has shape {tuple(act.shape)} but this call has {q_pos.shape[1]} "
+                    f"queries and {k_pos.shape[1]} key slots"
+                )
+            sink.activation(name, act, q_pos, k_pos)
+            return
+        if act.ndim < 2 or act.shape[:2] != q_pos.shape:
+            raise ValueError(
+                f"cannot capture {name}: shape {tuple(act.shape)} does not start with "
+                f"[batch, pos] = {tuple(q_pos.shape)}; leave it out with names=..."
+            )
+        sink.activation(name, act, q_pos, None)
+
+    # Hooks are registered once for the whole run, not once per chunk.
+    start = 0
+    with torch.no_grad(), model.hooks(fwd_hooks=[(wanted, hook)]):
+        for n in chunks:
+            chunk.begin(true_pos[:, start : start + n])
+            chunk_mask = None if attention_mask is None else attention_mask[:, start : start + n]
+            logits = forward(
+                model, tokens[:, start : start + n], cache=cache, attention_mask=chunk_mask
+            )
+            sink.logits(logits.detach(), chunk.q_pos)
+            chunk.end()
+            start += n
+    sink.finish()
+    return sink
+
+
+def capture(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    cache: Optional[KVCache] = None,
+    steps: Optional[Sequence[int]] = None,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    names: NamesFilter = None,
+) -> Record:
+    """Record activations at every matching hook point, by absolute position.
+
+    Args:
+        model: a HookedTransformer.
+        tokens: token ids ``[batch, pos]`` (or ``[pos]``).
+        cache: feed the tokens through this cache (its history is kept and
+            the tokens continue after it). Default: a fresh cache when
+            ``steps`` is given, else no cache.
+        steps: chunk lengths, e.g. ``[6, 1, 1, 4]``; must sum to ``pos``.
+            Each chunk is one ``interpkv.forward`` call through the cache.
+            ``steps=None`` feeds all tokens in one call.
+        attention_mask: ``[batch, pos]``, 1 = real, 0 = padding; chunked
+            with the tokens. Padding has no position and is not recorded.
+        names: which hooks to record: None (all), a substring, a list of exact
+            names, or a predicate on names.
+
+    Returns:
+        A :class:`~interpkv.record.Record` (NaN marks missing entries; see
+        its docstring), logits included.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("gpt2", dtype=torch.float64)
+    >>> tokens = torch.arange(10)[None]
+    >>> record = interpkv.capture(model, tokens, steps=[6, 1, 1, 2])
+    >>> record["blocks.0.attn.hook_pattern"].shape
+    torch.Size([1, 4, 10, 10])
+    """
+    sink = run(
+        model,
+        tokens,
+        _RecordBuilder,
+        cache=cache,
+        steps=steps,
+        attention_mask=attention_mask,
+        names=names,
+    )
+    return sink.record({"steps": list(steps) if steps is not None else None})

@@ -1,0 +1,96 @@
+"""``GenerationDiff``: per-step agreement of two generations of the same prompt.
+
+Produced by ``interpkv.compare_generation`` (cached vs uncached greedy
+generation) and consumed by :func:`interpkv.plot.generation`. It is a plain
+dataclass so any generation loop can build one, most simply from the logits
+of each step with :meth:`GenerationDiff.from_step_logits`.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["GenerationDiff"]
+
+
+@dataclass
+class GenerationDiff:
+    """Per generated step: how far run ``a`` is from reference ``b``.
+
+    All lists have one entry per generated step (step 0 is the first new
+    token), each reduced over the batch by its worst row.
+
+    Attributes:
+        logits_max_abs: ``max |a - b|`` over the step's logits.
+        kl: ``KL(softmax(b) || softmax(a))`` of the step's next-token
+            distribution (largest over rows).
+        top1_agree: True when every row's argmax token is the same in both.
+        first_divergent_step: first step whose ``logits_max_abs`` exceeds
+            ``atol`` or whose top-1 tokens differ; None if there is none.
+        atol: the tolerance ``first_divergent_step`` was computed with.
+        tokens_a, tokens_b: optional generated tokens ``[batch, steps]``.
+    """
+
+    logits_max_abs: List[float]
+    kl: List[float]
+    top1_agree: List[bool]
+    first_divergent_step: Optional[int]
+    atol: float = 1e-5
+    tokens_a: Optional[Tensor] = field(default=None, repr=False)
+    tokens_b: Optional[Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        n = len(self.logits_max_abs)
+        if len(self.kl) != n or len(self.top1_agree) != n:
+            raise ValueError(
+                f"per-step lists differ in length: logits_max_abs {n}, kl {len(self.kl)}, "
+                f"top1_agree {len(self.top1_agree)}; give one entry per generated step"
+            )
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.logits_max_abs)
+
+    @property
+    def ok(self) -> bool:
+        """No divergent step."""
+        return self.first_divergent_step is None
+
+    @classmethod
+    def from_step_logits(
+        cls,
+        a: Sequence[Float[Tensor, "batch d_vocab"]],
+        b: Sequence[Float[Tensor, "batch d_vocab"]],
+        *,
+        atol: float = 1e-5,
+        tokens_a: Optional[Tensor] = None,
+        tokens_b: Optional[Tensor] = None,
+    ) -> "GenerationDiff":
+        """Build from the next-token logits of each step of both runs.
+
+        Args:
+            a: one ``[batch, d_vocab]`` tensor per step (the run under test).
+            b: the same for the reference run.
+            atol: logit tolerance for ``first_divergent_step``.
+
+        >>> d = GenerationDiff.from_step_logits([torch.zeros(1, 3)], [torch.zeros(1, 3)])
+        >>> d.logits_max_abs, d.top1_agree, d.first_divergent_step
+        ([0.0], [True], None)
+        """
+        if len(a) != len(b):
+            raise ValueError(f"runs have {len(a)} and {len(b)} steps; compare equal lengths")
+        max_abs, kl, agree = [], [], []
+        first = None
+        for step, (x, y) in enumerate(zip(a, b)):
+            x, y = x.double(), y.double()
+            max_abs.append(float((x - y).abs().max()))
+            log_x, log_y = F.log_softmax(x, dim=-1), F.log_softmax(y, dim=-1)
+            kl.append(float((log_y.exp() * (log_y - log_x)).sum(-1).max()))
+            agree.append(bool((x.argmax(-1) == y.argmax(-1)).all()))
+            if first is None and (max_abs[-1] > atol or not agree[-1]):
+                first = step
+        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b)

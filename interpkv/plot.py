@@ -1,0 +1,207 @@
+"""Plots of divergence reports (plotly, imported only when a function runs).
+
+Every function consumes a report object and returns a
+``plotly.graph_objects.Figure``; nothing here runs a model. Figures embed
+their numbers (hover text, ``customdata``) so a saved HTML file
+(``fig.write_html(path, include_plotlyjs=True)``, self-contained and
+offline) is a complete record.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .diff import DEFAULT_ATOL, DEFAULT_RTOL, DivergenceReport
+from .gendiff import GenerationDiff
+from .record import split_hook_name
+
+__all__ = ["divergence_heatmap", "first_divergence", "generation", "heatmap_cells"]
+
+_LOG_FLOOR = -20.0  # log10 shown for an exact zero (float64 round-off is ~1e-16)
+
+
+def heatmap_cells(report: DivergenceReport) -> Dict[str, dict]:
+    """The numbers :func:`divergence_heatmap` draws, per hook family.
+
+    For each family (hook name without ``blocks.L.``), ``layers`` (row
+    labels: layer indices, or ``[None]`` outside the blocks) and
+    ``max_abs``, ``rel``, ``cos``: float64 ``[n_layers, pos]`` arrays taken
+    from the worst batch row of each site (NaN where no site exists).
+    """
+    families: Dict[str, List[Tuple[Optional[int], str]]] = {}
+    for hook in report.hooks:
+        layer, family = split_hook_name(hook)
+        families.setdefault(family, []).append((layer, hook))
+    cells = {}
+    for family, members in families.items():
+        grids = {"max_abs": [], "rel": [], "cos": []}
+        for _, hook in members:
+            s = report.stats[hook]
+            err = torch.nan_to_num(s["max_abs"], nan=-1.0)  # (B, P)
+            worst = err.argmax(dim=0, keepdim=True)  # (1, P): worst row per position
+            for name in grids:
+                grids[name].append(s[name].gather(0, worst)[0])
+        cells[family] = {
+            "layers": [layer for layer, _ in members],
+            "hooks": [hook for _, hook in members],
+            **{name: torch.stack(rows).numpy() for name, rows in grids.items()},
+        }
+    return cells
+
+
+def divergence_heatmap(report: DivergenceReport):
+    """Layer x position heatmap of ``max_abs`` (log10), one hook family at a time.
+
+    A dropdown selects the family (``attn.hook_attn_scores``,
+    ``hook_resid_post``...); hovering a cell shows its layer, position,
+    ``max_abs``, ``rel`` and ``cos``.
+
+    Args:
+        report: a :class:`~interpkv.diff.DivergenceReport`.
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` with one heatmap trace per family
+        (trace ``name`` = family, ``customdata[..., 0:3]`` = max_abs, rel, cos).
+    """
+    import numpy as np
+    import plotly.graph_objects as go
+
+    cells = heatmap_cells(report)
+    fig = go.Figure()
+    for index, (family, cell) in enumerate(cells.items()):
+        max_abs = cell["max_abs"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(max_abs > 0, np.log10(max_abs), _LOG_FLOOR)
+        z = np.where(np.isnan(max_abs), np.nan, np.where(np.isinf(max_abs), 300.0, z))
+        labels = ["-" if layer is None else f"L{layer}" for layer in cell["layers"]]
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=list(range(max_abs.shape[1])),
+                y=labels,
+                customdata=np.stack([max_abs, cell["rel"], cell["cos"]], axis=-1),
+                name=family,
+                visible=index == 0,
+                colorscale="Viridis",
+                zmin=_LOG_FLOOR,
+                zmax=2.0,
+                colorbar={"title": "log10 max |a-b|"},
+                hovertemplate=(
+                    f"{family}<br>layer %{{y}} pos %{{x}}<br>max_abs %{{customdata[0]:.3g}}"
+                    "<br>rel %{customdata[1]:.3g}<br>cos %{customdata[2]:.6f}<extra></extra>"
+                ),
+            )
+        )
+    families = list(cells)
+    buttons = [
+        {
+            "label": family,
+            "method": "update",
+            "args": [{"visible": [f == family for f in families]}, {"title": f"max |a-b|: {family}"}],
+        }
+        for family in families
+    ]
+    fig.update_layout(
+        title=f"max |a-b|: {families[0]}" if families else "max |a-b|",
+        xaxis_title="absolute position",
+        yaxis_title="layer",
+        updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.15, "xanchor": "right"}],
+    )
+    return fig
+
+
+def first_divergence(
+    report: DivergenceReport, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+):
+    """Largest error of each hook in forward order, the first divergent hook marked.
+
+    Args:
+        report: a :class:`~interpkv.diff.DivergenceReport`.
+        atol, rtol: tolerance deciding which hooks diverge.
+
+    Returns:
+        A ``plotly.graph_objects.Figure``: one bar per hook (``x`` = hook
+        names in forward order, ``y`` = ``report.hook_max_abs()``), red for
+        the first divergent hook, orange for later divergent ones, with the
+        site annotated.
+    """
+    import plotly.graph_objects as go
+
+    per_hook = report.hook_max_abs()
+    hooks = list(per_hook)
+    site = report.first_divergence(atol=atol, rtol=rtol)
+    colors = []
+    for hook in hooks:
+        if site is not None and hook == site.hook:
+            colors.append("crimson")
+        elif bool(report.diverged(hook, atol=atol, rtol=rtol).any()):
+            colors.append("orange")
+        else:
+            colors.append("steelblue")
+    fig = go.Figure(
+        go.Bar(
+            x=hooks,
+            y=[per_hook[h] for h in hooks],
+            marker_color=colors,
+            hovertemplate="%{x}<br>max |a-b| %{y:.3g}<extra></extra>",
+            name="max |a-b|",
+        )
+    )
+    title = "no divergence" if site is None else (
+        f"first divergence: {site.hook} at pos {site.pos} (row {site.batch}), "
+        f"max_abs {site.max_abs:.3g}, rel {site.rel:.3g}"
+    )
+    if site is not None:
+        fig.add_annotation(x=site.hook, y=1, yref="paper", text="first divergence", showarrow=True)
+    fig.update_layout(
+        title=f"{title} (atol={atol:g}, rtol={rtol:g})",
+        yaxis_type="log",
+        yaxis_title="max |a-b| over positions",
+        xaxis_tickangle=-60,
+    )
+    return fig
+
+
+def generation(gen_diff: GenerationDiff):
+    """Per-step logit error, KL and top-1 agreement of two generations.
+
+    Args:
+        gen_diff: a :class:`~interpkv.gendiff.GenerationDiff`.
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` with three stacked panels (traces
+        ``logits_max_abs``, ``kl``, ``top1_agree``; ``x`` = step) and a
+        vertical line at ``first_divergent_step`` when there is one.
+    """
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    steps = list(range(gen_diff.n_steps))
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        shared_xaxes=True,
+        subplot_titles=("max |logit a - logit b|", "KL(b || a)", "top-1 token agrees"),
+    )
+    fig.add_trace(go.Scatter(x=steps, y=gen_diff.logits_max_abs, name="logits_max_abs"), 1, 1)
+    fig.add_trace(go.Scatter(x=steps, y=gen_diff.kl, name="kl"), 2, 1)
+    fig.add_trace(
+        go.Scatter(x=steps, y=[int(a) for a in gen_diff.top1_agree], name="top1_agree", mode="markers"),
+        3,
+        1,
+    )
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_yaxes(range=[-0.1, 1.1], tickvals=[0, 1], ticktext=["no", "yes"], row=3, col=1)
+    if gen_diff.first_divergent_step is not None:
+        for row in (1, 2, 3):
+            fig.add_vline(x=gen_diff.first_divergent_step, line_color="crimson", line_dash="dash", row=row, col=1)
+    fig.update_layout(
+        title=(
+            "no divergent step"
+            if gen_diff.first_divergent_step is None
+            else f"first divergent step: {gen_diff.first_divergent_step}"
+        ),
+        xaxis3_title="generated step",
+        showlegend=False,
+    )
+    return fig
