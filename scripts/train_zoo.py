@@ -10,7 +10,7 @@ download) with the 97-id character vocabulary of ``interpkv/zoo/charvocab.py``:
 
 Usage (from the repository root)::
 
-    python scripts/train_zoo.py --seed 0            # all three, ~5-8 min each on 2 cores
+    python scripts/train_zoo.py --seed 0            # all three, ~3-5 min each on 2 idle cores
     python scripts/train_zoo.py --models llama --steps 50 --out /tmp/zoo   # quick try
 
 Writes, per model, ``<out>/<name>.safetensors`` (the HF state dict in
@@ -230,7 +230,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="gpt2,llama,bloom")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=CONTEXT)
     parser.add_argument("--lr", type=float, default=4e-3)
@@ -256,8 +256,8 @@ def main(argv=None):
     if args.valid_copy:
         path = Path(args.valid_copy)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.GzipFile(path, "wb", mtime=0) as f:  # mtime=0: byte-identical reruns
-            f.write(corpus["valid"].encode("utf-8"))
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(corpus["valid"].encode("utf-8"))  # no name, no mtime: byte-identical reruns
     train_ids = charvocab.encode(corpus["train"])
     valid_ids = charvocab.encode(corpus["valid"])
     for name in args.models.split(","):
