@@ -15,10 +15,21 @@ from typing import Any
 
 import torch
 
-from interpkv.zoo import _build
+from interpkv.zoo import _build, _trained, charvocab
 from interpkv.zoo._specs import SPECS
 
-__all__ = ["names", "pairs", "trained", "info", "load", "load_pair", "from_hf"]
+__all__ = [
+    "names",
+    "pairs",
+    "trained",
+    "trained_names",
+    "tokenizer",
+    "charvocab",
+    "info",
+    "load",
+    "load_pair",
+    "from_hf",
+]
 
 
 def names() -> list[str]:
@@ -43,9 +54,57 @@ def trained() -> list[str]:
     """Zoo models that ship trained weights (usable with ``trained=True``).
 
     Returns:
-        Model names; empty until trained weights are added.
+        Model names: ``["bloom", "gpt2", "llama"]`` (see :func:`trained_names`).
     """
     return _build.trained_names()
+
+
+# --- trained models (interpkv.zoo._trained) -----------------------------------
+
+
+def trained_names() -> list[str]:
+    """Zoo models that ship trained character-level weights (same as :func:`trained`).
+
+    Returns:
+        Sorted names, one per positional family: ``gpt2`` (learned absolute),
+        ``llama`` (rotary + GQA), ``bloom`` (ALiBi).
+
+    >>> from interpkv import zoo
+    >>> zoo.trained_names()
+    ['bloom', 'gpt2', 'llama']
+    """
+    return _build.trained_names()
+
+
+def tokenizer(name: str) -> charvocab.CharTokenizer:
+    """The character tokenizer of a trained zoo model.
+
+    Args:
+        name: A name from :func:`trained_names` (all share one vocabulary).
+
+    Returns:
+        An object with ``encode(str) -> Tensor`` (1-D ids), ``decode(ids) -> str``
+        and ``vocab_size`` (97); see :mod:`interpkv.zoo.charvocab`.
+
+    Raises:
+        ValueError: If ``name`` has no trained weights.
+
+    >>> from interpkv import zoo
+    >>> tok = zoo.tokenizer("llama")
+    >>> tok.decode(tok.encode("Return the"))
+    'Return the'
+    """
+    _check_trained(name)
+    return charvocab.TOKENIZER
+
+
+def _check_trained(name: str) -> None:
+    have = _build.trained_names()
+    if name not in have:
+        raise ValueError(
+            f"zoo model {name!r} has no trained weights; models with trained "
+            f"weights: {', '.join(have) if have else 'none'}"
+        )
 
 
 def _check_name(name: str) -> None:
@@ -123,7 +182,11 @@ def load(
         dtype: Parameter dtype. float32 and float64 are converted in their
             own precision; float16/bfloat16 are the float32 weights cast down.
         seed: Initialisation seed.
-        trained: Load shipped trained weights instead of the random init.
+        trained: Load the shipped trained character-level model instead
+            (see :func:`trained_names`). Its sizes differ from the random
+            model's (3 layers, d_model 128, 97-char vocabulary, see
+            :func:`tokenizer`); ``seed`` is ignored and ``model.zoo_metadata``
+            holds the training record.
 
     Returns:
         A ``transformer_lens.HookedTransformer``.
@@ -135,16 +198,9 @@ def load(
     _check_name(name)
     _check_dtype(dtype)
     if trained:
-        have = _build.trained_names()
-        if name not in have:
-            raise ValueError(
-                f"zoo model {name!r} has no trained weights; models with trained "
-                f"weights: {', '.join(have) if have else 'none yet'}"
-            )
-    model = _build.tl_model(name, int(seed), dtype)
-    if trained:
-        _build.load_trained(model, name)
-    return model
+        _check_trained(name)
+        return _trained.load(name, dtype)
+    return _build.tl_model(name, int(seed), dtype)
 
 
 def load_pair(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -312,7 +311,7 @@ def tl_model(name: str, seed: int, dtype: torch.dtype) -> HookedTransformer:
     return model.eval()
 
 
-# --- trained weights (plug-in point; none shipped yet) ------------------------
+# --- trained weights (loaded by interpkv.zoo._trained) -------------------------
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 """Where trained weights live: ``<name>.safetensors`` plus ``<name>.json``."""
@@ -329,25 +328,3 @@ def trained_names() -> list[str]:
         for n in SPECS
         if (WEIGHTS_DIR / f"{n}.safetensors").is_file() and (WEIGHTS_DIR / f"{n}.json").is_file()
     )
-
-
-def load_trained(model: HookedTransformer, name: str) -> HookedTransformer:
-    """Overwrite ``model``'s weights with the shipped trained weights of ``name``.
-
-    The safetensors file must hold the *processed* TL state dict (folded LN,
-    as produced by :func:`tl_model`); the json file holds free-form metadata
-    (training data, steps, ...) and is attached as ``model.zoo_metadata``.
-
-    Args:
-        model: A fresh model of the same zoo name (any dtype).
-        name: Zoo name with trained weights.
-
-    Returns:
-        The same model, updated in place.
-    """
-    from safetensors.torch import load_file
-
-    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
-    model.load_state_dict({k: v.to(model.cfg.dtype) for k, v in sd.items()}, strict=True)
-    model.zoo_metadata = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
-    return model
