@@ -12,11 +12,13 @@ from .capture import capture
 from .diff import DivergenceReport, Site, compare, diff
 from .forward import forward
 from .gendiff import GenerationDiff
+from .generate import Generation, generate
+from .generation_diff import compare_generation
 from .record import Record
 from .positions import absolute_positions
 from .schemes import UnsupportedModelError, alibi_slopes
 
-_LAZY_SUBMODULES = ("zoo", "faults", "plot")
+_LAZY_SUBMODULES = ("zoo", "faults", "plot", "patching")
 
 __all__ = [
     "KVCache",
@@ -29,6 +31,9 @@ __all__ = [
     "Record",
     "DivergenceReport",
     "Site",
+    "generate",
+    "Generation",
+    "compare_generation",
     "GenerationDiff",
     "absolute_positions",
     "alibi_slopes",

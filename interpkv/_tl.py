@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import patching as tl_patching  # reference for interpkv.patching tests
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import apply_softcap
 
@@ -23,6 +24,7 @@ __all__ = [
     "HookedTransformerConfig",
     "HookPoint",
     "apply_softcap",
+    "tl_patching",
     "attention_replaced",
     "rotary_tables",
     "kv_head_count",

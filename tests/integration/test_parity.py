@@ -109,3 +109,24 @@ def test_random_chunks_equal_uncached(name, kind, data):
     assert max_err(got, ref, mask) < TOL[torch.float64]
     if name not in TL_WRONG:
         assert max_err(got, tl_reference(m, tokens, mask), mask) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox", "gptj", "llama", "mistral", "bloom6", "gemma2", "opt"])
+@settings(max_examples=int(os.environ.get("INTERPKV_SPLIT_EXAMPLES", 5)), deadline=None)
+@given(data=st.data())
+def test_random_padding_and_splits_equal_per_row_reference(name, data):
+    """Any left-padding amounts per row, any split points: each row equals itself run alone."""
+    m = model(name, torch.float64)
+    length = 20
+    pads = data.draw(st.lists(st.integers(0, length - 1), min_size=1, max_size=4), label="left pads")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 100), label="seed"))
+    tokens = torch.randint(0, m.cfg.d_vocab, (len(pads), length), generator=gen)
+    mask = torch.ones_like(tokens)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    splits = data.draw(random_splits(length), label="splits")
+    got = cached_logits(m, tokens, mask, splits)
+    for row in range(len(pads)):
+        real = mask[row].bool()
+        alone = interpkv.forward(m, tokens[row, real][None])[0]
+        assert (got[row, real] - alone).abs().max() < TOL[torch.float64]

@@ -1,0 +1,271 @@
+"""``interpkv.generate``: autoregressive generation through a :class:`KVCache`, with hooks.
+
+Every step is one :func:`interpkv.forward` call on the new tokens only, so the
+cache owns the positions (left padding and ragged prompts included) and
+``fwd_hooks`` fire on exactly the positions being computed: the prompt on the
+first step, one token per row afterwards. A hook that edits activations
+(steering: adding a vector to the residual stream) therefore edits every
+position exactly once, as an uncached loop that reruns the whole sequence with
+the hook would, and the two produce the same tokens.
+
+No tokenizer is needed: prompts are token ids ``[batch, pos]`` or token
+embeddings ``[batch, pos, d_model]``. Sampling draws from a private
+``torch.Generator`` (never the global RNG), so ``seed=`` reproduces a run.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from . import _tl
+from .cache import KVCache
+from .forward import Hook, forward
+from .capture import capture as capture_run
+from .positions import validate_mask
+from .record import Record
+
+__all__ = ["Generation", "generate", "sample_next"]
+
+HookNames = Union[str, Sequence[str], Callable[[str], bool]]  # as interpkv.capture's names
+
+
+@dataclass
+class Generation:
+    """The result of :func:`generate`.
+
+    Attributes:
+        tokens: ``Int[Tensor, "batch prompt+new"]``: the prompt followed by the
+            generated tokens. For an embedding prompt there are no prompt ids,
+            so it holds only the generated tokens (``prompt_length == 0``).
+        attention_mask: same shape as ``tokens``: 1 for real tokens, 0 for the
+            prompt's left padding and for the pad value written after a row
+            stopped.
+        prompt_length: number of leading columns of ``tokens`` that are prompt.
+        finished: ``Bool[Tensor, "batch"]``: rows that emitted a stop token.
+        logits: ``Float[Tensor, "batch new d_vocab"]``, the logits each new token
+            was chosen from (only with ``keep_logits=True``, else None).
+        records: one :class:`~interpkv.record.Record` per step when ``capture``
+            was given (else None): the captured hook points and the logits of
+            that step's new tokens, at their absolute positions (earlier
+            positions are NaN; ``record.valid`` marks the step's tokens).
+    """
+
+    tokens: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    prompt_length: int
+    finished: Bool[Tensor, "batch"]
+    logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
+    records: Optional[List[Record]] = None
+
+    @property
+    def new_tokens(self) -> Int[Tensor, "batch new"]:
+        """Only the generated tokens."""
+        return self.tokens[:, self.prompt_length :]
+
+
+def _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError(
+            f"top_k={top_k} / top_p={top_p} only apply when sampling, but temperature=0 means "
+            "greedy decoding: pass temperature > 0 (e.g. 1.0) to sample."
+        )
+    if top_k is not None and not (1 <= top_k):
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    d_vocab = model.cfg.d_vocab_out
+    pad = [pad_token] if pad_token is not None else []
+    for name, values in (("stop_tokens", list(stop_tokens or ())), ("pad_token", pad)):
+        bad = [t for t in values if not 0 <= int(t) < d_vocab]
+        if bad:
+            raise ValueError(f"{name} {bad} are not token ids of this model (d_vocab_out={d_vocab})")
+
+
+def sample_next(
+    logits: Float[Tensor, "batch d_vocab"],
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Int[Tensor, "batch"]:
+    """Choose one token per row from final-position logits.
+
+    Args:
+        logits: ``[batch, d_vocab]``.
+        temperature: 0 = greedy (argmax, first index on ties); else logits are
+            divided by it before sampling.
+        top_k: keep only the ``top_k`` largest logits.
+        top_p: nucleus sampling: keep the smallest set of most likely tokens
+            whose probability reaches ``top_p`` (always at least one token).
+        generator: the ``torch.Generator`` to draw from.
+
+    Returns:
+        Token ids ``[batch]``.
+
+    >>> sample_next(torch.tensor([[0.0, 2.0, 1.0]]))
+    tensor([1])
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _captured_step(model, tokens, cache, mask, fwd_hooks, names) -> Tuple[Tensor, Record]:
+    """One step through ``cache`` recorded by :func:`interpkv.capture`; returns (last logits, Record)."""
+    offsets = cache.next_positions.clone()
+    with model.hooks(fwd_hooks=list(fwd_hooks)):  # active inside capture's own forward
+        record = capture_run(model, tokens, cache=cache, attention_mask=mask, names=names)
+    # The last column of each running row, at its absolute position (stopped rows are ignored).
+    last = (offsets + mask.sum(1) - 1).clamp(min=0)  # (B,)
+    return record.logits[torch.arange(tokens.shape[0]), last], record
+
+
+@torch.no_grad()
+def generate(
+    model: "_tl.HookedTransformer",
+    tokens: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],
+    *,
+    max_new_tokens: int,
+    cache: Optional[KVCache] = None,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    fwd_hooks: Sequence[Hook] = (),
+    capture: Optional[HookNames] = None,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    stop_tokens: Optional[Sequence[int]] = None,
+    pad_token: Optional[int] = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Generate ``max_new_tokens`` tokens per row, one cached forward per step.
+
+    Args:
+        model: a HookedTransformer (no tokenizer needed).
+        tokens: prompt token ids ``[batch, pos]`` (or ``[pos]``), or prompt
+            embeddings ``[batch, pos, d_model]`` (taken as ``hook_embed``'s output).
+        max_new_tokens: steps to run (fewer if every row stops).
+        cache: continue from this cache (its stored tokens come before
+            ``tokens``); a fresh one is made if None. Afterwards it holds every
+            fed token: the prompt and all generated tokens but the last.
+        attention_mask: ``[batch, pos]`` for the prompt, 1 = real, 0 = padding.
+            Prompts of different lengths are LEFT padded (each row must end
+            with a real token).
+        fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active at
+            every step. They see only the new positions of each step.
+        capture: which hook points to record at every step into
+            ``Generation.records``, as ``names`` of :func:`interpkv.capture`: a
+            substring, a list of exact names, or a predicate on names.
+        temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
+        top_k, top_p: restrict sampling (need ``temperature > 0``).
+        seed: seed of the private ``torch.Generator`` used for sampling; the same
+            seed gives the same tokens. None = a fresh random seed.
+        stop_tokens: a row that emits one of these is finished: the stop token
+            is kept and every later column of that row holds ``pad_token`` with
+            attention_mask 0, while other rows continue. Generation ends early
+            once every row is finished.
+        pad_token: value written after a row stopped. Default: the first of
+            ``stop_tokens`` (as TransformerLens pads with the EOS token).
+        keep_logits: also return the logits each new token was chosen from.
+
+    Returns:
+        A :class:`Generation`.
+
+    Raises:
+        ValueError: a prompt row ends with padding (use left padding), or bad
+            sampling options.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("llama")
+    >>> out = interpkv.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    >>> out.tokens.shape
+    torch.Size([1, 7])
+    """
+    _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    mask = validate_mask(tokens, attention_mask)
+    ends_padded = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if ends_padded:
+        raise ValueError(
+            f"prompt rows {ends_padded} end with padding (attention_mask[:, -1] == 0): "
+            "generation continues from each row's last column, so pad prompts on the LEFT."
+        )
+    batch, prompt_len = tokens.shape[:2]
+    device = torch.device(model.cfg.device or "cpu")  # forward moves the tokens here
+    tokens = tokens.to(device)
+    mask = mask.to(device)
+    if cache is None:
+        cache = KVCache.for_model(model, batch, capacity=prompt_len + max_new_tokens)
+    stop = torch.tensor(list(stop_tokens or ()), dtype=torch.long, device=device)
+    pad = int(pad_token) if pad_token is not None else (int(stop[0]) if stop.numel() else 0)
+
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # fresh entropy; the global RNG is untouched
+    else:
+        generator.manual_seed(int(seed))
+
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens: List[Tensor] = []
+    new_mask: List[Tensor] = []
+    kept_logits: List[Tensor] = []
+    records: Optional[List[Record]] = [] if capture is not None else None
+    step_input, step_mask = tokens, mask
+    for step in range(max_new_tokens):
+        if records is None:
+            last = forward(model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=fwd_hooks)[:, -1]
+        else:
+            last, record = _captured_step(model, step_input, cache, step_mask, fwd_hooks, capture)
+            records.append(record)
+        # last: (B, d_vocab), real for every running row (left padding)
+        chosen = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        running = ~finished
+        chosen = torch.where(running, chosen, torch.full_like(chosen, pad))
+        new_tokens.append(chosen)
+        new_mask.append(running.long())
+        if keep_logits:
+            kept_logits.append(last.clone())
+        if stop.numel():
+            finished = finished | (running & torch.isin(chosen, stop))
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        # A row's stop token is still fed (it is real); after that, padding only.
+        step_input, step_mask = chosen[:, None], running.long()[:, None]
+
+    if tokens.is_floating_point():
+        prompt_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+        prompt_mask = prompt_tokens
+    else:
+        prompt_tokens, prompt_mask = tokens.to(device), mask
+    empty = torch.empty(batch, 0, dtype=torch.long, device=device)
+    out_tokens = torch.cat([prompt_tokens, torch.stack(new_tokens, 1) if new_tokens else empty], 1)
+    out_mask = torch.cat([prompt_mask, torch.stack(new_mask, 1) if new_mask else empty], 1)
+    return Generation(
+        tokens=out_tokens,
+        attention_mask=out_mask,
+        prompt_length=prompt_tokens.shape[1],
+        finished=finished,
+        logits=torch.stack(kept_logits, 1) if keep_logits and kept_logits else None,
+        records=records,
+    )

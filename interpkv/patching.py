@@ -1,0 +1,234 @@
+"""Activation patching that runs the shared prefix of clean and corrupt prompts once.
+
+TransformerLens's ``transformer_lens.patching.get_act_patch_*`` functions run
+the whole corrupted batch once per patch. Clean and corrupted prompts usually
+share a long prefix (a few-shot preamble, a document) and differ in a few
+tokens near the end. Activations at a position depend only on the tokens up to
+it, so on the shared prefix clean and corrupt activations are equal:
+
+- a patch at a position inside the shared prefix changes nothing, and takes
+  the unpatched metric without a run;
+- every other patch only changes the suffix, which is recomputed through a
+  frozen :class:`KVCache` holding the prefix (``with cache.freeze():`` reads
+  the prefix keys and appends nothing, so every patch starts from the same
+  cache). The logits handed to ``metric`` are the prefix logits (computed once)
+  followed by the patched suffix logits: the same ``[batch, pos, d_vocab]``
+  tensor TransformerLens would pass.
+
+Results have TransformerLens's layout and values (see :data:`HOOKS`).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import _tl
+from .cache import KVCache
+from .forward import forward
+from .positions import validate_mask
+
+__all__ = ["patch", "HOOKS", "shared_prefix_length"]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    hook_name: str  # format string with {layer}
+    axes: Tuple[str, ...]  # result layout, as TransformerLens names it
+    tl_function: str  # the transformer_lens.patching function with the same layout and values
+
+
+HOOKS: Dict[str, _Kind] = {
+    "resid_pre": _Kind("blocks.{layer}.hook_resid_pre", ("layer", "pos"), "get_act_patch_resid_pre"),
+    "resid_mid": _Kind("blocks.{layer}.hook_resid_mid", ("layer", "pos"), "get_act_patch_resid_mid"),
+    "resid_post": _Kind("blocks.{layer}.hook_resid_post", ("layer", "pos"), "generic_activation_patch"),
+    "attn_out": _Kind("blocks.{layer}.hook_attn_out", ("layer", "pos"), "get_act_patch_attn_out"),
+    "mlp_out": _Kind("blocks.{layer}.hook_mlp_out", ("layer", "pos"), "get_act_patch_mlp_out"),
+    "z": _Kind("blocks.{layer}.attn.hook_z", ("layer", "head"), "get_act_patch_attn_head_out_all_pos"),
+    "z_by_pos": _Kind(
+        "blocks.{layer}.attn.hook_z", ("layer", "pos", "head"), "get_act_patch_attn_head_out_by_pos"
+    ),
+}
+"""Supported ``hook`` values: result axes and the TransformerLens function they match.
+
+``"z"`` patches one head's output at every position (``[layer, head]``);
+``"z_by_pos"`` one head at one position (``[layer, pos, head]``). The
+TransformerLens names ``"attn_head_out_all_pos"`` and ``"attn_head_out_by_pos"``
+are accepted as aliases.
+"""
+
+_ALIASES = {"attn_head_out_all_pos": "z", "attn_head_out_by_pos": "z_by_pos"}
+
+
+def shared_prefix_length(
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "batch pos"],
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+) -> int:
+    """Number of leading columns on which every row of clean and corrupt agree.
+
+    Padding columns (mask 0) count as agreeing. Rows may differ at different
+    columns; the batch shares the shortest of their prefixes.
+
+    >>> shared_prefix_length(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[1, 2, 0], [4, 0, 6]]))
+    1
+    """
+    mask = validate_mask(corrupt_tokens, attention_mask)
+    agree = (clean_tokens == corrupt_tokens) | (mask == 0)  # (B, T)
+    differs = ~agree
+    n_pos = agree.shape[1]
+    # argmax of a bool row = its first True; rows that never differ share everything
+    first = torch.where(differs.any(1), differs.long().argmax(1), torch.full_like(differs[:, 0], n_pos, dtype=torch.long))
+    return int(first.min())
+
+
+def _resolve(model, hook: str) -> _Kind:
+    name = _ALIASES.get(hook, hook)
+    if name not in HOOKS:
+        raise ValueError(
+            f"hook={hook!r} is not supported; choose one of {sorted(HOOKS) + sorted(_ALIASES)}"
+        )
+    kind = HOOKS[name]
+    missing = kind.hook_name.format(layer=0)
+    if missing not in model.hook_dict:
+        raise ValueError(
+            f"hook={hook!r} needs the hook point {missing!r}, which this model does not have "
+            "(attention-only and parallel-attention models have no resid_mid / mlp_out)."
+        )
+    return kind
+
+
+def _positions(positions: Optional[Sequence[int]], n_pos: int) -> List[int]:
+    if positions is None:
+        return list(range(n_pos))
+    out = []
+    for p in positions:
+        if not -n_pos <= int(p) < n_pos:
+            raise ValueError(f"position {p} is outside the {n_pos} columns of the tokens")
+        out.append(int(p) % n_pos)
+    return out
+
+
+@torch.no_grad()
+def patch(
+    model: "_tl.HookedTransformer",
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "batch pos"],
+    *,
+    hook: str,
+    metric: Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor],
+    positions: Optional[Sequence[int]] = None,
+    share_prefix: bool = True,
+    progress: bool = True,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+) -> Tensor:
+    """Patch clean activations into the corrupted run, one site at a time.
+
+    Same layout and values as TransformerLens's ``get_act_patch_*`` (with
+    ``clean_cache = model.run_with_cache(clean_tokens)[1]``): entry ``[layer,
+    pos]`` is ``metric(logits)`` of the corrupted run with hook ``hook`` of
+    ``layer`` at column ``pos`` (every row) replaced by the clean activation.
+
+    Args:
+        model: a HookedTransformer.
+        clean_tokens: ``[batch, pos]``, the run activations are copied from.
+        corrupt_tokens: ``[batch, pos]``, the run that is patched (same shape).
+        hook: ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``,
+            ``"mlp_out"`` (result ``[layer, pos]``), ``"z"`` (per head, all
+            positions: ``[layer, head]``) or ``"z_by_pos"`` (``[layer, pos, head]``).
+        metric: ``logits [batch, pos, d_vocab] -> scalar`` (as in TransformerLens).
+        positions: columns to patch (negative counts from the end). The ``pos``
+            axis of the result follows this order; for ``"z"`` the head is
+            patched at these columns together. Default: every column.
+        share_prefix: run the shared prefix of clean and corrupt once into a
+            cache and recompute only the suffix per patch. False recomputes the
+            whole sequence (same values, for checking).
+        progress: show a tqdm bar over the patch runs.
+        attention_mask: ``[batch, pos]`` left-padding mask shared by clean and
+            corrupt (1 = real, 0 = padding). Rows may have different padding
+            and differ from corrupt at different columns.
+
+    Returns:
+        The metric per patch, in the model's dtype.
+
+    Raises:
+        ValueError: shapes differ, unknown hook, or a hook the model lacks.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("gpt2")
+    >>> clean = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    >>> corrupt = torch.tensor([[5, 6, 7, 8, 9, 11]])
+    >>> metric = lambda logits: logits[:, -1, 3].mean()
+    >>> out = interpkv.patching.patch(model, clean, corrupt, hook="resid_pre", metric=metric, progress=False)
+    >>> out.shape
+    torch.Size([2, 6])
+    """
+    kind = _resolve(model, hook)
+    if clean_tokens.shape != corrupt_tokens.shape or clean_tokens.ndim != 2:
+        raise ValueError(
+            f"clean_tokens {tuple(clean_tokens.shape)} and corrupt_tokens {tuple(corrupt_tokens.shape)} "
+            "must both be [batch, pos] with the same shape: patching copies column p of the clean "
+            "run into column p of the corrupted one (pad the shorter prompts on the left)."
+        )
+    device = model.cfg.device
+    clean_tokens, corrupt_tokens = clean_tokens.to(device), corrupt_tokens.to(device)
+    mask = validate_mask(corrupt_tokens, attention_mask)
+    batch, n_pos = corrupt_tokens.shape
+    cols = _positions(positions, n_pos)
+    by_pos = "pos" in kind.axes
+    n_heads = model.cfg.n_heads
+    layers = range(model.cfg.n_layers)
+
+    # Shared prefix, run once; at least one column is left to recompute.
+    prefix = min(shared_prefix_length(clean_tokens, corrupt_tokens, mask), n_pos - 1) if share_prefix else 0
+    cache = KVCache.for_model(model, batch, capacity=n_pos)
+    prefix_logits = (
+        forward(model, corrupt_tokens[:, :prefix], cache=cache, attention_mask=mask[:, :prefix])
+        if prefix
+        else None
+    )
+    suffix_mask = mask[:, prefix:]
+
+    def run(tokens: Tensor, fwd_hooks) -> Tensor:
+        with cache.freeze():
+            logits = forward(model, tokens[:, prefix:], cache=cache, attention_mask=suffix_mask, fwd_hooks=fwd_hooks)
+        return logits if prefix_logits is None else torch.cat([prefix_logits, logits], dim=1)
+
+    names = [kind.hook_name.format(layer=layer) for layer in layers]
+    clean: Dict[str, Tensor] = {}
+    run(clean_tokens, [(name, lambda x, hook: clean.__setitem__(hook.name, x.clone())) for name in names])
+    baseline = float(metric(run(corrupt_tokens, [])))
+
+    # Every site: (index into the result, layer, suffix columns, head or None).
+    sites = []
+    for layer in layers:
+        if by_pos:
+            for i, col in enumerate(cols):
+                for h in range(n_heads) if "head" in kind.axes else [None]:
+                    index = (layer, i, h) if h is not None else (layer, i)
+                    sites.append((index, layer, [col - prefix] if col >= prefix else [], h))
+        else:
+            suffix_cols = [c - prefix for c in cols if c >= prefix]
+            sites.extend(((layer, h), layer, suffix_cols, h) for h in range(n_heads))
+
+    sizes = {"layer": model.cfg.n_layers, "pos": len(cols), "head": n_heads}
+    shape = tuple(sizes[axis] for axis in kind.axes)
+    dtype = model.cfg.dtype if model.cfg.dtype.is_floating_point else torch.float32
+    result = torch.full(shape, baseline, dtype=dtype, device=device)  # no-op patches keep it
+    todo = [site for site in sites if site[2]]
+    bar = tqdm(todo, disable=not progress, desc=f"patch {hook} (shared prefix {prefix}/{n_pos})")
+    for index, layer, suffix_cols, head in bar:
+        source = clean[names[layer]]
+
+        def set_clean(activation: Tensor, hook, cols=suffix_cols, head=head) -> Tensor:
+            if head is None:
+                activation[:, cols] = source[:, cols]
+            else:
+                activation[:, cols, head] = source[:, cols, head]
+            return activation
+
+        result[index] = float(metric(run(corrupt_tokens, [(names[layer], set_clean)])))
+    return result
