@@ -287,9 +287,10 @@ def check_fault(fault: str, model_name: str, *, seed: int = 0) -> FaultResult:
         A :class:`FaultResult`; ``caught`` is True when ``first_divergence``
         (at the float64 tolerance) is the fault's documented site.
 
-    >>> r = check_fault("stale_position_offset", "llama")
-    >>> r.caught, r.found_label
-    (True, 'blocks.0.attn.hook_rot_q@8')
+    Examples:
+        >>> r = check_fault("stale_position_offset", "llama")
+        >>> r.caught, r.found_label
+        (True, 'blocks.0.attn.hook_rot_q@8')
     """
     from . import faults, zoo
     from .schemes import scheme_for
