@@ -379,9 +379,7 @@ def greedy_pair(model, tokens: Tensor, max_new_tokens: int) -> Tuple[Tensor, Ten
     return new_a, new_b, diff
 
 
-def check_generation(
-    name: str = "gpt2", prompt: str = "def ", *, max_new_tokens: int = 80
-) -> GenerationResult:
+def check_generation(name: str, prompt: str, *, max_new_tokens: int = 60) -> GenerationResult:
     """Greedy generation from a trained character-level zoo model, cache on and off.
 
     Args:

@@ -19,6 +19,11 @@ __all__ = ["main"]
 # column wraps; a log viewer scrolls instead of breaking hook names.
 _LOG_WIDTH = 130
 
+# The demo's generation: the trained character-level LLaMA (rotary + GQA), on a
+# prompt it continues readably.
+GENERATION_MODEL = "llama"
+GENERATION_PROMPT = "    def __init__(self"
+
 
 def _console(stderr: bool = False):
     from rich.console import Console
@@ -147,8 +152,8 @@ def _demo(html: Optional[str]) -> int:
     console.print(_fault_table(faults))
 
     generation = None
-    if "gpt2" in zoo.trained():
-        generation = check_generation("gpt2", "def ", max_new_tokens=80)
+    if GENERATION_MODEL in zoo.trained():
+        generation = check_generation(GENERATION_MODEL, GENERATION_PROMPT, max_new_tokens=60)
         console.print(f"\n[bold]greedy generation, {generation.model}[/bold], prompt {generation.prompt!r}")
         console.print(f"cache on : {generation.prompt + generation.cached!r}", markup=False)
         console.print(f"cache off: {generation.prompt + generation.uncached!r}", markup=False)
