@@ -108,3 +108,26 @@ def test_greedy_pair_is_identical_with_and_without_cache():
     new_a, new_b, diff = checks.greedy_pair(model, prompt, 6)
     assert torch.equal(new_a, new_b) and new_a.shape == (2, 6)
     assert diff.ok and max(diff.logits_max_abs) < 1e-10
+
+
+def test_demo_prints_every_section_and_writes_the_report(capsys, tmp_path, monkeypatch):
+    # The whole demo on a subset (the full zoo is `make demo`'s job).
+    monkeypatch.setattr(zoo, "names", lambda: ["gpt2", "bloom"])
+    monkeypatch.setattr(checks, "BUG_ZOO", (("stale_position_offset", "gpt2"), ("alibi_unsliced", "bloom")))
+    path = tmp_path / "demo.html"
+    status, out, _ = run(capsys, "demo", "--html", str(path))
+    assert status == 0, out
+    assert "bug zoo" in out and "alibi_unsliced" in out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("verdict: PASS: 2/2 zoo models equivalent; 2/2 faults caught")
+    page = path.read_text()
+    assert 'data-figure="fault:alibi_unsliced:bloom"' in page and 'data-figure="heatmap:bloom"' in page
+    if cli.GENERATION_MODEL in zoo.trained():
+        assert "generation identical" in verdict and 'data-figure="generation:' in page
+
+
+@pytest.mark.skipif(cli.GENERATION_MODEL not in zoo.trained(), reason="no trained zoo weights on this branch")
+def test_demo_generation_is_identical_with_and_without_cache():
+    result = checks.check_generation(cli.GENERATION_MODEL, cli.GENERATION_PROMPT, max_new_tokens=20)
+    assert result.identical and len(result.cached) == 20
+    assert "\ufffd" not in result.cached  # decodable characters only
