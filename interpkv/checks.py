@@ -1,30 +1,58 @@
-"""Equivalence checks behind ``interpkv check``: cached vs uncached vs HuggingFace.
+"""Equivalence checks behind ``interpkv check`` and ``interpkv demo``.
 
 One :class:`CheckResult` per model: the largest logit difference between a
 cached run (a left-padded ragged batch fed as a prefill, single tokens and a
-random chunk) and an uncached run, and, where the zoo has an HF twin, between
-the cached run and the HF model under the same mask.
+chunk) and an uncached run; where an HF twin exists, between the cached run and
+the HF model under the same mask; and the first divergent site of
+:func:`interpkv.compare` over every hook point on the same inputs.
+
+One :class:`FaultResult` per (fault, model) of the bug zoo: the fault is
+injected (:mod:`interpkv.faults`), :func:`interpkv.compare` localizes it, and
+the result says whether the first divergence landed where the fault's
+docstring says it must.
 """
 
 import dataclasses
 import inspect
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from . import _tl
 from .cache import KVCache
+from .diff import DEFAULT_ATOL, DivergenceReport, Site, compare
 from .forward import forward
+from .gendiff import GenerationDiff
 from .positions import absolute_positions
 
 HookedTransformer = _tl.HookedTransformer
 PreTrainedModel = "transformers.PreTrainedModel"
 
-__all__ = ["CheckResult", "check_model", "check_zoo", "CACHED_TOL", "HF_TOL"]
+__all__ = [
+    "CheckResult",
+    "FaultResult",
+    "check_model",
+    "check_zoo",
+    "check_hf_dir",
+    "check_fault",
+    "bug_zoo",
+    "BUG_ZOO",
+    "GenerationResult",
+    "greedy_pair",
+    "check_generation",
+    "CACHED_TOL",
+    "HF_TOL",
+    "COMPARE_TOL",
+]
 
 # See tests/integration/_parity.py for why these numbers.
 CACHED_TOL = {torch.float64: 1e-10, torch.float32: 5e-5}
 HF_TOL = {torch.float64: 5e-5, torch.float32: 1e-4}
+# atol = rtol of compare's per-site test (|a-b| > atol + rtol * max|b|): float32
+# cached and uncached runs differ by summation order (~1e-6 on the zoo);
+# float64 ones by ~1e-14.
+COMPARE_TOL = {torch.float64: 1e-10, torch.float32: DEFAULT_ATOL}
 
 
 @dataclasses.dataclass
@@ -38,6 +66,9 @@ class CheckResult:
         max_dlogit: max |cached - uncached| logit over real positions.
         max_dlogit_hf: max |cached - HF| logit, or None without an HF twin.
         splits: the chunk sizes the cached run used.
+        first_divergence: the first divergent site of :func:`interpkv.compare`
+            over every hook at ``COMPARE_TOL[dtype]``, or None.
+        report: that :class:`~interpkv.diff.DivergenceReport` (for plots).
     """
 
     model: str
@@ -46,12 +77,23 @@ class CheckResult:
     max_dlogit: float
     max_dlogit_hf: Optional[float]
     splits: List[int]
+    first_divergence: Optional[Site] = None
+    report: Optional[DivergenceReport] = dataclasses.field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
+        """Every number within its tolerance and no divergent site."""
         if not self.max_dlogit < CACHED_TOL[self.dtype]:
             return False
+        if self.first_divergence is not None:
+            return False
         return self.max_dlogit_hf is None or self.max_dlogit_hf < HF_TOL[self.dtype]
+
+    @property
+    def first_divergence_label(self) -> str:
+        """``"hook@pos"`` of the first divergent site, ``"-"`` when there is none."""
+        site = self.first_divergence
+        return "-" if site is None else f"{site.hook}@{site.pos}"
 
     @property
     def verdict(self) -> str:
@@ -114,6 +156,8 @@ def check_model(
             start = end
         cached = torch.cat(pieces, dim=1)
         uncached = forward(model, tokens, attention_mask=mask)
+        report = compare(model, tokens, steps=list(splits), attention_mask=mask)
+    tol = COMPARE_TOL.get(model.cfg.dtype, DEFAULT_ATOL)
     real = mask.bool()
     max_hf = None
     if hf is not None:
@@ -125,6 +169,8 @@ def check_model(
         max_dlogit=(cached[real] - uncached[real]).abs().max().item(),
         max_dlogit_hf=max_hf,
         splits=list(splits),
+        first_divergence=report.first_divergence(atol=tol, rtol=tol),
+        report=report,
     )
 
 
@@ -140,3 +186,220 @@ def check_zoo(names: Sequence[str] = (), *, dtype: torch.dtype = torch.float32) 
             model, hf = zoo.load(name, dtype=dtype), None
         results.append(check_model(model, label=name, hf=hf))
     return results
+
+
+def check_hf_dir(path: str, *, dtype: torch.dtype = torch.float32, label: Optional[str] = None) -> CheckResult:
+    """Check a HuggingFace causal LM saved in a local directory (no network).
+
+    The directory (``save_pretrained`` output: ``config.json`` + weights) is
+    loaded with ``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)``
+    and eager attention, converted with :func:`interpkv.zoo.from_hf`, and
+    checked against itself cached/uncached and against the HF model.
+
+    Args:
+        path: the model directory.
+        dtype: float32 or float64.
+        label: name shown in reports (default: the directory name).
+
+    Returns:
+        A :class:`CheckResult`.
+
+    Raises:
+        ValueError: ``path`` is not a directory with a ``config.json``.
+    """
+    import os
+
+    import transformers
+
+    from . import zoo
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"{path!r} is not a HuggingFace model directory (no config.json); pass a zoo name "
+            f"({', '.join(zoo.names())}) or a directory written by model.save_pretrained(dir)"
+        )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, attn_implementation="eager", dtype=dtype
+    ).eval()
+    label = label or os.path.basename(os.path.normpath(path))
+    return check_model(zoo.from_hf(hf, label=label), label=label, hf=hf)
+
+
+@dataclasses.dataclass
+class FaultResult:
+    """Outcome of injecting one known cache bug and localizing it.
+
+    Attributes:
+        fault: fault name (see :func:`interpkv.faults.names`).
+        model: zoo model it was injected on.
+        scheme: that model's positional scheme.
+        expected: ``(hook, pos)`` where the fault's docstring says it shows.
+        found: the first divergent site, or None when nothing diverged.
+        report: the :class:`~interpkv.diff.DivergenceReport` under the fault.
+    """
+
+    fault: str
+    model: str
+    scheme: str
+    expected: Tuple[str, int]
+    found: Optional[Site]
+    report: Optional[DivergenceReport] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def caught(self) -> bool:
+        """The fault was detected and localized at its documented site."""
+        return self.found is not None and (self.found.hook, self.found.pos) == tuple(self.expected)
+
+    @property
+    def found_label(self) -> str:
+        return "-" if self.found is None else f"{self.found.hook}@{self.found.pos}"
+
+    @property
+    def expected_label(self) -> str:
+        return f"{self.expected[0]}@{self.expected[1]}"
+
+
+BUG_ZOO: Tuple[Tuple[str, str], ...] = (
+    ("no_cache_history", "gpt2"),
+    ("stale_position_offset", "gpt2"),
+    ("stale_position_offset", "llama"),
+    ("stale_position_offset", "bloom"),
+    ("alibi_unsliced", "bloom"),
+    ("zero_padded_resume", "neox"),
+    ("kv_heads_repeated_before_cache", "llama"),
+)
+"""(fault, zoo model) pairs of the demo's bug zoo: every fault once, and the
+stale offset on each positional scheme (learned, rotary, ALiBi), where it
+shows at a different hook."""
+
+_FAULT_STEPS = (8, 1, 1, 4)  # a prefill, two single tokens, a chunk: first cached position 8
+
+
+def check_fault(fault: str, model_name: str, *, seed: int = 0) -> FaultResult:
+    """Inject ``fault`` on zoo model ``model_name`` (float64) and localize it.
+
+    Args:
+        fault: a name from :func:`interpkv.faults.names`.
+        model_name: a zoo model the fault applies to.
+        seed: seed of the random tokens.
+
+    Returns:
+        A :class:`FaultResult`; ``caught`` is True when ``first_divergence``
+        (at the float64 tolerance) is the fault's documented site.
+
+    Examples:
+        >>> r = check_fault("stale_position_offset", "llama")
+        >>> r.caught, r.found_label
+        (True, 'blocks.0.attn.hook_rot_q@8')
+    """
+    from . import faults, zoo
+    from .schemes import scheme_for
+
+    model = zoo.load(model_name, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, sum(_FAULT_STEPS)), generator=gen)
+    tol = COMPARE_TOL[torch.float64]
+    with torch.no_grad(), faults.inject(model, fault) as f:
+        report = compare(model, tokens, steps=list(_FAULT_STEPS))
+        expected = f.expected_site(model, _FAULT_STEPS[0])
+    return FaultResult(
+        fault=fault,
+        model=model_name,
+        scheme=scheme_for(model).describe(),
+        expected=tuple(expected),
+        found=report.first_divergence(atol=tol, rtol=tol),
+        report=report,
+    )
+
+
+def bug_zoo(pairs: Sequence[Tuple[str, str]] = BUG_ZOO) -> List[FaultResult]:
+    """:func:`check_fault` for every ``(fault, model)`` pair (default :data:`BUG_ZOO`)."""
+    return [check_fault(fault, model) for fault, model in pairs]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """A greedy generation run with the cache on and off.
+
+    Attributes:
+        model: model label.
+        prompt: prompt text.
+        cached: continuation from :func:`interpkv.generate` (KV cache, one
+            token per step).
+        uncached: continuation generated by re-running the whole sequence
+            without a cache at every step.
+        diff: a :class:`~interpkv.gendiff.GenerationDiff` of the per-step
+            logits (cached = ``a``, uncached = reference ``b``).
+    """
+
+    model: str
+    prompt: str
+    cached: str
+    uncached: str
+    diff: GenerationDiff
+
+    @property
+    def identical(self) -> bool:
+        """Same text, and every step's top-1 token agrees."""
+        return self.cached == self.uncached and all(self.diff.top1_agree)
+
+
+def greedy_pair(model, tokens: Tensor, max_new_tokens: int) -> Tuple[Tensor, Tensor, GenerationDiff]:
+    """Greedy generation through a KV cache and by full uncached recompute.
+
+    The cached run is :func:`interpkv.generate` (one cached forward per new
+    token); the reference re-runs the whole sequence without a cache at every
+    step. Each loop feeds back its own argmax, so a single flipped token shows
+    as different text, not only as a logit difference.
+
+    Args:
+        model: a HookedTransformer.
+        tokens: prompt ids ``[batch, pos]``.
+        max_new_tokens: tokens to generate.
+
+    Returns:
+        ``(cached_new, uncached_new, diff)``: new ids ``[batch, max_new_tokens]``
+        of both loops and their per-step :class:`~interpkv.gendiff.GenerationDiff`.
+    """
+    from .generate import generate
+
+    with torch.no_grad():
+        run = generate(model, tokens, max_new_tokens=max_new_tokens, keep_logits=True)
+        cached_steps = list(run.logits.unbind(dim=1))  # max_new_tokens x (B, d_vocab)
+        seq_a = run.tokens
+        uncached_steps = []
+        seq_b = tokens
+        for _ in range(max_new_tokens):
+            logits = forward(model, seq_b)[:, -1]  # (B, d_vocab)
+            uncached_steps.append(logits)
+            seq_b = torch.cat([seq_b, logits.argmax(-1, keepdim=True)], dim=1)
+    new_a, new_b = seq_a[:, tokens.shape[1]:], seq_b[:, tokens.shape[1]:]
+    tol = CACHED_TOL.get(model.cfg.dtype, 1e-4)
+    diff = GenerationDiff.from_step_logits(cached_steps, uncached_steps, atol=tol, tokens_a=new_a, tokens_b=new_b)
+    return new_a, new_b, diff
+
+
+def check_generation(name: str, prompt: str, *, max_new_tokens: int = 60) -> GenerationResult:
+    """Greedy generation from a trained character-level zoo model, cache on and off.
+
+    Args:
+        name: a zoo model with trained weights (see ``interpkv.zoo.trained()``).
+        prompt: prompt text (newline and printable ASCII).
+        max_new_tokens: characters to generate.
+
+    Returns:
+        A :class:`GenerationResult`.
+    """
+    from . import zoo
+    from .zoo import charvocab
+
+    model = zoo.load(name, trained=True)
+    tokens = charvocab.encode(prompt)[None]  # (1, pos)
+    new_a, new_b, diff = greedy_pair(model, tokens, max_new_tokens)
+    return GenerationResult(
+        model=f"{name} (trained)",
+        prompt=prompt,
+        cached=charvocab.decode(new_a[0]),
+        uncached=charvocab.decode(new_b[0]),
+        diff=diff,
+    )

@@ -197,8 +197,9 @@ assert tuple(_FAULTS) == points.ALL
 def names() -> List[str]:
     """Every fault :func:`inject` knows.
 
-    >>> names()[:2]
-    ['no_cache_history', 'stale_position_offset']
+    Examples:
+        >>> names()[:2]
+        ['no_cache_history', 'stale_position_offset']
     """
     return list(_FAULTS)
 

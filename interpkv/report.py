@@ -1,0 +1,196 @@
+"""Self-contained HTML reports of checks, fault localizations and generations.
+
+The page embeds plotly.js once, inline, so it opens with no network (no CDN
+script tag, no MathJax). Each figure sits in ``<div class="figure"
+data-figure="<name>">``; plotly draws one ``svg.main-svg`` set inside each,
+which is what ``tests/integration/test_report_browser.py`` counts in headless
+Chromium. Like :mod:`interpkv.plot`, nothing here runs a model: the report
+consumes results that :mod:`interpkv.checks` computed.
+
+>>> from interpkv import checks, report                          # doctest: +SKIP
+>>> report.write("report.html", checks=checks.check_zoo(["gpt2"]))  # doctest: +SKIP
+"""
+
+import datetime
+import html
+import os
+from typing import List, Optional, Sequence, Tuple
+
+__all__ = ["render", "write"]
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+td.num { font-family: monospace; text-align: right; }
+td.site, pre { font-family: monospace; }
+.pass { color: #137333; font-weight: bold; }
+.fail { color: #c5221f; font-weight: bold; }
+pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
+.figure { margin: 1em 0 2em 0; }
+"""
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Tuple[str, str]]]) -> str:
+    """Rows of ``(css class, text)`` cells; the text is escaped here."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{cls}">{_esc(text)}</td>' for cls, text in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _verdict(ok: bool, yes: str = "PASS", no: str = "FAIL") -> Tuple[str, str]:
+    return ("pass", yes) if ok else ("fail", no)
+
+
+def _num(x: Optional[float]) -> Tuple[str, str]:
+    return ("num", "-" if x is None else f"{x:.2e}")
+
+
+class _Figures:
+    """Turns plotly figures into divs with unique ids (plotly.js not included)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, fig, name: str) -> str:
+        self.count += 1
+        inner = fig.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            include_mathjax=False,
+            div_id=f"figure-{self.count}",
+            config={"displaylogo": False},
+        )
+        return f'<div class="figure" data-figure="{_esc(name)}">{inner}</div>'
+
+
+def render(
+    *,
+    checks: Sequence = (),
+    faults: Sequence = (),
+    generation=None,
+    title: str = "interpkv report",
+) -> str:
+    """The report as one HTML string (plotly.js inline).
+
+    Args:
+        checks: :class:`~interpkv.checks.CheckResult` objects; each with a
+            ``report`` gets a divergence heatmap.
+        faults: :class:`~interpkv.checks.FaultResult` objects; each gets a
+            first-divergence bar chart.
+        generation: an optional :class:`~interpkv.checks.GenerationResult`.
+        title: page title.
+
+    Returns:
+        The HTML document.
+    """
+    from plotly.offline import get_plotlyjs
+
+    from . import plot
+
+    figure = _Figures()
+    parts: List[str] = [f"<h1>{_esc(title)}</h1>"]
+    verdicts = [c.ok for c in checks] + [f.caught for f in faults]
+    if generation is not None:
+        verdicts.append(generation.identical)
+    ok = all(verdicts)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    parts.append(
+        f'<p>Verdict: <span class="{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span> '
+        f"({sum(verdicts)}/{len(verdicts)} checks passed; generated {stamp}).</p>"
+    )
+
+    if checks:
+        parts.append("<h2>Cached vs uncached vs HuggingFace</h2>")
+        parts.append(
+            "<p>Each model runs a left-padded ragged batch through a KV cache in chunks "
+            "(prefill, single tokens, a chunk) and uncached. <i>max |dlogit|</i> compares the "
+            "logits, <i>vs HF</i> compares the cached run with the HuggingFace twin under the same "
+            "mask, <i>first divergence</i> is the earliest hook point (at its lowest position) "
+            "where the cached activations leave tolerance.</p>"
+        )
+        rows = [
+            [
+                ("", c.model),
+                ("", c.scheme),
+                ("", str(c.dtype).replace("torch.", "")),
+                _num(c.max_dlogit),
+                _num(c.max_dlogit_hf),
+                ("site", c.first_divergence_label),
+                _verdict(c.ok),
+            ]
+            for c in checks
+        ]
+        parts.append(
+            _table(
+                ["model", "scheme", "dtype", "max |dlogit|", "max |dlogit| vs HF", "first divergence", "verdict"],
+                rows,
+            )
+        )
+        parts.append(
+            "<h3>Divergence heatmaps</h3><p>log10 of the largest |cached - uncached| per layer and "
+            "position; the dropdown selects the hook family. Values near -20 mean exactly equal.</p>"
+        )
+        for c in checks:
+            if c.report is not None:
+                parts.append(f"<h4>{_esc(c.model)}</h4>")
+                parts.append(figure(plot.divergence_heatmap(c.report), f"heatmap:{c.model}"))
+
+    if faults:
+        parts.append("<h2>Bug zoo: known cache bugs, injected and localized</h2>")
+        rows = [
+            [
+                ("", f.fault),
+                ("", f.model),
+                ("site", f.expected_label),
+                ("site", f.found_label),
+                _verdict(f.caught, "yes", "no"),
+            ]
+            for f in faults
+        ]
+        parts.append(_table(["fault", "model", "expected site", "first divergence", "caught"], rows))
+        for f in faults:
+            if f.report is not None:
+                parts.append(f"<h4>{_esc(f.fault)} on {_esc(f.model)}</h4>")
+                parts.append(figure(plot.first_divergence(f.report, atol=1e-10, rtol=1e-10), f"fault:{f.fault}:{f.model}"))
+
+    if generation is not None:
+        g = generation
+        parts.append(f"<h2>Greedy generation with the cache on and off ({_esc(g.model)})</h2>")
+        parts.append(f"<p>Prompt:</p><pre>{_esc(g.prompt)}</pre>")
+        parts.append(f"<p>Cache on:</p><pre>{_esc(g.cached)}</pre>")
+        parts.append(f"<p>Cache off:</p><pre>{_esc(g.uncached)}</pre>")
+        parts.append(
+            f'<p>Identical: <span class="{"pass" if g.identical else "fail"}">'
+            f'{"yes" if g.identical else "no"}</span></p>'
+        )
+        parts.append(figure(plot.generation(g.diff), f"generation:{g.model}"))
+
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{_esc(title)}</title><style>{_STYLE}</style>"
+        f'<script type="text/javascript">{get_plotlyjs()}</script>'
+        "</head><body>" + "\n".join(parts) + "</body></html>\n"
+    )
+
+
+def write(path: str, **kwargs) -> str:
+    """Write :func:`render`'s page to ``path`` (parent directories created).
+
+    Returns:
+        The path written.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(**kwargs))
+    return path

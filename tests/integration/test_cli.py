@@ -1,0 +1,133 @@
+"""``interpkv check`` / ``interpkv demo`` and the checks engine behind them.
+
+The CLI runs in-process (``main(argv)``) with pytest capturing stdout, so
+stdout is not a terminal: exactly the CI situation the fixed log width is for.
+"""
+
+import re
+
+import pytest
+import torch
+
+from interpkv import checks, cli, zoo
+from interpkv.diff import Site
+
+
+def run(capsys, *argv):
+    status = cli.main(list(argv))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_check_zoo_models_prints_a_table_and_passes(capsys):
+    status, out, _ = run(capsys, "check", "gpt2", "bloom")
+    assert status == 0, out
+    for header in ("model", "scheme", "max |dlogit|", "vs HF", "first divergence", "verdict"):
+        assert header in out
+    rows = {line.split()[1]: line for line in out.splitlines() if re.match(r"^\W+(gpt2|bloom)\b", line)}
+    assert set(rows) == {"gpt2", "bloom"}
+    assert all("PASS" in row for row in rows.values())
+    assert "verdict: PASS: 2/2 models equivalent" in out
+
+
+def test_table_lines_do_not_wrap_when_stdout_is_not_a_terminal(capsys):
+    # CI logs: without a fixed width, rich wraps at 80 columns and splits the
+    # scheme of "gptj" over several lines.
+    status, out, _ = run(capsys, "check", "gptj")
+    assert status == 0
+    row = [line for line in out.splitlines() if "gptj" in line]
+    assert len(row) == 1 and "rotary (adjacent pairs, rotary_dim 8)" in row[0]
+
+
+def test_a_failing_check_exits_1(capsys, monkeypatch):
+    monkeypatch.setitem(checks.CACHED_TOL, torch.float32, 0.0)  # nothing is below 0
+    status, out, _ = run(capsys, "check", "gpt2")
+    assert status == 1
+    assert "FAIL" in out and "failed: gpt2" in out
+
+
+def test_unknown_model_exits_2_and_names_the_choices(capsys):
+    status, _, err = run(capsys, "check", "no-such-model")
+    assert status == 2
+    assert "no-such-model" in err and "llama" in err and "save_pretrained" in err
+
+
+def test_check_a_local_hf_directory(capsys, tmp_path):
+    _, hf = zoo.load_pair("llama")
+    hf.save_pretrained(tmp_path / "my-llama")
+    status, out, _ = run(capsys, "check", str(tmp_path / "my-llama"))
+    assert status == 0, out
+    row = [line for line in out.splitlines() if "my-llama" in line]
+    assert len(row) == 1 and "PASS" in row[0] and "rotary" in row[0]
+    assert not row[0].split("│")[4].strip() == "-"  # an HF comparison ran
+
+
+def test_directory_without_config_exits_2(capsys, tmp_path):
+    status, _, err = run(capsys, "check", str(tmp_path))
+    assert status == 2 and "config.json" in err
+
+
+def test_check_html_report_is_self_contained(capsys, tmp_path):
+    path = tmp_path / "sub" / "report.html"
+    status, out, _ = run(capsys, "check", "neox", "--html", str(path))
+    assert status == 0
+    page = path.read_text()
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page), "no external script may load"
+    assert not re.search(r"<link[^>]*href\s*=\s*[\"']https?:", page)
+    assert "Plotly.newPlot" in page and page.count('class="figure"') == 1
+    assert 'data-figure="heatmap:neox"' in page
+
+
+def test_check_result_reports_first_divergence():
+    result = checks.check_zoo(["gpt2"])[0]
+    assert result.first_divergence is None and result.first_divergence_label == "-"
+    assert result.report is not None and result.ok
+    broken = checks.CheckResult(
+        "x", "s", torch.float32, 0.0, None, [1], first_divergence=Site("hook_embed", None, 3, 0, 1.0, 1.0)
+    )
+    assert not broken.ok and broken.first_divergence_label == "hook_embed@3"
+
+
+@pytest.mark.parametrize("fault, model", checks.BUG_ZOO, ids=[f"{f}-{m}" for f, m in checks.BUG_ZOO])
+def test_bug_zoo_catches_each_fault_at_its_site(fault, model):
+    result = checks.check_fault(fault, model)
+    assert result.caught, (result.found_label, result.expected_label)
+
+
+def test_fault_not_caught_when_site_differs():
+    result = checks.check_fault("no_cache_history", "gpt2")
+    moved = checks.FaultResult(result.fault, result.model, result.scheme, ("hook_embed", 8), result.found)
+    assert not moved.caught
+    nothing = checks.FaultResult(result.fault, result.model, result.scheme, result.expected, None)
+    assert not nothing.caught and nothing.found_label == "-"
+
+
+def test_greedy_pair_is_identical_with_and_without_cache():
+    model = zoo.load("mistral", dtype=torch.float64)
+    prompt = torch.randint(0, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    new_a, new_b, diff = checks.greedy_pair(model, prompt, 6)
+    assert torch.equal(new_a, new_b) and new_a.shape == (2, 6)
+    assert diff.ok and max(diff.logits_max_abs) < 1e-10
+
+
+def test_demo_prints_every_section_and_writes_the_report(capsys, tmp_path, monkeypatch):
+    # The whole demo on a subset (the full zoo is `make demo`'s job).
+    monkeypatch.setattr(zoo, "names", lambda: ["gpt2", "bloom"])
+    monkeypatch.setattr(checks, "BUG_ZOO", (("stale_position_offset", "gpt2"), ("alibi_unsliced", "bloom")))
+    path = tmp_path / "demo.html"
+    status, out, _ = run(capsys, "demo", "--html", str(path))
+    assert status == 0, out
+    assert "bug zoo" in out and "alibi_unsliced" in out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("verdict: PASS: 2/2 zoo models equivalent; 2/2 faults caught")
+    page = path.read_text()
+    assert 'data-figure="fault:alibi_unsliced:bloom"' in page and 'data-figure="heatmap:bloom"' in page
+    if cli.GENERATION_MODEL in zoo.trained():
+        assert "generation identical" in verdict and 'data-figure="generation:' in page
+
+
+@pytest.mark.skipif(cli.GENERATION_MODEL not in zoo.trained(), reason="no trained zoo weights on this branch")
+def test_demo_generation_is_identical_with_and_without_cache():
+    result = checks.check_generation(cli.GENERATION_MODEL, cli.GENERATION_PROMPT, max_new_tokens=20)
+    assert result.identical and len(result.cached) == 20
+    assert "\ufffd" not in result.cached  # decodable characters only
