@@ -44,7 +44,11 @@ def parse_header(prefix: bytes, size: int, path: str) -> dict:
         size: the file's size in bytes.
     """
     data = prefix
-    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+    # A safetensors header is JSON right after the 8-byte length, so byte 8 is
+    # "{". Only then may byte 0 be anything (it is the length's low byte, 0x80
+    # for one header length in 256): sniff pickles and zips only otherwise.
+    looks_safetensors = data[8:9] == b"{"
+    if not looks_safetensors and (data[:1] == b"\x80" or data[:4] == b"PK\x03\x04"):
         kind = "a zip archive (torch.save)" if data[:2] == b"PK" else "a Python pickle"
         raise CacheFileError(
             f"{path} looks like {kind}, not safetensors; interpkv never unpickles files. "
