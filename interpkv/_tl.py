@@ -5,17 +5,18 @@ TransformerLens renamed its cache classes between 2.x and 3.x and removed
 ``HookedTransformer`` in 4.0; when it moves again, this file is what changes.
 
 Besides re-exporting names, it owns the single piece of runtime plumbing that
-touches TransformerLens internals: :func:`attention_replaced`, which routes each
+touches TransformerLens internals: :func:`forwards_replaced`, which routes each
 block's attention call to interpkv's position-aware attention for the duration
 of one forward pass (and restores TransformerLens's own on exit).
 """
 
 import contextlib
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching  # reference for interpkv.patching tests
+from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import apply_softcap
 
@@ -25,12 +26,38 @@ __all__ = [
     "HookPoint",
     "apply_softcap",
     "tl_patching",
-    "attention_replaced",
+    "attention_pairs",
     "rotary_tables",
     "kv_head_count",
     "is_local_layer",
     "rotary_base",
+    "kv_projection",
+    "fast_mlps",
+    "forwards_replaced",
 ]
+
+
+def kv_projection(attn: torch.nn.Module):
+    """``(W_K, b_K, W_V, b_V)`` as ``calculate_qkv_matrices`` uses them (kv heads under GQA)."""
+    if getattr(attn, "repeat_kv_heads", None) is not None and not attn.cfg.ungroup_grouped_query_attention:
+        return attn._W_K, attn._b_K, attn._W_V, attn._b_V
+    return attn.W_K, attn.b_K, attn.W_V, attn.b_V
+
+
+def fast_mlps(model: HookedTransformer):
+    """``(mlp, forward)`` pairs for MLPs whose per-call weight copies can be skipped.
+
+    Only TransformerLens's plain ``GatedMLP`` without a layer-norm activation
+    (SoLU) qualifies; every other MLP runs its own forward.
+    """
+    from .prepared import gated_mlp_forward
+
+    pairs = []
+    for block in model.blocks:
+        mlp = getattr(block, "mlp", None)
+        if type(mlp) is GatedMLP and not model.cfg.is_layer_norm_activation():
+            pairs.append((mlp, gated_mlp_forward(mlp)))
+    return pairs
 
 
 def kv_head_count(cfg: HookedTransformerConfig) -> int:
@@ -69,27 +96,33 @@ def rotary_tables(
 
 
 @contextlib.contextmanager
-def attention_replaced(
-    model: HookedTransformer,
-    make_forward: Callable[[int, torch.nn.Module], Callable[..., torch.Tensor]],
-) -> Iterator[None]:
-    """Route every block's attention through ``make_forward(layer, attn)``.
+def forwards_replaced(pairs) -> Iterator[None]:
+    """Route each ``module``'s calls to ``forward`` for the duration of the block.
 
-    The replacement is an instance attribute, set on entry and removed on exit
-    (even on error), so TransformerLens's class is never modified and the
-    model behaves exactly as before outside the ``with`` block. Nested use
-    restores whatever the outer level had installed.
+    Instance attributes only, restored on exit (even on error); nested use
+    restores whatever the outer level installed.
     """
-    saved: list[Tuple[torch.nn.Module, Optional[Callable[..., torch.Tensor]]]] = []
+    saved = []
     try:
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            saved.append((attn, attn.__dict__.get("forward")))
-            attn.forward = make_forward(layer, attn)
+        for module, forward in pairs:
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = forward
         yield
     finally:
-        for attn, previous in saved:
+        for module, previous in reversed(saved):
             if previous is None:
-                attn.__dict__.pop("forward", None)
+                module.__dict__.pop("forward", None)
             else:
-                attn.forward = previous
+                module.forward = previous
+
+
+def attention_pairs(
+    model: HookedTransformer,
+    make_forward: Callable[[int, torch.nn.Module], Callable[..., torch.Tensor]],
+) -> List[Tuple[torch.nn.Module, Callable[..., torch.Tensor]]]:
+    """``(attn, make_forward(layer, attn))`` for every block, for :func:`forwards_replaced`.
+
+    Routing each block's attention call this way replaces only what attention
+    computes; TransformerLens's blocks, norms, MLPs and hook points run as they are.
+    """
+    return [(block.attn, make_forward(layer, block.attn)) for layer, block in enumerate(model.blocks)]

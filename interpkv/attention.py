@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from . import _faultpoints, _tl
+from . import _faultpoints, _tl, prepared
 from .cache import KVCache
 from .schemes import PositionalScheme
 
@@ -107,7 +107,7 @@ class Step:
         step = self
 
         def forward(query_input, key_input, value_input, *args, **kwargs) -> Tensor:
-            q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+            q, k, v = _qkv(attn, query_input, key_input, value_input)
             if scheme.rotates:
                 q = attn.hook_rot_q(scheme.rotate(layer, q, step.q_pos))
                 k = attn.hook_rot_k(scheme.rotate(layer, k, step.q_pos))
@@ -141,6 +141,24 @@ class Step:
             return _output(attn, z)
 
         return forward
+
+
+def _qkv(attn: torch.nn.Module, query_input: Tensor, key_input: Tensor, value_input: Tensor):
+    """q, k, v as ``attn.calculate_qkv_matrices`` computes them (hooks fire).
+
+    The common case (one residual input, no Q/K norm, unquantised weights) skips
+    TransformerLens's per-call weight rearrangement via :mod:`interpkv.prepared`
+    with bitwise-identical results; anything else runs TransformerLens's own.
+    """
+    cfg = attn.cfg
+    W_K, b_K, W_V, b_V = _tl.kv_projection(attn)
+    simple = not (cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_qk_norm or cfg.load_in_4bit)
+    if not simple or not prepared.usable(attn.W_Q, W_K, W_V, attn.b_Q, b_K, b_V):
+        return attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    q = attn.hook_q(prepared.project_heads(query_input, attn.W_Q, attn.b_Q))
+    k = attn.hook_k(prepared.project_heads(key_input, W_K, b_K))
+    v = attn.hook_v(prepared.project_heads(value_input, W_V, b_V))
+    return q, k, v
 
 
 def _output(attn: torch.nn.Module, z: Tensor) -> Tensor:

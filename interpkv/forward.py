@@ -121,7 +121,8 @@ def forward(
 
     # model.hooks() resets every hook point on exit (~1 ms): only pay it when needed.
     hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
-    with hooks, _tl.attention_replaced(model, step.attention_for):
+    replaced = _tl.attention_pairs(model, step.attention_for) + _tl.fast_mlps(model)
+    with hooks, _tl.forwards_replaced(replaced):
         if inputs.is_floating_point():
             embed = inputs
         else:

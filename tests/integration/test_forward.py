@@ -189,3 +189,27 @@ class TestMisuse:
             interpkv.KVCache.for_model(m, sinks=2)
         with pytest.raises(ValueError, match="window must be a positive"):
             interpkv.KVCache.for_model(m, window=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_in_place_weight_edits_are_never_served_stale(name):
+    # interpkv.prepared keeps weight layouts between calls (the decode hot path);
+    # an ablation edits weights in place, and the next call must see it.
+    m = zoo.load(name, dtype=torch.float64)
+    tokens, _ = batch("b1", m.cfg.d_vocab, length=8)
+    with torch.no_grad():
+        before = interpkv.forward(m, tokens)
+        m.blocks[0].attn.W_Q[1] = 0.0
+        m.blocks[0].mlp.W_in[:, :5] = 0.0
+        after = interpkv.forward(m, tokens)
+        reference = m(tokens)
+    assert (after - reference).abs().max() < 1e-10
+    assert (after - before).abs().max() > 1e-6
+
+
+def test_gradients_flow_through_forward():
+    m = zoo.load("llama", dtype=torch.float64)
+    tokens, _ = batch("b1", m.cfg.d_vocab, length=6)
+    interpkv.forward(m, tokens)[0, -1, 0].backward()
+    assert m.blocks[0].attn.W_Q.grad is not None and m.blocks[0].attn.W_Q.grad.abs().sum() > 0
+    assert m.blocks[0].mlp.W_gate.grad.abs().sum() > 0
