@@ -17,6 +17,7 @@ import inspect
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import _tl
@@ -109,7 +110,14 @@ def _inputs(d_vocab: int, length: int, seed: int):
     return tokens, mask
 
 
-def _hf_logits(hf, tokens, mask):
+def hf_logits(
+    hf: "PreTrainedModel", tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """An HF causal LM's logits on a padded batch, positions as interpkv numbers them.
+
+    HF GPT-2 and others need explicit ``position_ids`` under left padding
+    (transformers #18104); they are passed whenever the class accepts them.
+    """
     kwargs = {"attention_mask": mask}
     if "position_ids" in inspect.signature(hf.forward).parameters:
         zeros = torch.zeros(tokens.shape[0], dtype=torch.long)
@@ -161,7 +169,7 @@ def check_model(
     real = mask.bool()
     max_hf = None
     if hf is not None:
-        max_hf = (cached[real] - _hf_logits(hf, tokens, mask)[real]).abs().max().item()
+        max_hf = (cached[real] - hf_logits(hf, tokens, mask)[real]).abs().max().item()
     return CheckResult(
         model=label,
         scheme=scheme_for(model).describe(),

@@ -1,13 +1,13 @@
 """Shared helpers for parity tests: cached runs and the two references."""
 
 import functools
-import inspect
 from typing import Sequence
 
 import torch
 
 import interpkv
 from interpkv import zoo
+from interpkv.checks import hf_logits
 
 # float64 leaves only summation-order noise (~1e-14): 1e-10 would catch any real
 # difference. In float32 a one-token step and a full-sequence pass multiply
@@ -81,13 +81,7 @@ def tl_reference(m, tokens, mask):
 
 def hf_reference(hf, tokens, mask):
     """The HF model on the padded batch with the same mask and explicit positions."""
-    kwargs = {"attention_mask": mask}
-    if "position_ids" in inspect.signature(hf.forward).parameters:
-        kwargs["position_ids"] = interpkv.absolute_positions(
-            mask, torch.zeros(tokens.shape[0], dtype=torch.long)
-        ).clamp(min=0)
-    with torch.no_grad():
-        return hf(tokens, **kwargs).logits
+    return hf_logits(hf, tokens, mask)
 
 
 def max_err(a, b, mask):
