@@ -49,11 +49,25 @@ def heatmap_cells(report: DivergenceReport) -> Dict[str, dict]:
     return cells
 
 
+def _initial_family(report: DivergenceReport, families: list) -> "str | None":
+    """The family shown first: where the report first diverges, else the residual stream."""
+    site = report.first_divergence()
+    if site is not None:
+        family = split_hook_name(site.hook)[1]
+        if family in families:
+            return family
+    for preferred in ("hook_resid_post", "logits"):
+        if preferred in families:
+            return preferred
+    return families[0] if families else None
+
+
 def divergence_heatmap(report: DivergenceReport):
     """Layer x position heatmap of ``max_abs`` (log10), one hook family at a time.
 
     A dropdown selects the family (``attn.hook_attn_scores``,
-    ``hook_resid_post``...); hovering a cell shows its layer, position,
+    ``hook_resid_post``...); the figure opens on the family of the first
+    divergence (the residual stream when there is none); hovering a cell shows its layer, position,
     ``max_abs``, ``rel`` and ``cos``.
 
     Args:
@@ -67,8 +81,9 @@ def divergence_heatmap(report: DivergenceReport):
     import plotly.graph_objects as go
 
     cells = heatmap_cells(report)
+    shown = _initial_family(report, list(cells))
     fig = go.Figure()
-    for index, (family, cell) in enumerate(cells.items()):
+    for family, cell in cells.items():
         max_abs = cell["max_abs"]
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(max_abs > 0, np.log10(max_abs), _LOG_FLOOR)
@@ -81,7 +96,7 @@ def divergence_heatmap(report: DivergenceReport):
                 y=labels,
                 customdata=np.stack([max_abs, cell["rel"], cell["cos"]], axis=-1),
                 name=family,
-                visible=index == 0,
+                visible=family == shown,
                 colorscale="Viridis",
                 zmin=_LOG_FLOOR,
                 zmax=2.0,
@@ -102,7 +117,7 @@ def divergence_heatmap(report: DivergenceReport):
         for family in families
     ]
     fig.update_layout(
-        title=f"max |a-b|: {families[0]}" if families else "max |a-b|",
+        title=f"max |a-b|: {shown}" if families else "max |a-b|",
         xaxis_title="absolute position",
         yaxis_title="layer",
         updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.15, "xanchor": "right"}],

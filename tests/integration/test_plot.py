@@ -78,3 +78,11 @@ def test_figures_render_to_self_contained_html(faulty_report):
         html = fig.to_html(include_plotlyjs=True)
         assert "<script" in html and 'src="https://cdn.plot.ly' not in html
         assert len(html) > 1_000_000  # plotly.js itself is embedded
+
+
+def test_heatmap_opens_on_the_family_of_the_first_divergence(faulty_report):
+    fig = plot.divergence_heatmap(faulty_report)
+    visible = [trace.name for trace in fig.data if trace.visible]
+    site = faulty_report.first_divergence()
+    assert visible == ["attn.hook_rot_q"] and site.hook.endswith("attn.hook_rot_q")
+    assert fig.layout.title.text == "max |a-b|: attn.hook_rot_q"
