@@ -10,7 +10,7 @@ history again on every step), and its position is recorded alongside it in
 import contextlib
 import os
 import weakref
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
@@ -492,6 +492,3 @@ class KVCache:
         self._next_position = self._next_position + real
         if self.window is not None:
             self._evict()
-
-    def layer_view(self, layer: int, end: int) -> Tuple[Tensor, Tensor]:
-        return self.layers[layer].view(end)
