@@ -17,7 +17,9 @@ import time
 import pandas as pd
 import torch
 
-from interpkv import _tl, zoo
+from interpkv.core import tl as _tl
+
+from interpkv import zoo
 from interpkv.patching import patch
 
 

@@ -28,7 +28,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import interpkv
-from interpkv import persist
+from interpkv.cache import persist
 
 
 def build(args) -> HookedTransformer:

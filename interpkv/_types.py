@@ -16,34 +16,6 @@ before a token, so the first real token of every row is at position 0 whatever
 padding precedes it. Padding is marked with position ``-1``.
 """
 
-from jaxtyping import Bool, Float, Int
-from torch import Tensor
-
 PAD_POSITION = -1
 
-Tokens = Int[Tensor, "batch pos"]
-Mask = Int[Tensor, "batch pos"]
-Positions = Int[Tensor, "batch pos"]
-KeyPositions = Int[Tensor, "batch kv_pos"]
-Logits = Float[Tensor, "batch pos d_vocab"]
-Residual = Float[Tensor, "batch pos d_model"]
-Queries = Float[Tensor, "batch pos head_index d_head"]
-Keys = Float[Tensor, "batch pos kv_head d_head"]
-StoredKeys = Float[Tensor, "batch kv_head kv_pos d_head"]
-Scores = Float[Tensor, "batch head_index pos kv_pos"]
-Allowed = Bool[Tensor, "batch 1 pos kv_pos"]
-
-__all__ = [
-    "PAD_POSITION",
-    "Tokens",
-    "Mask",
-    "Positions",
-    "KeyPositions",
-    "Logits",
-    "Residual",
-    "Queries",
-    "Keys",
-    "StoredKeys",
-    "Scores",
-    "Allowed",
-]
+__all__ = ["PAD_POSITION"]

@@ -25,9 +25,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import _faultpoints as points
-from . import _tl
-from .schemes import ALiBi, LearnedPositions, scheme_for
+from interpkv.core import stephooks as points
+from interpkv.core import tl as _tl
+from interpkv.core.schemes import ALiBi, LearnedPositions, scheme_for
 
 __all__ = ["Fault", "names", "get", "inject", "applies"]
 

@@ -26,10 +26,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import _tl
-from .cache import KVCache
-from .forward import forward
-from .positions import validate_mask
+from interpkv.core import tl as _tl
+from interpkv.cache.kvcache import KVCache
+from interpkv.core.forward import forward
+from interpkv.core.positions import validate_mask
 
 __all__ = ["patch", "HOOKS", "shared_prefix_length"]
 

@@ -11,9 +11,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .diff import DEFAULT_ATOL, DEFAULT_RTOL, DivergenceReport
-from .gendiff import GenerationDiff
-from .record import split_hook_name
+from interpkv.diagnostics.report import DivergenceReport
+from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
+from interpkv.generation.result import GenerationDiff
+from interpkv.diagnostics.record import split_hook_name
 
 __all__ = ["divergence_heatmap", "first_divergence", "generation", "heatmap_cells"]
 
@@ -71,7 +72,7 @@ def divergence_heatmap(report: DivergenceReport):
     ``max_abs``, ``rel`` and ``cos``.
 
     Args:
-        report: a :class:`~interpkv.diff.DivergenceReport`.
+        report: a :class:`~interpkv.diagnostics.diff.DivergenceReport`.
 
     Returns:
         A ``plotly.graph_objects.Figure`` with one heatmap trace per family
@@ -131,7 +132,7 @@ def first_divergence(
     """Largest error of each hook in forward order, the first divergent hook marked.
 
     Args:
-        report: a :class:`~interpkv.diff.DivergenceReport`.
+        report: a :class:`~interpkv.diagnostics.diff.DivergenceReport`.
         atol, rtol: tolerance deciding which hooks diverge.
 
     Returns:
@@ -181,7 +182,7 @@ def generation(gen_diff: GenerationDiff):
     """Per-step logit error, KL and top-1 agreement of two generations.
 
     Args:
-        gen_diff: a :class:`~interpkv.gendiff.GenerationDiff`.
+        gen_diff: a :class:`~interpkv.generation.result.GenerationDiff`.
 
     Returns:
         A ``plotly.graph_objects.Figure`` with three stacked panels (traces

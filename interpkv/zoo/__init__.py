@@ -21,7 +21,6 @@ from interpkv.zoo._specs import SPECS
 __all__ = [
     "names",
     "pairs",
-    "trained",
     "trained_names",
     "tokenizer",
     "charvocab",
@@ -48,15 +47,6 @@ def pairs() -> list[str]:
         Model names, in a stable order.
     """
     return [n for n, s in SPECS.items() if s.hf_config_class is not None]
-
-
-def trained() -> list[str]:
-    """Zoo models that ship trained weights (usable with ``trained=True``).
-
-    Returns:
-        Model names: ``["bloom", "gpt2", "llama"]`` (see :func:`trained_names`).
-    """
-    return _build.trained_names()
 
 
 # --- trained models (interpkv.zoo._trained) -----------------------------------
@@ -155,7 +145,7 @@ def info(name: str) -> dict[str, Any]:
         "n_ctx": cfg.n_ctx,
         "d_vocab": cfg.d_vocab,
         "has_pair": spec.hf_config_class is not None,
-        "trained": name in trained(),
+        "trained": name in trained_names(),
         "tl_pair_note": spec.tl_pair_note,
     }
 

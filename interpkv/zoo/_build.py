@@ -5,8 +5,8 @@ The expensive work (HF init, conversion, weight processing) is memoized per
 dict and config). Public loaders then build a *fresh* model per call from the
 memoized tensors, so users can mutate what they get back.
 
-All TransformerLens imports of the zoo live in the block below so they can be
-routed through the ``interpkv._tl`` seam with a one-line move.
+TransformerLens is reached through the :mod:`interpkv.core.tl` seam, like
+everywhere else in the package.
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ from typing import Any
 import torch
 import transformers
 
-# --- TransformerLens imports (route through interpkv._tl later) -------------
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.loading_from_pretrained import (
+from interpkv.core.tl import (
+    HookedTransformer,
+    HookedTransformerConfig,
+    ProcessWeights,
     get_pretrained_model_config,
     get_pretrained_state_dict,
 )
-from transformer_lens.weight_processing import ProcessWeights
-
-# -----------------------------------------------------------------------------
-
 from interpkv.zoo._specs import SPECS, ModelSpec
 
 _EXACT = (torch.float32, torch.float64)

@@ -7,7 +7,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.generate import sample_next
+from interpkv.generation.generate import sample_next
 
 # float64 leaves only summation-order noise (~1e-14): 1e-10 catches any real
 # difference. float32 accumulates ~1e-7 relative per op over a few layers on

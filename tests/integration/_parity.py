@@ -7,7 +7,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.checks import hf_logits
+from interpkv.cli.checks import hf_logits
 
 # float64 leaves only summation-order noise (~1e-14): 1e-10 would catch any real
 # difference. In float32 a one-token step and a full-sequence pass multiply

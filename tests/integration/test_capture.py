@@ -5,7 +5,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.diff import _Comparator
+from interpkv.diagnostics.compare import _Comparator
 
 
 # float64 parity: cached and uncached runs differ only by summation order (~1e-14).

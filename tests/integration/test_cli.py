@@ -9,8 +9,12 @@ import re
 import pytest
 import torch
 
-from interpkv import checks, cli, zoo
-from interpkv.diff import Site
+from interpkv.cli import checks
+
+from interpkv.cli import app as cli
+
+from interpkv import zoo
+from interpkv.diagnostics.report import Site
 
 
 def run(capsys, *argv):
@@ -122,11 +126,11 @@ def test_demo_prints_every_section_and_writes_the_report(capsys, tmp_path, monke
     assert verdict.startswith("verdict: PASS: 2/2 zoo models equivalent; 2/2 faults caught")
     page = path.read_text()
     assert 'data-figure="fault:alibi_unsliced:bloom"' in page and 'data-figure="heatmap:bloom"' in page
-    if cli.GENERATION_MODEL in zoo.trained():
+    if cli.GENERATION_MODEL in zoo.trained_names():
         assert "generation identical" in verdict and 'data-figure="generation:' in page
 
 
-@pytest.mark.skipif(cli.GENERATION_MODEL not in zoo.trained(), reason="no trained zoo weights on this branch")
+@pytest.mark.skipif(cli.GENERATION_MODEL not in zoo.trained_names(), reason="no trained zoo weights on this branch")
 def test_demo_generation_is_identical_with_and_without_cache():
     result = checks.check_generation(cli.GENERATION_MODEL, cli.GENERATION_PROMPT, max_new_tokens=20)
     assert result.identical and len(result.cached) == 20

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import interpkv
-from interpkv import faults, zoo
+from interpkv import faults
+from interpkv import zoo
 
 
 # float64 parity: without a fault, cached and uncached runs agree to ~1e-14.

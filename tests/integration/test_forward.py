@@ -193,7 +193,7 @@ class TestMisuse:
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 def test_in_place_weight_edits_are_never_served_stale(name):
-    # interpkv.prepared keeps weight layouts between calls (the decode hot path);
+    # interpkv.core.prepared keeps weight layouts between calls (the decode hot path);
     # an ablation edits weights in place, and the next call must see it.
     m = zoo.load(name, dtype=torch.float64)
     tokens, _ = batch("b1", m.cfg.d_vocab, length=8)

@@ -5,7 +5,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.generate import sample_next
+from interpkv.generation.generate import sample_next
 
 from ._generation import TOL, model, prompts, teacher_forced, uncached_loop
 

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from transformer_lens import patching as TL_PATCHING  # the reference implementation
 
 import interpkv
-from interpkv import _tl, zoo
+from interpkv import zoo
 from interpkv.patching import HOOKS, patch, shared_prefix_length
 
 from ._generation import model
 
-TL_PATCHING = _tl.tl_patching
 F32 = torch.float32
 # float32: TransformerLens and interpkv sum attention in different orders
 # (~1e-7 relative per op, logits ~1-10, a metric of one logit difference).

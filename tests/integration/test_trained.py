@@ -16,7 +16,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv._tl import HookedTransformer
+from interpkv.core.tl import HookedTransformer
 from interpkv.zoo import _build, _trained, charvocab
 
 TRAINED = ["bloom", "gpt2", "llama"]
@@ -114,7 +114,7 @@ def greedy_uncached(model, prompt: str, n_new: int):
 
 def test_trained_names():
     assert zoo.trained_names() == TRAINED
-    assert zoo.trained() == TRAINED
+    assert zoo.trained_names() == TRAINED
 
 
 def test_files_are_small(name):

@@ -44,7 +44,7 @@ def test_names_and_pairs() -> None:
     }  # fmt: skip
     assert required <= set(NAMES)
     assert set(PAIRS) == set(NAMES) - {"shortformer"}
-    assert zoo.trained() == ["bloom", "gpt2", "llama"]  # shipped by scripts/train_zoo.py
+    assert zoo.trained_names() == ["bloom", "gpt2", "llama"]  # shipped by scripts/train_zoo.py
 
 
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)

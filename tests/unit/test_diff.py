@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from interpkv.capture import names_filter, split_steps
-from interpkv.diff import DivergenceReport, site_stats
-from interpkv.gendiff import GenerationDiff
-from interpkv.record import Record, is_attention_hook, split_hook_name
+from interpkv.diagnostics.capture import names_filter, split_steps
+from interpkv.diagnostics.report import DivergenceReport
+from interpkv.diagnostics.stats import site_stats
+from interpkv.generation.result import GenerationDiff
+from interpkv.diagnostics.record import Record, is_attention_hook, split_hook_name
 import interpkv
 
 INF, NAN = float("inf"), float("nan")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from interpkv.positions import absolute_positions, validate_mask
+from interpkv.core.positions import absolute_positions, validate_mask
 
 CASES = [
     # (mask, offsets, expected)

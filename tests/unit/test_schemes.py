@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-from interpkv.attention import allowed_keys
-from interpkv.schemes import alibi_slopes
+from interpkv.core.attention import allowed_keys
+from interpkv.core.schemes import alibi_slopes
 
 
 @pytest.mark.parametrize("n_heads", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32])

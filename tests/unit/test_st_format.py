@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from interpkv._st_format import CacheFileError, parse_header
+from interpkv.cache.st_format import CacheFileError, parse_header
 
 
 def _file_with_header_length(n: int) -> bytes:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from interpkv.window import compact_positions, compaction_index, kept_slots, required_positions
+from interpkv.cache.window import compact_positions, compaction_index, kept_slots, required_positions
 
 P = -1  # padding slot
 

@@ -2,7 +2,7 @@
 
 A windowed cache (``window=W, sinks=S``) lets a query at position ``q`` attend a
 key at position ``k`` iff ``k < S`` (an attention sink) or ``k > q - W`` (inside
-the window), plus causality; that mask is :func:`interpkv.attention.allowed_keys`.
+the window), plus causality; that mask is :func:`interpkv.core.attention.allowed_keys`.
 Every future query of a row comes after its newest stored position ``n``, so a
 key at ``S <= k <= n - W`` can never be attended again and is dropped. What
 stays is the first ``S`` and the last ``W`` positions of each row, so memory is
@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from ._types import PAD_POSITION
+from interpkv._types import PAD_POSITION
 
 __all__ = ["kept_slots", "required_positions", "compaction_index", "compact_positions"]
 

@@ -8,7 +8,7 @@ capacity: the "saved prompt cache kept its zero padding" bug, mlx-examples
   ``[batch, kv_head, kv_pos, d_head]`` (keys after rotary), ``positions``
   ``[batch, kv_pos]`` (int64, ``-1`` = padding) and ``next_positions`` ``[batch]``;
 - string metadata: ``format`` / ``format_version``, ``model`` (the
-  architecture fields of :func:`interpkv.cache.model_signature`, JSON),
+  architecture fields of :func:`interpkv.cache.kvcache.model_signature`, JSON),
   ``weights_sha256`` (a hash of the model's parameters), ``dtype``,
   ``batch_size``, ``seq_len``, ``window`` and ``sinks``.
 
@@ -21,7 +21,7 @@ Loading trusts nothing. The safetensors header (8-byte little-endian length,
 then JSON) is parsed and checked here, before any byte reaches safetensors:
 sizes, offsets, dtypes and shapes against the metadata and the model, then
 the positions against ``next_positions`` (the container checks live in
-:mod:`interpkv._st_format`). Any problem raises
+:mod:`interpkv.cache.st_format`). Any problem raises
 :class:`CacheFileError` (a ``ValueError``) and no cache is returned. Nothing
 is ever unpickled.
 """
@@ -37,13 +37,13 @@ from typing import Dict, Tuple, Union
 import safetensors.torch
 import torch
 
-from . import _tl
-from ._st_format import DTYPES as _DTYPES
-from ._st_format import MAX_HEADER_BYTES as _MAX_HEADER_BYTES
-from ._st_format import CacheFileError, decode, parse_header
-from .cache import KVCache, model_signature
-from .layer_cache import LayerCache
-from .schemes import scheme_for
+from interpkv.core import tl as _tl
+from interpkv.cache.st_format import DTYPES as _DTYPES
+from interpkv.cache.st_format import MAX_HEADER_BYTES as _MAX_HEADER_BYTES
+from interpkv.cache.st_format import CacheFileError, decode, parse_header
+from interpkv.cache.kvcache import KVCache, model_signature
+from interpkv.cache.layer import LayerCache
+from interpkv.core.schemes import scheme_for
 
 __all__ = ["CacheFileError", "save_cache", "load_cache", "weights_fingerprint", "FORMAT", "FORMAT_VERSION"]
 

@@ -25,9 +25,13 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from . import _faultpoints, _tl, prepared
-from .cache import KVCache
-from .schemes import PositionalScheme
+from interpkv.core import stephooks as _faultpoints
+
+from interpkv.core import tl as _tl
+
+from interpkv.core import prepared
+from interpkv.cache.kvcache import KVCache
+from interpkv.core.schemes import PositionalScheme
 
 __all__ = ["Step", "allowed_keys"]
 
@@ -147,7 +151,7 @@ def _qkv(attn: torch.nn.Module, query_input: Tensor, key_input: Tensor, value_in
     """q, k, v as ``attn.calculate_qkv_matrices`` computes them (hooks fire).
 
     The common case (one residual input, no Q/K norm, unquantised weights) skips
-    TransformerLens's per-call weight rearrangement via :mod:`interpkv.prepared`
+    TransformerLens's per-call weight rearrangement via :mod:`interpkv.core.prepared`
     with bitwise-identical results; anything else runs TransformerLens's own.
     """
     cfg = attn.cfg

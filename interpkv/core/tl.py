@@ -15,9 +15,13 @@ from typing import Callable, Iterator, List, Tuple
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens import patching as tl_patching  # reference for interpkv.patching tests
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.loading_from_pretrained import (
+    get_pretrained_model_config,
+    get_pretrained_state_dict,
+)
+from transformer_lens.weight_processing import ProcessWeights
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 __all__ = [
@@ -25,7 +29,9 @@ __all__ = [
     "HookedTransformerConfig",
     "HookPoint",
     "apply_softcap",
-    "tl_patching",
+    "ProcessWeights",
+    "get_pretrained_model_config",
+    "get_pretrained_state_dict",
     "attention_pairs",
     "rotary_tables",
     "kv_head_count",
@@ -50,7 +56,7 @@ def fast_mlps(model: HookedTransformer):
     Only TransformerLens's plain ``GatedMLP`` without a layer-norm activation
     (SoLU) qualifies; every other MLP runs its own forward.
     """
-    from .prepared import gated_mlp_forward
+    from interpkv.core.prepared import gated_mlp_forward
 
     pairs = []
     for block in model.blocks:

@@ -13,57 +13,23 @@ embeddings ``[batch, pos, d_model]``. Sampling draws from a private
 ``torch.Generator`` (never the global RNG), so ``seed=`` reproduces a run.
 """
 
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import _tl
-from .cache import KVCache
-from .forward import Hook, forward
-from .capture import capture as capture_run
-from .positions import validate_mask
-from .record import Record
+from interpkv.core import tl as _tl
+from interpkv.cache.kvcache import KVCache
+from interpkv.core.forward import Hook, forward
+from interpkv.diagnostics.capture import capture as capture_run
+from interpkv.core.positions import validate_mask
+from interpkv.diagnostics.record import Record
+from interpkv.generation.result import Generation
 
-__all__ = ["Generation", "generate", "sample_next"]
+__all__ = ["generate", "sample_next"]
 
 HookNames = Union[str, Sequence[str], Callable[[str], bool]]  # as interpkv.capture's names
-
-
-@dataclass
-class Generation:
-    """The result of :func:`generate`.
-
-    Attributes:
-        tokens: ``Int[Tensor, "batch prompt+new"]``: the prompt followed by the
-            generated tokens. For an embedding prompt there are no prompt ids,
-            so it holds only the generated tokens (``prompt_length == 0``).
-        attention_mask: same shape as ``tokens``: 1 for real tokens, 0 for the
-            prompt's left padding and for the pad value written after a row
-            stopped.
-        prompt_length: number of leading columns of ``tokens`` that are prompt.
-        finished: ``Bool[Tensor, "batch"]``: rows that emitted a stop token.
-        logits: ``Float[Tensor, "batch new d_vocab"]``, the logits each new token
-            was chosen from (only with ``keep_logits=True``, else None).
-        records: one :class:`~interpkv.record.Record` per step when ``capture``
-            was given (else None): the captured hook points and the logits of
-            that step's new tokens, at their absolute positions (earlier
-            positions are NaN; ``record.valid`` marks the step's tokens).
-    """
-
-    tokens: Int[Tensor, "batch seq"]
-    attention_mask: Int[Tensor, "batch seq"]
-    prompt_length: int
-    finished: Bool[Tensor, "batch"]
-    logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
-    records: Optional[List[Record]] = None
-
-    @property
-    def new_tokens(self) -> Int[Tensor, "batch new"]:
-        """Only the generated tokens."""
-        return self.tokens[:, self.prompt_length :]
 
 
 def _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token):

@@ -84,7 +84,7 @@ def _progress(items: Sequence, run: Callable, description: str) -> list:
 
 def _resolve(models: Sequence[str]) -> List[str]:
     """Zoo names and HF directories as given; raises ValueError on anything else."""
-    from . import zoo
+    from interpkv import zoo
 
     bad = [m for m in models if m not in zoo.names() and not os.path.isdir(m)]
     if bad:
@@ -96,8 +96,8 @@ def _resolve(models: Sequence[str]) -> List[str]:
 
 
 def _run_checks(models: Sequence[str], dtype) -> list:
-    from . import zoo
-    from .checks import check_hf_dir, check_zoo
+    from interpkv import zoo
+    from interpkv.cli.checks import check_hf_dir, check_zoo
 
     def one(model: str):
         if model in zoo.names():
@@ -129,7 +129,7 @@ def _check(models: Sequence[str], dtype_name: str, html: Optional[str]) -> int:
         return 2
     console.print(_check_table(results, f"interpkv: cached vs uncached vs HuggingFace ({dtype_name})"))
     if html:
-        from . import report
+        from interpkv.cli import html as report
 
         report.write(html, checks=results, title="interpkv check")
         console.print(f"report: {html}")
@@ -142,8 +142,8 @@ def _check(models: Sequence[str], dtype_name: str, html: Optional[str]) -> int:
 def _demo(html: Optional[str]) -> int:
     import torch
 
-    from . import zoo
-    from .checks import BUG_ZOO, check_fault, check_generation
+    from interpkv import zoo
+    from interpkv.cli.checks import BUG_ZOO, check_fault, check_generation
 
     console = _console()
     checks = _run_checks(zoo.names(), torch.float32)
@@ -152,7 +152,7 @@ def _demo(html: Optional[str]) -> int:
     console.print(_fault_table(faults))
 
     generation = None
-    if GENERATION_MODEL in zoo.trained():
+    if GENERATION_MODEL in zoo.trained_names():
         generation = check_generation(GENERATION_MODEL, GENERATION_PROMPT, max_new_tokens=60)
         console.print(f"\n[bold]greedy generation, {generation.model}[/bold], prompt {generation.prompt!r}")
         console.print(f"cache on : {generation.prompt + generation.cached!r}", markup=False)
@@ -162,7 +162,7 @@ def _demo(html: Optional[str]) -> int:
         console.print("\n(no trained zoo model ships yet: generation demo skipped)")
 
     if html:
-        from . import report
+        from interpkv.cli import html as report
 
         report.write(html, checks=checks, faults=faults, generation=generation, title="interpkv demo")
         console.print(f"report: {html}")

@@ -3,46 +3,21 @@
 import contextlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import _faultpoints, _tl
-from .attention import Step
-from .cache import KVCache
-from .positions import absolute_positions, validate_mask
-from .schemes import scheme_for
+from interpkv.core import stephooks as _faultpoints
+
+from interpkv.core import tl as _tl
+from interpkv.core.attention import Step
+from interpkv.cache.kvcache import KVCache
+from interpkv.core.inputs import as_inputs
+from interpkv.core.positions import absolute_positions
+from interpkv.core.schemes import scheme_for
 
 __all__ = ["forward"]
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
-
-
-def _as_input(model, tokens: Tensor) -> Tensor:
-    if not isinstance(tokens, Tensor):
-        raise TypeError(
-            f"tokens must be a torch.Tensor of token ids [batch, pos], got {type(tokens).__name__}; "
-            "interpkv works on token ids (use model.to_tokens(text) if the model has a tokenizer)."
-        )
-    if tokens.is_floating_point():
-        if tokens.ndim != 3 or tokens.shape[-1] != model.cfg.d_model:
-            raise ValueError(
-                f"float input must be token embeddings [batch, pos, d_model={model.cfg.d_model}], "
-                f"got shape {tuple(tokens.shape)}"
-            )
-        return tokens.to(model.cfg.device)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
-    if tokens.shape[1] == 0:
-        raise ValueError("tokens has no positions (shape [batch, 0]); pass at least one token")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab):
-        raise ValueError(
-            f"token ids must lie in [0, d_vocab={model.cfg.d_vocab}), got min {int(tokens.min())} "
-            f"and max {int(tokens.max())}"
-        )
-    return tokens.to(model.cfg.device)
 
 
 def forward(
@@ -91,8 +66,7 @@ def forward(
     >>> torch.allclose(step[:, -1], full[:, -1], atol=1e-5)
     True
     """
-    inputs = _as_input(model, tokens)
-    mask = validate_mask(inputs, attention_mask)
+    inputs, mask = as_inputs(model, tokens, attention_mask)
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
     faults = frozenset()  # interpkv.faults only ever touch a caller's cache

@@ -17,14 +17,12 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from interpkv.errors import CacheFileError
+
 __all__ = ["CacheFileError", "DTYPES", "MAX_HEADER_BYTES", "parse_header", "decode"]
 
 # A cache header lists 2 tensors per layer plus 2; even 1,000 layers fit in far less.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
-
-
-class CacheFileError(ValueError):
-    """A file is not a valid interpkv cache for the model it is loaded with."""
 
 
 DTYPES: Dict[str, torch.dtype] = {

@@ -5,7 +5,7 @@ script tag, no MathJax). Each figure sits in ``<div class="figure"
 data-figure="<name>">``; plotly draws one ``svg.main-svg`` set inside each,
 which is what ``tests/integration/test_report_browser.py`` counts in headless
 Chromium. Like :mod:`interpkv.plot`, nothing here runs a model: the report
-consumes results that :mod:`interpkv.checks` computed.
+consumes results that :mod:`interpkv.cli.checks` computed.
 
 >>> from interpkv import checks, report                          # doctest: +SKIP
 >>> report.write("report.html", checks=checks.check_zoo(["gpt2"]))  # doctest: +SKIP
@@ -83,11 +83,11 @@ def render(
     """The report as one HTML string (plotly.js inline).
 
     Args:
-        checks: :class:`~interpkv.checks.CheckResult` objects; each with a
+        checks: :class:`~interpkv.cli.checks.CheckResult` objects; each with a
             ``report`` gets a divergence heatmap.
-        faults: :class:`~interpkv.checks.FaultResult` objects; each gets a
+        faults: :class:`~interpkv.cli.checks.FaultResult` objects; each gets a
             first-divergence bar chart.
-        generation: an optional :class:`~interpkv.checks.GenerationResult`.
+        generation: an optional :class:`~interpkv.cli.checks.GenerationResult`.
         title: page title.
 
     Returns:
@@ -95,7 +95,7 @@ def render(
     """
     from plotly.offline import get_plotlyjs
 
-    from . import plot
+    from interpkv import plot
 
     figure = _Figures()
     parts: List[str] = [f"<h1>{_esc(title)}</h1>"]

@@ -4,7 +4,7 @@ The run is one uncached pass (``steps=None, cache=None``) or the tokens fed
 in chunks through a cache, one ``interpkv.forward`` call per chunk. Every
 activation is handed, as it fires, to a *sink* together with the absolute
 positions of its queries (and, for attention-shaped hooks, of its keys). The
-default sink assembles a :class:`~interpkv.record.Record`;
+default sink assembles a :class:`~interpkv.diagnostics.record.Record`;
 :func:`interpkv.compare` passes one that compares against a reference and
 keeps only statistics, so two full sets of activations never coexist.
 
@@ -22,10 +22,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .cache import KVCache
-from .forward import forward
-from .positions import absolute_positions, validate_mask
-from .record import Record, is_attention_hook
+from interpkv.cache.kvcache import KVCache
+from interpkv.core.forward import forward
+from interpkv.core.positions import absolute_positions, validate_mask
+from interpkv.diagnostics.record import Record, is_attention_hook
 
 __all__ = ["capture", "NamesFilter"]
 
@@ -292,7 +292,7 @@ def capture(
             names, or a predicate on names.
 
     Returns:
-        A :class:`~interpkv.record.Record` (NaN marks missing entries; see
+        A :class:`~interpkv.diagnostics.record.Record` (NaN marks missing entries; see
         its docstring), logits included.
 
     >>> import interpkv, torch

@@ -33,7 +33,7 @@ from typing import FrozenSet, Tuple
 import torch
 from torch import Tensor
 
-from ._types import PAD_POSITION
+from interpkv._types import PAD_POSITION
 
 __all__ = [
     "NO_CACHE_HISTORY",

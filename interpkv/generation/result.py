@@ -1,4 +1,6 @@
-"""``GenerationDiff``: per-step agreement of two generations of the same prompt.
+"""Results of generation: ``Generation`` (one run) and ``GenerationDiff`` (two runs compared).
+
+``GenerationDiff`` holds the per-step agreement of two generations of the same prompt.
 
 Produced by ``interpkv.compare_generation`` (cached vs uncached greedy
 generation) and consumed by :func:`interpkv.plot.generation`. It is a plain
@@ -11,10 +13,47 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["GenerationDiff"]
+from interpkv.diagnostics.record import Record
+from interpkv.tolerances import DEFAULT_ATOL
+
+__all__ = ["Generation", "GenerationDiff"]
+
+
+@dataclass
+class Generation:
+    """The result of :func:`generate`.
+
+    Attributes:
+        tokens: ``Int[Tensor, "batch prompt+new"]``: the prompt followed by the
+            generated tokens. For an embedding prompt there are no prompt ids,
+            so it holds only the generated tokens (``prompt_length == 0``).
+        attention_mask: same shape as ``tokens``: 1 for real tokens, 0 for the
+            prompt's left padding and for the pad value written after a row
+            stopped.
+        prompt_length: number of leading columns of ``tokens`` that are prompt.
+        finished: ``Bool[Tensor, "batch"]``: rows that emitted a stop token.
+        logits: ``Float[Tensor, "batch new d_vocab"]``, the logits each new token
+            was chosen from (only with ``keep_logits=True``, else None).
+        records: one :class:`~interpkv.diagnostics.record.Record` per step when ``capture``
+            was given (else None): the captured hook points and the logits of
+            that step's new tokens, at their absolute positions (earlier
+            positions are NaN; ``record.valid`` marks the step's tokens).
+    """
+
+    tokens: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    prompt_length: int
+    finished: Bool[Tensor, "batch"]
+    logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
+    records: Optional[List[Record]] = None
+
+    @property
+    def new_tokens(self) -> Int[Tensor, "batch new"]:
+        """Only the generated tokens."""
+        return self.tokens[:, self.prompt_length :]
 
 
 @dataclass
@@ -39,7 +78,7 @@ class GenerationDiff:
     kl: List[float]
     top1_agree: List[bool]
     first_divergent_step: Optional[int]
-    atol: float = 1e-5
+    atol: float = DEFAULT_ATOL
     tokens_a: Optional[Tensor] = field(default=None, repr=False)
     tokens_b: Optional[Tensor] = field(default=None, repr=False)
 
@@ -66,7 +105,7 @@ class GenerationDiff:
         a: Sequence[Float[Tensor, "batch d_vocab"]],
         b: Sequence[Float[Tensor, "batch d_vocab"]],
         *,
-        atol: float = 1e-5,
+        atol: float = DEFAULT_ATOL,
         tokens_a: Optional[Tensor] = None,
         tokens_b: Optional[Tensor] = None,
     ) -> "GenerationDiff":

@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ._types import PAD_POSITION
+from interpkv._types import PAD_POSITION
 
 __all__ = ["absolute_positions", "validate_mask"]
 

@@ -2,7 +2,7 @@
 
 :func:`scheme_for` inspects a model's config once and returns a strategy
 object; nothing else in interpkv branches on the scheme string. Every strategy
-reads the absolute positions produced by :func:`interpkv.positions.absolute_positions`:
+reads the absolute positions produced by :func:`interpkv.core.positions.absolute_positions`:
 
 - :class:`LearnedPositions` (GPT-2, OPT, and Shortformer, which adds them to
   queries and keys only): embedding rows at each token's absolute position.
@@ -21,7 +21,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import _tl
+from interpkv.core import tl as _tl
+from interpkv.errors import UnsupportedModelError
 
 __all__ = [
     "PositionalScheme",
@@ -32,10 +33,6 @@ __all__ = [
     "alibi_slopes",
     "UnsupportedModelError",
 ]
-
-
-class UnsupportedModelError(NotImplementedError):
-    """The model uses an attention feature interpkv does not implement."""
 
 
 class PositionalScheme:
@@ -100,7 +97,7 @@ class Rotary(PositionalScheme):
     """Rotary position embedding applied at absolute positions (Su et al. 2021).
 
     Tables come from TransformerLens's own per-layer computation (see
-    :func:`interpkv._tl.rotary_tables`) and grow geometrically on demand.
+    :func:`interpkv.core.tl.rotary_tables`) and grow geometrically on demand.
     """
 
     def __init__(self, model: "_tl.HookedTransformer", rotary_dim: int, adjacent_pairs: bool):

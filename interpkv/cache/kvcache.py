@@ -16,19 +16,16 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from . import _tl
-from ._types import PAD_POSITION
-from .layer_cache import LayerCache
-from .schemes import scheme_for
-from .window import compact_positions, compaction_index, kept_slots, required_positions
+from interpkv.core import tl as _tl
+from interpkv._types import PAD_POSITION
+from interpkv.errors import CacheMismatchError
+from interpkv.cache.layer import LayerCache
+from interpkv.core.schemes import scheme_for
+from interpkv.cache.window import compact_positions, compaction_index, kept_slots, required_positions
 
 __all__ = ["KVCache", "CacheMismatchError", "model_signature"]
 
 _INITIAL_CAPACITY = 64
-
-
-class CacheMismatchError(ValueError):
-    """A cache was used with a model, batch, dtype or device it was not made for."""
 
 
 def model_signature(model: "_tl.HookedTransformer") -> dict:
@@ -65,9 +62,9 @@ class KVCache:
 
     Lifecycle: :meth:`crop` (in place), :meth:`fork`, :meth:`select` and
     :meth:`repeat` (new caches), :meth:`freeze` (read-only forwards),
-    :meth:`save` / :meth:`load` (safetensors, see :mod:`interpkv.persist`). A
+    :meth:`save` / :meth:`load` (safetensors, see :mod:`interpkv.cache.persist`). A
     windowed cache evicts, after each forward, the keys no future query can
-    attend (see :mod:`interpkv.window`), so its memory stays flat.
+    attend (see :mod:`interpkv.cache.window`), so its memory stays flat.
 
     Attributes:
         batch_size: rows in the cache.
@@ -307,11 +304,11 @@ class KVCache:
 
         Only stored slots are written (never the preallocated capacity), with
         the positions, window, dtype and a fingerprint of the model (its
-        architecture and a hash of its weights). See :mod:`interpkv.persist`.
+        architecture and a hash of its weights). See :mod:`interpkv.cache.persist`.
 
         >>> cache.save("prompt.safetensors")
         """
-        from . import persist
+        from interpkv.cache import persist
 
         persist.save_cache(self, path)
 
@@ -333,7 +330,7 @@ class KVCache:
 
         >>> cache = interpkv.KVCache.load("prompt.safetensors", model)
         """
-        from . import persist
+        from interpkv.cache import persist
 
         return persist.load_cache(path, model)
 

@@ -1,0 +1,10 @@
+"""The ``interpkv`` command line: checks, the demo and its HTML report.
+
+- :mod:`~interpkv.cli.app`: argument parsing and the ``check`` / ``demo`` commands.
+- :mod:`~interpkv.cli.checks`: the equivalence checks, fault zoo and greedy pairs.
+- :mod:`~interpkv.cli.html`: the self-contained HTML report.
+"""
+
+from interpkv.cli.app import main
+
+__all__ = ["main"]

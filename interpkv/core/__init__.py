@@ -1,0 +1,11 @@
+"""One forward pass: inputs, absolute positions, positional schemes, attention.
+
+- :mod:`~interpkv.core.tl`: the one seam to TransformerLens (every import of it).
+- :mod:`~interpkv.core.inputs`: the input normalisation every entry point uses.
+- :mod:`~interpkv.core.positions`: attention mask + offsets -> absolute positions.
+- :mod:`~interpkv.core.schemes`: the one factory that reads the positional scheme.
+- :mod:`~interpkv.core.attention`: position-aware attention over a cache.
+- :mod:`~interpkv.core.forward`: :func:`interpkv.forward`.
+- :mod:`~interpkv.core.prepared`: weight layouts kept across calls.
+- :mod:`~interpkv.core.stephooks`: the seam where fault objects plug in.
+"""

@@ -1,0 +1,115 @@
+"""The one input normalisation every entry point uses.
+
+:func:`as_inputs` turns what a caller passes (token ids of any integer dtype,
+``[pos]`` or ``[batch, pos]``; token embeddings ``[batch, pos, d_model]``; a
+string or list of strings when the model has a tokenizer) and an optional
+attention mask into ``(inputs, mask)``: inputs on the model's device (ids as
+int64), mask as int64 0/1 of shape ``[batch, pos]``. Every error names what
+was wrong and how to fix it.
+"""
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interpkv.core.positions import validate_mask
+
+__all__ = ["as_inputs", "TokensLike"]
+
+TokensLike = Union[str, Sequence[str], Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]]
+
+
+def _from_text(model, text: Union[str, Sequence[str]]) -> Tuple[Tensor, Tensor]:
+    if getattr(model, "tokenizer", None) is None:
+        raise TypeError(
+            "got text but this model has no tokenizer; pass token ids [batch, pos] "
+            "(or set model.tokenizer, e.g. interpkv.zoo.load(name, trained=True) carries one)"
+        )
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("text input must be a string or a non-empty list of strings")
+    tokens = model.to_tokens(texts, padding_side="left")  # (B, T)
+    pad_id = model.tokenizer.pad_token_id
+    if len(texts) == 1 or pad_id is None:
+        return tokens, torch.ones_like(tokens)
+    # Left padding: each row's real tokens are its last len(row) columns.
+    lengths = [len(model.to_tokens(t)[0]) for t in texts]
+    mask = torch.zeros_like(tokens)
+    for row, n in enumerate(lengths):
+        mask[row, tokens.shape[1] - n :] = 1
+    return tokens, mask
+
+
+def as_inputs(
+    model,
+    tokens: TokensLike,
+    attention_mask: Optional[Tensor] = None,
+    *,
+    embeddings: bool = True,
+    what: str = "tokens",
+) -> Tuple[Tensor, Int[Tensor, "batch pos"]]:
+    """Normalise ``tokens`` and ``attention_mask`` for ``model``.
+
+    Args:
+        model: a HookedTransformer.
+        tokens: token ids (any integer dtype, ``[pos]`` or ``[batch, pos]``), token
+            embeddings ``[batch, pos, d_model]`` (when ``embeddings``), or a string /
+            list of strings (models with a tokenizer; left-padded for you).
+        attention_mask: ``[batch, pos]`` or ``[pos]``, 1 = real, 0 = padding.
+        embeddings: whether float embeddings are accepted.
+        what: the argument's name, for error messages.
+
+    Returns:
+        ``(inputs, mask)``: ids as int64 ``[batch, pos]`` (or embeddings) on the
+        model's device, and an int64 0/1 mask ``[batch, pos]``.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("gpt2")
+    >>> ids, mask = as_inputs(model, torch.tensor([1, 2, 3], dtype=torch.uint8))
+    >>> ids.dtype, ids.shape, mask.tolist()
+    (torch.int64, torch.Size([1, 3]), [[1, 1, 1]])
+    """
+    device = model.cfg.device
+    if isinstance(tokens, str) or (
+        isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens)
+    ):
+        ids, text_mask = _from_text(model, tokens)
+        if attention_mask is None:
+            attention_mask = text_mask
+        return ids.to(device), validate_mask(ids, attention_mask.to(ids.device))
+    if not isinstance(tokens, Tensor):
+        raise TypeError(
+            f"{what} must be a torch.Tensor of token ids [batch, pos] (or a string when the model "
+            f"has a tokenizer), got {type(tokens).__name__}"
+        )
+    if tokens.is_floating_point() or tokens.is_complex():
+        if not embeddings:
+            raise TypeError(f"{what} must be integer token ids [batch, pos], got a {tokens.dtype} tensor")
+        if tokens.ndim != 3 or tokens.shape[-1] != model.cfg.d_model:
+            raise ValueError(
+                f"float input must be token embeddings [batch, pos, d_model={model.cfg.d_model}], "
+                f"got shape {tuple(tokens.shape)}"
+            )
+        inputs = tokens.to(device)
+    else:
+        if tokens.dtype == torch.bool:
+            raise TypeError(
+                f"{what} is a bool tensor; token ids must be integers (a mask goes in attention_mask=)"
+            )
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise ValueError(f"{what} must have shape [batch, pos], got {tuple(tokens.shape)}")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"{what} has no positions (shape [batch, 0]); pass at least one token")
+        inputs = tokens.to(device=device, dtype=torch.long)
+        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= model.cfg.d_vocab):
+            raise ValueError(
+                f"token ids must lie in [0, d_vocab={model.cfg.d_vocab}), got min {int(inputs.min())} "
+                f"and max {int(inputs.max())}"
+            )
+    if attention_mask is not None and attention_mask.ndim == 1:
+        attention_mask = attention_mask[None]
+    return inputs, validate_mask(inputs, attention_mask)

@@ -1,0 +1,159 @@
+"""``interpkv.compare``: a cached run checked against the uncached reference as it fires.
+
+:func:`compare` never holds two full sets of activations: it records the
+uncached reference, then runs the cached chunks comparing each activation
+against the reference as it fires and dropping it.
+"""
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows, capture, run
+from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
+from interpkv.diagnostics.report import DivergenceReport
+from interpkv.diagnostics.stats import StatsTable, check_shapes, kl_divergence, site_stats
+
+__all__ = ["compare"]
+
+
+class _Comparator(Sink):
+    """A sink comparing each activation to a reference Record as it fires.
+
+    Activations wait in a small per-hook buffer (at most ``FLUSH_SITES``
+    positions) and are compared in one batched call, then dropped: a chunk of
+    one token costs an append, not a dozen small tensor ops per hook.
+    """
+
+    FLUSH_SITES = 64
+
+    def __init__(self, reference: Record, valid: Tensor):
+        if valid.shape != reference.valid.shape:
+            raise ValueError(
+                f"the reference covers positions {tuple(reference.valid.shape)} (batch, pos) but "
+                f"this run covers {tuple(valid.shape)}; compare the same tokens and mask"
+            )
+        self.reference = reference
+        self.table = StatsTable(*valid.shape)
+        self.seen: Dict[str, None] = {}
+        self.pending: Dict[str, list] = {}
+        self.pending_sites: Dict[str, int] = {}
+        self._memo = None
+
+    def activation(self, name, act, q_pos, k_pos):
+        self.seen[name] = None
+        if name not in self.reference:
+            return
+        check_shapes(name, act, self.reference[name])
+        # A copy: a later hook may modify this tensor in place before the flush.
+        sites = self._sites(q_pos) if k_pos is None else None
+        self._push(name, (act.clone(), q_pos, k_pos, sites))
+
+    def logits(self, logits, q_pos):
+        self._push(LOGITS, (logits, q_pos, None, self._sites(q_pos)))
+
+    def _push(self, name: str, entry) -> None:
+        self.pending.setdefault(name, []).append(entry)
+        self.pending_sites[name] = self.pending_sites.get(name, 0) + entry[1].shape[1]
+        if self.pending_sites[name] >= self.FLUSH_SITES:
+            self._flush(name)
+
+    def finish(self) -> None:
+        for name in list(self.pending):
+            self._flush(name)
+
+    def _sites(self, q_pos: Tensor):
+        """Rows, chunk columns and absolute positions of a chunk's real tokens.
+
+        Memoized on the chunk's ``q_pos`` object, which every hook of a chunk shares.
+        """
+        if self._memo is None or self._memo[0] is not q_pos:
+            rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
+            self._memo = (q_pos, rows, cols, q_pos[rows, cols])
+        return self._memo[1:]
+
+    def _flush(self, name: str) -> None:
+        entries = self.pending.pop(name, [])
+        self.pending_sites.pop(name, None)
+        if not entries:
+            return
+        ref = self.reference[name]
+        a_parts, row_parts, pos_parts = [], [], []
+        for act, q_pos, k_pos, sites in entries:
+            if k_pos is None:
+                rows, cols, positions = sites
+                a_parts.append(act[rows, cols])
+                row_parts.append(rows)
+                pos_parts.append(positions)
+                continue
+            for b in range(q_pos.shape[0]):
+                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b)
+                a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
+                row_parts.append(torch.full_like(q_abs, b))
+                pos_parts.append(q_abs)
+        rows, positions = torch.cat(row_parts), torch.cat(pos_parts)
+        a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
+        if is_attention_hook(name):
+            b_sites = ref.permute(0, 2, 1, 3)[rows, positions]  # (n, H, P)
+        else:
+            b_sites = ref[rows, positions]
+        self.table.put(name, rows, positions, site_stats(a_sites, b_sites))
+        if name == LOGITS:
+            self.table.kl[rows, positions] = kl_divergence(a_sites, b_sites).cpu()
+
+    def report(self) -> DivergenceReport:
+        order = self.reference.order
+        common = [h for h in order if h in self.table.stats]
+        return DivergenceReport(
+            common,
+            self.table.stats,
+            self.table.kl,
+            only_in_a=[h for h in self.seen if h not in self.reference],
+            only_in_b=[h for h in order if h != LOGITS and h not in self.seen],
+        )
+
+
+def compare(
+    model,
+    tokens: Tensor,
+    *,
+    steps: Sequence[int],
+    attention_mask: Optional[Tensor] = None,
+    names: NamesFilter = None,
+) -> DivergenceReport:
+    """Cached (chunked by ``steps``) against uncached, site by site.
+
+    The uncached run is recorded first (it is the reference, ``b``); the
+    cached run is then compared against it hook by hook as it fires, so only
+    the statistics of the cached run survive (memory: one Record plus one
+    chunk's activations).
+
+    Args:
+        model: a HookedTransformer.
+        tokens: token ids ``[batch, pos]``.
+        steps: chunk lengths of the cached run, summing to ``pos``.
+        attention_mask: ``[batch, pos]`` (1 = real, 0 = padding).
+        names: hooks to compare (as in :func:`interpkv.capture`).
+
+    Returns:
+        A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``).
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("llama", dtype=torch.float64)
+    >>> report = interpkv.compare(model, torch.arange(12)[None], steps=[6, 1, 1, 4])
+    >>> report.ok(atol=1e-10, rtol=1e-10), report.first_divergence(atol=1e-10, rtol=1e-10)
+    (True, None)
+    """
+    if steps is None:
+        raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
+    reference = capture(model, tokens, attention_mask=attention_mask, names=names)
+    sink = run(
+        model,
+        tokens,
+        lambda valid: _Comparator(reference, valid),
+        steps=steps,
+        attention_mask=attention_mask,
+        names=names,
+    )
+    return sink.report()

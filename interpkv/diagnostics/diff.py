@@ -1,0 +1,75 @@
+"""``interpkv.diff``: two Records compared site by site (see :mod:`interpkv.diagnostics.stats`)."""
+
+from interpkv.diagnostics.record import Record, is_attention_hook
+from interpkv.diagnostics.report import DivergenceReport
+from interpkv.diagnostics.stats import (
+    StatsTable,
+    check_shapes,
+    kl_divergence,
+    pad_attention,
+    pad_positions,
+    pad_valid,
+    site_stats,
+)
+
+__all__ = ["diff"]
+
+
+def diff(a: Record, b: Record) -> DivergenceReport:
+    """Compare two Records site by site; ``b`` is the reference.
+
+    Works for any two Records of the same architecture and tokens: cached vs
+    uncached, float16 vs float32, patched vs clean.
+
+    Args:
+        a: the run under test.
+        b: the reference run.
+
+    Returns:
+        A :class:`DivergenceReport` over the hooks both captured, in ``b``'s
+        forward order.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("gpt2", dtype=torch.float64)
+    >>> tokens = torch.arange(10)[None]
+    >>> report = interpkv.diff(interpkv.capture(model, tokens, steps=[5, 5]),
+    ...                        interpkv.capture(model, tokens))
+    >>> report.ok(atol=1e-10, rtol=1e-10)
+    True
+    """
+    if a.valid.shape[0] != b.valid.shape[0]:
+        raise ValueError(
+            f"the records have batch sizes {a.valid.shape[0]} and {b.valid.shape[0]}; "
+            "diff compares runs over the same rows"
+        )
+    batch = b.valid.shape[0]
+    n_positions = max(a.n_positions, b.n_positions)
+    table = StatsTable(batch, n_positions)
+    a_valid, b_valid = pad_valid(a.valid, n_positions), pad_valid(b.valid, n_positions)
+    both = a_valid & b_valid
+    one = a_valid ^ b_valid
+    rows, positions = both.nonzero(as_tuple=True)
+    miss_rows, miss_positions = one.nonzero(as_tuple=True)
+    common = [h for h in b.order if h in a]
+    for hook in common:
+        x, y = a[hook], b[hook]
+        check_shapes(hook, x, y)
+        if is_attention_hook(hook):
+            x, y = pad_attention(x, n_positions), pad_attention(y, n_positions)
+            x_sites = x.permute(0, 2, 1, 3)[rows, positions]  # (n, H, P)
+            y_sites = y.permute(0, 2, 1, 3)[rows, positions]
+        else:
+            x_sites = pad_positions(x, n_positions)[rows, positions]  # (n, ...)
+            y_sites = pad_positions(y, n_positions)[rows, positions]
+        table.put(hook, rows, positions, site_stats(x_sites, y_sites))
+        table.missing(hook, miss_rows, miss_positions)
+    logits_a = pad_positions(a.logits, n_positions)[rows, positions]
+    logits_b = pad_positions(b.logits, n_positions)[rows, positions]
+    table.kl[rows, positions] = kl_divergence(logits_a, logits_b).cpu()
+    return DivergenceReport(
+        common,
+        table.stats,
+        table.kl,
+        only_in_a=[h for h in a.order if h not in b],
+        only_in_b=[h for h in b.order if h not in a],
+    )

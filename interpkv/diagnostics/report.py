@@ -1,0 +1,173 @@
+"""``DivergenceReport`` and ``Site``: where two runs part ways.
+
+A site *diverges* at ``(atol, rtol)`` when ``max_abs > atol + rtol * scale``
+(statistics in :mod:`interpkv.diagnostics.stats`). The logits are a site family
+of their own (``"logits"``, after every hook), with a KL divergence per
+position, ``KL(softmax(b) || softmax(a))``. Default tolerances come from
+:mod:`interpkv.tolerances`.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from interpkv.diagnostics.record import LOGITS, split_hook_name
+from interpkv.diagnostics.stats import STAT_NAMES, nanmax
+from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
+
+__all__ = ["Site", "DivergenceReport"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hook at one absolute position of one batch row.
+
+    Attributes:
+        hook: full TransformerLens hook name (``"blocks.0.attn.hook_q"``), or
+            ``"logits"``.
+        layer: block index, None for hooks outside the blocks.
+        pos: absolute position (the query position for attention hooks).
+        batch: batch row.
+        max_abs, rel, cos: the site's statistics (see module docstring).
+    """
+
+    hook: str
+    layer: Optional[int]
+    pos: int
+    batch: int
+    max_abs: float
+    rel: float
+    cos: float = float("nan")
+
+
+class DivergenceReport:
+    """Per-site error statistics of run ``a`` against reference ``b``.
+
+    Attributes:
+        hooks: compared hook names in forward order, ``"logits"`` last.
+        stats: hook name -> {"max_abs", "rel", "cos", "scale"}: float64
+            ``[batch, pos]`` tensors, NaN where the site does not exist.
+        kl_per_position: ``[batch, pos]`` KL(reference || a) of the next-token
+            distributions, NaN where the site does not exist.
+        only_in_a, only_in_b: hooks captured in one run but not the other.
+    """
+
+    def __init__(
+        self,
+        hooks: List[str],
+        stats: Dict[str, Dict[str, Tensor]],
+        kl_per_position: Tensor,
+        only_in_a: Sequence[str] = (),
+        only_in_b: Sequence[str] = (),
+    ):
+        self.hooks = hooks
+        self.stats = stats
+        self.kl_per_position = kl_per_position
+        self.only_in_a = list(only_in_a)
+        self.only_in_b = list(only_in_b)
+
+    # -------------------------------------------------------------- summary
+    @property
+    def logits_max_abs(self) -> float:
+        """Largest ``|a - b|`` over every logit."""
+        return nanmax(self.stats[LOGITS]["max_abs"])
+
+    @property
+    def kl(self) -> float:
+        """Largest per-position KL(reference || a)."""
+        return nanmax(self.kl_per_position)
+
+    def hook_max_abs(self) -> Dict[str, float]:
+        """Hook name -> largest ``max_abs`` over its sites, in forward order."""
+        return {h: nanmax(self.stats[h]["max_abs"]) for h in self.hooks}
+
+    def diverged(
+        self, hook: str, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+    ) -> Bool[Tensor, "batch pos"]:
+        """``[batch, pos]``: True where ``hook``'s site fails the tolerance."""
+        s = self.stats[hook]
+        return s["max_abs"] > atol + rtol * torch.nan_to_num(s["scale"], nan=0.0)
+
+    def ok(self, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> bool:
+        """Whether every site (logits included) is within tolerance."""
+        return self.first_divergence(atol=atol, rtol=rtol) is None
+
+    def first_divergence(
+        self, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+    ) -> Optional[Site]:
+        """The earliest hook in forward order that diverges, at its lowest position.
+
+        Among rows diverging at that position, the lowest batch row.
+
+        Returns:
+            A :class:`Site`, or None when every site is within tolerance.
+        """
+        for hook in self.hooks:
+            bad = self.diverged(hook, atol=atol, rtol=rtol)
+            if not bool(bad.any()):
+                continue
+            rows, positions = bad.nonzero(as_tuple=True)
+            pos = int(positions.min())
+            batch = int(rows[positions == pos].min())
+            return self.site(hook, pos, batch)
+        return None
+
+    def site(self, hook: str, pos: int, batch: int = 0) -> Site:
+        """The :class:`Site` of ``hook`` at ``pos`` in row ``batch``."""
+        s = self.stats[hook]
+        layer, _ = split_hook_name(hook)
+        return Site(
+            hook=hook,
+            layer=layer,
+            pos=pos,
+            batch=batch,
+            max_abs=float(s["max_abs"][batch, pos]),
+            rel=float(s["rel"][batch, pos]),
+            cos=float(s["cos"][batch, pos]),
+        )
+
+    def to_frame(self):
+        """A pandas DataFrame with one row per hook x position x batch row.
+
+        Columns: ``hook`` (full name), ``layer`` (nullable int), ``family``
+        (the name without ``blocks.L.``), ``order`` (forward index), ``pos``,
+        ``batch``, ``max_abs``, ``rel``, ``cos``, ``scale``; and ``kl`` on
+        the logits rows.
+
+        >>> frame = report.to_frame()                                  # doctest: +SKIP
+        >>> frame[frame.family == "attn.hook_z"].groupby("layer").max_abs.max()  # doctest: +SKIP
+        """
+        import pandas as pd
+
+        parts = []
+        for order, hook in enumerate(self.hooks):
+            s = self.stats[hook]
+            present = ~torch.isnan(s["max_abs"])
+            rows, positions = present.nonzero(as_tuple=True)
+            layer, family = split_hook_name(hook)
+            columns = {
+                "hook": hook,
+                "layer": pd.array([layer] * len(rows), dtype="Int64"),
+                "family": family,
+                "order": order,
+                "pos": positions.numpy(),
+                "batch": rows.numpy(),
+            }
+            for name in STAT_NAMES:
+                columns[name] = s[name][rows, positions].numpy()
+            if hook == LOGITS:
+                columns["kl"] = self.kl_per_position[rows, positions].numpy()
+            parts.append(pd.DataFrame(columns))
+        frame = pd.concat(parts, ignore_index=True)
+        return frame.sort_values(["order", "pos", "batch"], ignore_index=True)
+
+    def __repr__(self) -> str:
+        first = self.first_divergence()
+        where = "none" if first is None else f"{first.hook} pos {first.pos} (max_abs {first.max_abs:.3g})"
+        return (
+            f"DivergenceReport({len(self.hooks)} hooks, logits_max_abs={self.logits_max_abs:.3g}, "
+            f"kl={self.kl:.3g}, first divergence at default tolerance: {where})"
+        )
