@@ -21,19 +21,30 @@ for a given model and that position.
 """
 
 import contextlib
+import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from interpkv.core import stephooks as points
+from interpkv._types import PAD_POSITION
+from interpkv.core import stephooks
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import ALiBi, LearnedPositions, scheme_for
+
+ZERO_PAD_BLOCK = 16
+"""``zero_padded_resume`` pads the stored history up to the next multiple of
+this many slots (mlx-examples allocated in steps of 256; 16 keeps the zeros a
+large share of a short test prompt, which is when the real bug hurt most)."""
 
 __all__ = ["Fault", "names", "get", "inject", "applies"]
 
 
-class Fault:
-    """A known cache bug. Subclasses document what it does and where it shows."""
+class Fault(stephooks.StepHooks):
+    """A known cache bug: step hooks (:mod:`interpkv.core.stephooks`) that reproduce it.
+
+    Each subclass overrides the points it changes, documents what it does and
+    where it shows.
+    """
 
     name: str = ""
     report: str = ""
@@ -64,8 +75,15 @@ class NoCacheHistory(Fault):
     finite ones; q, k and v are still right).
     """
 
-    name = points.NO_CACHE_HISTORY
+    name = "no_cache_history"
     report = "mistral.rs #765 (the cache history never reached attention)"
+
+    def allowed(self, cache, slots, mask):
+        if slots.start == 0:
+            return mask
+        mask = mask.clone()
+        mask[..., : slots.start] = False  # the stored history is never read
+        return mask
 
     def expected_site(self, model, first_cached_pos):
         return "blocks.0.attn.hook_attn_scores", first_cached_pos
@@ -85,8 +103,12 @@ class StalePositionOffset(Fault):
     ``blocks.0.attn.hook_attn_scores`` for ALiBi.
     """
 
-    name = points.STALE_POSITION_OFFSET
+    name = "stale_position_offset"
     report = "x-transformers usage reports (last token fed without its offset)"
+
+    def query_offsets(self, cache, offsets):
+        # Never advanced: every call places its tokens as if the cache were empty.
+        return torch.zeros_like(offsets)
 
     def expected_site(self, model, first_cached_pos):
         scheme = scheme_for(model)
@@ -109,8 +131,14 @@ class AlibiUnsliced(Fault):
     position.
     """
 
-    name = points.ALIBI_UNSLICED
+    name = "alibi_unsliced"
     report = "TransformerLens #776 (Bloom differed from HF with the cache on)"
+
+    def bias_positions(self, cache, q_pos):
+        # Rows [:query_ctx] of the bias matrix: the first positions, as if the
+        # cached keys were not there.
+        offsets = cache.next_positions[:, None]  # (B, 1), not yet committed
+        return torch.where(q_pos >= 0, q_pos - offsets, q_pos)
 
     def skip_reason(self, model):
         scheme = scheme_for(model)
@@ -141,8 +169,34 @@ class ZeroPaddedResume(Fault):
     them weight, which lowers every real key's probability.
     """
 
-    name = points.ZERO_PADDED_RESUME
+    name = "zero_padded_resume"
     report = "mlx-examples #977 (saved prompt cache kept its zero padding)"
+
+    def __init__(self):
+        # Per cache: the (first, end) slots of the zero padding appended to it.
+        self._zero_slots: "weakref.WeakKeyDictionary[object, Tuple[int, int]]" = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def before_step(self, model, cache):
+        if cache.seq_len == 0 or cache in self._zero_slots:
+            return
+        n_zero = ZERO_PAD_BLOCK - cache.seq_len % ZERO_PAD_BLOCK  # 1..ZERO_PAD_BLOCK
+        pad = torch.full((cache.batch_size, n_zero), PAD_POSITION, dtype=torch.long, device=cache.device)
+        slots = cache.begin(pad)
+        for layer in cache.layers:
+            zeros = layer.keys.new_zeros((cache.batch_size, n_zero, layer.keys.shape[1], layer.keys.shape[3]))
+            layer.write(slots.start, zeros, zeros)
+        cache.commit(slots)
+        self._zero_slots[cache] = (slots.start, slots.end)
+
+    def allowed(self, cache, slots, mask):
+        zero = self._zero_slots.get(cache)
+        if zero is None:
+            return mask
+        mask = mask.clone()
+        mask[..., zero[0] : zero[1]] = True  # the zero slots count as real history
+        return mask
 
     def expected_site(self, model, first_cached_pos):
         return "blocks.0.attn.hook_pattern", first_cached_pos
@@ -165,8 +219,25 @@ class KVHeadsRepeatedBeforeCache(Fault):
     already reads them back); q, k and v are still right.
     """
 
-    name = points.KV_HEADS_REPEATED
+    name = "kv_heads_repeated_before_cache"
     report = "facebookresearch/lingua #44 (cache written after repeat_kv)"
+
+    def before_step(self, model, cache):
+        n_heads = int(model.cfg.n_heads)
+        for layer in cache.layers:
+            kv_heads = layer.keys.shape[1]
+            if kv_heads == n_heads:
+                continue
+            # Tiled (head h holds kv head h % kv_heads), the layout mistake: the
+            # model shares kv head h // group among consecutive query heads.
+            layer.keys = layer.keys.repeat(1, n_heads // kv_heads, 1, 1)
+            layer.values = layer.values.repeat(1, n_heads // kv_heads, 1, 1)
+        # The storage really holds n_heads heads now; nbytes reads this field.
+        cache.signature = dict(cache.signature, kv_heads=n_heads)
+
+    def stored_kv(self, layer_cache, k, v):
+        repeat = layer_cache.keys.shape[1] // k.shape[2]
+        return k.repeat(1, 1, repeat, 1), v.repeat(1, 1, repeat, 1)  # tiled heads
 
     def skip_reason(self, model):
         kv_heads = _tl.kv_head_count(model.cfg)
@@ -191,7 +262,6 @@ _FAULTS: Dict[str, Fault] = {
         KVHeadsRepeatedBeforeCache(),
     )
 }
-assert tuple(_FAULTS) == points.ALL
 
 
 def names() -> List[str]:
@@ -246,8 +316,8 @@ def inject(model: "_tl.HookedTransformer", name: str) -> Iterator[Fault]:
     reason = fault.skip_reason(model)
     if reason is not None:
         raise ValueError(f"cannot inject {name!r}: {reason}")
-    points.activate(model, name)
+    stephooks.install(model, fault)
     try:
         yield fault
     finally:
-        points.deactivate(model, name)
+        stephooks.uninstall(model, fault)

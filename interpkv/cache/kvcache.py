@@ -9,6 +9,7 @@ history again on every step), and its position is recorded alongside it in
 
 import contextlib
 import os
+from dataclasses import dataclass
 import weakref
 from typing import Iterator, List, Optional, Sequence, Union
 
@@ -23,9 +24,31 @@ from interpkv.cache.layer import LayerCache
 from interpkv.core.schemes import scheme_for
 from interpkv.cache.window import compact_positions, compaction_index, kept_slots, required_positions
 
-__all__ = ["KVCache", "CacheMismatchError", "model_signature"]
+__all__ = ["KVCache", "Slots", "model_signature"]
 
 _INITIAL_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Where one forward call reads and writes, from :meth:`KVCache.begin`.
+
+    Attributes:
+        q_pos: ``Int[Tensor, "batch pos"]``, absolute positions of the new
+            tokens (``-1`` for padding).
+        k_pos: ``Int[Tensor, "batch kv_pos"]``, positions of every key the
+            call attends: stored slots, then the new ones.
+        start: first slot the new keys and values are written to.
+    """
+
+    q_pos: Tensor
+    k_pos: Tensor
+    start: int
+
+    @property
+    def end(self) -> int:
+        """One past the last slot written (= ``k_pos.shape[1]``)."""
+        return self.start + self.q_pos.shape[1]
 
 
 def model_signature(model: "_tl.HookedTransformer") -> dict:
@@ -118,6 +141,8 @@ class KVCache:
         self._positions = torch.full(
             (batch_size, capacity), PAD_POSITION, dtype=torch.long, device=self.device
         )
+        self._slot_ids = torch.full_like(self._positions, PAD_POSITION)
+        self._appended = 0  # slots ever appended: the next slot id
         self._next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
     @classmethod
@@ -156,6 +181,21 @@ class KVCache:
     @property
     def positions(self) -> Int[Tensor, "batch kv_pos"]:
         return self._positions[:, : self._length]
+
+    @property
+    def slot_ids(self) -> Int[Tensor, "batch kv_pos"]:
+        """Insertion index of each stored slot (the n-th slot ever appended has id n).
+
+        Ids follow slots when a window evicts and compacts them, so a caller can
+        tell which stored slot came from which earlier call; ``-1`` marks the
+        padding a compaction puts in front of a shorter row.
+        """
+        return self._slot_ids[:, : self._length]
+
+    @property
+    def appended(self) -> int:
+        """Slots ever appended to this cache: the id the next appended slot gets."""
+        return self._appended
 
     @property
     def next_positions(self) -> Int[Tensor, "batch"]:
@@ -365,15 +405,15 @@ class KVCache:
     def _take_rows(self, rows: Tensor) -> "KVCache":
         layers = [layer.take(rows, self._length) for layer in self.layers]
         return self._with_storage(
-            layers, self.positions[rows], self._next_position[rows]
+            layers, self.positions[rows], self._next_position[rows], self.slot_ids[rows]
         )
 
-    def _with_storage(self, layers, positions, next_positions) -> "KVCache":
+    def _with_storage(self, layers, positions, next_positions, slot_ids=None) -> "KVCache":
         """A new cache sharing this one's binding and window, with the given storage."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._frozen = 0
-        new._install(layers, positions, next_positions)
+        new._install(layers, positions, next_positions, slot_ids)
         return new
 
     def _install(
@@ -381,12 +421,17 @@ class KVCache:
         layers: List[LayerCache],
         positions: Int[Tensor, "batch kv_pos"],
         next_positions: Int[Tensor, "batch"],
+        slot_ids: Optional[Int[Tensor, "batch kv_pos"]] = None,
     ) -> None:
         """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""
         self.layers = layers
         self._positions = positions.clone()
         self._next_position = next_positions.clone()
         self._length = positions.shape[1]
+        if slot_ids is None:  # fresh numbering, in slot order
+            slot_ids = torch.arange(self._length, device=positions.device).expand_as(positions)
+        self._slot_ids = slot_ids.clone()
+        self._appended = int(slot_ids.max()) + 1 if slot_ids.numel() else 0
 
     def _check_holds_required(self, positions: Tensor, next_positions: Tensor, what: str) -> None:
         """Raise unless every row holds each position its next query may attend."""
@@ -419,6 +464,8 @@ class KVCache:
         kept = index.shape[1]
         for layer in self.layers:
             layer.gather_slots_(index, length)
+        self._slot_ids[:, :kept] = compact_positions(self._slot_ids[:, :length], index, real)
+        self._slot_ids[:, kept:length] = PAD_POSITION
         self._positions[:, :kept] = compact_positions(positions, index, real)
         self._positions[:, kept:length] = PAD_POSITION
         self._length = kept
@@ -457,35 +504,48 @@ class KVCache:
                 "move the tokens (or make the cache on the model's device)."
             )
 
-    def reserve(self, n_new: int) -> int:
-        """Make room for ``n_new`` slots; return the first new slot index."""
-        needed = self._length + n_new
-        if needed > self._positions.shape[1]:
+    def begin(self, q_pos: Int[Tensor, "batch pos"]) -> Slots:
+        """Reserve slots for one forward's new tokens and say where everything goes.
+
+        The one call a forward makes before running: it grows storage if needed
+        and records ``q_pos`` as the positions of the reserved slots. Nothing
+        counts as stored until :meth:`commit` (a failed or frozen forward
+        leaves the history as it was).
+
+        Args:
+            q_pos: absolute positions of the new tokens, ``-1`` for padding.
+
+        Returns:
+            :class:`Slots`: query and key positions, and the first slot to write.
+        """
+        start, n_new = self._length, q_pos.shape[1]
+        end = start + n_new
+        if end > self._positions.shape[1]:
             for layer in self.layers:
-                layer.reserve(self._length, needed)
-            grown = torch.full(
-                (self.batch_size, self.layers[0].capacity),
-                PAD_POSITION,
-                dtype=torch.long,
-                device=self.device,
-            )
-            grown[:, : self._length] = self._positions[:, : self._length]
-            self._positions = grown
-        return self._length
+                layer.reserve(start, end)
+            capacity = self.layers[0].capacity
+            self._positions = _grown(self._positions, start, capacity, PAD_POSITION)
+            self._slot_ids = _grown(self._slot_ids, start, capacity, PAD_POSITION)
+        self._positions[:, start:end] = q_pos
+        self._slot_ids[:, start:end] = torch.arange(
+            self._appended, self._appended + n_new, device=self.device
+        )
+        # A copy: eviction at commit compacts the stored positions in place.
+        return Slots(q_pos=q_pos, k_pos=self._positions[:, :end].clone(), start=start)
 
-    def key_positions(self, new_positions: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch kv_pos"]:
-        """Positions of stored keys followed by the new ones (not yet committed)."""
-        start = self._length
-        self._positions[:, start : start + new_positions.shape[1]] = new_positions
-        return self._positions[:, : start + new_positions.shape[1]]
-
-    def commit(self, new_positions: Int[Tensor, "batch pos"]) -> None:
-        """Count the slots written by the last forward as stored (unless frozen)."""
+    def commit(self, slots: Slots) -> None:
+        """Count the slots of :meth:`begin` as stored (unless frozen); a windowed cache evicts."""
         if self.frozen:
             return
-        n_new = new_positions.shape[1]
-        self._length += n_new
-        real = (new_positions >= 0).sum(dim=1)
-        self._next_position = self._next_position + real
+        self._length = slots.end
+        self._appended += slots.q_pos.shape[1]
+        self._next_position = self._next_position + (slots.q_pos >= 0).sum(dim=1)
         if self.window is not None:
             self._evict()
+
+
+def _grown(table: Tensor, used: int, capacity: int, fill: int) -> Tensor:
+    """``table`` ``[batch, n]`` widened to ``capacity`` columns, keeping the first ``used``."""
+    grown = table.new_full((table.shape[0], capacity), fill)
+    grown[:, :used] = table[:, :used]
+    return grown

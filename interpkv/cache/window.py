@@ -2,7 +2,9 @@
 
 A windowed cache (``window=W, sinks=S``) lets a query at position ``q`` attend a
 key at position ``k`` iff ``k < S`` (an attention sink) or ``k > q - W`` (inside
-the window), plus causality; that mask is :func:`interpkv.core.attention.allowed_keys`.
+the window), plus causality; :func:`in_window` is that rule, and every user of it
+(the attention mask :func:`interpkv.core.attention.allowed_keys`, eviction,
+validation of loaded files and crops) calls it.
 Every future query of a row comes after its newest stored position ``n``, so a
 key at ``S <= k <= n - W`` can never be attended again and is dropped. What
 stays is the first ``S`` and the last ``W`` positions of each row, so memory is
@@ -26,7 +28,24 @@ from torch import Tensor
 
 from interpkv._types import PAD_POSITION
 
-__all__ = ["kept_slots", "required_positions", "compaction_index", "compact_positions"]
+__all__ = ["in_window", "kept_slots", "required_positions", "compaction_index", "compact_positions"]
+
+
+def in_window(
+    key_pos: Int[Tensor, "..."], query_pos: Int[Tensor, "..."], window: Optional[int], sinks: int = 0
+) -> Bool[Tensor, "..."]:
+    """The window rule, written once: may a query at ``query_pos`` see a key at ``key_pos``?
+
+    True iff ``key_pos < sinks`` (an attention sink) or ``key_pos > query_pos -
+    window`` (inside the window); always True without a window. Causality and
+    padding are not part of it. Broadcasts like ``torch`` comparisons.
+
+    >>> in_window(torch.tensor([0, 1, 2, 3, 4]), torch.tensor(4), window=2, sinks=1).tolist()
+    [True, False, False, True, True]
+    """
+    if window is None:
+        return torch.ones(torch.broadcast_shapes(key_pos.shape, query_pos.shape), dtype=torch.bool, device=key_pos.device)
+    return (key_pos < sinks) | (key_pos > query_pos - window)
 
 
 def kept_slots(
@@ -54,7 +73,7 @@ def kept_slots(
     if window is None:
         return real
     newest = (next_positions - 1)[:, None]  # (B, 1)
-    return real & ((positions < sinks) | (positions > newest - window))
+    return real & in_window(positions, newest, window, sinks)
 
 
 def required_positions(
@@ -71,7 +90,7 @@ def required_positions(
     seen = p < m
     if window is None:
         return seen
-    return seen & ((p < sinks) | (p >= m - window))
+    return seen & in_window(p, m - 1, window, sinks)
 
 
 def compaction_index(

@@ -18,19 +18,20 @@ Cached and uncached calls run exactly this code; an uncached call just uses a
 fresh cache.
 """
 
-from typing import Callable, Dict, FrozenSet, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from interpkv.core import stephooks as _faultpoints
 
 from interpkv.core import tl as _tl
 
 from interpkv.core import prepared
-from interpkv.cache.kvcache import KVCache
+from interpkv.cache.kvcache import KVCache, Slots
+from interpkv.cache.window import in_window
+from interpkv.core.stephooks import StepHooks
 from interpkv.core.schemes import PositionalScheme
 
 __all__ = ["Step", "allowed_keys"]
@@ -59,48 +60,51 @@ def allowed_keys(
     if local_window is not None:
         allowed &= k > q - local_window
     if cache_window is not None:
-        allowed &= (k < sinks) | (k > q - cache_window)
+        allowed &= in_window(k, q, cache_window, sinks)
     return allowed[:, None]  # (B, 1, T, S)
 
 
 class Step:
-    """Shared state of one forward call through a cache (see module docstring)."""
+    """Shared state of one forward call through a cache (see module docstring).
+
+    Args:
+        cache: the cache the call reads and writes.
+        scheme: the model's positional scheme.
+        slots: what :meth:`KVCache.begin` returned for this call.
+        hooks: step hooks installed on the model (:mod:`interpkv.core.stephooks`),
+            None for the plain path.
+    """
 
     def __init__(
         self,
         cache: KVCache,
         scheme: PositionalScheme,
-        q_pos: Int[Tensor, "batch pos"],
-        k_pos: Int[Tensor, "batch kv_pos"],
-        start: int,
-        faults: FrozenSet[str] = frozenset(),
+        slots: Slots,
+        hooks: Optional[StepHooks] = None,
     ):
         self.cache = cache
         self.scheme = scheme
-        self.q_pos = q_pos
-        self.k_pos = k_pos
-        self.start = start
-        self.end = k_pos.shape[1]
-        # Injected bugs (interpkv.faults); empty unless a test asked for one.
-        self.faults = faults
-        self.bias_q_pos = q_pos
-        if faults:
-            self.bias_q_pos = _faultpoints.bias_positions(faults, cache, q_pos)
+        self.slots = slots
+        self.q_pos = slots.q_pos
+        self.k_pos = slots.k_pos
+        self.start = slots.start
+        self.end = slots.end
+        self.hooks = hooks
+        self.bias_q_pos = hooks.bias_positions(cache, slots.q_pos) if hooks else slots.q_pos
         self._masks: Dict[Optional[int], Tensor] = {}
 
     def mask(self, local_window: Optional[int]) -> Tensor:
         if local_window not in self._masks:
-            self._masks[local_window] = allowed_keys(
+            mask = allowed_keys(
                 self.q_pos,
                 self.k_pos,
                 local_window=local_window,
                 cache_window=self.cache.window,
                 sinks=self.cache.sinks,
             )
-            if self.faults:
-                self._masks[local_window] = _faultpoints.allowed(
-                    self.faults, self.cache, self.start, self._masks[local_window]
-                )
+            if self.hooks:
+                mask = self.hooks.allowed(self.cache, self.slots, mask)
+            self._masks[local_window] = mask
         return self._masks[local_window]
 
     def attention_for(self, layer: int, attn: torch.nn.Module) -> Callable[..., Tensor]:
@@ -116,8 +120,8 @@ class Step:
                 q = attn.hook_rot_q(scheme.rotate(layer, q, step.q_pos))
                 k = attn.hook_rot_k(scheme.rotate(layer, k, step.q_pos))
             layer_cache = step.cache.layers[layer]
-            if step.faults:
-                k, v = _faultpoints.stored_kv(step.faults, layer_cache, k, v)
+            if step.hooks:
+                k, v = step.hooks.stored_kv(layer_cache, k, v)
             layer_cache.write(step.start, k, v)
             keys, values = layer_cache.view(step.end)  # (B, kvh, S, d)
 

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv.core import stephooks as _faultpoints
+from interpkv.core import stephooks
 
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
@@ -69,17 +69,17 @@ def forward(
     inputs, mask = as_inputs(model, tokens, attention_mask)
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
-    faults = frozenset()  # interpkv.faults only ever touch a caller's cache
+    hooks = None  # step hooks (interpkv.faults) only ever touch a caller's cache
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=n_new)
     else:
         cache.check_compatible(model, batch, inputs.device)
-        faults = _faultpoints.active(model)
+        hooks = stephooks.installed(model)
 
     offsets = cache.next_positions
-    if faults:
-        offsets = _faultpoints.query_offsets(faults, cache)
-        _faultpoints.before_reserve(faults, model, cache)
+    if hooks:
+        offsets = hooks.query_offsets(cache, offsets)
+        hooks.before_step(model, cache)
     q_pos = absolute_positions(mask, offsets)
     limit = scheme.max_positions()
     if limit is not None and int(q_pos.max()) >= limit:
@@ -89,14 +89,13 @@ def forward(
             f"position {int(cache.next_positions.max()) - 1}). Crop the cache or use a "
             "windowed cache; positions are never wrapped or clamped."
         )
-    start = cache.reserve(n_new)
-    k_pos = cache.key_positions(q_pos)
-    step = Step(cache, scheme, q_pos, k_pos, start, faults)
+    slots = cache.begin(q_pos)
+    step = Step(cache, scheme, slots, hooks)
 
     # model.hooks() resets every hook point on exit (~1 ms): only pay it when needed.
-    hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
+    added = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
     replaced = _tl.attention_pairs(model, step.attention_for) + _tl.fast_mlps(model)
-    with hooks, _tl.forwards_replaced(replaced):
+    with added, _tl.forwards_replaced(replaced):
         if inputs.is_floating_point():
             embed = inputs
         else:
@@ -107,5 +106,5 @@ def forward(
         logits = model(
             residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed
         )
-    cache.commit(q_pos)
+    cache.commit(slots)
     return logits

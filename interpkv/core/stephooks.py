@@ -1,174 +1,109 @@
-"""The seam where :mod:`interpkv.faults` plugs known cache bugs into the core.
+"""The seam where code outside the core (``interpkv.faults``) can alter a cached forward.
 
-Core modules consult this module at a few named points, and only for a forward
-call that was given a cache by its caller (``interpkv.forward(..., cache=c)``).
-A ``cache=None`` call, the reference every comparison is made against, never
-sees a fault. With no fault active every point is skipped by an
-``if step.faults`` test, so the fault-free path is the plain core code, bit for
-bit.
+:class:`StepHooks` names the points a forward call through a caller's cache
+passes, each a no-op here. An object overriding some of them is installed on
+a model with :func:`install`; :func:`installed` returns what a forward must
+consult (None almost always, and then every point is skipped by an
+``if hooks`` test, so the plain path is the core code, bit for bit). A
+``cache=None`` call, the reference every comparison is made against, never
+consults them. The core never imports the module that defines the overrides.
 
 The points, in the order a forward call reaches them:
 
-- :func:`query_offsets` (forward.py): the per-row offset added to new tokens'
-  positions (``stale_position_offset``).
-- :func:`before_reserve` (forward.py): cache surgery before the new slots are
-  reserved (``zero_padded_resume`` appends zero slots once;
-  ``kv_heads_repeated_before_cache`` widens storage to ``n_heads``).
-- :func:`bias_positions` (attention.Step): query positions the ALiBi bias is
-  built from (``alibi_unsliced``).
-- :func:`allowed` (attention.Step.mask): which key slots are attended
-  (``no_cache_history``, ``zero_padded_resume``).
-- :func:`stored_kv` (attention): the key/value tensors written to the cache
-  (``kv_heads_repeated_before_cache``).
-
-The registry maps a model to the names injected on it (a
-``WeakKeyDictionary``: a model that is garbage-collected takes its faults
-with it). :mod:`interpkv.faults` is the public face.
+- :meth:`StepHooks.query_offsets`: the per-row offset added to the new tokens'
+  positions (``cache.next_positions`` normally).
+- :meth:`StepHooks.before_step`: cache surgery before the call's slots are
+  reserved.
+- :meth:`StepHooks.bias_positions`: query positions the ALiBi bias is built from.
+- :meth:`StepHooks.allowed`: which key slots are attended.
+- :meth:`StepHooks.stored_kv`: the key/value tensors written to the cache.
 """
 
 import weakref
-from collections import Counter
-from typing import FrozenSet, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from interpkv._types import PAD_POSITION
-
-__all__ = [
-    "NO_CACHE_HISTORY",
-    "STALE_POSITION_OFFSET",
-    "ALIBI_UNSLICED",
-    "ZERO_PADDED_RESUME",
-    "KV_HEADS_REPEATED",
-    "ALL",
-    "activate",
-    "deactivate",
-    "active",
-]
-
-NO_CACHE_HISTORY = "no_cache_history"
-STALE_POSITION_OFFSET = "stale_position_offset"
-ALIBI_UNSLICED = "alibi_unsliced"
-ZERO_PADDED_RESUME = "zero_padded_resume"
-KV_HEADS_REPEATED = "kv_heads_repeated_before_cache"
-ALL = (
-    NO_CACHE_HISTORY,
-    STALE_POSITION_OFFSET,
-    ALIBI_UNSLICED,
-    ZERO_PADDED_RESUME,
-    KV_HEADS_REPEATED,
-)
-
-ZERO_PAD_BLOCK = 16
-"""``zero_padded_resume`` pads the stored history up to the next multiple of
-this many slots (mlx-examples allocated in steps of 256; 16 keeps the zeros a
-large share of a short test prompt, which is when the real bug hurt most)."""
-
-_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Counter]" = weakref.WeakKeyDictionary()
-# Per cache: the (first, end) slots of zero padding appended by zero_padded_resume.
-_ZERO_SLOTS: "weakref.WeakKeyDictionary[object, Tuple[int, int]]" = weakref.WeakKeyDictionary()
-
-_EMPTY: FrozenSet[str] = frozenset()
+__all__ = ["StepHooks", "install", "uninstall", "installed"]
 
 
-def activate(model: torch.nn.Module, name: str) -> None:
-    if name not in ALL:
-        raise ValueError(f"unknown fault {name!r}; known faults: {', '.join(ALL)}")
-    _ACTIVE.setdefault(model, Counter())[name] += 1
+class StepHooks:
+    """No-op step hooks; subclasses override the points they change."""
+
+    def query_offsets(self, cache, offsets: Tensor) -> Tensor:
+        """Per-row offset of the new tokens' positions (``[batch]``)."""
+        return offsets
+
+    def before_step(self, model: torch.nn.Module, cache) -> None:
+        """Called before the cache reserves this call's slots."""
+
+    def bias_positions(self, cache, q_pos: Tensor) -> Tensor:
+        """Query positions the ALiBi bias rows are taken for (``[batch, pos]``)."""
+        return q_pos
+
+    def allowed(self, cache, slots, mask: Tensor) -> Tensor:
+        """Which key slots may be attended (``[batch, 1, pos, kv_pos]`` bool)."""
+        return mask
+
+    def stored_kv(self, layer_cache, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Keys and values as written to the cache, ``[batch, pos, kv_head, d_head]``."""
+        return k, v
 
 
-def deactivate(model: torch.nn.Module, name: str) -> None:
-    counts = _ACTIVE.get(model)
-    if counts is None or counts[name] == 0:
-        return
-    counts[name] -= 1
-    if counts[name] == 0:
-        del counts[name]
-    if not counts:
-        del _ACTIVE[model]
+class _Chain(StepHooks):
+    """Several installed hook objects applied in installation order."""
+
+    def __init__(self, hooks: List[StepHooks]):
+        self.hooks = hooks
+
+    def query_offsets(self, cache, offsets):
+        for h in self.hooks:
+            offsets = h.query_offsets(cache, offsets)
+        return offsets
+
+    def before_step(self, model, cache):
+        for h in self.hooks:
+            h.before_step(model, cache)
+
+    def bias_positions(self, cache, q_pos):
+        for h in self.hooks:
+            q_pos = h.bias_positions(cache, q_pos)
+        return q_pos
+
+    def allowed(self, cache, slots, mask):
+        for h in self.hooks:
+            mask = h.allowed(cache, slots, mask)
+        return mask
+
+    def stored_kv(self, layer_cache, k, v):
+        for h in self.hooks:
+            k, v = h.stored_kv(layer_cache, k, v)
+        return k, v
 
 
-def active(model: torch.nn.Module) -> FrozenSet[str]:
-    """Names of faults injected on ``model`` (empty almost always)."""
-    counts = _ACTIVE.get(model)
-    return frozenset(counts) if counts else _EMPTY
+# model -> installed hook objects (a model that is garbage-collected takes them with it).
+_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, List[StepHooks]]" = weakref.WeakKeyDictionary()
 
 
-# --------------------------------------------------------------- forward.py
-def query_offsets(faults: FrozenSet[str], cache) -> Tensor:
-    """Per-row offset of the new tokens' positions (``cache.next_positions`` normally)."""
-    if STALE_POSITION_OFFSET in faults:
-        # The offset is never advanced: every call places its tokens as if the
-        # cache were empty (x-transformers "feed only the last token" reports).
-        return torch.zeros_like(cache.next_positions)
-    return cache.next_positions
+def install(model: torch.nn.Module, hooks: StepHooks) -> None:
+    """Make ``model``'s forwards through a caller's cache consult ``hooks``."""
+    _INSTALLED.setdefault(model, []).append(hooks)
 
 
-def before_reserve(faults: FrozenSet[str], model: torch.nn.Module, cache) -> None:
-    """Cache surgery a faulty implementation would have done by now."""
-    if KV_HEADS_REPEATED in faults:
-        _widen_storage(model, cache)
-    if ZERO_PADDED_RESUME in faults and cache.seq_len > 0 and cache not in _ZERO_SLOTS:
-        _append_zero_slots(cache)
+def uninstall(model: torch.nn.Module, hooks: StepHooks) -> None:
+    """Undo one :func:`install` of ``hooks`` (no-op if it is not installed)."""
+    installed_hooks = _INSTALLED.get(model)
+    if installed_hooks and hooks in installed_hooks:
+        installed_hooks.remove(hooks)
+        if not installed_hooks:
+            del _INSTALLED[model]
 
 
-def _widen_storage(model: torch.nn.Module, cache) -> None:
-    n_heads = int(model.cfg.n_heads)
-    for layer in cache.layers:
-        kv_heads = layer.keys.shape[1]
-        if kv_heads == n_heads:
-            continue
-        # Tiled (head h holds kv head h % kv_heads), the layout mistake: the
-        # model shares kv head h // group among consecutive query heads.
-        layer.keys = layer.keys.repeat(1, n_heads // kv_heads, 1, 1)
-        layer.values = layer.values.repeat(1, n_heads // kv_heads, 1, 1)
-    # The storage really holds n_heads heads now; nbytes reads this field.
-    cache.signature = dict(cache.signature, kv_heads=n_heads)
-
-
-def _append_zero_slots(cache) -> None:
-    n_zero = ZERO_PAD_BLOCK - cache.seq_len % ZERO_PAD_BLOCK  # 1..ZERO_PAD_BLOCK
-    start = cache.reserve(n_zero)
-    pad = torch.full(
-        (cache.batch_size, n_zero), PAD_POSITION, dtype=torch.long, device=cache.device
-    )
-    cache.key_positions(pad)
-    for layer in cache.layers:
-        zeros = layer.keys.new_zeros(
-            (cache.batch_size, n_zero, layer.keys.shape[1], layer.keys.shape[3])
-        )
-        layer.write(start, zeros, zeros)
-    cache.commit(pad)
-    _ZERO_SLOTS[cache] = (start, start + n_zero)
-
-
-# ------------------------------------------------------------- attention.py
-def bias_positions(faults: FrozenSet[str], cache, q_pos: Tensor) -> Tensor:
-    """Query positions the ALiBi bias rows are taken for (``q_pos`` normally)."""
-    if ALIBI_UNSLICED in faults:
-        # Rows [:query_ctx] of the bias matrix: the first positions, as if the
-        # cached keys were not there (TransformerLens #776).
-        offsets = cache.next_positions[:, None]  # (B, 1), not yet committed
-        return torch.where(q_pos >= 0, q_pos - offsets, q_pos)
-    return q_pos
-
-
-def allowed(faults: FrozenSet[str], cache, start: int, mask: Tensor) -> Tensor:
-    """Which key slots may be attended (``mask`` normally)."""
-    if NO_CACHE_HISTORY in faults and start > 0:
-        mask = mask.clone()
-        mask[..., :start] = False  # the stored history is never read
-    zero = _ZERO_SLOTS.get(cache) if ZERO_PADDED_RESUME in faults else None
-    if zero is not None:
-        mask = mask.clone()
-        mask[..., zero[0] : zero[1]] = True  # the zero slots count as real history
-    return mask
-
-
-def stored_kv(faults: FrozenSet[str], layer_cache, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """Keys and values as written to the cache, ``[batch, pos, heads, d_head]``."""
-    if KV_HEADS_REPEATED in faults:
-        repeat = layer_cache.keys.shape[1] // k.shape[2]
-        return k.repeat(1, 1, repeat, 1), v.repeat(1, 1, repeat, 1)  # tiled heads
-    return k, v
+def installed(model: torch.nn.Module) -> Optional[StepHooks]:
+    """What a forward through a caller's cache must consult: None when nothing is installed."""
+    hooks = _INSTALLED.get(model)
+    if not hooks:
+        return None
+    unique = list(dict.fromkeys(hooks))  # the same object installed twice (nested) acts once
+    return unique[0] if len(unique) == 1 else _Chain(unique)

@@ -1,5 +1,7 @@
 """interpkv.compare_generation: per-step cached-vs-uncached agreement of greedy generation."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,14 +42,15 @@ def test_a_broken_cache_diverges_at_the_first_cached_step(monkeypatch):
     """Without the `capture` branch's faults: a cache that forgets its history."""
     m = model("gpt2", torch.float64)
     tokens, mask = prompts(m.cfg.d_vocab)
-    original = interpkv.KVCache.key_positions
+    original = interpkv.KVCache.begin
 
-    def forgetful(self, new_positions):  # stored keys look like padding from step 1 on
-        k_pos = original(self, new_positions).clone()
-        k_pos[:, : self.seq_len] = -1
-        return k_pos
+    def forgetful(self, q_pos):  # stored keys look like padding from step 1 on
+        slots = original(self, q_pos)
+        k_pos = slots.k_pos.clone()
+        k_pos[:, : slots.start] = -1
+        return dataclasses.replace(slots, k_pos=k_pos)
 
-    monkeypatch.setattr(interpkv.KVCache, "key_positions", forgetful)
+    monkeypatch.setattr(interpkv.KVCache, "begin", forgetful)
     diff = interpkv.compare_generation(m, tokens, attention_mask=mask, max_new_tokens=4)
     assert diff.first_divergent_step == 1
     assert diff.logits_max_abs[0] < 1e-10  # the prompt step reads no history

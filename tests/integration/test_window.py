@@ -143,3 +143,30 @@ def test_frozen_windowed_cache_evicts_nothing():
     assert torch.equal(cache.positions, before)
     want = reference(model, list(range(6)) + [7, 8], 3, 1)[-2:]
     assert (a[0] - want).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("scheme", ["gpt2", "llama", "bloom"])
+def test_capture_through_an_evicting_cache_records_keys_at_their_positions(scheme):
+    """Token-by-token steps evict as many slots as they add; keys must keep their positions.
+
+    Regression: capture tracked key positions by slot count, so once eviction
+    kept the length constant, query 19's keys came out as [0..7, 19] instead of
+    [0, 1, 14..19]. The one-call windowed capture (no eviction inside a call)
+    is the reference.
+    """
+    model = interpkv.zoo.load(scheme, dtype=torch.float64)
+    tokens = torch.arange(3, 23)[None]
+    window, sinks = 6, 2
+
+    def windowed():
+        return interpkv.KVCache.for_model(model, window=window, sinks=sinks)
+
+    stepped = interpkv.capture(model, tokens, cache=windowed(), steps=[8] + [1] * 12, names="hook_pattern")
+    one_call = interpkv.capture(model, tokens, cache=windowed(), names="hook_pattern")
+    pattern = stepped["blocks.0.attn.hook_pattern"][0, 0, 19]  # (P,)
+    attended = (~torch.isnan(pattern) & (pattern > 0)).nonzero().flatten().tolist()
+    assert attended == [0, 1, 14, 15, 16, 17, 18, 19]
+    # Evicted keys are absent (NaN) in the stepped run and masked (0) in the one-call run.
+    for name in one_call:
+        a, b = stepped[name].nan_to_num(0.0), one_call[name].nan_to_num(0.0)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
