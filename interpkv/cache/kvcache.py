@@ -7,11 +7,10 @@ history again on every step), and its position is recorded alongside it in
 :attr:`KVCache.positions`, which rotary, ALiBi, windows and capture all read.
 """
 
-import contextlib
 import os
 from dataclasses import dataclass
 import weakref
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 from jaxtyping import Int
@@ -19,10 +18,10 @@ from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv._types import PAD_POSITION
-from interpkv.errors import CacheMismatchError
 from interpkv.cache.layer import LayerCache
-from interpkv.core.schemes import scheme_for
-from interpkv.cache.window import compact_positions, compaction_index, kept_slots, required_positions
+from interpkv.cache.lifecycle import CacheLifecycle
+from interpkv.cache.signature import check_compatible, describe, model_signature
+from interpkv.cache.window import compact_positions, compaction_index, kept_slots
 
 __all__ = ["KVCache", "Slots", "model_signature"]
 
@@ -51,29 +50,7 @@ class Slots:
         return self.start + self.q_pos.shape[1]
 
 
-def model_signature(model: "_tl.HookedTransformer") -> dict:
-    """The architecture fields that decide a cache's layout and meaning."""
-    cfg = model.cfg
-    return {
-        "architecture": str(cfg.original_architecture),
-        "n_layers": int(cfg.n_layers),
-        "n_heads": int(cfg.n_heads),
-        "kv_heads": _tl.kv_head_count(cfg),
-        "d_head": int(cfg.d_head),
-        "d_model": int(cfg.d_model),
-        "n_ctx": int(cfg.n_ctx),
-        "positional": scheme_for(model).describe(),
-    }
-
-
-def _describe(sig: dict) -> str:
-    return (
-        f"{sig['architecture']} ({sig['n_layers']} layers, {sig['kv_heads']} kv heads x "
-        f"d_head {sig['d_head']}, {sig['positional']})"
-    )
-
-
-class KVCache:
+class KVCache(CacheLifecycle):
     """Key/value cache for a TransformerLens ``HookedTransformer``.
 
     Each row of the batch has its own absolute positions (left padding and
@@ -222,122 +199,8 @@ class KVCache:
         window = "" if self.window is None else f", window={self.window}, sinks={self.sinks}"
         return (
             f"KVCache(batch_size={self.batch_size}, seq_len={self.seq_len}, "
-            f"dtype={self.dtype}, {_describe(self.signature)}{window}, nbytes={self.nbytes})"
+            f"dtype={self.dtype}, {describe(self.signature)}{window}, nbytes={self.nbytes})"
         )
-
-    # ----------------------------------------------------------- lifecycle
-    @contextlib.contextmanager
-    def freeze(self) -> Iterator["KVCache"]:
-        """Context manager: forwards inside read the cache but append nothing.
-
-        Inside the block every forward attends to the stored keys plus its own
-        new tokens, exactly as an unfrozen forward would, but nothing is stored
-        and no position advances, so each call sees the same history (useful to
-        score many candidate continuations of one prefix). Lifecycle calls that
-        change the cache (``crop``) raise inside the block.
-
-        Returns:
-            The same cache (for ``with cache.freeze() as c:``).
-
-        >>> with cache.freeze():
-        ...     a = interpkv.forward(model, torch.tensor([[4]]), cache=cache)
-        ...     b = interpkv.forward(model, torch.tensor([[4]]), cache=cache)  # same as a
-        """
-        self._frozen += 1
-        try:
-            yield self
-        finally:
-            self._frozen -= 1
-
-    def crop(self, n: int) -> None:
-        """Keep the first ``n`` stored slots of every row, in place; returns None.
-
-        ``n`` counts slots (:attr:`seq_len`), padding slots included. Each row's
-        next position becomes one past its last kept real position, so the next
-        token continues right after the kept ones. To drop the last ``k`` tokens
-        of rows fed without padding since then: ``cache.crop(cache.seq_len - k)``.
-
-        Args:
-            n: slots to keep, ``0 <= n <= seq_len``.
-
-        Raises:
-            ValueError: ``n`` out of range; or, for a windowed cache, cropping
-                would need keys the window already evicted (keep a
-                :meth:`fork` from before the point you want to return to).
-            RuntimeError: the cache is frozen.
-
-        >>> cache.crop(cache.seq_len - 1)  # forget the last token
-        """
-        if self.frozen:
-            raise RuntimeError("cannot crop a frozen cache: crop after the `with cache.freeze()` block")
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self._length:
-            raise ValueError(
-                f"crop(n) keeps the first n of the {self._length} stored slots: n must be an int "
-                f"in [0, {self._length}], got {n!r}"
-            )
-        kept = self._positions[:, :n]  # (B, n)
-        if n:
-            next_positions = kept.max(dim=1).values + 1  # padding only -> -1 + 1 = 0
-        else:
-            next_positions = torch.zeros_like(self._next_position)
-        if self.window is not None:
-            self._check_holds_required(kept, next_positions, "crop({n})".format(n=n))
-        self._positions[:, n : self._length] = PAD_POSITION
-        self._length = n
-        self._next_position = next_positions
-
-    def fork(self) -> "KVCache":
-        """An independent deep copy: appending to either never changes the other.
-
-        Returns:
-            A new :class:`KVCache` bound to the same model (not frozen), holding
-            the same slots in the same layout.
-
-        >>> branch = cache.fork()
-        >>> _ = interpkv.forward(model, torch.tensor([[9]]), cache=branch)  # cache is unchanged
-        """
-        return self._take_rows(torch.arange(self.batch_size, device=self.device))
-
-    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, "n"]]) -> "KVCache":
-        """A new cache holding rows ``batch_indices`` (in that order; repeats allowed).
-
-        The original is unchanged. The slot layout is kept (``seq_len`` stays).
-
-        Args:
-            batch_indices: row indices in ``[0, batch_size)``, a sequence of ints
-                or a 1-D integer tensor, at least one.
-
-        Returns:
-            A new :class:`KVCache` with ``len(batch_indices)`` rows.
-
-        Raises:
-            TypeError: indices that are not integers (a bool mask, floats).
-            ValueError: no index, or an index outside ``[0, batch_size)``.
-
-        >>> second = cache.select([1])
-        """
-        return self._take_rows(self._validated_rows(batch_indices))
-
-    def repeat(self, n: int) -> "KVCache":
-        """A new cache with each row repeated ``n`` times, row-major.
-
-        Rows come out as ``[r0] * n + [r1] * n + ...`` (like
-        ``torch.repeat_interleave``), so row ``b * n + i`` is the ``i``-th copy of
-        row ``b``. Use it to run ``n`` continuations of one prompt without
-        recomputing the prompt. The original is unchanged.
-
-        Args:
-            n: copies per row, ``>= 1``.
-
-        Returns:
-            A new :class:`KVCache` with ``batch_size * n`` rows.
-
-        >>> many = cache.repeat(4)  # 4 continuations of every row
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"repeat(n) needs an int n >= 1 (copies per row), got {n!r}")
-        rows = torch.arange(self.batch_size, device=self.device).repeat_interleave(n)
-        return self._take_rows(rows)
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Write the stored slots to a safetensors file, atomically; returns None.
@@ -375,33 +238,6 @@ class KVCache:
         return persist.load_cache(path, model)
 
     # ------------------------------------------------------------ internals
-    def _validated_rows(self, batch_indices) -> Tensor:
-        if isinstance(batch_indices, Tensor):
-            if batch_indices.dtype == torch.bool or batch_indices.is_floating_point():
-                raise TypeError(
-                    f"select() takes integer row indices, got a {batch_indices.dtype} tensor; "
-                    "for a boolean row mask pass mask.nonzero().flatten()"
-                )
-            if batch_indices.ndim != 1:
-                raise ValueError(
-                    f"select() takes a 1-D list of row indices, got shape {tuple(batch_indices.shape)}"
-                )
-            rows = batch_indices.tolist()
-        else:
-            rows = list(batch_indices)
-            bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int)]
-            if bad:
-                raise TypeError(f"select() takes integer row indices, got {bad[:3]!r}")
-        if not rows:
-            raise ValueError("select() needs at least one row index; a cache has >= 1 row")
-        outside = [r for r in rows if not 0 <= r < self.batch_size]
-        if outside:
-            raise ValueError(
-                f"row indices {outside[:5]} are outside [0, {self.batch_size}) for a cache "
-                f"with batch_size={self.batch_size}"
-            )
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
-
     def _take_rows(self, rows: Tensor) -> "KVCache":
         layers = [layer.take(rows, self._length) for layer in self.layers]
         return self._with_storage(
@@ -433,26 +269,6 @@ class KVCache:
         self._slot_ids = slot_ids.clone()
         self._appended = int(slot_ids.max()) + 1 if slot_ids.numel() else 0
 
-    def _check_holds_required(self, positions: Tensor, next_positions: Tensor, what: str) -> None:
-        """Raise unless every row holds each position its next query may attend."""
-        limit = int(next_positions.max()) if next_positions.numel() else 0
-        required = required_positions(next_positions, self.window, self.sinks, limit)  # (B, L)
-        present = torch.zeros_like(required)
-        real = positions >= 0
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
-        present[rows[real], positions[real]] = True
-        missing = required & ~present
-        if bool(missing.any()):
-            row = int(missing.any(dim=1).nonzero()[0])
-            lost = missing[row].nonzero().flatten().tolist()
-            raise ValueError(
-                f"{what} would leave row {row} continuing at position "
-                f"{int(next_positions[row])} without positions {lost[:6]}, which the window "
-                f"(window={self.window}, sinks={self.sinks}) already evicted; a windowed "
-                "cache cannot be cropped back past its window. Keep a fork() from the point "
-                "you want to return to."
-            )
-
     def _evict(self) -> None:
         """Drop slots no future query can attend (window), compacting rows in place."""
         length = self._length
@@ -473,36 +289,7 @@ class KVCache:
     # ------------------------------------------------------ forward protocol
     def check_compatible(self, model: "_tl.HookedTransformer", batch: int, device) -> None:
         """Raise :class:`CacheMismatchError` unless this cache fits ``model`` and ``batch``."""
-        bound = self._model_ref()
-        if bound is not model:
-            theirs = model_signature(model)
-            if theirs != self.signature:
-                raise CacheMismatchError(
-                    f"this KVCache was made for {_describe(self.signature)} but the model "
-                    f"passed is {_describe(theirs)}; create a cache with "
-                    "interpkv.KVCache.for_model(model)."
-                )
-            raise CacheMismatchError(
-                "this KVCache was made for another HookedTransformer object (same "
-                f"architecture, {_describe(theirs)}, possibly different weights); its keys "
-                "mean nothing to this model: create a cache with interpkv.KVCache.for_model(model)."
-            )
-        if model.cfg.dtype != self.dtype:
-            raise CacheMismatchError(
-                f"cache dtype is {self.dtype} but the model now runs in {model.cfg.dtype}; "
-                "make a new cache after changing the model's dtype."
-            )
-        if batch != self.batch_size:
-            raise CacheMismatchError(
-                f"the cache holds {self.batch_size} rows but the tokens have batch {batch}; "
-                "use cache.select(indices) or cache.repeat(n) to reshape the cache, or make "
-                f"one with KVCache.for_model(model, batch_size={batch})."
-            )
-        if torch.device(device).type != self.device.type:
-            raise CacheMismatchError(
-                f"the cache lives on {self.device} but the tokens are on {device}; "
-                "move the tokens (or make the cache on the model's device)."
-            )
+        check_compatible(self, model, batch, device)
 
     def begin(self, q_pos: Int[Tensor, "batch pos"]) -> Slots:
         """Reserve slots for one forward's new tokens and say where everything goes.

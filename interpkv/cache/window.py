@@ -28,7 +28,14 @@ from torch import Tensor
 
 from interpkv._types import PAD_POSITION
 
-__all__ = ["in_window", "kept_slots", "required_positions", "compaction_index", "compact_positions"]
+__all__ = [
+    "in_window",
+    "kept_slots",
+    "required_positions",
+    "check_holds_required",
+    "compaction_index",
+    "compact_positions",
+]
 
 
 def in_window(
@@ -126,3 +133,26 @@ def compact_positions(
     """Positions after :func:`compaction_index`: gathered, ``-1`` where not real."""
     gathered = positions.gather(1, index)
     return torch.where(real, gathered, torch.full_like(gathered, PAD_POSITION))
+
+
+def check_holds_required(
+    positions: Tensor, next_positions: Tensor, window: Optional[int], sinks: int, what: str
+) -> None:
+    """Raise unless every row holds each position its next query may attend."""
+    limit = int(next_positions.max()) if next_positions.numel() else 0
+    required = required_positions(next_positions, window, sinks, limit)  # (B, L)
+    present = torch.zeros_like(required)
+    real = positions >= 0
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+    present[rows[real], positions[real]] = True
+    missing = required & ~present
+    if bool(missing.any()):
+        row = int(missing.any(dim=1).nonzero()[0])
+        lost = missing[row].nonzero().flatten().tolist()
+        raise ValueError(
+            f"{what} would leave row {row} continuing at position "
+            f"{int(next_positions[row])} without positions {lost[:6]}, which the window "
+            f"(window={window}, sinks={sinks}) already evicted; a windowed "
+            "cache cannot be cropped back past its window. Keep a fork() from the point "
+            "you want to return to."
+        )
