@@ -7,8 +7,8 @@ which is what ``tests/integration/test_report_browser.py`` counts in headless
 Chromium. Like :mod:`interpkv.plot`, nothing here runs a model: the report
 consumes results that :mod:`interpkv.cli.checks` computed.
 
->>> from interpkv import checks, report                          # doctest: +SKIP
->>> report.write("report.html", checks=checks.check_zoo(["gpt2"]))  # doctest: +SKIP
+>>> from interpkv.cli import checks, html                        # doctest: +SKIP
+>>> html.write("report.html", checks=checks.check_zoo(["gpt2"]))   # doctest: +SKIP
 """
 
 import datetime
