@@ -185,6 +185,11 @@ class KVCache:
             f"dtype={self.dtype}, {_describe(self.signature)}{window}, nbytes={self.nbytes})"
         )
 
+    def _repr_html_(self) -> str:
+        from interpkv._repr import kvcache_html
+
+        return kvcache_html(self)
+
     # ----------------------------------------------------------- lifecycle
     @contextlib.contextmanager
     def freeze(self) -> Iterator["KVCache"]:
