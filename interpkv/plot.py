@@ -217,7 +217,7 @@ def first_divergence(
     # Shapes take data coordinates on a log axis, annotations take log10 of them.
     fig.add_vline(x=atol, **_TOL_LINE)
     fig.add_annotation(
-        x=math.log10(atol) if drawn["log"] else atol, xref="x", y=0, yref="y domain", yanchor="top",
+        x=math.log10(atol) if drawn["log"] else atol, xref="x", y=1, yref="y domain", yanchor="bottom",
         text=f"atol {atol:g}", showarrow=False, font={"color": "gray", "size": 10},
     )
     if site is None:
@@ -282,7 +282,7 @@ def generation(gen_diff: GenerationDiff):
     )
     if not drawn["log"] and gen_diff.n_steps and all(v == 0 for v in gen_diff.logits_max_abs):
         fig.add_annotation(
-            x=0.5, xref="x domain", y=1, yref="y domain", text="every step exactly 0", showarrow=False
+            x=0.5, xref="x domain", y=0.5, yref="y domain", text="every step exactly 0", showarrow=False
         )
     fig.add_trace(go.Scatter(x=steps, y=gen_diff.kl, name="kl"), 2, 1)
     fig.add_trace(
