@@ -44,7 +44,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Tuple[str, str]]]) ->
         "<tr>" + "".join(f'<td class="{cls}">{_esc(text)}</td>' for cls, text in row) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def _verdict(ok: bool, yes: str = "PASS", no: str = "FAIL") -> Tuple[str, str]:
