@@ -7,6 +7,7 @@ their numbers (hover text, ``customdata``) so a saved HTML file
 offline) is a complete record.
 """
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -19,6 +20,35 @@ from interpkv.diagnostics.record import split_hook_name
 __all__ = ["divergence_heatmap", "first_divergence", "generation", "heatmap_cells"]
 
 _LOG_FLOOR = -20.0  # log10 shown for an exact zero (float64 round-off is ~1e-16)
+_TOL_LINE = {"line_color": "gray", "line_dash": "dot"}
+
+
+def log_series(values: List[float]) -> dict:
+    """How an error series is drawn on a log axis without hiding any entry.
+
+    A log axis cannot show 0 or inf, so: exact zeros are drawn at a floor a
+    decade below the smallest positive value (text ``"0"``), infinite errors
+    at a cap a decade above the largest finite one (text ``"inf"``); NaN
+    (no such site) stays a gap. A series with no positive finite value at all
+    is drawn on a linear axis (``log`` False) instead of an empty log panel.
+
+    Returns:
+        ``{"y": [...], "text": [...], "log": bool}``.
+    """
+    finite = [v for v in values if v == v and 0 < v < float("inf")]
+    if not finite and not any(v == float("inf") for v in values):
+        return {"y": list(values), "text": ["0" if v == 0 else "" for v in values], "log": False}
+    floor = min(finite) / 10 if finite else 1e-20
+    cap = max(finite) * 10 if finite else 1.0
+    y, text = [], []
+    for v in values:
+        if v == float("inf"):
+            y.append(cap), text.append("inf")
+        elif v == 0:
+            y.append(floor), text.append("0")
+        else:
+            y.append(v), text.append("")
+    return {"y": y, "text": text, "log": True}
 
 
 def heatmap_cells(report: DivergenceReport) -> Dict[str, dict]:
@@ -121,7 +151,16 @@ def divergence_heatmap(report: DivergenceReport):
         title=f"max |a-b|: {shown}" if families else "max |a-b|",
         xaxis_title="absolute position",
         yaxis_title="layer",
-        updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.15, "xanchor": "right"}],
+        # ``active`` is the button shown as selected: the family actually drawn.
+        updatemenus=[
+            {
+                "buttons": buttons,
+                "active": families.index(shown) if shown in families else 0,
+                "x": 1.0,
+                "y": 1.15,
+                "xanchor": "right",
+            }
+        ],
     )
     return fig
 
@@ -131,20 +170,27 @@ def first_divergence(
 ):
     """Largest error of each hook in forward order, the first divergent hook marked.
 
+    Horizontal bars, one per hook (names read without rotation), the first hook
+    at the top. Infinite errors (an entry present or finite in one run only)
+    are drawn at a cap and labelled ``inf``; exact zeros at a floor labelled
+    ``0``; a report with no error at all is drawn on a linear axis. A dotted
+    line marks ``atol`` (a site diverges above ``atol + rtol * |reference|``).
+
     Args:
         report: a :class:`~interpkv.diagnostics.diff.DivergenceReport`.
         atol, rtol: tolerance deciding which hooks diverge.
 
     Returns:
-        A ``plotly.graph_objects.Figure``: one bar per hook (``x`` = hook
-        names in forward order, ``y`` = ``report.hook_max_abs()``), red for
-        the first divergent hook, orange for later divergent ones, with the
-        site annotated.
+        A ``plotly.graph_objects.Figure``: one bar (``y`` = hook names in
+        forward order, ``customdata`` = ``report.hook_max_abs()`` values, ``x``
+        = those values as drawn), red for the first divergent hook, orange for
+        later divergent ones.
     """
     import plotly.graph_objects as go
 
     per_hook = report.hook_max_abs()
     hooks = list(per_hook)
+    values = [per_hook[h] for h in hooks]
     site = report.first_divergence(atol=atol, rtol=rtol)
     colors = []
     for hook in hooks:
@@ -154,26 +200,40 @@ def first_divergence(
             colors.append("orange")
         else:
             colors.append("steelblue")
+    drawn = log_series(values)
     fig = go.Figure(
         go.Bar(
-            x=hooks,
-            y=[per_hook[h] for h in hooks],
+            y=hooks,
+            x=drawn["y"],
+            orientation="h",
+            customdata=values,
+            text=drawn["text"],
+            textposition="outside",
             marker_color=colors,
-            hovertemplate="%{x}<br>max |a-b| %{y:.3g}<extra></extra>",
+            hovertemplate="%{y}<br>max |a-b| %{customdata:.3g}<extra></extra>",
             name="max |a-b|",
         )
     )
-    title = "no divergence" if site is None else (
-        f"first divergence: {site.hook} at pos {site.pos} (row {site.batch}), "
-        f"max_abs {site.max_abs:.3g}, rel {site.rel:.3g}"
+    # Shapes take data coordinates on a log axis, annotations take log10 of them.
+    fig.add_vline(x=atol, **_TOL_LINE)
+    fig.add_annotation(
+        x=math.log10(atol) if drawn["log"] else atol, xref="x", y=1, yref="y domain", yanchor="bottom",
+        text=f"atol {atol:g}", showarrow=False, font={"color": "gray", "size": 10},
     )
-    if site is not None:
-        fig.add_annotation(x=site.hook, y=1, yref="paper", text="first divergence", showarrow=True)
+    if site is None:
+        title = "no divergence"
+    else:
+        title = (
+            f"first divergence: {site.hook} @ pos {site.pos}<br><sup>row {site.batch}, "
+            f"max_abs {site.max_abs:.3g}, rel {site.rel:.3g}; atol={atol:g}, rtol={rtol:g}</sup>"
+        )
     fig.update_layout(
-        title=f"{title} (atol={atol:g}, rtol={rtol:g})",
-        yaxis_type="log",
-        yaxis_title="max |a-b| over positions",
-        xaxis_tickangle=-60,
+        title=title,
+        xaxis_type="log" if drawn["log"] else "linear",
+        xaxis_title="max |a-b| over positions",
+        yaxis={"autorange": "reversed", "automargin": True, "tickfont": {"size": 10}},
+        height=160 + 15 * len(hooks),
+        margin={"t": 80},
     )
     return fig
 
@@ -199,14 +259,38 @@ def generation(gen_diff: GenerationDiff):
         shared_xaxes=True,
         subplot_titles=("max |logit a - logit b|", "KL(b || a)", "top-1 token agrees"),
     )
-    fig.add_trace(go.Scatter(x=steps, y=gen_diff.logits_max_abs, name="logits_max_abs"), 1, 1)
+    drawn = log_series(gen_diff.logits_max_abs)
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=drawn["y"],
+            customdata=gen_diff.logits_max_abs,
+            text=[s if s == "inf" else "" for s in drawn["text"]],
+            mode="lines+markers+text" if "inf" in drawn["text"] else "lines+markers",
+            textposition="top center",
+            hovertemplate="step %{x}<br>max |a-b| %{customdata:.3g}<extra></extra>",
+            name="logits_max_abs",
+        ),
+        1,
+        1,
+    )
+    fig.add_hline(y=gen_diff.atol, row=1, col=1, **_TOL_LINE)
+    fig.add_annotation(
+        x=1, xref="x domain", y=math.log10(gen_diff.atol) if drawn["log"] else gen_diff.atol, yref="y",
+        xanchor="right", yanchor="bottom", text=f"atol {gen_diff.atol:g}", showarrow=False,
+        font={"color": "gray", "size": 10},
+    )
+    if not drawn["log"] and gen_diff.n_steps and all(v == 0 for v in gen_diff.logits_max_abs):
+        fig.add_annotation(
+            x=0.5, xref="x domain", y=0.5, yref="y domain", text="every step exactly 0", showarrow=False
+        )
     fig.add_trace(go.Scatter(x=steps, y=gen_diff.kl, name="kl"), 2, 1)
     fig.add_trace(
         go.Scatter(x=steps, y=[int(a) for a in gen_diff.top1_agree], name="top1_agree", mode="markers"),
         3,
         1,
     )
-    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_yaxes(type="log" if drawn["log"] else "linear", row=1, col=1)
     fig.update_yaxes(range=[-0.1, 1.1], tickvals=[0, 1], ticktext=["no", "yes"], row=3, col=1)
     if gen_diff.first_divergent_step is not None:
         for row in (1, 2, 3):

@@ -202,6 +202,11 @@ class KVCache(CacheLifecycle):
             f"dtype={self.dtype}, {describe(self.signature)}{window}, nbytes={self.nbytes})"
         )
 
+    def _repr_html_(self) -> str:
+        from interpkv._repr import kvcache_html
+
+        return kvcache_html(self)
+
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Write the stored slots to a safetensors file, atomically; returns None.
 

@@ -5,7 +5,8 @@ comparison where a twin exists) on zoo models or on local HF model
 directories. ``demo`` runs the zoo check, the bug zoo (every known cache bug
 injected and localized) and, when trained weights ship, a greedy generation
 with the cache on and off. Both print rich tables and exit 0 only when every
-check passes (exit 1: a check failed, 2: bad arguments).
+check passes (exit 1: a check failed, 2: bad arguments or an error, reported
+on one stderr line; ``--debug`` shows the traceback instead).
 """
 
 import argparse
@@ -49,6 +50,7 @@ def _check_table(results, title: str):
     table.add_column("verdict", no_wrap=True)
     for r in results:
         hf = "-" if r.max_dlogit_hf is None else f"{r.max_dlogit_hf:.2e}"
+        hf = hf + "*" if r.hf_note else hf
         table.add_row(r.model, r.scheme, f"{r.max_dlogit:.2e}", hf, r.first_divergence_label, _pass(r.ok))
     return table
 
@@ -82,29 +84,44 @@ def _progress(items: Sequence, run: Callable, description: str) -> list:
     return results
 
 
-def _resolve(models: Sequence[str]) -> List[str]:
-    """Zoo names and HF directories as given; raises ValueError on anything else."""
-    from interpkv import zoo
+class _Failure(Exception):
+    """An error already worded as the one line the user sees (exit 2)."""
 
-    bad = [m for m in models if m not in zoo.names() and not os.path.isdir(m)]
-    if bad:
-        raise ValueError(
-            f"unknown model(s) {bad}: give zoo names ({', '.join(zoo.names())}) or local "
-            "HuggingFace model directories (written by model.save_pretrained(dir))"
-        )
+
+def _resolve(models: Sequence[str]) -> List[str]:
+    """Zoo names and HF directories as given; raises ValueError (one line) on anything else."""
+    from interpkv import zoo
+    from interpkv.cli.inputs import check_model_dir
+
+    for model in models:
+        if model not in zoo.names():
+            check_model_dir(model, zoo.names())
     return list(models) or zoo.names()
 
 
-def _run_checks(models: Sequence[str], dtype) -> list:
+def _run_checks(models: Sequence[str], dtype, debug: bool = False) -> list:
     from interpkv import zoo
     from interpkv.cli.checks import check_hf_dir, check_zoo
+    from interpkv.cli.inputs import load_error, quiet_hf
 
     def one(model: str):
         if model in zoo.names():
             return check_zoo([model], dtype=dtype)[0]
-        return check_hf_dir(model, dtype=dtype)
+        try:
+            with quiet_hf():
+                return check_hf_dir(model, dtype=dtype)
+        except Exception as exc:  # HF / TransformerLens errors run over many lines
+            if debug:
+                raise
+            raise _Failure(load_error(model, exc)) from exc
 
     return _progress(models, one, "checking")
+
+
+def _error(message: str) -> int:
+    """Print the one-line error and return exit status 2."""
+    print(f"interpkv: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _verdict_line(console, parts: List[str], ok: bool) -> None:
@@ -112,26 +129,29 @@ def _verdict_line(console, parts: List[str], ok: bool) -> None:
     console.print(f"verdict: {word}: " + "; ".join(parts))
 
 
-def _check(models: Sequence[str], dtype_name: str, html: Optional[str]) -> int:
+def _hf_notes(console, results) -> None:
+    for r in results:
+        if r.hf_note:
+            console.print(f"* {r.model}: {r.hf_note}; vs HF judged on the other rows", markup=False)
+
+
+def _check(models: Sequence[str], dtype_name: str, html: Optional[str], debug: bool = False) -> int:
     import torch
 
-    try:
-        models = _resolve(models)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    from interpkv.cli.inputs import check_writable
+
+    models = _resolve(models)  # ValueError: one line, exit 2 (see main)
+    if html:
+        check_writable(html)  # before the checks run, not after
     dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
     console = _console()
-    try:
-        results = _run_checks(models, dtype)
-    except ValueError as exc:  # e.g. a directory without config.json
-        print(exc, file=sys.stderr)
-        return 2
+    results = _run_checks(models, dtype, debug)
     console.print(_check_table(results, f"interpkv: cached vs uncached vs HuggingFace ({dtype_name})"))
+    _hf_notes(console, results)
     if html:
         from interpkv.cli import html as report
 
-        report.write(html, checks=results, title="interpkv check")
+        report.write(html, checks=results, title="interpkv check", command=_command(), dtype=dtype_name)
         console.print(f"report: {html}")
     failed = [r.model for r in results if not r.ok]
     passed = f"{len(results) - len(failed)}/{len(results)} models equivalent"
@@ -144,10 +164,14 @@ def _demo(html: Optional[str]) -> int:
 
     from interpkv import zoo
     from interpkv.cli.checks import BUG_ZOO, check_fault, check_generation
+    from interpkv.cli.inputs import check_writable
 
+    if html:
+        check_writable(html)
     console = _console()
     checks = _run_checks(zoo.names(), torch.float32)
     console.print(_check_table(checks, "interpkv: cached vs uncached vs HuggingFace (float32)"))
+    _hf_notes(console, checks)
     faults = _progress(list(BUG_ZOO), lambda pair: check_fault(*pair), "bug zoo")
     console.print(_fault_table(faults))
 
@@ -164,7 +188,10 @@ def _demo(html: Optional[str]) -> int:
     if html:
         from interpkv.cli import html as report
 
-        report.write(html, checks=checks, faults=faults, generation=generation, title="interpkv demo")
+        report.write(
+            html, checks=checks, faults=faults, generation=generation, title="interpkv demo",
+            command=_command(), dtype="float32",
+        )
         console.print(f"report: {html}")
 
     n_ok = sum(r.ok for r in checks)
@@ -178,6 +205,16 @@ def _demo(html: Optional[str]) -> int:
     return 0 if ok else 1
 
 
+_ARGV: List[str] = []
+
+
+def _command() -> str:
+    """The command line as typed, for the report."""
+    import shlex
+
+    return "interpkv " + " ".join(shlex.quote(a) for a in _ARGV)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``interpkv`` console script.
 
@@ -186,22 +223,41 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     Returns:
         The exit status: 0 when every check passed, 1 when one failed, 2 on
-        bad arguments.
+        bad arguments or an error (one line on stderr; ``--debug`` raises
+        instead, showing the traceback).
     """
+    from interpkv import __version__
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
     parser = argparse.ArgumentParser(prog="interpkv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"interpkv {__version__}")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="cached-vs-uncached equivalence checks")
+    check = sub.add_parser("check", help="cached-vs-uncached equivalence checks", parents=[debug])
     check.add_argument(
         "models", nargs="*", metavar="MODEL", help="zoo model names or local HF model directories (default: every zoo model)"
     )
     check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     check.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
-    demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report")
+    demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report", parents=[debug])
     demo.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
     args = parser.parse_args(argv)
-    if args.command == "check":
-        return _check(args.models, args.dtype, args.html)
-    return _demo(args.html)
+    try:
+        if args.command == "check":
+            return _check(args.models, args.dtype, args.html, args.debug)
+        return _demo(args.html)
+    except (_Failure, ValueError) as exc:
+        if args.debug:
+            raise
+        return _error(str(exc))
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        from interpkv.cli.inputs import one_line
+
+        return _error(f"{one_line(exc)} (run again with --debug for the traceback)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ docstring says it must.
 """
 
 import dataclasses
-import inspect
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -28,7 +27,7 @@ from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import DEFAULT_ATOL
 from interpkv.core.forward import forward
 from interpkv.generation.result import GenerationDiff
-from interpkv.core.positions import absolute_positions
+from interpkv.cli.hfref import hf_difference, hf_logits
 
 HookedTransformer = _tl.HookedTransformer
 PreTrainedModel = "transformers.PreTrainedModel"
@@ -39,6 +38,7 @@ __all__ = [
     "check_model",
     "check_zoo",
     "check_hf_dir",
+    "hf_difference",
     "check_fault",
     "bug_zoo",
     "BUG_ZOO",
@@ -65,11 +65,14 @@ class CheckResult:
         scheme: positional scheme description.
         dtype: dtype the check ran in.
         max_dlogit: max |cached - uncached| logit over real positions.
-        max_dlogit_hf: max |cached - HF| logit, or None without an HF twin.
+        max_dlogit_hf: max |cached - HF| logit, or None without an HF twin (or
+            when no row has a finite HF reference).
         splits: the chunk sizes the cached run used.
         first_divergence: the first divergent site of :func:`interpkv.compare`
             over every hook at ``COMPARE_TOL[dtype]``, or None.
         report: that :class:`~interpkv.diagnostics.diff.DivergenceReport` (for plots).
+        hf_nan_rows: padded rows where HF's own logits are NaN, left out of
+            ``max_dlogit_hf`` (see :func:`~interpkv.cli.hfref.hf_difference`).
     """
 
     model: str
@@ -80,6 +83,14 @@ class CheckResult:
     splits: List[int]
     first_divergence: Optional[Site] = None
     report: Optional[DivergenceReport] = dataclasses.field(default=None, repr=False)
+    hf_nan_rows: List[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def hf_note(self) -> str:
+        """Why ``max_dlogit_hf`` leaves rows out ("" when it judges every row)."""
+        if not self.hf_nan_rows:
+            return ""
+        return f"HF reference n/a (NaN on padded rows {', '.join(map(str, self.hf_nan_rows))})"
 
     @property
     def ok(self) -> bool:
@@ -108,22 +119,6 @@ def _inputs(d_vocab: int, length: int, seed: int):
     mask[1, :3] = 0
     mask[2, : length // 2] = 0
     return tokens, mask
-
-
-def hf_logits(
-    hf: "PreTrainedModel", tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
-) -> Float[Tensor, "batch pos d_vocab"]:
-    """An HF causal LM's logits on a padded batch, positions as interpkv numbers them.
-
-    HF GPT-2 and others need explicit ``position_ids`` under left padding
-    (transformers #18104); they are passed whenever the class accepts them.
-    """
-    kwargs = {"attention_mask": mask}
-    if "position_ids" in inspect.signature(hf.forward).parameters:
-        zeros = torch.zeros(tokens.shape[0], dtype=torch.long)
-        kwargs["position_ids"] = absolute_positions(mask, zeros).clamp(min=0)
-    with torch.no_grad():
-        return hf(tokens, **kwargs).logits
 
 
 def check_model(
@@ -167,9 +162,9 @@ def check_model(
         report = compare(model, tokens, steps=list(splits), attention_mask=mask)
     tol = COMPARE_TOL.get(model.cfg.dtype, DEFAULT_ATOL)
     real = mask.bool()
-    max_hf = None
+    max_hf, nan_rows = None, []
     if hf is not None:
-        max_hf = (cached[real] - hf_logits(hf, tokens, mask)[real]).abs().max().item()
+        max_hf, nan_rows = hf_difference(cached, hf_logits(hf, tokens, mask), mask)
     return CheckResult(
         model=label,
         scheme=scheme_for(model).describe(),
@@ -179,6 +174,7 @@ def check_model(
         splits=list(splits),
         first_divergence=report.first_divergence(atol=tol, rtol=tol),
         report=report,
+        hf_nan_rows=nan_rows,
     )
 
 

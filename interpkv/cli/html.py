@@ -7,8 +7,8 @@ which is what ``tests/integration/test_report_browser.py`` counts in headless
 Chromium. Like :mod:`interpkv.plot`, nothing here runs a model: the report
 consumes results that :mod:`interpkv.cli.checks` computed.
 
->>> from interpkv import checks, report                          # doctest: +SKIP
->>> report.write("report.html", checks=checks.check_zoo(["gpt2"]))  # doctest: +SKIP
+>>> from interpkv.cli import checks, html                        # doctest: +SKIP
+>>> html.write("report.html", checks=checks.check_zoo(["gpt2"]))   # doctest: +SKIP
 """
 
 import datetime
@@ -44,7 +44,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Tuple[str, str]]]) ->
         "<tr>" + "".join(f'<td class="{cls}">{_esc(text)}</td>' for cls, text in row) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def _verdict(ok: bool, yes: str = "PASS", no: str = "FAIL") -> Tuple[str, str]:
@@ -73,22 +74,77 @@ class _Figures:
         return f'<div class="figure" data-figure="{_esc(name)}">{inner}</div>'
 
 
+def versions() -> List[Tuple[str, str]]:
+    """``(package, version)`` of everything that decides the report's numbers."""
+    from importlib import metadata
+
+    import interpkv
+
+    found = [("interpkv", interpkv.__version__)]
+    for package in ("torch", "transformer-lens", "transformers", "plotly"):
+        try:
+            found.append((package, metadata.version(package)))
+        except metadata.PackageNotFoundError:
+            found.append((package, "not installed"))
+    return found
+
+
+def _provenance(command: Optional[str], dtypes: Sequence[str], with_faults: bool) -> str:
+    """Versions, command, dtype and the tolerances every verdict below used."""
+    import torch
+
+    from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, HF_TOL
+
+    items = [("command", command or "-"), ("dtype", ", ".join(dtypes) or "-")]
+    items += [(name, version) for name, version in versions()]
+    rows = [[("", k), ("site", v)] for k, v in items]
+    tol_rows = []
+    for name in dtypes:
+        dtype = getattr(torch, name, None)
+        if dtype in CACHED_TOL:
+            tol_rows.append(
+                [("", name), _num(CACHED_TOL[dtype]), _num(HF_TOL[dtype]), _num(COMPARE_TOL[dtype])]
+            )
+    if with_faults:
+        tol_rows.append([("", "float64 (bug zoo)"), ("num", "-"), ("num", "-"), _num(COMPARE_TOL[torch.float64])])
+    tolerances = _table(
+        ["dtype", "cached vs uncached logits", "vs HF logits", "per-site atol = rtol"], tol_rows
+    )
+    return "<h2>Run</h2>" + _table(["", ""], rows) + "<p>Tolerances (a value above fails):</p>" + tolerances
+
+
+def _collapsed(passing: Sequence) -> str:
+    """One line for the models whose heatmaps would all be near-identical green."""
+    worst = max(c.max_dlogit for c in passing)
+    names = ", ".join(c.model for c in passing)
+    return (
+        f'<p class="collapsed"><span class="pass">{len(passing)} passing</span> (no heatmap: every '
+        f"site within tolerance, largest cached-vs-uncached logit difference {worst:.1e}): "
+        f"{_esc(names)}</p>"
+    )
+
+
 def render(
     *,
     checks: Sequence = (),
     faults: Sequence = (),
     generation=None,
     title: str = "interpkv report",
+    command: Optional[str] = None,
+    dtype: Optional[str] = None,
 ) -> str:
-    """The report as one HTML string (plotly.js inline).
+    """The report as one HTML string (plotly.js inline, once).
 
     Args:
-        checks: :class:`~interpkv.cli.checks.CheckResult` objects; each with a
-            ``report`` gets a divergence heatmap.
+        checks: :class:`~interpkv.cli.checks.CheckResult` objects; each failing
+            one with a ``report`` gets a divergence heatmap, the passing ones
+            share one summary line.
         faults: :class:`~interpkv.cli.checks.FaultResult` objects; each gets a
             first-divergence bar chart.
         generation: an optional :class:`~interpkv.cli.checks.GenerationResult`.
         title: page title.
+        command: the command line that produced the report (stated at the top).
+        dtype: the checks' dtype name (default: taken from ``checks``).
 
     Returns:
         The HTML document.
@@ -108,6 +164,8 @@ def render(
         f'<p>Verdict: <span class="{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span> '
         f"({sum(verdicts)}/{len(verdicts)} checks passed; generated {stamp}).</p>"
     )
+    dtypes = [dtype] if dtype else sorted({str(c.dtype).replace("torch.", "") for c in checks})
+    parts.append(_provenance(command, dtypes, bool(faults)))
 
     if checks:
         parts.append("<h2>Cached vs uncached vs HuggingFace</h2>")
@@ -124,7 +182,7 @@ def render(
                 ("", c.scheme),
                 ("", str(c.dtype).replace("torch.", "")),
                 _num(c.max_dlogit),
-                _num(c.max_dlogit_hf),
+                ("num", _num(c.max_dlogit_hf)[1] + (f" ({c.hf_note})" if c.hf_note else "")),
                 ("site", c.first_divergence_label),
                 _verdict(c.ok),
             ]
@@ -136,14 +194,19 @@ def render(
                 rows,
             )
         )
-        parts.append(
-            "<h3>Divergence heatmaps</h3><p>log10 of the largest |cached - uncached| per layer and "
-            "position; the dropdown selects the hook family. Values near -20 mean exactly equal.</p>"
-        )
-        for c in checks:
-            if c.report is not None:
-                parts.append(f"<h4>{_esc(c.model)}</h4>")
-                parts.append(figure(plot.divergence_heatmap(c.report), f"heatmap:{c.model}"))
+        passing = [c for c in checks if c.ok]
+        failing = [c for c in checks if not c.ok and c.report is not None]
+        parts.append("<h3>Divergence heatmaps</h3>")
+        if passing:
+            parts.append(_collapsed(passing))
+        if failing:
+            parts.append(
+                "<p>Failing models: log10 of the largest |cached - uncached| per layer and position; "
+                "the dropdown selects the hook family. Values near -20 mean exactly equal.</p>"
+            )
+        for c in failing:
+            parts.append(f"<h4>{_esc(c.model)}</h4>")
+            parts.append(figure(plot.divergence_heatmap(c.report), f"heatmap:{c.model}"))
 
     if faults:
         parts.append("<h2>Bug zoo: known cache bugs, injected and localized</h2>")

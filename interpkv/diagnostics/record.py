@@ -106,3 +106,21 @@ class Record:
             f"Record({len(self.activations)} hooks + logits, batch={self.batch_size}, "
             f"positions={self.n_positions})"
         )
+
+    def _repr_html_(self) -> str:
+        from interpkv._repr import html_summary, short_list
+
+        families: Dict[str, List] = {}
+        for name, tensor in self.activations.items():
+            layer, family = split_hook_name(name)
+            entry = families.setdefault(family, [family, 0, list(tensor.shape)])
+            entry[1] += layer is not None
+        rows = [[family, layers or "-", str(shape)] for family, layers, shape in families.values()]
+        rows.append([LOGITS, "-", str(list(self.logits.shape))])
+        fields = [
+            ("hooks", f"{len(self.activations)} + logits"),
+            ("batch", self.batch_size),
+            ("positions", self.n_positions),
+            ("real tokens per row", short_list(self.valid.sum(dim=1).tolist())),
+        ]
+        return html_summary("Record", fields, (["hook family", "layers", "shape"], rows))

@@ -8,7 +8,7 @@ position, ``KL(softmax(b) || softmax(a))``. Default tolerances come from
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Bool
@@ -171,3 +171,40 @@ class DivergenceReport:
             f"DivergenceReport({len(self.hooks)} hooks, logits_max_abs={self.logits_max_abs:.3g}, "
             f"kl={self.kl:.3g}, first divergence at default tolerance: {where})"
         )
+
+    def family_summary(
+        self, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+    ) -> List[Tuple[str, int, float, int, Optional[int]]]:
+        """Per hook family in forward order: ``(family, hooks, max_abs, diverging sites, first position)``.
+
+        ``diverging sites`` counts sites failing ``(atol, rtol)``; ``first
+        position`` is the lowest diverging position (None when none diverges).
+        """
+        rows: Dict[str, list] = {}
+        for hook in self.hooks:
+            _, family = split_hook_name(hook)
+            row = rows.setdefault(family, [family, 0, float("-inf"), 0, None])
+            bad = self.diverged(hook, atol=atol, rtol=rtol)
+            row[1] += 1
+            row[2] = max(row[2], nanmax(self.stats[hook]["max_abs"]))
+            row[3] += int(bad.sum())
+            if bool(bad.any()):
+                first = int(bad.nonzero()[:, 1].min())
+                row[4] = first if row[4] is None else min(row[4], first)
+        return [tuple(r) for r in rows.values()]
+
+    def _repr_html_(self) -> str:
+        from interpkv._repr import html_summary
+
+        first = self.first_divergence()
+        where = "none" if first is None else f"{first.hook} at pos {first.pos}, row {first.batch}"
+        batch, positions = self.stats[LOGITS]["max_abs"].shape
+        fields = [
+            ("hooks compared", len(self.hooks)),
+            ("batch x positions", f"{batch} x {positions}"),
+            ("logits max |a-b|", self.logits_max_abs),
+            ("KL (worst position)", self.kl),
+            (f"first divergence (atol {DEFAULT_ATOL:g}, rtol {DEFAULT_RTOL:g})", where),
+        ]
+        header = ["hook family", "hooks", "max |a-b|", "diverging sites", "first diverging pos"]
+        return html_summary("DivergenceReport", fields, (header, self.family_summary()))

@@ -55,6 +55,47 @@ class Generation:
         """Only the generated tokens."""
         return self.tokens[:, self.prompt_length :]
 
+    def __repr__(self) -> str:
+        batch, total = self.tokens.shape
+        extras = "".join(
+            [
+                ", logits kept" if self.logits is not None else "",
+                f", {len(self.records)} step records" if self.records is not None else "",
+            ]
+        )
+        return (
+            f"Generation(batch={batch}, prompt_length={self.prompt_length}, "
+            f"new_tokens={total - self.prompt_length}, finished={int(self.finished.sum())}/{batch}{extras})"
+        )
+
+    def _repr_html_(self) -> str:
+        from interpkv._repr import html_summary, short_list
+
+        batch, total = self.tokens.shape
+        new_mask = self.attention_mask[:, self.prompt_length :]
+        prompt_mask = self.attention_mask[:, : self.prompt_length]
+        rows = [
+            [
+                b,
+                int(prompt_mask[b].sum()),
+                int(new_mask[b].sum()),
+                bool(self.finished[b]),
+                short_list(self.new_tokens[b].tolist(), limit=12),
+            ]
+            for b in range(min(batch, 16))
+        ]
+        fields = [
+            ("batch", batch),
+            ("prompt columns", self.prompt_length),
+            ("new tokens (max per row)", total - self.prompt_length),
+            ("finished rows", f"{int(self.finished.sum())}/{batch}"),
+            ("logits kept", self.logits is not None),
+            ("step records", None if self.records is None else len(self.records)),
+        ]
+        note = f"first 16 of {batch} rows shown" if batch > 16 else ""
+        header = ["row", "prompt tokens", "new tokens", "finished", "new token ids"]
+        return html_summary("Generation", fields, (header, rows), note)
+
 
 @dataclass
 class GenerationDiff:
@@ -98,6 +139,64 @@ class GenerationDiff:
     def ok(self) -> bool:
         """No divergent step."""
         return self.first_divergent_step is None
+
+    def divergent(self) -> List[bool]:
+        """Per step: ``logits_max_abs > atol`` or the top-1 tokens differ."""
+        return [err > self.atol or not agree for err, agree in zip(self.logits_max_abs, self.top1_agree)]
+
+    def to_frame(self):
+        """A pandas DataFrame with one row per generated step.
+
+        Columns: ``step``, ``logits_max_abs``, ``kl``, ``top1_agree`` and
+        ``divergent`` (the step fails ``atol`` or its top-1 tokens differ).
+
+        >>> GenerationDiff([0.0, 0.5], [0.0, 0.1], [True, False], 1).to_frame().divergent.tolist()
+        [False, True]
+        """
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "step": list(range(self.n_steps)),
+                "logits_max_abs": self.logits_max_abs,
+                "kl": self.kl,
+                "top1_agree": self.top1_agree,
+                "divergent": self.divergent(),
+            }
+        )
+
+    def __repr__(self) -> str:
+        worst = max(self.logits_max_abs, default=0.0)
+        worst_kl = max(self.kl, default=0.0)
+        return (
+            f"GenerationDiff({self.n_steps} steps, first_divergent_step={self.first_divergent_step}, "
+            f"max logits_max_abs={worst:.3g}, max kl={worst_kl:.3g}, "
+            f"top1 agree {sum(self.top1_agree)}/{self.n_steps}, atol={self.atol:g})"
+        )
+
+    def _repr_html_(self) -> str:
+        from interpkv._repr import html_summary
+
+        limit = 20
+        divergent = self.divergent()
+        rows = [
+            [s, self.logits_max_abs[s], self.kl[s], self.top1_agree[s], divergent[s]]
+            for s in range(min(self.n_steps, limit))
+        ]
+        first = self.first_divergent_step
+        if first is not None and first >= limit:  # always show the step that matters
+            rows.append([first, self.logits_max_abs[first], self.kl[first], self.top1_agree[first], True])
+        fields = [
+            ("steps", self.n_steps),
+            ("first divergent step", first),
+            ("max logits |a-b|", max(self.logits_max_abs, default=0.0)),
+            ("max KL", max(self.kl, default=0.0)),
+            ("top-1 agrees", f"{sum(self.top1_agree)}/{self.n_steps}"),
+            ("atol", self.atol),
+        ]
+        note = f"first {limit} of {self.n_steps} steps shown; to_frame() has all" if self.n_steps > limit else ""
+        header = ["step", "logits max |a-b|", "KL", "top-1 agrees", "divergent"]
+        return html_summary("GenerationDiff", fields, (header, rows), note)
 
     @classmethod
     def from_step_logits(

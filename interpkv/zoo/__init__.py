@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from interpkv.core.tl import HookedTransformer
 from interpkv.zoo import _build, _trained, charvocab
 from interpkv.zoo._specs import SPECS
 
@@ -156,7 +157,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     trained: bool = False,
-) -> Any:
+) -> HookedTransformer:
     """Load a fresh tiny HookedTransformer.
 
     The model is on CPU, in eval mode, has no tokenizer and
@@ -198,7 +199,7 @@ def load_pair(
     *,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-) -> tuple[Any, Any]:
+) -> tuple[HookedTransformer, Any]:
     """Load a zoo model together with its HF twin holding the same weights.
 
     Args:
@@ -225,7 +226,7 @@ def load_pair(
     return tl, hf
 
 
-def from_hf(hf: Any, *, label: str = "hf") -> Any:
+def from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
     """Convert any in-memory HF causal LM (float32/float64) into a HookedTransformer.
 
     Uses the zoo's own conversion path (TransformerLens's converters, with the

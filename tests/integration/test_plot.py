@@ -49,13 +49,13 @@ def test_divergence_heatmap_shows_the_reports_numbers(faulty_report):
 def test_first_divergence_marks_the_first_divergent_hook(faulty_report):
     fig = plot.first_divergence(faulty_report, **TOL64)
     bar = fig.data[0]
-    assert list(bar.x) == faulty_report.hooks
+    assert bar.orientation == "h" and list(bar.y) == faulty_report.hooks  # names read unrotated
     expected = faulty_report.hook_max_abs()
-    assert list(bar.y) == [expected[h] for h in faulty_report.hooks]
+    assert list(bar.customdata) == [expected[h] for h in faulty_report.hooks]
     site = faulty_report.first_divergence(**TOL64)
-    marked = [h for h, c in zip(bar.x, bar.marker.color) if c == "crimson"]
+    marked = [h for h, c in zip(bar.y, bar.marker.color) if c == "crimson"]
     assert marked == [site.hook] == ["blocks.0.attn.hook_rot_q"]
-    assert all(c == "steelblue" for c in bar.marker.color[: list(bar.x).index(site.hook)])
+    assert all(c == "steelblue" for c in bar.marker.color[: list(bar.y).index(site.hook)])
 
 
 def test_generation_plot():
@@ -67,10 +67,12 @@ def test_generation_plot():
     )
     fig = plot.generation(diff)
     traces = {t.name: t for t in fig.data}
-    assert list(traces["logits_max_abs"].y) == diff.logits_max_abs
+    assert list(traces["logits_max_abs"].customdata) == diff.logits_max_abs
+    assert list(traces["logits_max_abs"].y) == [1e-13, 1e-12, 0.5, 2.0]  # the exact zero at a floor
     assert list(traces["kl"].y) == diff.kl
     assert list(traces["top1_agree"].y) == [1, 1, 1, 0]
-    assert [shape.x0 for shape in fig.layout.shapes] == [2, 2, 2]
+    lines = [s for s in fig.layout.shapes if s.line.color == "crimson"]
+    assert [shape.x0 for shape in lines] == [2, 2, 2]
     assert "first divergent step: 2" in fig.layout.title.text
 
 
@@ -88,3 +90,64 @@ def test_heatmap_opens_on_the_family_of_the_first_divergence(faulty_report):
     site = faulty_report.first_divergence()
     assert visible == ["attn.hook_rot_q"] and site.hook.endswith("attn.hook_rot_q")
     assert fig.layout.title.text == "max |a-b|: attn.hook_rot_q"
+
+
+def test_heatmap_dropdown_shows_the_family_drawn(faulty_report):
+    fig = plot.divergence_heatmap(faulty_report)
+    menu = fig.layout.updatemenus[0]
+    drawn = [i for i, trace in enumerate(fig.data) if trace.visible]
+    assert menu.active == drawn[0] != 0  # not the first button (hook_embed)
+    assert menu.buttons[menu.active].label == "attn.hook_rot_q"
+
+
+@pytest.mark.parametrize(
+    "values, y, text, log",
+    [
+        ([1e-3, 0.0, float("inf")], [1e-3, 1e-4, 1e-2], ["", "0", "inf"], True),
+        ([0.0, 0.0], [0.0, 0.0], ["0", "0"], False),
+        ([float("inf"), 0.0], [1.0, 1e-20], ["inf", "0"], True),
+        ([2.0, float("nan")], [2.0, float("nan")], ["", ""], True),
+    ],
+    ids=["mixed", "all-zero", "inf-and-zero", "nan-gap"],
+)
+def test_log_series(values, y, text, log):
+    drawn = plot.log_series(values)
+    np.testing.assert_allclose(drawn["y"], y)
+    assert drawn["text"] == text and drawn["log"] is log
+
+
+def test_infinite_error_bar_is_drawn_capped_and_marked(faulty_report):
+    per_hook = faulty_report.hook_max_abs()
+    inf_hook = "blocks.0.attn.hook_attn_scores"
+    assert per_hook[inf_hook] == math.inf  # stored keys score -inf in one run only
+    bar = plot.first_divergence(faulty_report, **TOL64).data[0]
+    i = list(bar.y).index(inf_hook)
+    finite = [v for v in per_hook.values() if math.isfinite(v)]
+    assert bar.x[i] == pytest.approx(10 * max(finite)) and bar.text[i] == "inf"
+
+
+def _zero_report():
+    from interpkv.diagnostics.report import DivergenceReport
+
+    zeros = torch.zeros(1, 3, dtype=torch.float64)
+    stats = {h: {"max_abs": zeros, "rel": zeros, "cos": zeros + 1, "scale": zeros + 1} for h in ("hook_embed", "logits")}
+    return DivergenceReport(["hook_embed", "logits"], stats, zeros)
+
+
+def test_all_zero_errors_are_drawn_on_a_linear_axis():
+    fig = plot.first_divergence(_zero_report(), **TOL64)
+    assert fig.layout.xaxis.type == "linear" and list(fig.data[0].x) == [0.0, 0.0]
+    assert list(fig.data[0].text) == ["0", "0"] and fig.layout.title.text == "no divergence"
+    gen = plot.generation(GenerationDiff([0.0] * 4, [0.0] * 4, [True] * 4, None))
+    assert gen.layout.yaxis.type == "linear" and list(gen.data[0].y) == [0.0] * 4
+    assert any(a.text == "every step exactly 0" for a in gen.layout.annotations)
+
+
+def test_error_plots_draw_the_tolerance(faulty_report):
+    fig = plot.first_divergence(faulty_report, atol=1e-7, rtol=1e-7)
+    lines = [s for s in fig.layout.shapes if s.x0 == s.x1 == 1e-7]
+    assert len(lines) == 1 and fig.layout.xaxis.type == "log"
+    label = [a for a in fig.layout.annotations if a.text == "atol 1e-07"]
+    assert len(label) == 1 and label[0].x == pytest.approx(-7)  # annotations use log10 on a log axis
+    gen = plot.generation(GenerationDiff([1e-6, 1e-3], [0.0, 0.0], [True, True], 1, atol=1e-4))
+    assert [s.y0 for s in gen.layout.shapes if s.y0 == s.y1] == [1e-4]

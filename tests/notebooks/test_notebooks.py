@@ -8,6 +8,7 @@ and the hub switched off. Committed notebooks carry no outputs.
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,3 +81,10 @@ def test_notebook_runs(path, kernel_env):
     client.execute()
     elapsed = time.monotonic() - start
     assert elapsed < TIME_LIMIT, f"{path.name} took {elapsed:.0f}s (budget {TIME_LIMIT}s)"
+    noisy = [
+        i
+        for i, cell in enumerate(nb.cells)
+        for out in cell.get("outputs", [])
+        if out.get("name") == "stderr" and re.search(r"TqdmWarning|IProgress not found|Traceback", out.get("text", ""))
+    ]
+    assert not noisy, f"{path.name}: cells {noisy} print warnings a reader should not see"
