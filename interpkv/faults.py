@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from interpkv._types import PAD_POSITION
+from interpkv.core.axes import PAD_POSITION
 from interpkv.core import stephooks
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import ALiBi, LearnedPositions, scheme_for

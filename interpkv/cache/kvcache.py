@@ -17,7 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interpkv.core import tl as _tl
-from interpkv._types import PAD_POSITION
+from interpkv.core.axes import PAD_POSITION
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.lifecycle import CacheLifecycle
 from interpkv.cache.signature import check_compatible, describe, model_signature

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interpkv._types import PAD_POSITION
+from interpkv.core.axes import PAD_POSITION
 from interpkv.cache.rows import validated_rows
 from interpkv.cache.window import check_holds_required
 

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from interpkv._types import PAD_POSITION
+from interpkv.core.axes import PAD_POSITION
 
 __all__ = [
     "in_window",

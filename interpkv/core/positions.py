@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interpkv._types import PAD_POSITION
+from interpkv.core.axes import PAD_POSITION
 
 __all__ = ["absolute_positions", "validate_mask"]
 

@@ -1,7 +1,7 @@
 """``Record``: activations of one run, indexed by absolute position.
 
 A Record holds, for every captured hook point, one tensor whose position axis
-is the **absolute** position of each token (see :mod:`interpkv._types`), so a
+is the **absolute** position of each token (see :mod:`interpkv.core.axes`), so a
 run fed in chunks through a cache and a one-shot uncached run line up entry
 for entry:
 
