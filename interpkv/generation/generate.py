@@ -227,6 +227,8 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     if resumed:  # rows with nothing held back had stopped; so had rows holding back a stop token
         finished = (mask[:, -1] == 0) | torch.isin(tokens[:, -1], stop)
+        if bool(finished.all()):  # an uninterrupted call would have ended already
+            return Generation(tokens, mask, 1, finished, tokenizer=tokenizer, single=single)
     new_tokens: List[Tensor] = []
     new_mask: List[Tensor] = []
     kept_logits: List[Tensor] = []
