@@ -78,8 +78,8 @@ class Generation:
         >>> import interpkv
         >>> model = interpkv.zoo.load("gpt2", trained=True)
         >>> out = interpkv.generate(model, ["def ", "Return the"], max_new_tokens=3)
-        >>> [len(t) for t in out.text]
-        [7, 13]
+        >>> len(out.text), out.text[1].startswith("Return the"), len(out.text[1])
+        (2, True, 13)
         """
         return self._decode(self.tokens, self.attention_mask)
 
