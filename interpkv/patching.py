@@ -16,8 +16,12 @@ it, so on the shared prefix clean and corrupt activations are equal:
   tensor TransformerLens would pass.
 
 Results have TransformerLens's layout and values (see :data:`HOOKS`).
+``hook`` is a short name (``"resid_pre"``, ``"pattern"``...) or a full
+TransformerLens hook name such as ``utils.get_act_name("resid_pre", 0)`` =
+``"blocks.0.hook_resid_pre"``, which stands for its family in every layer.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.forward import forward
+from interpkv.core.inputs import TokensLike, as_pair
 from interpkv.core.positions import validate_mask
 
 __all__ = ["patch", "HOOKS", "shared_prefix_length"]
@@ -51,16 +56,34 @@ HOOKS: Dict[str, _Kind] = {
     "z_by_pos": _Kind(
         "blocks.{layer}.attn.hook_z", ("layer", "pos", "head"), "get_act_patch_attn_head_out_by_pos"
     ),
+    **{
+        f"{v}{suffix}": _Kind(f"blocks.{{layer}}.attn.hook_{v}", axes, f"get_act_patch_attn_head_{v}_{tl}")
+        for v in ("q", "k", "v")
+        for suffix, axes, tl in (("", ("layer", "head"), "all_pos"), ("_by_pos", ("layer", "pos", "head"), "by_pos"))
+    },
+    "pattern": _Kind(
+        "blocks.{layer}.attn.hook_pattern", ("layer", "head"), "get_act_patch_attn_head_pattern_all_pos"
+    ),
+    "pattern_by_pos": _Kind(
+        "blocks.{layer}.attn.hook_pattern", ("layer", "head", "pos"), "get_act_patch_attn_head_pattern_by_pos"
+    ),
 }
 """Supported ``hook`` values: result axes and the TransformerLens function they match.
 
-``"z"`` patches one head's output at every position (``[layer, head]``);
-``"z_by_pos"`` one head at one position (``[layer, pos, head]``). The
-TransformerLens names ``"attn_head_out_all_pos"`` and ``"attn_head_out_by_pos"``
-are accepted as aliases.
+``"z"``, ``"q"``, ``"k"``, ``"v"`` patch one head at every position (``[layer,
+head]``); ``"z_by_pos"``, ``"q_by_pos"``... one head at one position (``[layer,
+pos, head]``). ``"k"`` / ``"v"`` count key-value heads (``n_key_value_heads``
+under grouped-query attention, as TransformerLens does). ``"pattern"`` patches
+one head's whole attention pattern (``[layer, head]``); ``"pattern_by_pos"`` the
+pattern row of one query (destination) position (``[layer, head, pos]``: the
+head before the position, TransformerLens's ``[layer, head_index, dest_pos]``).
+The TransformerLens names ``"attn_head_out_all_pos"`` and
+``"attn_head_out_by_pos"`` are accepted as aliases, and every full hook name
+(``"blocks.0.attn.hook_pattern"``) as its family (``"pattern"``).
 """
 
 _ALIASES = {"attn_head_out_all_pos": "z", "attn_head_out_by_pos": "z_by_pos"}
+_FULL_NAME = re.compile(r"^blocks\.\d+\.(?:attn\.)?hook_(\w+)$")
 
 
 def shared_prefix_length(
@@ -86,10 +109,12 @@ def shared_prefix_length(
 
 
 def _resolve(model, hook: str) -> _Kind:
-    name = _ALIASES.get(hook, hook)
+    full = _FULL_NAME.match(hook) if isinstance(hook, str) else None
+    name = full.group(1) if full else _ALIASES.get(hook, hook)
     if name not in HOOKS:
         raise ValueError(
-            f"hook={hook!r} is not supported; choose one of {sorted(HOOKS) + sorted(_ALIASES)}"
+            f"hook={hook!r} is not supported; choose one of {sorted(HOOKS) + sorted(_ALIASES)} "
+            "or a full TransformerLens name of one (e.g. 'blocks.0.hook_resid_pre')"
         )
     kind = HOOKS[name]
     missing = kind.hook_name.format(layer=0)
@@ -115,8 +140,8 @@ def _positions(positions: Optional[Sequence[int]], n_pos: int) -> List[int]:
 @torch.no_grad()
 def patch(
     model: "_tl.HookedTransformer",
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
+    clean_tokens: TokensLike,
+    corrupt_tokens: TokensLike,
     *,
     hook: str,
     metric: Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor],
@@ -134,11 +159,17 @@ def patch(
 
     Args:
         model: a HookedTransformer.
-        clean_tokens: ``[batch, pos]``, the run activations are copied from.
+        clean_tokens: ``[batch, pos]``, the run activations are copied from;
+            or (model with a tokenizer) a string or list of strings, tokenized
+            together with ``corrupt_tokens`` (each pair must have as many tokens).
         corrupt_tokens: ``[batch, pos]``, the run that is patched (same shape).
         hook: ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``,
-            ``"mlp_out"`` (result ``[layer, pos]``), ``"z"`` (per head, all
-            positions: ``[layer, head]``) or ``"z_by_pos"`` (``[layer, pos, head]``).
+            ``"mlp_out"`` (result ``[layer, pos]``), ``"z"`` / ``"q"`` / ``"k"`` /
+            ``"v"`` (per head, all positions: ``[layer, head]``), their
+            ``_by_pos`` forms (``[layer, pos, head]``), ``"pattern"``
+            (``[layer, head]``) or ``"pattern_by_pos"`` (``[layer, head, pos]``);
+            or a full TransformerLens name (``utils.get_act_name("resid_pre", 0)``)
+            for its family. See :data:`HOOKS`.
         metric: ``logits [batch, pos, d_vocab] -> scalar`` (as in TransformerLens).
         positions: columns to patch (negative counts from the end). The ``pos``
             axis of the result follows this order; for ``"z"`` the head is
@@ -167,19 +198,14 @@ def patch(
     torch.Size([2, 6])
     """
     kind = _resolve(model, hook)
-    if clean_tokens.shape != corrupt_tokens.shape or clean_tokens.ndim != 2:
-        raise ValueError(
-            f"clean_tokens {tuple(clean_tokens.shape)} and corrupt_tokens {tuple(corrupt_tokens.shape)} "
-            "must both be [batch, pos] with the same shape: patching copies column p of the clean "
-            "run into column p of the corrupted one (pad the shorter prompts on the left)."
-        )
-    device = model.cfg.device
-    clean_tokens, corrupt_tokens = clean_tokens.to(device), corrupt_tokens.to(device)
-    mask = validate_mask(corrupt_tokens, attention_mask)
+    clean_tokens, corrupt_tokens, mask = as_pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    device = corrupt_tokens.device
     batch, n_pos = corrupt_tokens.shape
     cols = _positions(positions, n_pos)
     by_pos = "pos" in kind.axes
-    n_heads = model.cfg.n_heads
+    pattern = kind.hook_name.endswith("hook_pattern")  # [batch, head, query pos, key pos]
+    kv = kind.hook_name.endswith(("hook_k", "hook_v"))
+    n_heads = _tl.kv_head_count(model.cfg) if kv else model.cfg.n_heads
     layers = range(model.cfg.n_layers)
 
     # Shared prefix, run once; at least one column is left to recompute.
@@ -208,7 +234,8 @@ def patch(
         if by_pos:
             for i, col in enumerate(cols):
                 for h in range(n_heads) if "head" in kind.axes else [None]:
-                    index = (layer, i, h) if h is not None else (layer, i)
+                    axis = {"layer": layer, "pos": i, "head": h}
+                    index = tuple(axis[a] for a in kind.axes)
                     sites.append((index, layer, [col - prefix] if col >= prefix else [], h))
         else:
             suffix_cols = [c - prefix for c in cols if c >= prefix]
@@ -226,6 +253,8 @@ def patch(
         def set_clean(activation: Tensor, hook, cols=suffix_cols, head=head) -> Tensor:
             if head is None:
                 activation[:, cols] = source[:, cols]
+            elif pattern:  # rows of the query positions
+                activation[:, head, cols] = source[:, head, cols]
             else:
                 activation[:, cols, head] = source[:, cols, head]
             return activation

@@ -75,6 +75,13 @@ class KVCache(CacheLifecycle):
         next_positions: ``Int[Tensor, "batch"]``, position of each row's next token.
         window, sinks: a windowed cache keeps the first ``sinks`` and the last
             ``window`` positions of each row.
+        next_tokens, next_tokens_at: ``Int[Tensor, "batch"]`` or None: the
+            token :func:`interpkv.generate` chose last and held back (not fed),
+            per row (-1: none), and the ``next_positions`` it was held back at.
+            ``generate(model, cache=cache, max_new_tokens=n)`` continues from
+            it while ``next_positions`` still equals ``next_tokens_at``.
+            Written only by ``generate``; :meth:`fork`, :meth:`select` and
+            :meth:`repeat` carry it.
 
     >>> import interpkv
     >>> model = interpkv.zoo.load("gpt2")
@@ -121,6 +128,8 @@ class KVCache(CacheLifecycle):
         self._slot_ids = torch.full_like(self._positions, PAD_POSITION)
         self._appended = 0  # slots ever appended: the next slot id
         self._next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.next_tokens: Optional[Tensor] = None  # see the class docstring
+        self.next_tokens_at: Optional[Tensor] = None
 
     @classmethod
     def for_model(
@@ -245,9 +254,12 @@ class KVCache(CacheLifecycle):
     # ------------------------------------------------------------ internals
     def _take_rows(self, rows: Tensor) -> "KVCache":
         layers = [layer.take(rows, self._length) for layer in self.layers]
-        return self._with_storage(
+        new = self._with_storage(
             layers, self.positions[rows], self._next_position[rows], self.slot_ids[rows]
         )
+        if self.next_tokens is not None:
+            new.next_tokens, new.next_tokens_at = self.next_tokens[rows], self.next_tokens_at[rows]
+        return new
 
     def _with_storage(self, layers, positions, next_positions, slot_ids=None) -> "KVCache":
         """A new cache sharing this one's binding and window, with the given storage."""

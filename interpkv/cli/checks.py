@@ -196,9 +196,9 @@ def check_hf_dir(path: str, *, dtype: torch.dtype = torch.float32, label: Option
     """Check a HuggingFace causal LM saved in a local directory (no network).
 
     The directory (``save_pretrained`` output: ``config.json`` + weights) is
-    loaded with ``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)``
-    and eager attention, converted with :func:`interpkv.zoo.from_hf`, and
-    checked against itself cached/uncached and against the HF model.
+    loaded by :func:`interpkv.zoo.load_hf_dir` (local files only, eager
+    attention, converted with :func:`interpkv.zoo.from_hf`), and checked
+    against itself cached/uncached and against the HF model.
 
     Args:
         path: the model directory.
@@ -213,8 +213,6 @@ def check_hf_dir(path: str, *, dtype: torch.dtype = torch.float32, label: Option
     """
     import os
 
-    import transformers
-
     from interpkv import zoo
 
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -222,11 +220,9 @@ def check_hf_dir(path: str, *, dtype: torch.dtype = torch.float32, label: Option
             f"{path!r} is not a HuggingFace model directory (no config.json); pass a zoo name "
             f"({', '.join(zoo.names())}) or a directory written by model.save_pretrained(dir)"
         )
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, attn_implementation="eager", dtype=dtype
-    ).eval()
+    model, hf = zoo.load_hf_dir(path, dtype=dtype, return_hf=True)
     label = label or os.path.basename(os.path.normpath(path))
-    return check_model(zoo.from_hf(hf, label=label), label=label, hf=hf)
+    return check_model(model, label=label, hf=hf)
 
 
 @dataclasses.dataclass

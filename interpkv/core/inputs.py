@@ -16,9 +16,16 @@ from torch import Tensor
 
 from interpkv.core.positions import validate_mask
 
-__all__ = ["as_inputs", "TokensLike"]
+__all__ = ["as_inputs", "as_pair", "is_text", "TokensLike"]
 
 TokensLike = Union[str, Sequence[str], Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]]
+
+
+def is_text(tokens) -> bool:
+    """Whether ``tokens`` is a string or a non-empty list/tuple of strings."""
+    return isinstance(tokens, str) or (
+        isinstance(tokens, (list, tuple)) and bool(tokens) and all(isinstance(t, str) for t in tokens)
+    )
 
 
 def _from_text(model, text: Union[str, Sequence[str]]) -> Tuple[Tensor, Tensor]:
@@ -72,9 +79,7 @@ def as_inputs(
     (torch.int64, torch.Size([1, 3]), [[1, 1, 1]])
     """
     device = model.cfg.device
-    if isinstance(tokens, str) or (
-        isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens)
-    ):
+    if is_text(tokens):
         ids, text_mask = _from_text(model, tokens)
         if attention_mask is None:
             attention_mask = text_mask
@@ -113,3 +118,65 @@ def as_inputs(
     if attention_mask is not None and attention_mask.ndim == 1:
         attention_mask = attention_mask[None]
     return inputs, validate_mask(inputs, attention_mask)
+
+
+def as_pair(
+    model,
+    clean: TokensLike,
+    corrupt: TokensLike,
+    attention_mask: Optional[Tensor] = None,
+) -> Tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Normalise two prompts that must line up column for column (activation patching).
+
+    Text is tokenized in one call (so both are left-padded to one length) and
+    each clean row must have as many tokens as its corrupt row: patching copies
+    column ``p`` of one run into column ``p`` of the other.
+
+    Args:
+        model: a HookedTransformer.
+        clean, corrupt: token ids ``[batch, pos]`` / ``[pos]`` of the same shape, or
+            two strings / equally long lists of strings (model with a tokenizer).
+        attention_mask: ``[batch, pos]``, shared by both (default: from the text's
+            padding, else all ones).
+
+    Returns:
+        ``(clean_ids, corrupt_ids, mask)``, int64 on the model's device.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load("llama", trained=True)
+    >>> a, b, mask = as_pair(model, ["the cat", "a dog"], ["the car", "a cow"])
+    >>> a.shape == b.shape, mask.tolist()
+    (True, [[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
+    """
+    if is_text(clean) != is_text(corrupt):
+        raise TypeError(
+            "clean and corrupt must both be text or both be token ids; tokenize the text one "
+            "with model.to_tokens(text, padding_side='left') first"
+        )
+    if is_text(clean):
+        a = [clean] if isinstance(clean, str) else list(clean)
+        b = [corrupt] if isinstance(corrupt, str) else list(corrupt)
+        if len(a) != len(b):
+            raise ValueError(f"{len(a)} clean prompts but {len(b)} corrupt ones; pass one corrupt per clean")
+        ids, mask = as_inputs(model, a + b, None, embeddings=False)
+        n = len(a)
+        differ = (mask[:n].sum(1) != mask[n:].sum(1)).nonzero().flatten().tolist()
+        if differ:
+            raise ValueError(
+                f"prompt rows {differ} tokenize to different lengths for clean and corrupt "
+                f"({mask[:n].sum(1)[differ].tolist()} vs {mask[n:].sum(1)[differ].tolist()} tokens); "
+                "patching copies column p into column p, so each pair must have as many tokens "
+                "(check with model.to_str_tokens)"
+            )
+        if attention_mask is None:
+            attention_mask = mask[n:]
+        return ids[:n], ids[n:], validate_mask(ids[n:], attention_mask.to(ids.device))
+    a, _ = as_inputs(model, clean, None, embeddings=False, what="clean_tokens")
+    b, mask = as_inputs(model, corrupt, attention_mask, embeddings=False, what="corrupt_tokens")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"clean_tokens {tuple(a.shape)} and corrupt_tokens {tuple(b.shape)} must have the same "
+            "shape [batch, pos]: patching copies column p of the clean run into column p of the "
+            "corrupted one (pad the shorter prompts on the left)."
+        )
+    return a, b, mask

@@ -14,7 +14,8 @@ import contextlib
 from typing import Callable, Iterator, List, Tuple
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
+from transformer_lens.utilities import get_act_name
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.loading_from_pretrained import (
@@ -25,6 +26,8 @@ from transformer_lens.weight_processing import ProcessWeights
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 __all__ = [
+    "ActivationCache",
+    "get_act_name",
     "HookedTransformer",
     "HookedTransformerConfig",
     "HookPoint",

@@ -23,8 +23,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
-from interpkv.core.forward import forward
-from interpkv.core.positions import absolute_positions, validate_mask
+from interpkv.core.forward import Hook, forward
+from interpkv.core.inputs import TokensLike, as_inputs
+from interpkv.core.positions import absolute_positions
 from interpkv.diagnostics.record import Record, is_attention_hook
 
 __all__ = ["capture", "NamesFilter"]
@@ -211,26 +212,24 @@ class _RecordBuilder(Sink):
 
 def run(
     model,
-    tokens: Tensor,
+    tokens: TokensLike,
     sink_factory: Callable[[Tensor], Sink],
     *,
     cache: Optional[KVCache] = None,
     steps: Optional[Sequence[int]] = None,
     attention_mask: Optional[Tensor] = None,
     names: NamesFilter = None,
+    fwd_hooks: Sequence[Hook] = (),
 ) -> Sink:
     """Run ``model`` over ``tokens`` (chunked by ``steps``), feeding a sink.
 
     ``sink_factory(valid)`` builds the sink once the absolute positions are
     known (``valid``: ``[batch, pos]``, True where a row has a token).
+    ``fwd_hooks`` are registered before the recording hooks, so a hook that
+    edits an activation is recorded edited (as ``run_with_cache`` inside
+    ``model.hooks(...)`` would).
     """
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"tokens must be a torch.Tensor [batch, pos], got {type(tokens).__name__}")
-    if tokens.ndim == 1 and not tokens.is_floating_point():
-        tokens = tokens[None]
-    if attention_mask is not None and attention_mask.ndim == 1:
-        attention_mask = attention_mask[None]
-    mask = validate_mask(tokens, attention_mask)
+    tokens, mask = as_inputs(model, tokens, attention_mask)
     batch, n_tokens = tokens.shape[:2]
     chunks = split_steps(n_tokens, steps)
     if cache is None and steps is not None:
@@ -271,12 +270,11 @@ def run(
 
     # Hooks are registered once for the whole run, not once per chunk.
     start = 0
-    with torch.no_grad(), model.hooks(fwd_hooks=[(wanted, hook)]):
+    with torch.no_grad(), model.hooks(fwd_hooks=[*fwd_hooks, (wanted, hook)]):
         for n in chunks:
             chunk.begin(true_pos[:, start : start + n])
-            chunk_mask = None if attention_mask is None else attention_mask[:, start : start + n]
             logits = forward(
-                model, tokens[:, start : start + n], cache=cache, attention_mask=chunk_mask
+                model, tokens[:, start : start + n], cache=cache, attention_mask=mask[:, start : start + n]
             )
             sink.logits(logits.detach(), chunk.q_pos)
             chunk.end()
@@ -287,18 +285,21 @@ def run(
 
 def capture(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: TokensLike,
     *,
     cache: Optional[KVCache] = None,
     steps: Optional[Sequence[int]] = None,
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     names: NamesFilter = None,
+    fwd_hooks: Sequence[Hook] = (),
 ) -> Record:
     """Record activations at every matching hook point, by absolute position.
 
     Args:
         model: a HookedTransformer.
-        tokens: token ids ``[batch, pos]`` (or ``[pos]``).
+        tokens: token ids ``[batch, pos]`` (or ``[pos]``), token embeddings
+            ``[batch, pos, d_model]``, or (model with a tokenizer) a string or a
+            list of strings, left-padded for you.
         cache: feed the tokens through this cache (its history is kept and
             the tokens continue after it). Default: a fresh cache when
             ``steps`` is given, else no cache.
@@ -309,6 +310,9 @@ def capture(
             with the tokens. Padding has no position and is not recorded.
         names: which hooks to record: None (all), a substring, a list of exact
             names, or a predicate on names.
+        fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active for
+            the whole run (every chunk), as in :func:`interpkv.forward`. They
+            run before recording, so an edited activation is recorded edited.
 
     Returns:
         A :class:`~interpkv.diagnostics.record.Record` (NaN marks missing entries; see
@@ -329,5 +333,7 @@ def capture(
         steps=steps,
         attention_mask=attention_mask,
         names=names,
+        fwd_hooks=fwd_hooks,
     )
-    return sink.record({"steps": list(steps) if steps is not None else None})
+    meta = {"steps": list(steps) if steps is not None else None, "n_layers": model.cfg.n_layers}
+    return sink.record(meta)

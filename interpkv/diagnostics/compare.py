@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from interpkv.core.forward import Hook
+from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows, capture, run
 from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
@@ -116,11 +118,12 @@ class _Comparator(Sink):
 
 def compare(
     model,
-    tokens: Tensor,
+    tokens: TokensLike,
     *,
     steps: Sequence[int],
     attention_mask: Optional[Tensor] = None,
     names: NamesFilter = None,
+    fwd_hooks: Sequence[Hook] = (),
 ) -> DivergenceReport:
     """Cached (chunked by ``steps``) against uncached, site by site.
 
@@ -131,10 +134,13 @@ def compare(
 
     Args:
         model: a HookedTransformer.
-        tokens: token ids ``[batch, pos]``.
+        tokens: token ids ``[batch, pos]`` (or ``[pos]``), or (model with a
+            tokenizer) a string or list of strings, left-padded for you.
         steps: chunk lengths of the cached run, summing to ``pos``.
         attention_mask: ``[batch, pos]`` (1 = real, 0 = padding).
         names: hooks to compare (as in :func:`interpkv.capture`).
+        fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active in
+            both runs (every chunk of the cached one), e.g. a steering vector.
 
     Returns:
         A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``).
@@ -147,13 +153,15 @@ def compare(
     """
     if steps is None:
         raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
-    reference = capture(model, tokens, attention_mask=attention_mask, names=names)
+    tokens, mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
+    reference = capture(model, tokens, attention_mask=mask, names=names, fwd_hooks=fwd_hooks)
     sink = run(
         model,
         tokens,
         lambda valid: _Comparator(reference, valid),
         steps=steps,
-        attention_mask=attention_mask,
+        attention_mask=mask,
         names=names,
+        fwd_hooks=fwd_hooks,
     )
     return sink.report()

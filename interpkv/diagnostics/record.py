@@ -18,15 +18,23 @@ or padding), and every key after its query (causally masked in every scheme;
 a chunked run never computes them, so both kinds of run leave them NaN).
 ``record.valid[b, p]`` says whether row ``b`` has a token at position ``p``.
 Integer hooks (``hook_tokens``) are stored as float64 so they can hold NaN.
+
+Entries are looked up as in TransformerLens's ``ActivationCache``: by full
+name (``record["blocks.0.hook_resid_pre"]``), by short name and layer
+(``record["resid_pre", 0]``, ``record["pattern", 1]``, ``record["q", -1]``,
+resolved by ``transformer_lens.utils.get_act_name``), and
+:meth:`Record.to_activation_cache` hands the whole record to TransformerLens.
 """
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from interpkv.core import tl as _tl
 
 __all__ = ["Record", "ATTENTION_HOOKS", "LOGITS", "is_attention_hook", "split_hook_name"]
 
@@ -81,19 +89,86 @@ class Record:
     def n_positions(self) -> int:
         return self.valid.shape[1]
 
-    def __getitem__(self, name: str) -> Tensor:
+    def __getitem__(self, key: Union[str, Tuple]) -> Tensor:
+        """An entry by full hook name, or as ``ActivationCache`` resolves keys.
+
+        Args:
+            key: a full name (``"blocks.0.attn.hook_pattern"``, ``"logits"``), a
+                short one (``"embed"``), or ``(name, layer[, layer_type])`` as
+                ``transformer_lens.utils.get_act_name`` takes them; a negative
+                layer counts from the last.
+
+        >>> import interpkv, torch
+        >>> record = interpkv.capture(interpkv.zoo.load("gpt2"), torch.arange(5))
+        >>> record["resid_pre", 0] is record["blocks.0.hook_resid_pre"]
+        True
+        >>> record["pattern", -1].shape
+        torch.Size([1, 4, 5, 5])
+        """
+        name = self._name(key)
         if name == LOGITS:
             return self.logits
         try:
             return self.activations[name]
         except KeyError:
             raise KeyError(
-                f"{name!r} was not captured; captured hooks: {', '.join(self.activations) or 'none'} "
-                "(pass names=None to capture every hook)"
+                f"{key!r} ({name!r}) was not captured; captured hooks: "
+                f"{', '.join(self.activations) or 'none'} (pass names=None to capture every hook)"
             ) from None
 
-    def __contains__(self, name: str) -> bool:
+    def _name(self, key) -> str:
+        if isinstance(key, str):
+            if key == LOGITS or key in self.activations:
+                return key
+            return _tl.get_act_name(key)
+        if not isinstance(key, tuple) or not key or not isinstance(key[0], str):
+            raise KeyError(f"Record keys are hook names or (name, layer) tuples, got {key!r}")
+        if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
+            n_layers = self.meta.get("n_layers")
+            if n_layers is None:
+                raise KeyError(f"{key!r}: a negative layer needs the model's n_layers, not recorded here")
+            key = (key[0], n_layers + key[1], *key[2:])
+        return _tl.get_act_name(*key)
+
+    def __contains__(self, key) -> bool:
+        try:
+            name = self._name(key)
+        except (KeyError, ValueError, AssertionError):
+            return False
         return name == LOGITS or name in self.activations
+
+    def to_activation_cache(self, model) -> "_tl.ActivationCache":
+        """These activations as a TransformerLens ``ActivationCache`` for ``model``.
+
+        Its tools then work on a capture, chunked and cached or not:
+        ``accumulated_resid``, ``decompose_resid``, ``stack_activation``,
+        ``logit_attrs``... Entries keep the Record's layout, which is
+        TransformerLens's: ``[batch, pos, ...]``, and ``[batch, head_index,
+        query_pos, key_pos]`` for ``hook_pattern`` / ``hook_attn_scores``,
+        with ``pos`` the absolute position.
+
+        Missing entries stay NaN (see the module docstring): the positions a
+        left-padded row does not have, every key after its query in an
+        attention pattern (TransformerLens stores 0 there for ``hook_pattern``
+        and -inf for scores), evicted keys. NaN propagates through sums, so
+        reduce over real positions (``record.valid``) or ``nan_to_num`` first.
+        The tensors are shared, not copied; logits are not part of an
+        ``ActivationCache``.
+
+        Args:
+            model: the HookedTransformer the record was captured from.
+
+        Returns:
+            A ``transformer_lens.ActivationCache`` (with a batch dimension).
+
+        >>> import interpkv, torch
+        >>> model = interpkv.zoo.load("gpt2")
+        >>> record = interpkv.capture(model, torch.arange(6)[None], steps=[4, 1, 1])
+        >>> resid = record.to_activation_cache(model).accumulated_resid()
+        >>> resid.shape  # [n_layers + 1, batch, pos, d_model]
+        torch.Size([3, 1, 6, 64])
+        """
+        return _tl.ActivationCache(dict(self.activations), model, has_batch_dim=True)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.order)

@@ -10,7 +10,7 @@ error of step ``k`` is the cache's error at step ``k``, not an echo of an
 earlier flip.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Int
@@ -19,10 +19,10 @@ from torch import Tensor
 from interpkv.tolerances import generation_atol
 
 from interpkv.core import tl as _tl
-from interpkv.core.forward import forward
+from interpkv.core.forward import Hook, forward
+from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.generation.result import GenerationDiff
 from interpkv.generation.generate import generate
-from interpkv.core.positions import validate_mask
 
 __all__ = ["compare_generation", "default_atol"]
 
@@ -32,21 +32,25 @@ default_atol = generation_atol  # the name tests and docs know
 @torch.no_grad()
 def compare_generation(
     model: "_tl.HookedTransformer",
-    tokens: Int[Tensor, "batch pos"],
+    tokens: TokensLike,
     *,
     max_new_tokens: int,
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     atol: Optional[float] = None,
+    fwd_hooks: Sequence[Hook] = (),
 ) -> GenerationDiff:
     """Greedy-generate through a cache and check every step against an uncached pass.
 
     Args:
         model: a HookedTransformer.
-        tokens: prompt token ids ``[batch, pos]``.
+        tokens: prompt token ids ``[batch, pos]`` (or ``[pos]``), or (model
+            with a tokenizer) a string or list of strings, left-padded for you.
         max_new_tokens: steps to generate and compare.
         attention_mask: left-padding mask of the prompt (1 = real, 0 = padding).
         atol: logit tolerance that makes a step divergent; default per dtype
             (:func:`default_atol`: 1e-8 float64, 1e-4 float32).
+        fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active in
+            both runs (every cached step, and the uncached reference pass).
 
     Returns:
         A :class:`GenerationDiff`: per step (step 0 = the token chosen from the
@@ -62,23 +66,20 @@ def compare_generation(
     >>> diff.first_divergent_step is None, len(diff.kl)
     (True, 4)
     """
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.is_floating_point():
-        raise TypeError(
-            "compare_generation takes token ids [batch, pos]; the uncached reference "
-            "re-reads the prompt with the generated tokens appended."
-        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 to compare anything, got {max_new_tokens}")
-    mask = validate_mask(tokens, attention_mask)
+    # Ids only: the uncached reference re-reads the prompt with the generated tokens appended.
+    tokens, mask = as_inputs(model, tokens, attention_mask, embeddings=False)
     atol = default_atol(model.cfg.dtype) if atol is None else atol
 
-    cached = generate(model, tokens, attention_mask=mask, max_new_tokens=max_new_tokens, keep_logits=True)
+    cached = generate(
+        model, tokens, attention_mask=mask, max_new_tokens=max_new_tokens, keep_logits=True, fwd_hooks=fwd_hooks
+    )
     # Uncached, teacher-forced: position prompt_len - 1 + k chose step k.
     history = cached.tokens[:, :-1]
     history_mask = cached.attention_mask[:, :-1]
-    reference = forward(model, history, attention_mask=history_mask)[:, tokens.shape[1] - 1 :]
+    reference = forward(model, history, attention_mask=history_mask, fwd_hooks=fwd_hooks)
+    reference = reference[:, tokens.shape[1] - 1 :]
 
     steps = range(cached.logits.shape[1])
     return GenerationDiff.from_step_logits(

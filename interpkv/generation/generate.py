@@ -9,8 +9,11 @@ position exactly once, as an uncached loop that reruns the whole sequence with
 the hook would, and the two produce the same tokens.
 
 No tokenizer is needed: prompts are token ids ``[batch, pos]`` or token
-embeddings ``[batch, pos, d_model]``. Sampling draws from a private
-``torch.Generator`` (never the global RNG), so ``seed=`` reproduces a run.
+embeddings ``[batch, pos, d_model]``; with a tokenizer, a string or a list of
+strings (see :func:`interpkv.core.inputs.as_inputs`). Sampling draws from a
+private ``torch.Generator`` (never the global RNG), so ``seed=`` reproduces a
+run. Afterwards the cache holds back the last chosen token, so a later call
+can continue from the cache alone (see :mod:`interpkv.generation.resume`).
 """
 
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -22,9 +25,10 @@ from torch import Tensor
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.forward import Hook, forward
+from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.capture import capture as capture_run
-from interpkv.core.positions import validate_mask
 from interpkv.diagnostics.record import Record
+from interpkv.generation import resume
 from interpkv.generation.result import Generation
 
 __all__ = ["generate", "sample_next"]
@@ -99,8 +103,7 @@ def sample_next(
 def _captured_step(model, tokens, cache, mask, fwd_hooks, names) -> Tuple[Tensor, Record]:
     """One step through ``cache`` recorded by :func:`interpkv.capture`; returns (last logits, Record)."""
     offsets = cache.next_positions.clone()
-    with model.hooks(fwd_hooks=list(fwd_hooks)):  # active inside capture's own forward
-        record = capture_run(model, tokens, cache=cache, attention_mask=mask, names=names)
+    record = capture_run(model, tokens, cache=cache, attention_mask=mask, names=names, fwd_hooks=fwd_hooks)
     # The last column of each running row, at its absolute position (stopped rows are ignored).
     last = (offsets + mask.sum(1) - 1).clamp(min=0)  # (B,)
     return record.logits[torch.arange(tokens.shape[0]), last], record
@@ -109,7 +112,7 @@ def _captured_step(model, tokens, cache, mask, fwd_hooks, names) -> Tuple[Tensor
 @torch.no_grad()
 def generate(
     model: "_tl.HookedTransformer",
-    tokens: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],
+    tokens: Optional[TokensLike] = None,
     *,
     max_new_tokens: int,
     cache: Optional[KVCache] = None,
@@ -128,12 +131,22 @@ def generate(
 
     Args:
         model: a HookedTransformer (no tokenizer needed).
-        tokens: prompt token ids ``[batch, pos]`` (or ``[pos]``), or prompt
-            embeddings ``[batch, pos, d_model]`` (taken as ``hook_embed``'s output).
-        max_new_tokens: steps to run (fewer if every row stops).
+        tokens: prompt token ids ``[batch, pos]`` (or ``[pos]``), prompt
+            embeddings ``[batch, pos, d_model]`` (taken as ``hook_embed``'s output),
+            or, when the model has a tokenizer, a string or list of strings
+            (left-padded for you). None: continue from ``cache``'s held-back
+            token (see below).
+        max_new_tokens: steps to run (fewer if every row stops). 0 with a
+            ``cache`` prefills it: every prompt token but the last is fed and
+            the last is held back, ready to continue from.
         cache: continue from this cache (its stored tokens come before
             ``tokens``); a fresh one is made if None. Afterwards it holds every
-            fed token: the prompt and all generated tokens but the last.
+            token of ``Generation.tokens`` but the last, which it holds back in
+            ``cache.next_tokens``: ``generate(model, cache=cache,
+            max_new_tokens=n)`` then continues exactly where this call
+            stopped, as one uninterrupted call would (the held-back token is
+            the new call's one-column prompt; rows that had stopped stay
+            stopped when ``stop_tokens`` is passed again).
         attention_mask: ``[batch, pos]`` for the prompt, 1 = real, 0 = padding.
             Prompts of different lengths are LEFT padded (each row must end
             with a real token).
@@ -155,24 +168,40 @@ def generate(
         keep_logits: also return the logits each new token was chosen from.
 
     Returns:
-        A :class:`Generation`.
+        A :class:`Generation` (``.text`` decodes it when the model has a tokenizer).
 
     Raises:
-        ValueError: a prompt row ends with padding (use left padding), or bad
-            sampling options.
+        ValueError: a prompt row ends with padding (use left padding), bad
+            sampling options, or no ``tokens`` and nothing held back in ``cache``.
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("llama")
     >>> out = interpkv.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     >>> out.tokens.shape
     torch.Size([1, 7])
+    >>> model = interpkv.zoo.load("llama", trained=True)
+    >>> cache = interpkv.KVCache.for_model(model)
+    >>> first = interpkv.generate(model, "def ", cache=cache, max_new_tokens=10)
+    >>> more = interpkv.generate(model, cache=cache, max_new_tokens=10)
+    >>> first.text + more.new_text == interpkv.generate(model, "def ", max_new_tokens=20).text
+    True
     """
     _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    mask = validate_mask(tokens, attention_mask)
+    resumed = tokens is None
+    if resumed:
+        if cache is None:
+            raise ValueError(
+                "generate needs a prompt (tokens) or a cache to continue from (cache=...), got neither"
+            )
+        if attention_mask is not None:
+            raise ValueError("attention_mask covers the prompt; continuing from a cache takes none")
+        tokens, mask = resume.held_back(cache)
+        single = cache.batch_size == 1
+    else:
+        single = isinstance(tokens, str) or (isinstance(tokens, Tensor) and tokens.ndim == 1)
+        tokens, mask = as_inputs(model, tokens, attention_mask)
     ends_padded = (mask[:, -1] == 0).nonzero().flatten().tolist()
-    if ends_padded:
+    if ends_padded and not resumed:
         raise ValueError(
             f"prompt rows {ends_padded} end with padding (attention_mask[:, -1] == 0): "
             "generation continues from each row's last column, so pad prompts on the LEFT."
@@ -181,9 +210,12 @@ def generate(
     device = torch.device(model.cfg.device or "cpu")  # forward moves the tokens here
     tokens = tokens.to(device)
     mask = mask.to(device)
+    if max_new_tokens == 0:
+        return _prefill(cache, model, tokens, mask, fwd_hooks, getattr(model, "tokenizer", None), single)
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=prompt_len + max_new_tokens)
     stop = torch.tensor(list(stop_tokens or ()), dtype=torch.long, device=device)
+    tokenizer = getattr(model, "tokenizer", None)
     pad = int(pad_token) if pad_token is not None else (int(stop[0]) if stop.numel() else 0)
 
     generator = torch.Generator(device=device)
@@ -193,6 +225,10 @@ def generate(
         generator.manual_seed(int(seed))
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    if resumed:  # rows with nothing held back had stopped; so had rows holding back a stop token
+        finished = (mask[:, -1] == 0) | torch.isin(tokens[:, -1], stop)
+        if bool(finished.all()):  # an uninterrupted call would have ended already
+            return Generation(tokens, mask, 1, finished, tokenizer=tokenizer, single=single)
     new_tokens: List[Tensor] = []
     new_mask: List[Tensor] = []
     kept_logits: List[Tensor] = []
@@ -219,6 +255,8 @@ def generate(
         # A row's stop token is still fed (it is real); after that, padding only.
         step_input, step_mask = chosen[:, None], running.long()[:, None]
 
+    resume.hold_back(cache, chosen, running)  # the last choice is not fed: held back
+
     if tokens.is_floating_point():
         prompt_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
         prompt_mask = prompt_tokens
@@ -234,4 +272,21 @@ def generate(
         finished=finished,
         logits=torch.stack(kept_logits, 1) if keep_logits and kept_logits else None,
         records=records,
+        tokenizer=tokenizer,
+        single=single,
     )
+
+
+def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Generation:
+    """``max_new_tokens=0``: feed all but the last prompt column into ``cache``, hold that one back."""
+    if cache is not None and not tokens.is_floating_point():
+        if tokens.shape[1] > 1:
+            forward(model, tokens[:, :-1], cache=cache, attention_mask=mask[:, :-1], fwd_hooks=fwd_hooks)
+        resume.hold_back(cache, tokens[:, -1], mask[:, -1] == 1)
+        out, out_mask = tokens, mask
+    elif tokens.is_floating_point():  # an embedding has no token id to hold back
+        out = out_mask = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=tokens.device)
+    else:  # no cache to prepare
+        out, out_mask = tokens, mask
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    return Generation(out, out_mask, out.shape[1], finished, tokenizer=tokenizer, single=single)

@@ -9,7 +9,7 @@ of each step with :meth:`GenerationDiff.from_step_logits`.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,10 @@ class Generation:
             was given (else None): the captured hook points and the logits of
             that step's new tokens, at their absolute positions (earlier
             positions are NaN; ``record.valid`` marks the step's tokens).
+        tokenizer: the model's tokenizer at generation time (None without one),
+            which :attr:`text` and :attr:`new_text` decode with.
+        single: the prompt was one string or one ``[pos]`` row of ids (or a
+            one-row cache was continued): :attr:`text` is then a ``str``.
     """
 
     tokens: Int[Tensor, "batch seq"]
@@ -49,11 +53,52 @@ class Generation:
     finished: Bool[Tensor, "batch"]
     logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
     records: Optional[List[Record]] = None
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    single: bool = False
 
     @property
     def new_tokens(self) -> Int[Tensor, "batch new"]:
         """Only the generated tokens."""
         return self.tokens[:, self.prompt_length :]
+
+    @property
+    def text(self) -> Union[str, List[str]]:
+        """Prompt and generated tokens decoded, without padding.
+
+        Its shape follows the prompt: a ``str`` for a single string (or
+        ``[pos]`` ids, or a one-row cache continued), else a list with one
+        string per row (also for a list holding one string). Padding (the
+        prompt's left padding, the pad written after a row stopped) is left
+        out; a stop token is kept. An embedding prompt has no ids, so only the
+        generated text is there.
+
+        Raises:
+            ValueError: the model had no tokenizer.
+
+        >>> import interpkv
+        >>> model = interpkv.zoo.load("gpt2", trained=True)
+        >>> out = interpkv.generate(model, ["def ", "Return the"], max_new_tokens=3)
+        >>> len(out.text), out.text[1].startswith("Return the"), len(out.text[1])
+        (2, True, 13)
+        """
+        return self._decode(self.tokens, self.attention_mask)
+
+    @property
+    def new_text(self) -> Union[str, List[str]]:
+        """Only the generated tokens decoded (same shape rules as :attr:`text`)."""
+        return self._decode(self.new_tokens, self.attention_mask[:, self.prompt_length :])
+
+    def _decode(self, tokens: Tensor, mask: Tensor) -> Union[str, List[str]]:
+        if self.tokenizer is None:
+            raise ValueError(
+                "this generation has no tokenizer (the model had none): decode .tokens yourself "
+                "(e.g. interpkv.zoo.charvocab.decode), or set one with model.set_tokenizer(...)"
+            )
+        rows = [
+            self.tokenizer.decode(row[keep == 1].tolist(), clean_up_tokenization_spaces=False)
+            for row, keep in zip(tokens, mask)
+        ]
+        return rows[0] if self.single and len(rows) == 1 else rows
 
     def __repr__(self) -> str:
         batch, total = self.tokens.shape

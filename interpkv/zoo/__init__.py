@@ -28,6 +28,7 @@ __all__ = [
     "info",
     "load",
     "load_pair",
+    "load_hf_dir",
     "from_hf",
 ]
 
@@ -160,8 +161,11 @@ def load(
 ) -> HookedTransformer:
     """Load a fresh tiny HookedTransformer.
 
-    The model is on CPU, in eval mode, has no tokenizer and
-    ``cfg.default_prepend_bos = False`` (interpkv works on token ids). Weights
+    The model is on CPU, in eval mode and has ``cfg.default_prepend_bos =
+    False`` (interpkv works on token ids). Random models have no tokenizer;
+    trained ones carry a HuggingFace tokenizer of the character vocabulary
+    (:func:`interpkv.zoo.charvocab.hf_tokenizer`), so ``model.to_tokens``,
+    ``model.to_string`` and text prompts to interpkv's entry points work. Weights
     are deterministic in ``seed``; for HF-backed models they are the HF init
     converted with ``fold_ln``, ``center_writing_weights`` and
     ``fold_value_biases`` (but not ``center_unembed``, so logits equal HF's).
@@ -199,20 +203,32 @@ def load_pair(
     *,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    trained: bool = False,
 ) -> tuple[HookedTransformer, Any]:
     """Load a zoo model together with its HF twin holding the same weights.
 
     Args:
         name: Zoo model name with an HF class (see :func:`pairs`).
         dtype: dtype of both models.
-        seed: Initialisation seed.
+        seed: Initialisation seed (ignored with ``trained=True``).
+        trained: The shipped trained character-level weights (see
+            :func:`trained_names`) instead of random ones; the
+            HookedTransformer then carries the tokenizer, as with
+            ``load(name, trained=True)``.
 
     Returns:
         ``(hooked_transformer, hf_model)``; the HF model (eager attention) is
         in eval mode with the same dtype. Both are fresh copies.
 
     Raises:
-        ValueError: Unknown name, bad dtype, or a model without an HF class.
+        ValueError: Unknown name, bad dtype, a model without an HF class, or
+            ``trained=True`` for a model without trained weights.
+
+    >>> from interpkv import zoo
+    >>> tl, hf = zoo.load_pair("llama", trained=True)
+    >>> ids = tl.to_tokens("def ")
+    >>> bool((tl(ids) - hf(ids).logits).abs().max() < 1e-4)
+    True
     """
     _check_name(name)
     _check_dtype(dtype)
@@ -221,9 +237,81 @@ def load_pair(
             f"zoo model {name!r} has no HuggingFace class (it exists only in "
             f"TransformerLens); models with an HF pair: {', '.join(pairs())}"
         )
+    if trained:
+        _check_trained(name)
+        return _trained.load(name, dtype), _trained.hf_model(name, dtype)
     tl = _build.tl_model(name, int(seed), dtype)
     hf = _build.hf_model(name, int(seed), dtype)
     return tl, hf
+
+
+def load_hf_dir(
+    path: Any,
+    *,
+    dtype: torch.dtype = torch.float32,
+    return_hf: bool = False,
+) -> Any:
+    """Load a local HuggingFace model directory as a HookedTransformer (no network).
+
+    The directory is what ``model.save_pretrained(dir)`` writes (``config.json``
+    and weights), optionally with ``tokenizer.save_pretrained(dir)``'s files.
+    The model is loaded with ``local_files_only=True`` and eager attention and
+    converted like the zoo's own models (:func:`from_hf`), so it computes the
+    same function as the HF model. When the directory has a tokenizer, the
+    model carries it, and ``cfg.default_prepend_bos`` follows the tokenizer:
+    True exactly when the HF tokenizer itself prepends BOS, so
+    ``model.to_tokens(text)`` gives the ids ``tokenizer(text)`` gives.
+
+    Args:
+        path: the directory.
+        dtype: float32 or float64 (the conversion is exact in both).
+        return_hf: also return the HF model (as ``from_pretrained`` returns
+            loading info with ``output_loading_info=True``).
+
+    Returns:
+        A HookedTransformer in eval mode on CPU, or ``(hooked_transformer,
+        hf_model)`` with ``return_hf=True``.
+
+    Raises:
+        ValueError: ``path`` is not a directory with a ``config.json``.
+
+    >>> import tempfile, torch
+    >>> from interpkv import zoo
+    >>> _, hf = zoo.load_pair("gpt2", trained=True)
+    >>> folder = tempfile.mkdtemp()
+    >>> hf.save_pretrained(folder)
+    >>> _ = zoo.charvocab.hf_tokenizer().save_pretrained(folder)
+    >>> model = zoo.load_hf_dir(folder)
+    >>> model.to_string(model.to_tokens("def f():"))
+    ['def f():']
+    """
+    import os
+
+    import transformers
+
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"{path!r} is not a HuggingFace model directory (no config.json); pass a directory "
+            "written by model.save_pretrained(dir) (or a zoo name to interpkv.zoo.load)"
+        )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, attn_implementation="eager", dtype=dtype
+    ).eval()
+    model = from_hf(hf, label=os.path.basename(os.path.normpath(path)))
+    if _has_tokenizer(path):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        prepends_bos = len(tokenizer.encode("")) > 0
+        model.set_tokenizer(tokenizer)
+        model.cfg.default_prepend_bos = prepends_bos
+    return (model, hf) if return_hf else model
+
+
+def _has_tokenizer(path: str) -> bool:
+    import os
+
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    return any(os.path.isfile(os.path.join(path, f)) for f in files)
 
 
 def from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import transformers
 
-from interpkv.zoo import _build
+from interpkv.zoo import _build, charvocab
 from interpkv.zoo._build import WEIGHTS_DIR, HookedTransformer
 
 __all__ = ["metadata", "hf_model", "load"]
@@ -110,8 +110,10 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> HookedTransformer:
             precision; lower precisions are the float32 result cast down).
 
     Returns:
-        The model in eval mode on CPU, without a tokenizer (use
-        :mod:`interpkv.zoo.charvocab`); ``model.zoo_metadata`` holds the json.
+        The model in eval mode on CPU, carrying the character vocabulary as a
+        HuggingFace tokenizer (:func:`interpkv.zoo.charvocab.hf_tokenizer`,
+        left padding, no BOS: ``cfg.default_prepend_bos`` is False as in
+        training); ``model.zoo_metadata`` holds the json.
     """
     cfg, sd = _processed(name, dtype)
     cfg = copy.deepcopy(cfg)
@@ -119,4 +121,6 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> HookedTransformer:
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_state_dict(sd, strict=True)
     model.zoo_metadata = metadata(name)
+    model.set_tokenizer(charvocab.hf_tokenizer(), default_padding_side="left")
+    model.cfg.default_prepend_bos = False  # trained on random windows, never after a BOS
     return model.eval()

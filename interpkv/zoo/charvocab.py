@@ -22,7 +22,17 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["CHARS", "UNK", "UNK_CHAR", "VOCAB_SIZE", "encode", "decode", "CharTokenizer", "TOKENIZER"]
+__all__ = [
+    "CHARS",
+    "UNK",
+    "UNK_CHAR",
+    "VOCAB_SIZE",
+    "encode",
+    "decode",
+    "CharTokenizer",
+    "TOKENIZER",
+    "hf_tokenizer",
+]
 
 CHARS: str = "\n" + "".join(chr(c) for c in range(32, 127))
 """The characters of ids 0 .. 95, in id order."""
@@ -102,3 +112,51 @@ class CharTokenizer(NamedTuple):
 
 TOKENIZER = CharTokenizer(encode=encode, decode=decode, vocab_size=VOCAB_SIZE)
 """The tokenizer shared by every trained zoo model."""
+
+
+def hf_tokenizer():
+    """The vocabulary as a HuggingFace ``PreTrainedTokenizerFast`` (same ids as :func:`encode`).
+
+    Built with the ``tokenizers`` library (a BPE model without merges: one
+    token per character, every other character :data:`UNK`, decoded by
+    concatenation), so TransformerLens's ``model.to_tokens`` / ``to_string`` /
+    ``generate`` work on the trained zoo models, which carry one.
+
+    The models were trained on random windows of text with no BOS, so they are
+    loaded with ``cfg.default_prepend_bos = False``. BOS, EOS and padding are
+    all :data:`UNK_CHAR` (id 96): a character prompts never contain, so
+    TransformerLens's left-padding mask (leading pad ids) never eats real
+    text, and ``model.generate`` stops only if the model emits an unknown
+    character. Newline (id 0, the HF config's ``bos/eos_token_id``) is kept
+    an ordinary character: stopping on it would end every generation after
+    one line.
+
+    Returns:
+        A fresh tokenizer (TransformerLens mutates the one it is given), with
+        ``padding_side="left"`` and ``clean_up_tokenization_spaces=False``.
+
+    >>> tok = hf_tokenizer()
+    >>> tok("def f():\\n")["input_ids"] == encode("def f():\\n").tolist()
+    True
+    >>> tok.decode(tok("a , b")["input_ids"])
+    'a , b'
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    vocab[UNK_CHAR] = UNK
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_CHAR))
+    backend.decoder = decoders.Fuse()  # concatenate: no spaces between characters
+    # No bos_token: TransformerLens's set_tokenizer sets BOS = EOS itself. An
+    # in-memory tokenizer with its own BOS makes TransformerLens 3.9 reload it
+    # by name (get_tokenizer_with_bos), which fails: it has no name_or_path.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=UNK_CHAR,
+        eos_token=UNK_CHAR,
+        pad_token=UNK_CHAR,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=int(1e30),
+    )

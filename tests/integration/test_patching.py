@@ -61,25 +61,60 @@ def test_resid_pre_equals_transformer_lens_on_every_zoo_model(name):
     assert (ref - ref[0, 0]).abs().max() > 1e-3  # patching really moves the metric
 
 
-ALL_HOOKS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_by_pos"]
-# gpt2 runs every hook in CI; GQA (llama) and ALiBi (bloom) run them under `make test-all`.
-HOOK_CASES = [pytest.param("gpt2", hook, id=f"gpt2-{hook}") for hook in ALL_HOOKS] + [
-    pytest.param(name, hook, id=f"{name}-{hook}", marks=pytest.mark.slow)
-    for name in ("llama", "bloom")
-    for hook in ALL_HOOKS
-    if hook != "z_by_pos"
-]
+ALL_HOOKS = [
+    "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_by_pos",
+    "q", "k", "v", "q_by_pos", "k_by_pos", "v_by_pos", "pattern", "pattern_by_pos",
+]  # fmt: skip
+# gpt2 runs every hook in CI; GQA (llama) and ALiBi (bloom) run them under `make test-all`,
+# except k and v on llama (GQA: TL counts key-value heads), which always run.
+HOOK_CASES = (
+    [pytest.param("gpt2", hook, id=f"gpt2-{hook}") for hook in ALL_HOOKS]
+    + [pytest.param("llama", hook, id=f"llama-{hook}") for hook in ("k", "v_by_pos")]
+    + [
+        pytest.param(name, hook, id=f"{name}-{hook}", marks=pytest.mark.slow)
+        for name in ("llama", "bloom")
+        for hook in ALL_HOOKS
+        if not hook.endswith("_by_pos") and (name, hook) != ("llama", "k")
+    ]
+)
 
 
 @pytest.mark.parametrize("name, hook", HOOK_CASES)
 def test_every_hook_equals_transformer_lens(name, hook):
     m = model(name, F32)
-    length = 5 if hook == "z_by_pos" else 7
+    length = 5 if hook.endswith("_by_pos") else 7
     clean, corrupt = _pair(m.cfg.d_vocab, length=length, differ=((0, 3), (1, 4)))
     ref = _tl_patch(m, clean, corrupt, hook)
     got = patch(m, clean, corrupt, hook=hook, metric=_metric, progress=False)
     assert got.shape == ref.shape
     assert (got - ref).abs().max() < TOL_F32
+    assert (ref - ref.flatten()[0]).abs().max() > 1e-4  # the patches really move the metric
+
+
+@pytest.mark.parametrize("short, layer", [("resid_pre", 0), ("mlp_out", 1), ("pattern", 1), ("q", 0), ("z", 1)])
+def test_full_transformer_lens_names_mean_their_family(short, layer):
+    """``get_act_name("resid_pre", 0)`` = ``blocks.0.hook_resid_pre`` patches resid_pre in every layer."""
+    from transformer_lens.utilities import get_act_name
+
+    m = model("gpt2", torch.float64)
+    clean, corrupt = _pair(m.cfg.d_vocab, length=6)
+    full = patch(m, clean, corrupt, hook=get_act_name(short, layer), metric=_metric, progress=False)
+    assert torch.equal(full, patch(m, clean, corrupt, hook=short, metric=_metric, progress=False))
+    assert full.shape[0] == m.cfg.n_layers
+
+
+def test_text_prompts_are_tokenized_together():
+    m = zoo.load("llama", trained=True, dtype=torch.float64)
+    clean, corrupt = ["The cat sat", "A dog"], ["The car sat", "A cow"]
+    ids = m.to_tokens(clean + corrupt, padding_side="left")  # one padding length for both
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([11, 5, 11, 5])[:, None]).long()
+    got = patch(m, clean, corrupt, hook="resid_pre", metric=_metric, progress=False)
+    want = patch(m, ids[:2], ids[2:], hook="resid_pre", metric=_metric, attention_mask=mask[2:], progress=False)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"rows \[1\] tokenize to different lengths"):
+        patch(m, clean, ["The car sat", "A cows"], hook="resid_pre", metric=_metric)
+    with pytest.raises(TypeError, match="both be text"):
+        patch(m, clean, ids[2:], hook="resid_pre", metric=_metric)
 
 
 @pytest.mark.slow
@@ -176,6 +211,6 @@ def test_misuse_is_named():
     with pytest.raises(ValueError, match="same shape"):
         patch(m, clean, corrupt[:, 1:], hook="resid_pre", metric=_metric)
     with pytest.raises(ValueError, match="not supported; choose one of"):
-        patch(m, clean, corrupt, hook="pattern", metric=_metric)
+        patch(m, clean, corrupt, hook="attn_scores", metric=_metric)
     with pytest.raises(ValueError, match="outside the 7 columns"):
         patch(m, clean, corrupt, hook="resid_pre", metric=_metric, positions=[7])

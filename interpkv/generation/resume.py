@@ -1,0 +1,77 @@
+"""Continuing generation from a cache: the held-back token.
+
+Next-token logits are not in a key/value cache: they come from the residual
+stream of the last token, which the cache does not keep. So a cache can only
+be continued from if the last token has *not* been fed yet and is known. This
+is the convention :func:`interpkv.generate` follows (as HuggingFace's
+``generate`` does with ``past_key_values``): afterwards the cache holds every
+token of ``Generation.tokens`` but the last one, which it *holds back* in
+``cache.next_tokens`` (one id per row, ``-1`` for a row that has none) together
+with the positions it is due at (``cache.next_tokens_at``).
+``generate(model, cache=cache, max_new_tokens=n)`` feeds the held-back tokens
+and goes on, giving exactly the tokens one uninterrupted call would have.
+
+A held-back token is only valid while the cache is where ``generate`` left it:
+once a forward moves a row's ``next_positions``, the cache no longer ends right
+before it and it is refused (cropping back to the same place makes it valid
+again, since ``crop`` keeps the first slots unchanged).
+
+A cache filled by :func:`interpkv.forward` or :func:`interpkv.capture` holds
+every token it was given and has nothing held back. To make a prompt cache to
+continue from, prefill it with ``generate(model, prompt, cache=cache,
+max_new_tokens=0)``: that feeds every prompt token but the last and holds the
+last back.
+"""
+
+from typing import Tuple
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from interpkv.cache.kvcache import KVCache
+
+__all__ = ["held_back", "hold_back", "NO_TOKEN"]
+
+NO_TOKEN = -1
+"""``cache.next_tokens`` value of a row with nothing held back (it had stopped)."""
+
+
+def held_back(cache: KVCache) -> Tuple[Int[Tensor, "batch 1"], Int[Tensor, "batch 1"]]:
+    """The held-back tokens of ``cache`` as a one-column prompt and its mask.
+
+    Returns:
+        ``(tokens, mask)``, each ``[batch, 1]``: the held-back ids (0 and mask 0
+        for rows with none).
+
+    Raises:
+        ValueError: nothing is held back, or the cache moved on since.
+    """
+    if cache.next_tokens is None:
+        raise ValueError(
+            "this cache has no held-back token to continue from: it holds every token it was "
+            "given (filled by interpkv.forward or interpkv.capture, or loaded from a file), and "
+            "next-token logits need the last token run again. Either prefill it with "
+            "interpkv.generate(model, prompt, cache=cache, max_new_tokens=0), which feeds all but "
+            "the last prompt token and holds that one back, or pass the tokens to feed: "
+            "generate(model, tokens, cache=cache, ...)"
+        )
+    ids, due = cache.next_tokens, cache.next_tokens_at
+    live = ids != NO_TOKEN
+    moved = (live & (due != cache.next_positions)).nonzero().flatten().tolist()
+    if moved:
+        raise ValueError(
+            f"rows {moved} of this cache moved on since generate held their next token back "
+            f"(held back at positions {due[moved].tolist()}, the rows are now at "
+            f"{cache.next_positions[moved].tolist()}); pass the tokens to feed explicitly: "
+            "generate(model, tokens, cache=cache, ...)"
+        )
+    tokens = torch.where(live, ids, torch.zeros_like(ids))[:, None]  # (B, 1)
+    return tokens, live.long()[:, None]
+
+
+def hold_back(cache: KVCache, tokens: Int[Tensor, "batch"], real: Bool[Tensor, "batch"]) -> None:
+    """Record ``tokens`` (where ``real``) as chosen but not fed, due at ``cache.next_positions``."""
+    cache.next_tokens = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
+    cache.next_tokens_at = cache.next_positions.clone()
+
