@@ -22,7 +22,7 @@ from interpkv.diagnostics.compare import compare
 from interpkv.diagnostics.diff import diff
 from interpkv.diagnostics.record import Record
 from interpkv.diagnostics.report import DivergenceReport, Site
-from interpkv.errors import CacheFileError, CacheMismatchError, UnsupportedModelError
+from interpkv.errors import CacheFileError, CacheGraphWarning, CacheMismatchError, UnsupportedModelError
 from interpkv.generation.compare import compare_generation
 from interpkv.generation.generate import generate
 from interpkv.generation.result import Generation, GenerationDiff
@@ -34,6 +34,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheFileError",
     "UnsupportedModelError",
+    "CacheGraphWarning",
     "forward",
     "capture",
     "diff",

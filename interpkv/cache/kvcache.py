@@ -8,7 +8,6 @@ history again on every step), and its position is recorded alongside it in
 """
 
 import os
-from dataclasses import dataclass
 import weakref
 from typing import List, Optional, Union
 
@@ -20,34 +19,14 @@ from interpkv.core import tl as _tl
 from interpkv.core.axes import PAD_POSITION
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.lifecycle import CacheLifecycle
+from interpkv.cache.slots import Slots, grown
+from interpkv.errors import warn_graph_kept
 from interpkv.cache.signature import check_compatible, describe, model_signature
 from interpkv.cache.window import compact_positions, compaction_index, kept_slots
 
 __all__ = ["KVCache", "Slots", "model_signature"]
 
 _INITIAL_CAPACITY = 64
-
-
-@dataclass(frozen=True)
-class Slots:
-    """Where one forward call reads and writes, from :meth:`KVCache.begin`.
-
-    Attributes:
-        q_pos: ``Int[Tensor, "batch pos"]``, absolute positions of the new
-            tokens (``-1`` for padding).
-        k_pos: ``Int[Tensor, "batch kv_pos"]``, positions of every key the
-            call attends: stored slots, then the new ones.
-        start: first slot the new keys and values are written to.
-    """
-
-    q_pos: Tensor
-    k_pos: Tensor
-    start: int
-
-    @property
-    def end(self) -> int:
-        """One past the last slot written (= ``k_pos.shape[1]``)."""
-        return self.start + self.q_pos.shape[1]
 
 
 class KVCache(CacheLifecycle):
@@ -99,6 +78,7 @@ class KVCache(CacheLifecycle):
         window: Optional[int] = None,
         sinks: int = 0,
         capacity: int = _INITIAL_CAPACITY,
+        keep_graph: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -115,6 +95,8 @@ class KVCache(CacheLifecycle):
         self.device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
         self.window = window
         self.sinks = sinks
+        self.keep_graph = keep_graph
+        self._graph_calls = 0  # commits that left an autograd graph in the cache
         self._frozen = 0
         self._length = 0
         capacity = max(1, capacity)
@@ -140,6 +122,7 @@ class KVCache(CacheLifecycle):
         window: Optional[int] = None,
         sinks: int = 0,
         capacity: int = _INITIAL_CAPACITY,
+        keep_graph: bool = False,
     ) -> "KVCache":
         """An empty cache for ``model``.
 
@@ -149,11 +132,16 @@ class KVCache(CacheLifecycle):
             window: keep only the last ``window`` positions of each row (plus sinks).
             sinks: with a window, also keep the first ``sinks`` positions forever.
             capacity: slots to preallocate (it grows on demand either way).
+            keep_graph: the cache is meant to hold an autograd graph across
+                calls (gradients through the cached history, e.g. attribution
+                patching): no :class:`~interpkv.errors.CacheGraphWarning`.
 
         Returns:
             An empty :class:`KVCache`.
         """
-        return cls(model, batch_size, window=window, sinks=sinks, capacity=capacity)
+        return cls(
+            model, batch_size, window=window, sinks=sinks, capacity=capacity, keep_graph=keep_graph
+        )
 
     # ------------------------------------------------------------------ views
     @property
@@ -328,8 +316,8 @@ class KVCache(CacheLifecycle):
             for layer in self.layers:
                 layer.reserve(start, end)
             capacity = self.layers[0].capacity
-            self._positions = _grown(self._positions, start, capacity, PAD_POSITION)
-            self._slot_ids = _grown(self._slot_ids, start, capacity, PAD_POSITION)
+            self._positions = grown(self._positions, start, capacity, PAD_POSITION)
+            self._slot_ids = grown(self._slot_ids, start, capacity, PAD_POSITION)
         self._positions[:, start:end] = q_pos
         self._slot_ids[:, start:end] = torch.arange(
             self._appended, self._appended + n_new, device=self.device
@@ -346,10 +334,7 @@ class KVCache(CacheLifecycle):
         self._next_position = self._next_position + (slots.q_pos >= 0).sum(dim=1)
         if self.window is not None:
             self._evict()
-
-
-def _grown(table: Tensor, used: int, capacity: int, fill: int) -> Tensor:
-    """``table`` ``[batch, n]`` widened to ``capacity`` columns, keeping the first ``used``."""
-    grown = table.new_full((table.shape[0], capacity), fill)
-    grown[:, :used] = table[:, :used]
-    return grown
+        if torch.is_grad_enabled() and self.layers[0].holds_graph:
+            self._graph_calls += 1
+            if self._graph_calls == 2 and not self.keep_graph:
+                warn_graph_kept(self.nbytes)

@@ -63,10 +63,30 @@ class LayerCache:
         keys: Float[Tensor, "batch pos kv_head d_head"],
         values: Float[Tensor, "batch pos kv_head d_head"],
     ) -> None:
-        """Write new keys and values (TransformerLens layout) at ``start``."""
+        """Write new keys and values (TransformerLens layout) at ``start``.
+
+        In place into the preallocated buffers, except when autograd tracks the
+        history (grad enabled and a key, value or stored slot requires grad):
+        then the buffers are rebuilt out of place, so a backward pass from a
+        later call reaches every earlier one (an in-place write would bump the
+        version of a tensor an earlier call saved for backward).
+        """
         end = start + keys.shape[1]
-        self.keys[:, :, start:end] = keys.transpose(1, 2)
-        self.values[:, :, start:end] = values.transpose(1, 2)
+        k, v = keys.transpose(1, 2), values.transpose(1, 2)  # (B, kvh, T, d)
+        if self._tracks_graph(k, v):
+            self.keys = _spliced(self.keys, start, end, k)
+            self.values = _spliced(self.values, start, end, v)
+            return
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+
+    @property
+    def holds_graph(self) -> bool:
+        """Whether the stored keys or values carry an autograd graph."""
+        return self.keys.requires_grad or self.values.requires_grad
+
+    def _tracks_graph(self, *new: Tensor) -> bool:
+        return torch.is_grad_enabled() and (self.holds_graph or any(t.requires_grad for t in new))
 
     def view(self, end: int):
         """Keys and values of slots ``[0, end)``, ``[batch, kv_head, kv_pos, d_head]``."""
@@ -103,7 +123,16 @@ class LayerCache:
         batch, kv_heads, _, d_head = self.keys.shape
         kept = index.shape[1]
         expanded = index[:, None, :, None].expand(batch, kv_heads, kept, d_head)
+        out_of_place = self._tracks_graph()
         for name in ("keys", "values"):
             buffer = getattr(self, name)
             moved = buffer[:, :, :length].gather(2, expanded)  # (B, kvh, kept, d)
-            buffer[:, :, :kept] = moved
+            if out_of_place:  # keep earlier calls' saved tensors intact (see write)
+                setattr(self, name, torch.cat([moved, buffer[:, :, kept:]], dim=2))
+            else:
+                buffer[:, :, :kept] = moved
+
+
+def _spliced(buffer: Tensor, start: int, end: int, new: Tensor) -> Tensor:
+    """``buffer`` with slots ``[start, end)`` replaced by ``new``, out of place."""
+    return torch.cat([buffer[:, :, :start], new.to(buffer.dtype), buffer[:, :, end:]], dim=2)

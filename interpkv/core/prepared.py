@@ -43,7 +43,9 @@ def derived(param: Tensor, kind: str, make: Callable[[Tensor], Tensor]) -> Tenso
         weakref.finalize(param, _STORE.pop, id(param), None)
     hit = entries.get(kind)
     if hit is None or hit[0] != key:
-        with torch.no_grad():
+        # Never an inference tensor: a layout memoized under torch.inference_mode()
+        # could not be saved for a later backward pass.
+        with torch.inference_mode(False), torch.no_grad():
             hit = (key, make(param).contiguous())
         entries[kind] = hit
     return hit[1]

@@ -119,8 +119,11 @@ class Rotary(PositionalScheme):
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < needed:
             size = max(needed, 2 * (table[0].shape[0] if table is not None else 512))
-            sin, cos = _tl.rotary_tables(self._attn[layer], size, dtype)
-            table = (sin.to(device), cos.to(device))
+            # Kept across calls: never an inference tensor (a table built under
+            # torch.inference_mode() could not be saved for a later backward).
+            with torch.inference_mode(False), torch.no_grad():
+                sin, cos = _tl.rotary_tables(self._attn[layer], size, dtype)
+                table = (sin.to(device).clone(), cos.to(device).clone())
             self._tables[key] = table
         return table
 

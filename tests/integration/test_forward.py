@@ -213,3 +213,19 @@ def test_gradients_flow_through_forward():
     interpkv.forward(m, tokens)[0, -1, 0].backward()
     assert m.blocks[0].attn.W_Q.grad is not None and m.blocks[0].attn.W_Q.grad.abs().sum() > 0
     assert m.blocks[0].mlp.W_gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_any_integer_dtype_of_token_ids_is_accepted(dtype):
+    """Regression: uint8/int16 ids reached torch's embedding as a raw IndexError."""
+    model = interpkv.zoo.load("gpt2", dtype=torch.float64)
+    ids = torch.tensor([[1, 7, 3, 90]])
+    expected = interpkv.forward(model, ids)
+    got = interpkv.forward(model, ids.to(dtype))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_bool_token_ids_get_an_error_naming_the_mask():
+    model = interpkv.zoo.load("gpt2")
+    with pytest.raises(TypeError, match="attention_mask"):
+        interpkv.forward(model, torch.tensor([[True, False]]))
