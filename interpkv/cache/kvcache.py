@@ -8,39 +8,26 @@ history again on every step), and its position is recorded alongside it in
 """
 
 import contextlib
+import copy
 import os
 import weakref
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv._types import PAD_POSITION
 from interpkv.errors import CacheMismatchError
 from interpkv.cache.layer import LayerCache
-from interpkv.core.schemes import scheme_for
+from interpkv.cache.signature import model_signature
+from interpkv.cache.state import check_state as _check_state
 from interpkv.cache.window import compact_positions, compaction_index, kept_slots, required_positions
 
 __all__ = ["KVCache", "CacheMismatchError", "model_signature"]
 
 _INITIAL_CAPACITY = 64
-
-
-def model_signature(model: "_tl.HookedTransformer") -> dict:
-    """The architecture fields that decide a cache's layout and meaning."""
-    cfg = model.cfg
-    return {
-        "architecture": str(cfg.original_architecture),
-        "n_layers": int(cfg.n_layers),
-        "n_heads": int(cfg.n_heads),
-        "kv_heads": _tl.kv_head_count(cfg),
-        "d_head": int(cfg.d_head),
-        "d_model": int(cfg.d_model),
-        "n_ctx": int(cfg.n_ctx),
-        "positional": scheme_for(model).describe(),
-    }
 
 
 def _describe(sig: dict) -> str:
@@ -83,6 +70,9 @@ class KVCache:
     >>> cache.seq_len
     3
     """
+
+    #: The caller's metadata of a loaded cache (:meth:`save`'s ``metadata``), else None.
+    metadata: Optional[dict] = None
 
     def __init__(
         self,
@@ -299,18 +289,85 @@ class KVCache:
         rows = torch.arange(self.batch_size, device=self.device).repeat_interleave(n)
         return self._take_rows(rows)
 
-    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+    @classmethod
+    def from_state(
+        cls,
+        model: "_tl.HookedTransformer",
+        keys: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
+        values: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
+        positions: Int[Tensor, "batch kv_pos"],
+        next_positions: Int[Tensor, "batch"],
+        *,
+        window: Optional[int] = None,
+        sinks: int = 0,
+        copy: bool = True,
+    ) -> "KVCache":
+        """A cache holding the given stored slots, e.g. a cache's public state.
+
+        The inverse of reading ``cache.layers[i].view(cache.seq_len)``,
+        ``cache.positions`` and ``cache.next_positions``: every shape, dtype and
+        device is checked against ``model``, so a cache built here is one the
+        forward pass accepts. Positions are not checked against
+        ``next_positions`` (a file loader does that, naming the file).
+
+        Args:
+            model: the model the cache is for.
+            keys: one tensor per layer, ``[batch, kv_head, kv_pos, d_head]``,
+                keys after rotary, at ``n_key_value_heads`` heads.
+            values: one tensor per layer, same shape as ``keys``.
+            positions: absolute position of each slot, ``-1`` for padding (int64).
+            next_positions: position of each row's next token (int64).
+            window, sinks: as in :meth:`for_model`.
+            copy: copy the tensors (default). ``False`` adopts them as storage,
+                so later forwards and crops may write into them.
+
+        Returns:
+            A new :class:`KVCache` with ``seq_len == positions.shape[1]``.
+
+        Raises:
+            CacheMismatchError: a count, shape, dtype or device that does not fit
+                ``model`` (the message names what was given and what was expected).
+            ValueError: an impossible ``window`` / ``sinks``.
+
+        >>> state = [layer.view(cache.seq_len) for layer in cache.layers]
+        >>> same = interpkv.KVCache.from_state(model, [k for k, _ in state], [v for _, v in state],
+        ...                                    cache.positions, cache.next_positions)
+        """
+        _check_state(model, keys, values, positions, next_positions)
+        cache = cls(model, positions.shape[0], window=window, sinks=sinks, capacity=1)
+        if copy:
+            keys = [k.clone() for k in keys]
+            values = [v.clone() for v in values]
+        layers = [LayerCache.from_tensors(k, v) for k, v in zip(keys, values)]
+        cache._install(layers, positions, next_positions)
+        return cache
+
+    def save(self, path: Union[str, "os.PathLike[str]"], metadata: Optional[dict] = None) -> None:
         """Write the stored slots to a safetensors file, atomically; returns None.
 
         Only stored slots are written (never the preallocated capacity), with
-        the positions, window, dtype and a fingerprint of the model (its
-        architecture and a hash of its weights). See :mod:`interpkv.cache.persist`.
+        the positions, window, dtype, a fingerprint of the model (its
+        architecture and a hash of the weights it computes with), a SHA-256 of
+        every tensor, and ``metadata``. See :mod:`interpkv.cache.persist`.
 
-        >>> cache.save("prompt.safetensors")
+        Args:
+            path: the file; a symlink is followed (the file it points to is
+                replaced and keeps its permissions).
+            metadata: small JSON data of yours (a dict with string keys, at
+                most 1 MiB as JSON) returned as ``.metadata`` by :meth:`load`.
+                ``None`` stores none (``cache.metadata`` is not re-saved
+                implicitly: pass ``metadata=cache.metadata`` to keep it).
+
+        Raises:
+            TypeError: ``metadata`` is not a dict or does not survive a JSON
+                round trip unchanged (tuples, non-string keys, objects).
+            ValueError: ``metadata`` over 1 MiB, or non-finite keys/values.
+
+        >>> cache.save("prompt.safetensors", metadata={"prompt": "Once upon a time"})
         """
         from interpkv.cache import persist
 
-        persist.save_cache(self, path)
+        persist.save_cache(self, path, metadata=metadata)
 
     @classmethod
     def load(
@@ -320,15 +377,19 @@ class KVCache:
 
         Returns:
             A new :class:`KVCache`; forwards through it continue exactly where
-            the saved one stopped.
+            the saved one stopped. Its ``.metadata`` is what was saved with
+            it (``None`` if nothing was).
 
         Raises:
             CacheFileError: the file is not a valid interpkv cache for this
                 model (another model or weights, dtype, truncated, corrupted,
-                not safetensors, inconsistent shapes or positions). Nothing is
+                checksum mismatch, non-finite keys, not a regular file, not
+                safetensors, inconsistent shapes or positions). Nothing is
                 ever unpickled.
 
         >>> cache = interpkv.KVCache.load("prompt.safetensors", model)
+        >>> cache.metadata
+        {'prompt': 'Once upon a time'}
         """
         from interpkv.cache import persist
 
@@ -373,6 +434,7 @@ class KVCache:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._frozen = 0
+        new.metadata = copy.deepcopy(self.metadata)
         new._install(layers, positions, next_positions)
         return new
 
