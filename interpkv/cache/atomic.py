@@ -113,11 +113,12 @@ def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[str], No
     fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)  # 0o666: umask applies
     try:
         try:
-            if mode is not None and hasattr(os, "fchmod"):
-                os.fchmod(fd, mode)
+            if mode is None:
+                mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what open() gives a new file
         finally:
             os.close(fd)
         write(tmp)
+        os.chmod(tmp, mode)  # the writer may have recreated the file (safetensors does)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

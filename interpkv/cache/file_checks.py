@@ -110,7 +110,7 @@ def check_metadata(header: dict, model: "_tl.HookedTransformer", path: str) -> d
         raise CacheFileError(f"{path}: corrupted cache metadata {repr(raw)[:300]}") from None
     if batch < 1 or length < 0 or sinks < 0 or (window is not None and window < 1) or (
         sinks and window is None
-    ):
+    ) or max(batch, length, sinks, window or 0) >= 2**62:  # beyond int64 arithmetic
         raise CacheFileError(
             f"{path}: impossible cache metadata (batch_size={batch}, seq_len={length}, "
             f"window={window}, sinks={sinks})"

@@ -152,16 +152,24 @@ def parse_header(prefix: bytes, size: int, path: str) -> dict:
     return header
 
 
+def _short(value) -> str:
+    """``repr(value)`` cut to 120 characters; a value nested too deeply to repr is named so."""
+    try:
+        return repr(value)[:120]
+    except RecursionError:
+        return "<nested too deeply>"
+
+
 def entry_span(name: str, entry, path: str) -> Tuple[int, int]:
     """``(begin, end)`` of one tensor's bytes, after checking dtype, shape and size agree."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CacheFileError(
-            f"{path}: corrupted header entry for tensor {name!r}: {repr(entry)[:120]}"
+            f"{path}: corrupted header entry for tensor {name!r}: {_short(entry)}"
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CacheFileError(
-            f"{path}: tensor {name!r} has dtype {dtype!r}; a cache holds only "
+            f"{path}: tensor {name!r} has dtype {_short(dtype)}; a cache holds only "
             f"{sorted(DTYPES)}"
         )
     ints = lambda xs: isinstance(xs, list) and all(  # noqa: E731
@@ -169,8 +177,8 @@ def entry_span(name: str, entry, path: str) -> Tuple[int, int]:
     )
     if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise CacheFileError(
-            f"{path}: corrupted header entry for tensor {name!r}: shape {shape!r}, "
-            f"data_offsets {offsets!r}"
+            f"{path}: corrupted header entry for tensor {name!r}: shape {_short(shape)}, "
+            f"data_offsets {_short(offsets)}"
         )
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:

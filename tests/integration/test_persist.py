@@ -137,10 +137,10 @@ def rewrite(path, *, tensors=None, metadata=None):
     meta = json.loads(data[8 : 8 + n_header])["__metadata__"]
     current = safetensors.torch.load(data)
     current.update(tensors or {})
-    meta.update(metadata or {})
     meta["tensor_sha256"] = json.dumps(
-        {n: hashlib.sha256(safetensors.torch.save({"t": t})[-t.nbytes:] if t.nbytes else b"").hexdigest()
+        {n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
          for n, t in current.items()})
+    meta.update(metadata or {})
     meta["header_sha256"] = file_checks.header_digest(meta)
     path.write_bytes(safetensors.torch.save(current, metadata=meta))
 
