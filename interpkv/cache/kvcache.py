@@ -7,6 +7,7 @@ history again on every step), and its position is recorded alongside it in
 :attr:`KVCache.positions`, which rotary, ALiBi, windows and capture all read.
 """
 
+import copy
 import os
 import weakref
 from typing import List, Optional, Union
@@ -22,7 +23,8 @@ from interpkv.cache.lifecycle import CacheLifecycle
 from interpkv.cache.slots import Slots, grown
 from interpkv.errors import warn_graph_kept
 from interpkv.cache.signature import check_compatible, describe, model_signature
-from interpkv.cache.window import compact_positions, compaction_index, kept_slots
+from interpkv.cache.state import build_from_state
+from interpkv.cache.window import check_window_args, compact_positions, compaction_index, kept_slots
 
 __all__ = ["KVCache", "Slots", "model_signature"]
 
@@ -36,8 +38,6 @@ class KVCache(CacheLifecycle):
     ragged rows are fine); the cache, not the caller, owns them. Storage is
     preallocated per layer at ``n_key_value_heads`` heads (grouped-query
     attention is expanded only at attention time) and grows geometrically.
-
-    Keys are stored after rotary, so they are rotated exactly once.
 
     Lifecycle: :meth:`crop` (in place), :meth:`fork`, :meth:`select` and
     :meth:`repeat` (new caches), :meth:`freeze` (read-only forwards),
@@ -55,12 +55,10 @@ class KVCache(CacheLifecycle):
         window, sinks: a windowed cache keeps the first ``sinks`` and the last
             ``window`` positions of each row.
         next_tokens, next_tokens_at: ``Int[Tensor, "batch"]`` or None: the
-            token :func:`interpkv.generate` chose last and held back (not fed),
-            per row (-1: none), and the ``next_positions`` it was held back at.
-            ``generate(model, cache=cache, max_new_tokens=n)`` continues from
-            it while ``next_positions`` still equals ``next_tokens_at``.
-            Written only by ``generate``; :meth:`fork`, :meth:`select` and
-            :meth:`repeat` carry it.
+            token :func:`interpkv.generate` chose last and held back (-1: none)
+            and the ``next_positions`` it was held back at; ``generate(model,
+            cache=cache, max_new_tokens=n)`` continues from it. Written only by
+            ``generate``; forks, selections and saves carry it.
 
     >>> import interpkv
     >>> model = interpkv.zoo.load("gpt2")
@@ -69,6 +67,9 @@ class KVCache(CacheLifecycle):
     >>> cache.seq_len
     3
     """
+
+    #: The caller's metadata of a loaded cache (:meth:`save`'s ``metadata``), else None.
+    metadata: Optional[dict] = None
 
     def __init__(
         self,
@@ -80,14 +81,7 @@ class KVCache(CacheLifecycle):
         capacity: int = _INITIAL_CAPACITY,
         keep_graph: bool = False,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be a positive number of positions, got {window}")
-        if sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {sinks}")
-        if sinks and window is None:
-            raise ValueError("sinks only make sense with a window: pass window=W as well")
+        check_window_args(batch_size, window, sinks)
         cfg = model.cfg
         self._model_ref = weakref.ref(model)
         self.signature = model_signature(model)
@@ -204,18 +198,34 @@ class KVCache(CacheLifecycle):
 
         return kvcache_html(self)
 
-    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+    from_state = classmethod(build_from_state)
+
+    def save(self, path: Union[str, "os.PathLike[str]"], metadata: Optional[dict] = None) -> None:
         """Write the stored slots to a safetensors file, atomically; returns None.
 
         Only stored slots are written (never the preallocated capacity), with
-        the positions, window, dtype and a fingerprint of the model (its
-        architecture and a hash of its weights). See :mod:`interpkv.cache.persist`.
+        the positions, window, dtype, a fingerprint of the model (its
+        architecture and a hash of the weights it computes with), a SHA-256 of
+        every tensor, and ``metadata``. See :mod:`interpkv.cache.persist`.
 
-        >>> cache.save("prompt.safetensors")
+        Args:
+            path: the file; a symlink is followed (the file it points to is
+                replaced and keeps its permissions).
+            metadata: small JSON data of yours (a dict with string keys, at
+                most 1 MiB as JSON) returned as ``.metadata`` by :meth:`load`.
+                ``None`` stores none (``cache.metadata`` is not re-saved
+                implicitly: pass ``metadata=cache.metadata`` to keep it).
+
+        Raises:
+            TypeError: ``metadata`` is not a dict or does not survive a JSON
+                round trip unchanged (tuples, non-string keys, objects).
+            ValueError: ``metadata`` over 1 MiB, or non-finite keys/values.
+
+        >>> cache.save("prompt.safetensors", metadata={"prompt": "Once upon a time"})
         """
         from interpkv.cache import persist
 
-        persist.save_cache(self, path)
+        persist.save_cache(self, path, metadata=metadata)
 
     @classmethod
     def load(
@@ -225,15 +235,19 @@ class KVCache(CacheLifecycle):
 
         Returns:
             A new :class:`KVCache`; forwards through it continue exactly where
-            the saved one stopped.
+            the saved one stopped. Its ``.metadata`` is what was saved with
+            it (``None`` if nothing was).
 
         Raises:
             CacheFileError: the file is not a valid interpkv cache for this
                 model (another model or weights, dtype, truncated, corrupted,
-                not safetensors, inconsistent shapes or positions). Nothing is
+                checksum mismatch, non-finite keys, not a regular file, not
+                safetensors, inconsistent shapes or positions). Nothing is
                 ever unpickled.
 
         >>> cache = interpkv.KVCache.load("prompt.safetensors", model)
+        >>> cache.metadata
+        {'prompt': 'Once upon a time'}
         """
         from interpkv.cache import persist
 
@@ -254,6 +268,7 @@ class KVCache(CacheLifecycle):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._frozen = 0
+        new.metadata = copy.deepcopy(self.metadata)
         new._install(layers, positions, next_positions, slot_ids)
         return new
 

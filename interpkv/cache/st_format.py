@@ -9,17 +9,21 @@ the body is touched; :func:`decode` then views the tensors in one buffer.
 Nothing here unpickles anything.
 """
 
+import hashlib
 import json
 import math
+import os
+import stat
 import struct
 import sys
-from typing import Dict, List, Tuple
+from typing import BinaryIO, Dict, List, Tuple
 
 import torch
 
 from interpkv.errors import CacheFileError
 
-__all__ = ["CacheFileError", "DTYPES", "MAX_HEADER_BYTES", "parse_header", "decode"]
+__all__ = ["CacheFileError", "DTYPES", "MAX_HEADER_BYTES", "open_regular", "parse_header", "decode",
+           "sha256_hex", "tensor_bytes"]
 
 # A cache header lists 2 tensors per layer plus 2; even 1,000 layers fit in far less.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -33,6 +37,56 @@ DTYPES: Dict[str, torch.dtype] = {
     "I64": torch.int64,
     "U8": torch.uint8,  # not in a cache, but parsed so that such files get a clear error
 }
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str) -> BinaryIO:
+    """``path`` opened for binary reading, after checking it is a regular file.
+
+    A FIFO or a device would block forever or never end (``/dev/zero``). The
+    type is checked before opening (``os.stat``) and again on the open file
+    (``fstat``, which a swap between the two cannot fool); the open itself is
+    non-blocking, so opening a FIFO cannot hang either.
+
+    Raises:
+        CacheFileError: ``path`` is a directory, FIFO, device or socket.
+        FileNotFoundError: nothing is at ``path``.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CacheFileError(f"{path} is {_kind(os.stat(path).st_mode)}, not a regular file; "
+                             "a cache is read from a file written by cache.save(path)")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CacheFileError(f"{path} is {_kind(mode)}, not a regular file; "
+                                 "a cache is read from a file written by cache.save(path)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes safetensors stores for ``tensor`` (little-endian, C order), CPU only."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    if sys.byteorder == "big" and tensor.element_size() > 1:
+        data = tensor.detach().contiguous().numpy().byteswap().view("uint8").reshape(-1)
+    return memoryview(data)
+
+
+def sha256_hex(data) -> str:
+    """SHA-256 hex digest of a bytes-like object (hashlib releases the GIL on big ones)."""
+    return hashlib.sha256(data).hexdigest()
+
 
 def parse_header(prefix: bytes, size: int, path: str) -> dict:
     """The safetensors JSON header, after checking it against the file's ``size``.
@@ -64,8 +118,10 @@ def parse_header(prefix: bytes, size: int, path: str) -> dict:
         )
     try:
         header = json.loads(data[8 : 8 + n_header].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheFileError(f"{path}: corrupted safetensors header ({error})") from None
+    except RecursionError:
+        raise CacheFileError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
+    except ValueError as error:  # not UTF-8, not JSON, an integer of > 4300 digits
+        raise CacheFileError(f"{path}: corrupted safetensors header ({str(error)[:200]})") from None
     if not isinstance(header, dict):
         raise CacheFileError(f"{path}: corrupted safetensors header (JSON {type(header).__name__}, not an object)")
     body = size - 8 - n_header
@@ -96,16 +152,24 @@ def parse_header(prefix: bytes, size: int, path: str) -> dict:
     return header
 
 
+def _short(value) -> str:
+    """``repr(value)`` cut to 120 characters; a value nested too deeply to repr is named so."""
+    try:
+        return repr(value)[:120]
+    except RecursionError:
+        return "<nested too deeply>"
+
+
 def entry_span(name: str, entry, path: str) -> Tuple[int, int]:
     """``(begin, end)`` of one tensor's bytes, after checking dtype, shape and size agree."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CacheFileError(
-            f"{path}: corrupted header entry for tensor {name!r}: {repr(entry)[:120]}"
+            f"{path}: corrupted header entry for tensor {name!r}: {_short(entry)}"
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CacheFileError(
-            f"{path}: tensor {name!r} has dtype {dtype!r}; a cache holds only "
+            f"{path}: tensor {name!r} has dtype {_short(dtype)}; a cache holds only "
             f"{sorted(DTYPES)}"
         )
     ints = lambda xs: isinstance(xs, list) and all(  # noqa: E731
@@ -113,8 +177,8 @@ def entry_span(name: str, entry, path: str) -> Tuple[int, int]:
     )
     if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise CacheFileError(
-            f"{path}: corrupted header entry for tensor {name!r}: shape {shape!r}, "
-            f"data_offsets {offsets!r}"
+            f"{path}: corrupted header entry for tensor {name!r}: shape {_short(shape)}, "
+            f"data_offsets {_short(offsets)}"
         )
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:

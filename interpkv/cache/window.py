@@ -30,6 +30,7 @@ from interpkv.core.axes import PAD_POSITION
 
 __all__ = [
     "in_window",
+    "check_window_args",
     "kept_slots",
     "required_positions",
     "check_holds_required",
@@ -156,3 +157,15 @@ def check_holds_required(
             "cache cannot be cropped back past its window. Keep a fork() from the point "
             "you want to return to."
         )
+
+
+def check_window_args(batch_size: int, window: Optional[int], sinks: int) -> None:
+    """Raise ``ValueError`` naming the bad argument of a new cache."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of positions, got {window}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0, got {sinks}")
+    if sinks and window is None:
+        raise ValueError("sinks only make sense with a window: pass window=W as well")

@@ -39,6 +39,9 @@ class PositionalScheme:
     """Base strategy: no positional information (subclasses add their own)."""
 
     name = "none"
+    #: Whether the forward reads ``model.pos_embed`` (TransformerLens allocates
+    #: ``pos_embed.W_pos`` for ALiBi models too, uninitialised, and never reads it).
+    reads_pos_embed = False
 
     def embed(
         self, model: "_tl.HookedTransformer", embed: Tensor, positions: Tensor
@@ -76,6 +79,8 @@ class LearnedPositions(PositionalScheme):
             to the residual stream (GPT-2).
         n_ctx: rows in ``W_pos``; a position at or past it raises.
     """
+
+    reads_pos_embed = True
 
     def __init__(self, n_ctx: int, shortformer: bool):
         self.n_ctx = n_ctx

@@ -5,6 +5,7 @@ message naming the problem, before anything is unpickled or any cache returned.
 """
 
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -19,7 +20,7 @@ from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
 from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
-from interpkv.cache import persist
+from interpkv.cache import file_checks, persist
 
 HELPERS = os.path.join(os.path.dirname(__file__), "lifecycle_helpers.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -126,13 +127,21 @@ def test_every_truncation_of_a_file_refuses_to_load(saved):
 
 # ------------------------------------------------------------ malformed inputs
 def rewrite(path, *, tensors=None, metadata=None):
-    """Re-serialize a cache file with some tensors or metadata replaced."""
+    """Re-serialize a cache file with some tensors or metadata replaced.
+
+    Checksums are recomputed, as a self-consistent but buggy writer would: the
+    semantic checks behind them must still catch the problem.
+    """
     data = path.read_bytes()
     (n_header,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8 : 8 + n_header])["__metadata__"]
     current = safetensors.torch.load(data)
     current.update(tensors or {})
+    meta["tensor_sha256"] = json.dumps(
+        {n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+         for n, t in current.items()})
     meta.update(metadata or {})
+    meta["header_sha256"] = file_checks.header_digest(meta)
     path.write_bytes(safetensors.torch.save(current, metadata=meta))
 
 
@@ -241,7 +250,7 @@ MALFORMED = {
     ),
     "format-version": (
         lambda p, m: rewrite(p, metadata={"format_version": "99"}),
-        "cache format version '99'; this interpkv reads version 1",
+        "cache format version '99'; this interpkv reads versions 1, 2",
     ),
     "shape-vs-metadata": (
         lambda p, m: rewrite(p, metadata={"seq_len": "5"}),

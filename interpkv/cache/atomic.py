@@ -1,0 +1,136 @@
+"""Atomic file replacement: the target is always the old file or the complete new one.
+
+:func:`atomic_write` resolves ``path`` through symlinks (the link is kept and
+the file it points to is replaced), writes a temporary file in the target's
+directory, flushes it with ``fsync`` and renames it over the target with
+``os.replace``. The temporary file
+
+- is named ``.{target name}.interpkv-{host}-{pid}-{random}.tmp`` (``host`` is 8
+  hex digits of a hash of the host name), so it is recognisably ours;
+- gets the target's permission bits when the target exists, else the umask
+  default that ``open()`` would give a new file (never ``mkstemp``'s 0600);
+- is removed when the write fails in any way, ``KeyboardInterrupt`` included.
+
+A process killed outright (SIGKILL, power loss) cannot remove its temporary
+file. The next :func:`atomic_write` into that directory removes such leftovers,
+and only those that are safe to remove: the name matches the pattern above,
+the host is this host, the process id is not running here, and the file was
+last modified before this save started. On a directory shared between hosts
+only each host's own leftovers are removed. On non-POSIX systems nothing is
+removed (there is no safe liveness check).
+"""
+
+import hashlib
+import os
+import re
+import secrets
+import socket
+import stat
+import time
+from typing import Callable, Union
+
+__all__ = ["atomic_write", "remove_stale_temps", "temp_name", "TEMP_PATTERN"]
+
+#: Names of our temporary files: target, host tag, pid, random part.
+TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.interpkv-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_name(target: str) -> str:
+    """A fresh temporary file name for ``target`` (a path), in the same directory."""
+    directory, name = os.path.split(target)
+    tmp = f".{name}.interpkv-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    return os.path.join(directory, tmp)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's; anything else: assume alive
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str, before: float) -> list:
+    """Remove leftovers of killed saves in ``directory`` (rules in the module docstring).
+
+    Args:
+        directory: where to look.
+        before: only files last modified before this time (``time.time()``) go.
+
+    Returns:
+        The paths removed.
+    """
+    if os.name != "posix":
+        return []
+    host, removed = _host_tag(), []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        match = TEMP_PATTERN.match(entry.name)
+        if match is None or match["host"] != host:
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _running(pid):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < before:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    return removed
+
+
+def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[str], None]) -> str:
+    """Replace the file at ``path`` with what ``write(tmp_path)`` writes, atomically.
+
+    Args:
+        path: the target; a symlink is followed and the file it names replaced.
+        write: writes the complete new file to the path it is given (which
+            exists, empty, with the final permission bits).
+
+    Returns:
+        The path of the file actually replaced (``path`` with symlinks resolved).
+    """
+    started = time.time()
+    target = os.path.realpath(os.fspath(path))
+    remove_stale_temps(os.path.dirname(target), started)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+    tmp = temp_name(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)  # 0o666: umask applies
+    try:
+        try:
+            if mode is None:
+                mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what open() gives a new file
+        finally:
+            os.close(fd)
+        write(tmp)
+        os.chmod(tmp, mode)  # the writer may have recreated the file (safetensors does)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # The directory is not fsynced: after a power loss the rename may be lost and
+    # the previous file (complete, loadable) be back, but never a partial one.
+    return target

@@ -1,0 +1,238 @@
+"""Checks of a cache file's contents, after :mod:`~interpkv.cache.st_format` parsed its container.
+
+Each function raises :class:`CacheFileError` naming the file and the problem;
+:func:`interpkv.cache.persist.load_cache` runs them in order: metadata (format,
+header checksum, model, weights, dtype, sizes, user metadata), tensor entries
+against the metadata, tensor checksums, finite keys and values, positions
+against ``next_positions``.
+"""
+
+import json
+import re
+from typing import Dict, Optional
+
+import torch
+
+from interpkv.cache import fingerprint
+from interpkv.cache.signature import model_signature
+from interpkv.cache.st_format import DTYPES, CacheFileError, sha256_hex
+from interpkv.core import tl as _tl
+from interpkv.core.schemes import scheme_for
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "DTYPE_NAMES", "header_digest", "check_metadata",
+           "check_tensors", "check_checksums", "check_finite", "check_positions"]
+
+FORMAT = "interpkv.KVCache"
+FORMAT_VERSION = 2  # 2: tensor and header SHA-256, sampled weights fingerprint, user metadata
+_READS = (1, 2)
+_REQUIRED = {
+    1: {"format_version", "model", "weights_sha256", "dtype", "batch_size", "seq_len", "window", "sinks"},
+    2: {"format_version", "model", "weights_fingerprint", "dtype", "batch_size", "seq_len", "window",
+        "sinks", "tensor_sha256", "header_sha256"},
+}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+DTYPE_NAMES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def header_digest(raw: Dict[str, str]) -> str:
+    """SHA-256 of every metadata entry but ``header_sha256`` itself (canonical JSON)."""
+    rest = {k: v for k, v in raw.items() if k != "header_sha256"}
+    return sha256_hex(json.dumps(rest, sort_keys=True).encode())
+
+
+def _json(text: str, what: str, path: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CacheFileError(f"{path}: corrupted {what} in the metadata (JSON nested too deeply)") from None
+    except ValueError as error:
+        raise CacheFileError(f"{path}: corrupted {what} in the metadata ({str(error)[:120]})") from None
+
+
+def check_metadata(header: dict, model: "_tl.HookedTransformer", path: str) -> dict:
+    """Parsed metadata, after checking format, header checksum, model, weights and dtype.
+
+    Returns:
+        ``batch_size``, ``seq_len``, ``window``, ``sinks``, ``dtype``, ``version``,
+        ``tensor_sha256`` (dict or None) and ``user`` (the caller's metadata or None).
+    """
+    raw = header.get("__metadata__")
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CacheFileError(
+            f"{path} is a safetensors file but not an interpkv cache (metadata "
+            f"format={None if not isinstance(raw, dict) else str(raw.get('format'))[:80]!r}, "
+            f"expected {FORMAT!r}); write caches with cache.save(path)"
+        )
+    if not all(isinstance(v, str) for v in raw.values()):
+        raise CacheFileError(f"{path}: corrupted header: metadata values must be strings")
+    version = next((v for v in _READS if raw.get("format_version") == str(v)), None)
+    if version is None:
+        raise CacheFileError(
+            f"{path}: cache format version {str(raw.get('format_version'))[:20]!r}; this interpkv "
+            f"reads versions {', '.join(map(str, _READS))}"
+        )
+    missing = _REQUIRED[version] - set(raw)
+    if missing:
+        raise CacheFileError(f"{path}: cache metadata lacks {sorted(missing)}; corrupted header")
+    if "header_sha256" in raw and raw["header_sha256"] != header_digest(raw):
+        raise CacheFileError(
+            f"{path}: the header's metadata does not match its checksum (header_sha256); "
+            "the file is corrupted"
+        )
+    saved_sig = _json(raw["model"], "model fingerprint", path)
+    sig = model_signature(model)
+    if saved_sig != sig:
+        if not isinstance(saved_sig, dict):
+            raise CacheFileError(f"{path}: corrupted model fingerprint in the metadata")
+        differ = sorted(k for k in set(sig) | set(saved_sig) if sig.get(k) != saved_sig.get(k))
+        detail = ", ".join(f"{k}: file {saved_sig.get(k)!r} vs model {sig.get(k)!r}" for k in differ)
+        raise CacheFileError(
+            f"{path} was saved from another model architecture ({detail[:600]}); load it with the "
+            "model that made it"
+        )
+    model_dtype = DTYPE_NAMES.get(model.cfg.dtype, str(model.cfg.dtype))
+    if raw["dtype"] != model_dtype:
+        raise CacheFileError(
+            f"{path} holds a {raw['dtype'][:20]} cache but the model runs in {model_dtype}; "
+            "load it into the model in the dtype it was saved from"
+        )
+    _check_weights(raw, version, model, path)
+    try:
+        batch, length, sinks = int(raw["batch_size"]), int(raw["seq_len"]), int(raw["sinks"])
+        window = None if raw["window"] == "none" else int(raw["window"])
+    except ValueError:
+        raise CacheFileError(f"{path}: corrupted cache metadata {repr(raw)[:300]}") from None
+    if batch < 1 or length < 0 or sinks < 0 or (window is not None and window < 1) or (
+        sinks and window is None
+    ) or max(batch, length, sinks, window or 0) >= 2**62:  # beyond int64 arithmetic
+        raise CacheFileError(
+            f"{path}: impossible cache metadata (batch_size={batch}, seq_len={length}, "
+            f"window={window}, sinks={sinks})"
+        )
+    sums = None if "tensor_sha256" not in raw else _json(raw["tensor_sha256"], "tensor checksums", path)
+    user = None if "user_metadata" not in raw else _json(raw["user_metadata"], "user metadata", path)
+    if user is not None and not isinstance(user, dict):
+        raise CacheFileError(f"{path}: corrupted user metadata (JSON {type(user).__name__}, not an object)")
+    return {"batch_size": batch, "seq_len": length, "window": window, "sinks": sinks,
+            "dtype": model.cfg.dtype, "version": version, "tensor_sha256": sums, "user": user}
+
+
+def _check_weights(raw: dict, version: int, model, path: str) -> None:
+    if version == 1:
+        saved, mine = raw["weights_sha256"], fingerprint.legacy_sha256(model)
+    else:
+        saved, mine = raw["weights_fingerprint"], fingerprint.weights_fingerprint(model)
+    if saved != mine:
+        def short(f):
+            return f.split(":")[-1][:12]
+        raise CacheFileError(
+            f"{path} was saved from a model with the same architecture but different weights "
+            f"(weights fingerprint {short(saved)}... vs {short(mine)}...); its keys mean nothing "
+            "to this model"
+        )
+
+
+def check_tensors(header: dict, metadata: dict, model, path: str) -> Dict[str, tuple]:
+    """Each expected tensor is present, with the dtype and shape the metadata implies.
+
+    Returns:
+        ``{name: (safetensors dtype, shape)}`` of the expected tensors.
+    """
+    cfg = model.cfg
+    batch, length = metadata["batch_size"], metadata["seq_len"]
+    kv_shape = [batch, _tl.kv_head_count(cfg), length, int(cfg.d_head)]
+    float_name = {v: k for k, v in DTYPES.items()}[metadata["dtype"]]
+    expected = {"positions": ("I64", [batch, length]), "next_positions": ("I64", [batch])}
+    for i in range(cfg.n_layers):
+        expected[f"layers.{i}.keys"] = (float_name, kv_shape)
+        expected[f"layers.{i}.values"] = (float_name, kv_shape)
+    names = set(header) - {"__metadata__"}
+    if names != set(expected):
+        raise CacheFileError(
+            f"{path}: tensors {sorted(names ^ set(expected))[:6]} are missing or unexpected "
+            f"for a {cfg.n_layers}-layer cache; corrupted file"
+        )
+    for name, (dtype, shape) in expected.items():
+        entry = header[name]
+        if entry["dtype"] != dtype or entry["shape"] != shape:
+            raise CacheFileError(
+                f"{path}: tensor {name!r} is {entry['dtype']} {entry['shape']} but the metadata "
+                f"(batch_size={batch}, seq_len={length}, dtype {metadata['dtype']}) and the model "
+                f"imply {dtype} {shape}"
+            )
+    return expected
+
+
+def check_checksums(body: bytearray, header: dict, metadata: dict, path: str) -> None:
+    """Each tensor's bytes hash to the SHA-256 the header records for its name.
+
+    Detects corrupted tensor bytes and tensors whose offsets were swapped.
+    Format-1 files carry no checksums (nothing to check).
+    """
+    sums = metadata["tensor_sha256"]
+    if sums is None:
+        return
+    names = set(header) - {"__metadata__"}
+    if not isinstance(sums, dict) or set(sums) != names or not all(
+        isinstance(v, str) and _HEX64.match(v) for v in sums.values()
+    ):
+        raise CacheFileError(f"{path}: corrupted tensor checksums in the metadata (tensor_sha256)")
+    view = memoryview(body)
+    for name in sorted(names):
+        begin, end = header[name]["data_offsets"]
+        if sha256_hex(view[begin:end]) != sums[name]:
+            raise CacheFileError(
+                f"{path}: tensor {name!r} does not match its SHA-256 checksum: its bytes "
+                "(data_offsets {}) are corrupted or belong to another tensor".format([begin, end])
+            )
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    """Keys and values hold no NaN or infinity (a forward never stores them)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+            raise CacheFileError(
+                f"{path}: tensor {name!r} holds NaN or infinite values (first at index {bad}); "
+                "a forward pass never stores them, so the file is corrupted"
+            )
+
+
+def check_positions(positions, next_positions, metadata: dict, model, path: str) -> None:
+    """Positions must be exactly what a cache that saw ``next_positions`` tokens holds.
+
+    Row ``b`` must store, in increasing order, every position ``p < m`` (``m =
+    next_positions[b]``) that the window keeps: all of them without a window,
+    else ``p < sinks`` or ``p >= m - window``. Checked with counts, never by
+    allocating ``m`` of anything (``m`` is read from the file).
+    """
+    window, sinks = metadata["window"], metadata["sinks"]
+    if bool((positions < -1).any()) or bool((next_positions < 0).any()):
+        raise CacheFileError(f"{path}: negative positions other than the -1 padding marker")
+    limit = scheme_for(model).max_positions()
+    if limit is not None and bool((next_positions > limit).any()):
+        raise CacheFileError(
+            f"{path}: next_positions {next_positions.tolist()[:8]} pass the model's n_ctx={limit}"
+        )
+    for row in range(positions.shape[0]):
+        real = positions[row][positions[row] >= 0]
+        m = int(next_positions[row])
+        if window is None:
+            kept, wanted = torch.ones_like(real, dtype=torch.bool), m
+        else:
+            kept = (real < sinks) | (real >= m - window)
+            wanted = min(m, sinks + window)
+        ok = (real.numel() == wanted and bool(kept.all()) and bool((real < m).all())
+              and (real.numel() < 2 or bool((real[1:] > real[:-1]).all())))
+        if not ok:
+            raise CacheFileError(
+                f"{path}: row {row} stores positions {real.tolist()[:8]}"
+                f"{'...' if real.numel() > 8 else ''} but next_positions says it has seen {m} "
+                f"tokens (window={window}, sinks={sinks}); positions and next_positions disagree"
+            )
