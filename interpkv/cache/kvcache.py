@@ -41,9 +41,8 @@ class KVCache(CacheLifecycle):
 
     Lifecycle: :meth:`crop` (in place), :meth:`fork`, :meth:`select` and
     :meth:`repeat` (new caches), :meth:`freeze` (read-only forwards),
-    :meth:`save` / :meth:`load` (safetensors, see :mod:`interpkv.cache.persist`). A
-    windowed cache evicts, after each forward, the keys no future query can
-    attend (see :mod:`interpkv.cache.window`), so its memory stays flat.
+    :meth:`save` / :meth:`load` (:mod:`interpkv.cache.persist`). A windowed
+    cache evicts keys no future query can attend (:mod:`interpkv.cache.window`).
 
     Attributes:
         batch_size: rows in the cache.
