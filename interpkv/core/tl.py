@@ -16,6 +16,8 @@ from typing import Callable, Iterator, List, Tuple
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.loading_from_pretrained import (
     get_pretrained_model_config,
@@ -28,6 +30,8 @@ __all__ = [
     "HookedTransformer",
     "HookedTransformerConfig",
     "HookPoint",
+    "TransformerLensKeyValueCache",
+    "TransformerLensKeyValueCacheEntry",
     "apply_softcap",
     "ProcessWeights",
     "get_pretrained_model_config",

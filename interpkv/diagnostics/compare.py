@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from interpkv.core import tl as _tl
 from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows, capture, run
 from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
@@ -121,6 +122,8 @@ def compare(
     steps: Sequence[int],
     attention_mask: Optional[Tensor] = None,
     names: NamesFilter = None,
+    engine: Optional[str] = None,
+    cache=None,
 ) -> DivergenceReport:
     """Cached (chunked by ``steps``) against uncached, site by site.
 
@@ -135,6 +138,14 @@ def compare(
         steps: chunk lengths of the cached run, summing to ``pos``.
         attention_mask: ``[batch, pos]`` (1 = real, 0 = padding).
         names: hooks to compare (as in :func:`interpkv.capture`).
+        engine: whose cache runs (see :mod:`interpkv.diagnostics.engines`):
+            ``"interpkv"`` (default for a HookedTransformer), ``"transformer_lens"``
+            (TransformerLens's own ``past_kv_cache``) or ``"hf"`` (a
+            ``transformers`` model's own cache; default for a ``PreTrainedModel``).
+            The reference is the same model and engine run uncached.
+        cache: the cache (or a factory ``(model, batch_size, max_len) -> cache``)
+            the cached run uses: a :class:`~interpkv.KVCache` for ``"interpkv"``,
+            a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
 
     Returns:
         A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``).
@@ -147,6 +158,13 @@ def compare(
     """
     if steps is None:
         raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
+    if engine is not None or cache is not None or not isinstance(model, _tl.HookedTransformer):
+        from interpkv.diagnostics import engines
+
+        if engines.resolve(model, engine) != "interpkv" or cache is not None:
+            return engines.compare(
+                model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache
+            )
     reference = capture(model, tokens, attention_mask=attention_mask, names=names)
     sink = run(
         model,
