@@ -53,10 +53,10 @@ def _check_table(results, title: str):
     return table
 
 
-def _fault_table(results):
+def _fault_table(results, title: str = "bug zoo: known cache bugs, injected and localized (float64)"):
     from rich.table import Table
 
-    table = Table(title="bug zoo: known cache bugs, injected and localized (float64)")
+    table = Table(title=title)
     table.add_column("fault", no_wrap=True)
     table.add_column("model", no_wrap=True)
     table.add_column("first divergence", no_wrap=True)
@@ -95,11 +95,15 @@ def _resolve(models: Sequence[str]) -> List[str]:
     return list(models) or zoo.names()
 
 
-def _run_checks(models: Sequence[str], dtype) -> list:
+def _run_checks(models: Sequence[str], dtype, engine: str = "interpkv") -> list:
     from interpkv import zoo
     from interpkv.cli.checks import check_hf_dir, check_zoo
 
     def one(model: str):
+        if engine != "interpkv":
+            from interpkv.cli.engine_checks import check_engine
+
+            return check_engine(model, engine, dtype=dtype)
         if model in zoo.names():
             return check_zoo([model], dtype=dtype)[0]
         return check_hf_dir(model, dtype=dtype)
@@ -112,7 +116,7 @@ def _verdict_line(console, parts: List[str], ok: bool) -> None:
     console.print(f"verdict: {word}: " + "; ".join(parts))
 
 
-def _check(models: Sequence[str], dtype_name: str, html: Optional[str]) -> int:
+def _check(models: Sequence[str], dtype_name: str, html: Optional[str], engine: str = "interpkv") -> int:
     import torch
 
     try:
@@ -123,11 +127,12 @@ def _check(models: Sequence[str], dtype_name: str, html: Optional[str]) -> int:
     dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
     console = _console()
     try:
-        results = _run_checks(models, dtype)
+        results = _run_checks(models, dtype, engine)
     except ValueError as exc:  # e.g. a directory without config.json
         print(exc, file=sys.stderr)
         return 2
-    console.print(_check_table(results, f"interpkv: cached vs uncached vs HuggingFace ({dtype_name})"))
+    title = "interpkv" if engine == "interpkv" else f"engine {engine}"
+    console.print(_check_table(results, f"{title}: cached vs uncached vs HuggingFace ({dtype_name})"))
     if html:
         from interpkv.cli import html as report
 
@@ -161,21 +166,52 @@ def _demo(html: Optional[str]) -> int:
     else:
         console.print("\n(no trained zoo model ships yet: generation demo skipped)")
 
+    other = _demo_other_implementations(console)
+
     if html:
         from interpkv.cli import html as report
 
-        report.write(html, checks=checks, faults=faults, generation=generation, title="interpkv demo")
+        report.write(html, checks=checks, faults=faults, generation=generation, other=other, title="interpkv demo")
         console.print(f"report: {html}")
 
     n_ok = sum(r.ok for r in checks)
     n_caught = sum(r.caught for r in faults)
     parts = [f"{n_ok}/{len(checks)} zoo models equivalent", f"{n_caught}/{len(faults)} faults caught"]
     ok = n_ok == len(checks) and n_caught == len(faults)
+    parts.append(other.summary)
+    ok = ok and other.ok
     if generation is not None:
         parts.append("generation identical" if generation.identical else "generation DIFFERS")
         ok = ok and generation.identical
     _verdict_line(console, parts, ok)
     return 0 if ok else 1
+
+
+def _demo_other_implementations(console):
+    """Demo section "other implementations": TransformerLens's and HF's own caches audited."""
+    from interpkv.cli.engine_checks import OtherImplementations, check_engine, engine_faults
+    from interpkv.diagnostics.engines import findings as tl_findings
+
+    from interpkv import zoo
+
+    other = OtherImplementations()
+    other.known_mismatch = {f"{n} (transformer_lens)" for n in zoo.names() if zoo.info(n)["tl_pair_note"]}
+    for engine, models in (("transformer_lens", ("gpt2", "llama", "bloom", "bloom6")), ("hf", ("gpt2", "llama", "mistral", "bloom", "opt"))):
+        other.checks += _progress(list(models), lambda m, e=engine: check_engine(m, e), f"engine {engine}")
+    console.print(_check_table(other.checks, "other implementations: their own caches, cached vs uncached (float32)"))
+    other.faults = _progress(["engine faults"], lambda _: engine_faults(), "engine faults")[0]
+    console.print(_fault_table(other.faults, "engine faults: a stored key corrupted in each engine's cache update"))
+    other.findings = tl_findings.all_findings()
+    from rich.table import Table
+
+    table = Table(title="TransformerLens 3.x cache findings, checked against HF (teacher forcing)")
+    for column in ("finding", "model", "first divergence", "evidence", "verified"):
+        table.add_column(column, no_wrap=column != "evidence")
+    for f in other.findings:
+        evidence = "; ".join(f"{k}: {v:.3g}" for k, v in f.evidence.items())
+        table.add_row(f.title, f.model, f.site_label, evidence, _pass(f.verified, "yes", "no"))
+    console.print(table)
+    return other
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -196,11 +232,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     check.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
+    check.add_argument(
+        "--engine", choices=["interpkv", "transformer_lens", "hf"], default="interpkv",
+        help="whose cache to check: interpkv's, TransformerLens's own past_kv_cache, or the HF model's",
+    )
     demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report")
     demo.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
     args = parser.parse_args(argv)
     if args.command == "check":
-        return _check(args.models, args.dtype, args.html)
+        return _check(args.models, args.dtype, args.html, args.engine)
     return _demo(args.html)
 
 
