@@ -14,6 +14,11 @@ a row being 0) are passed wherever the model's ``forward`` takes them: HF
 GPT-2 and others otherwise number padding too (transformers #18104). The
 reference is the same model run once on all tokens without a cache.
 
+Precision: transformers' eager attention takes the softmax in float32 for
+every zoo architecture but GPT-2 (GPT-J and GPT-Neo also cast query and key
+to float32), so a float64 HF model agrees with itself cached vs uncached to
+~1e-6, not 1e-14: audit those at 1e-5.
+
 Sites get TransformerLens names, found generically by forward hooks on
 modules (Llama / Qwen / Mistral / Gemma, GPT-2, GPT-NeoX, GPT-J, GPT-Neo,
 Bloom, OPT layouts):
@@ -158,8 +163,9 @@ class _Hooks:
         raise ValueError(
             f"{type(model).__name__} returned NaN at a real token ({name}, batch row {row}, position "
             f"{pos}); a Record marks absent entries with NaN, so this run cannot be compared. Seen with "
-            "transformers' eager attention in float64 under left padding (padding rows softmax to NaN, "
-            "which reaches real tokens through zero-weighted values): run in float32, or without padding"
+            "transformers' eager attention in float64 under left padding: the float64 mask minimum becomes "
+            "-inf in its float32 softmax, fully masked padding rows turn NaN, and NaN reaches real tokens "
+            "through zero-weighted values. Run in float32, or without padding"
         )
 
     def _pre(self, name: str):
