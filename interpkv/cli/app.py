@@ -178,7 +178,8 @@ def _demo(html: Optional[str]) -> int:
     n_caught = sum(r.caught for r in faults)
     parts = [f"{n_ok}/{len(checks)} zoo models equivalent", f"{n_caught}/{len(faults)} faults caught"]
     ok = n_ok == len(checks) and n_caught == len(faults)
-    parts.append(other.summary)
+    console.print(other.summary)
+    parts.append("other implementations pass" if other.ok else "other implementations FAIL")
     ok = ok and other.ok
     if generation is not None:
         parts.append("generation identical" if generation.identical else "generation DIFFERS")
@@ -196,7 +197,7 @@ def _demo_other_implementations(console):
 
     other = OtherImplementations()
     other.known_mismatch = {f"{n} (transformer_lens)" for n in zoo.names() if zoo.info(n)["tl_pair_note"]}
-    for engine, models in (("transformer_lens", ("gpt2", "llama", "bloom", "bloom6")), ("hf", ("gpt2", "llama", "mistral", "bloom", "opt"))):
+    for engine, models in (("transformer_lens", zoo.names()), ("hf", [n for n in zoo.pairs() if n in zoo.names()])):
         other.checks += _progress(list(models), lambda m, e=engine: check_engine(m, e), f"engine {engine}")
     console.print(_check_table(other.checks, "other implementations: their own caches, cached vs uncached (float32)"))
     other.faults = _progress(["engine faults"], lambda _: engine_faults(), "engine faults")[0]
