@@ -156,7 +156,7 @@ def engine_faults(cases: Sequence[Tuple[str, str, int]] = ENGINE_FAULT_CASES) ->
         hook, _, pos = fault.expected_site(_STEPS[0])
         results.append(
             FaultResult(
-                fault=f"corrupt_stored_key [{engine}]",
+                fault=f"corrupt_stored_key ({engine})",
                 model=f"{name} (layer {layer})",
                 scheme=engine,
                 expected=(hook, pos),
