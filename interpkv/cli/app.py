@@ -10,7 +10,6 @@ on one stderr line; ``--debug`` shows the traceback instead).
 """
 
 import argparse
-import os
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -55,10 +54,10 @@ def _check_table(results, title: str):
     return table
 
 
-def _fault_table(results):
+def _fault_table(results, title: str = "bug zoo: known cache bugs, injected and localized (float64)"):
     from rich.table import Table
 
-    table = Table(title="bug zoo: known cache bugs, injected and localized (float64)")
+    table = Table(title=title)
     table.add_column("fault", no_wrap=True)
     table.add_column("model", no_wrap=True)
     table.add_column("first divergence", no_wrap=True)
@@ -99,12 +98,16 @@ def _resolve(models: Sequence[str]) -> List[str]:
     return list(models) or zoo.names()
 
 
-def _run_checks(models: Sequence[str], dtype, debug: bool = False) -> list:
+def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv") -> list:
     from interpkv import zoo
     from interpkv.cli.checks import check_hf_dir, check_zoo
     from interpkv.cli.inputs import load_error, quiet_hf
 
     def one(model: str):
+        if engine != "interpkv":
+            from interpkv.cli.engine_checks import check_engine
+
+            return check_engine(model, engine, dtype=dtype)
         if model in zoo.names():
             return check_zoo([model], dtype=dtype)[0]
         try:
@@ -135,7 +138,9 @@ def _hf_notes(console, results) -> None:
             console.print(f"* {r.model}: {r.hf_note}; vs HF judged on the other rows", markup=False)
 
 
-def _check(models: Sequence[str], dtype_name: str, html: Optional[str], debug: bool = False) -> int:
+def _check(
+    models: Sequence[str], dtype_name: str, html: Optional[str], debug: bool = False, engine: str = "interpkv"
+) -> int:
     import torch
 
     from interpkv.cli.inputs import check_writable
@@ -145,8 +150,9 @@ def _check(models: Sequence[str], dtype_name: str, html: Optional[str], debug: b
         check_writable(html)  # before the checks run, not after
     dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
     console = _console()
-    results = _run_checks(models, dtype, debug)
-    console.print(_check_table(results, f"interpkv: cached vs uncached vs HuggingFace ({dtype_name})"))
+    results = _run_checks(models, dtype, debug, engine)
+    title = "interpkv" if engine == "interpkv" else f"engine {engine}"
+    console.print(_check_table(results, f"{title}: cached vs uncached vs HuggingFace ({dtype_name})"))
     _hf_notes(console, results)
     if html:
         from interpkv.cli import html as report
@@ -185,11 +191,13 @@ def _demo(html: Optional[str]) -> int:
     else:
         console.print("\n(no trained zoo model ships yet: generation demo skipped)")
 
+    other = _demo_other_implementations(console)
+
     if html:
         from interpkv.cli import html as report
 
         report.write(
-            html, checks=checks, faults=faults, generation=generation, title="interpkv demo",
+            html, checks=checks, faults=faults, generation=generation, other=other, title="interpkv demo",
             command=_command(), dtype="float32",
         )
         console.print(f"report: {html}")
@@ -198,6 +206,9 @@ def _demo(html: Optional[str]) -> int:
     n_caught = sum(r.caught for r in faults)
     parts = [f"{n_ok}/{len(checks)} zoo models equivalent", f"{n_caught}/{len(faults)} faults caught"]
     ok = n_ok == len(checks) and n_caught == len(faults)
+    console.print(other.summary)
+    parts.append("other implementations pass" if other.ok else "other implementations FAIL")
+    ok = ok and other.ok
     if generation is not None:
         parts.append("generation identical" if generation.identical else "generation DIFFERS")
         ok = ok and generation.identical
@@ -213,6 +224,33 @@ def _command() -> str:
     import shlex
 
     return "interpkv " + " ".join(shlex.quote(a) for a in _ARGV)
+
+
+def _demo_other_implementations(console):
+    """Demo section "other implementations": TransformerLens's and HF's own caches audited."""
+    from interpkv.cli.engine_checks import OtherImplementations, check_engine, engine_faults
+    from interpkv.diagnostics.engines import findings as tl_findings
+
+    from interpkv import zoo
+
+    other = OtherImplementations()
+    other.known_mismatch = {f"{n} (transformer_lens)" for n in zoo.names() if zoo.info(n)["tl_pair_note"]}
+    for engine, models in (("transformer_lens", zoo.names()), ("hf", [n for n in zoo.pairs() if n in zoo.names()])):
+        other.checks += _progress(list(models), lambda m, e=engine: check_engine(m, e), f"engine {engine}")
+    console.print(_check_table(other.checks, "other implementations: their own caches, cached vs uncached (float32)"))
+    other.faults = _progress(["engine faults"], lambda _: engine_faults(), "engine faults")[0]
+    console.print(_fault_table(other.faults, "engine faults: a stored key corrupted in each engine's cache update"))
+    other.findings = tl_findings.all_findings()
+    from rich.table import Table
+
+    table = Table(title="TransformerLens 3.x cache findings, checked against HF (teacher forcing)")
+    for column in ("finding", "model", "first divergence", "evidence", "verified"):
+        table.add_column(column, no_wrap=column != "evidence")
+    for f in other.findings:
+        evidence = "; ".join(f"{k}: {v:.3g}" for k, v in f.evidence.items())
+        table.add_row(f.title, f.model, f.site_label, evidence, _pass(f.verified, "yes", "no"))
+    console.print(table)
+    return other
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -241,12 +279,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     check.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
+    check.add_argument(
+        "--engine", choices=["interpkv", "transformer_lens", "hf"], default="interpkv",
+        help="whose cache to check: interpkv's, TransformerLens's own past_kv_cache, or the HF model's",
+    )
     demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report", parents=[debug])
     demo.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
-            return _check(args.models, args.dtype, args.html, args.debug)
+            return _check(args.models, args.dtype, args.html, args.debug, args.engine)
         return _demo(args.html)
     except (_Failure, ValueError) as exc:
         if args.debug:

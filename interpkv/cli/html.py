@@ -129,6 +129,7 @@ def render(
     checks: Sequence = (),
     faults: Sequence = (),
     generation=None,
+    other=None,
     title: str = "interpkv report",
     command: Optional[str] = None,
     dtype: Optional[str] = None,
@@ -142,6 +143,8 @@ def render(
         faults: :class:`~interpkv.cli.checks.FaultResult` objects; each gets a
             first-divergence bar chart.
         generation: an optional :class:`~interpkv.cli.checks.GenerationResult`.
+        other: an optional :class:`~interpkv.cli.engine_checks.OtherImplementations`
+            (other engines' caches, engine faults, TransformerLens findings).
         title: page title.
         command: the command line that produced the report (stated at the top).
         dtype: the checks' dtype name (default: taken from ``checks``).
@@ -158,6 +161,8 @@ def render(
     verdicts = [c.ok for c in checks] + [f.caught for f in faults]
     if generation is not None:
         verdicts.append(generation.identical)
+    if other is not None:
+        verdicts.append(other.ok)
     ok = all(verdicts)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts.append(
@@ -226,6 +231,9 @@ def render(
                 parts.append(f"<h4>{_esc(f.fault)} on {_esc(f.model)}</h4>")
                 parts.append(figure(plot.first_divergence(f.report, atol=1e-10, rtol=1e-10), f"fault:{f.fault}:{f.model}"))
 
+    if other is not None:
+        parts.extend(_other_section(other, figure))
+
     if generation is not None:
         g = generation
         parts.append(f"<h2>Greedy generation with the cache on and off ({_esc(g.model)})</h2>")
@@ -244,6 +252,35 @@ def render(
         f'<script type="text/javascript">{get_plotlyjs()}</script>'
         "</head><body>" + "\n".join(parts) + "</body></html>\n"
     )
+
+
+def _other_section(other, figure) -> List[str]:
+    """The "other implementations" section: engine checks, engine faults, TransformerLens findings."""
+    from interpkv import plot
+
+    parts = ["<h2>Other implementations: TransformerLens's and HuggingFace's own caches</h2>"]
+    parts.append(
+        "<p>The same ragged, left-padded batch fed chunk by chunk through TransformerLens's "
+        "<code>past_kv_cache</code> and through each HF model's own <code>DynamicCache</code>, against the same "
+        "engine run uncached; HF sites carry TransformerLens names.</p>"
+    )
+    rows = [
+        [("", c.model), ("", c.scheme), _num(c.max_dlogit), _num(c.max_dlogit_hf), ("site", c.first_divergence_label),
+         _verdict(c.ok or c.model in other.known_mismatch, "PASS" if c.ok else "known", "FAIL")]
+        for c in other.checks
+    ]
+    parts.append(_table(["model [engine]", "implementation", "max |dlogit|", "vs HF", "first divergence", "verdict"], rows))
+    rows = [[("", f.fault), ("", f.model), ("site", f.expected_label), ("site", f.found_label), _verdict(f.caught, "yes", "no")]
+            for f in other.faults]
+    parts.append("<h3>A stored key corrupted in each engine's cache update</h3>")
+    parts.append(_table(["fault", "model", "expected site", "first divergence", "caught"], rows))
+    parts.append("<h3>TransformerLens 3.x findings, verified against HF with teacher forcing</h3>")
+    for f in other.findings:
+        parts.append(f"<h4>{_esc(f.title)} ({_esc(f.model)}): {_esc(f.site_label)}</h4><p>{_esc(f.claim)}</p>")
+        rows = [[("", k), _num(v)] for k, v in f.evidence.items()] + [[("", "verified"), _verdict(f.verified, "yes", "no")]]
+        parts.append(_table(["check", "value"], rows))
+        parts.append(figure(plot.first_divergence(f.report, atol=f.atol, rtol=f.atol), f"finding:{f.title}"))
+    return parts
 
 
 def write(path: str, **kwargs) -> str:

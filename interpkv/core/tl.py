@@ -17,6 +17,8 @@ import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
 from transformer_lens.utilities import get_act_name
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.loading_from_pretrained import (
     get_pretrained_model_config,
@@ -31,6 +33,8 @@ __all__ = [
     "HookedTransformer",
     "HookedTransformerConfig",
     "HookPoint",
+    "TransformerLensKeyValueCache",
+    "TransformerLensKeyValueCacheEntry",
     "apply_softcap",
     "ProcessWeights",
     "get_pretrained_model_config",

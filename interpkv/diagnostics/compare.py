@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows, capture, run
@@ -124,6 +125,8 @@ def compare(
     attention_mask: Optional[Tensor] = None,
     names: NamesFilter = None,
     fwd_hooks: Sequence[Hook] = (),
+    engine: Optional[str] = None,
+    cache=None,
 ) -> DivergenceReport:
     """Cached (chunked by ``steps``) against uncached, site by site.
 
@@ -141,6 +144,14 @@ def compare(
         names: hooks to compare (as in :func:`interpkv.capture`).
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active in
             both runs (every chunk of the cached one), e.g. a steering vector.
+        engine: whose cache runs (see :mod:`interpkv.diagnostics.engines`):
+            ``"interpkv"`` (default for a HookedTransformer), ``"transformer_lens"``
+            (TransformerLens's own ``past_kv_cache``) or ``"hf"`` (a
+            ``transformers`` model's own cache; default for a ``PreTrainedModel``).
+            The reference is the same model and engine run uncached.
+        cache: the cache (or a factory ``(model, batch_size, max_len) -> cache``)
+            the cached run uses: a :class:`~interpkv.KVCache` for ``"interpkv"``,
+            a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
 
     Returns:
         A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``).
@@ -153,6 +164,15 @@ def compare(
     """
     if steps is None:
         raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
+    if engine is not None or cache is not None or not isinstance(model, _tl.HookedTransformer):
+        from interpkv.diagnostics import engines
+
+        if engines.resolve(model, engine) != "interpkv" or cache is not None:
+            if fwd_hooks:
+                raise ValueError("fwd_hooks apply to HookedTransformer engines only; add them to the model instead")
+            return engines.compare(
+                model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache
+            )
     tokens, mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
     reference = capture(model, tokens, attention_mask=mask, names=names, fwd_hooks=fwd_hooks)
     sink = run(

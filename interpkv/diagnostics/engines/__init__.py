@@ -1,0 +1,142 @@
+"""Engines: whose KV cache :func:`interpkv.compare` audits.
+
+An *engine* is an implementation of cached inference driven chunk by chunk
+and recorded at TransformerLens hook names and absolute positions, so one
+:class:`~interpkv.DivergenceReport` (``first_divergence``, plots, HTML)
+describes any of them:
+
+- ``"interpkv"`` (:func:`interpkv.diagnostics.capture.run`): interpkv's own
+  :class:`~interpkv.KVCache`; the default for a HookedTransformer.
+- ``"transformer_lens"`` (:mod:`.transformer_lens`): TransformerLens's own
+  ``past_kv_cache`` path on the same HookedTransformer.
+- ``"hf"`` (:mod:`.hf`): a ``transformers`` causal LM with its own cache
+  (``DynamicCache`` by default); the default for a ``PreTrainedModel``.
+
+In every case the reference is the same model, same engine, run once on all
+tokens without a cache. :mod:`.faults` plants a corruption in each engine's
+cache update; :mod:`.findings` holds the TransformerLens 3.x cache bugs
+the demo shows.
+"""
+
+from typing import Callable, Optional, Sequence
+
+from torch import Tensor
+
+from interpkv.core import tl as _tl
+from interpkv.diagnostics.capture import NamesFilter, Sink, _RecordBuilder
+from interpkv.diagnostics.capture import run as _run_interpkv
+from interpkv.diagnostics.record import Record
+from interpkv.diagnostics.report import DivergenceReport
+
+__all__ = ["ENGINES", "resolve", "run", "capture", "compare"]
+
+ENGINES = ("interpkv", "transformer_lens", "hf")
+
+
+def resolve(model, engine: Optional[str] = None) -> str:
+    """The engine name for ``model`` (``engine`` checked, or the model's default).
+
+    Raises:
+        ValueError: an unknown engine, or one that cannot run this kind of model.
+    """
+    hooked = isinstance(model, _tl.HookedTransformer)
+    if engine is None:
+        engine = "interpkv" if hooked else "hf"
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "hf":
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise ValueError(
+                f"engine='hf' runs a transformers PreTrainedModel, got {type(model).__name__}; "
+                "for a HookedTransformer use engine='interpkv' or 'transformer_lens' "
+                "(interpkv.zoo.load_pair(name) gives both models)"
+            )
+    elif not hooked:
+        raise ValueError(
+            f"engine={engine!r} runs a TransformerLens HookedTransformer, got {type(model).__name__}; "
+            "use engine='hf' for a transformers model"
+        )
+    return engine
+
+
+def run(
+    model,
+    tokens: Tensor,
+    sink_factory: Callable[[Tensor], Sink],
+    *,
+    engine: Optional[str] = None,
+    steps: Optional[Sequence[int]] = None,
+    attention_mask: Optional[Tensor] = None,
+    names: NamesFilter = None,
+    cache=None,
+) -> Sink:
+    """Feed ``engine``'s run of ``model`` (chunked by ``steps``, or uncached) to a sink.
+
+    ``cache``: for ``"interpkv"`` a :class:`~interpkv.KVCache` or a factory
+    ``(model, batch_size, max_len) -> KVCache``; for ``"hf"`` a
+    ``transformers`` Cache or a :data:`.hf.CacheFactory`; TransformerLens
+    always gets a fresh cache.
+    """
+    engine = resolve(model, engine)
+    if engine == "hf":
+        from interpkv.diagnostics.engines import hf
+
+        return hf.run(model, tokens, sink_factory, steps=steps, attention_mask=attention_mask, names=names, cache=cache)
+    if engine == "transformer_lens":
+        from interpkv.diagnostics.engines import transformer_lens
+
+        if cache is not None:
+            raise ValueError("engine='transformer_lens' builds its own TransformerLensKeyValueCache; pass cache=None")
+        return transformer_lens.run(model, tokens, sink_factory, steps=steps, attention_mask=attention_mask, names=names)
+    if callable(cache):
+        cache = cache(model, tokens.shape[0] if tokens.ndim > 1 else 1, tokens.shape[-1])
+    return _run_interpkv(model, tokens, sink_factory, cache=cache, steps=steps, attention_mask=attention_mask, names=names)
+
+
+def capture(
+    model,
+    tokens: Tensor,
+    *,
+    engine: Optional[str] = None,
+    steps: Optional[Sequence[int]] = None,
+    attention_mask: Optional[Tensor] = None,
+    names: NamesFilter = None,
+    cache=None,
+) -> Record:
+    """A :class:`~interpkv.Record` of ``engine``'s run (uncached when ``steps`` is None).
+
+    Records of two engines on the same tokens can be diffed with
+    :func:`interpkv.diff` over the sites both name (e.g. TransformerLens
+    against HF on ``hook_resid_post`` and the logits).
+    """
+    sink = run(model, tokens, _RecordBuilder, engine=engine, steps=steps, attention_mask=attention_mask, names=names, cache=cache)
+    return sink.record({"steps": list(steps) if steps is not None else None, "engine": resolve(model, engine)})
+
+
+def compare(
+    model,
+    tokens: Tensor,
+    *,
+    steps: Sequence[int],
+    attention_mask: Optional[Tensor] = None,
+    names: NamesFilter = None,
+    engine: Optional[str] = None,
+    cache=None,
+) -> DivergenceReport:
+    """``engine``'s cached run against its uncached run (what :func:`interpkv.compare` calls)."""
+    from interpkv.diagnostics.compare import _Comparator
+
+    reference = capture(model, tokens, engine=engine, attention_mask=attention_mask, names=names)
+    sink = run(
+        model,
+        tokens,
+        lambda valid: _Comparator(reference, valid),
+        engine=engine,
+        steps=steps,
+        attention_mask=attention_mask,
+        names=names,
+        cache=cache,
+    )
+    return sink.report()

@@ -1,0 +1,189 @@
+"""TransformerLens 3.x cache bugs, audited with the engines and checked against HF.
+
+Each function reproduces one real TransformerLens behaviour on the zoo,
+localizes it with a :class:`~interpkv.DivergenceReport` and verifies it
+against the HF twin under teacher forcing (the same tokens fed to both, no
+greedy decoding: greedy agreement flips on near-ties in random models), in
+float64 where the bug does not need low precision. A finding is reported as
+real only when the HF check agrees (``Finding.verified``).
+
+- :func:`alibi_slopes_not_power_of_two`: Bloom with 6 heads. TL gives head
+  ``i`` the slope ``2^(-8(i+1)/n)``; Bloom interleaves slopes from the next
+  power of two. TL's cached run matches its uncached run and both differ
+  from HF from the first attention output that sees two keys.
+- :func:`generate_learned_positions`: ``HookedTransformer.generate`` with a
+  learned position table and no tokenizer embeds each new token at about
+  twice its position (``get_residual`` numbers the whole sequence from the
+  cache offset; ``forward`` keeps the last row).
+- :func:`stale_alibi`: each attention layer memoizes its ALiBi matrix and
+  slices shorter calls out of a longer earlier one. Scores shift by a
+  per-row constant (softmax-invariant in exact arithmetic); in bfloat16 the
+  large bias rounds and the outputs drift.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from interpkv.diagnostics import engines
+from interpkv.diagnostics.capture import _RecordBuilder
+from interpkv.diagnostics.diff import diff
+from interpkv.diagnostics.record import LOGITS
+from interpkv.diagnostics.report import DivergenceReport, Site
+from interpkv.tolerances import HF_LOGITS, SITE
+
+__all__ = ["Finding", "alibi_slopes_not_power_of_two", "generate_learned_positions", "stale_alibi", "all_findings"]
+
+_CROSS_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+
+
+@dataclass
+class Finding:
+    """One TransformerLens behaviour, localized and checked against HF.
+
+    Attributes:
+        title: short name.
+        model: zoo model.
+        claim: what goes wrong, in one sentence.
+        site: first divergent site of ``report`` at ``atol``/``rtol``.
+        report: the localizing report (plotted in the demo).
+        atol: tolerance ``site`` was found at (``rtol`` equal).
+        evidence: numbers of the HF check, label -> value.
+        verified: the HF check confirms TransformerLens is the side that is wrong.
+    """
+
+    title: str
+    model: str
+    claim: str
+    site: Optional[Site]
+    report: DivergenceReport = field(repr=False)
+    atol: float
+    evidence: dict
+    verified: bool
+
+    @property
+    def site_label(self) -> str:
+        return "-" if self.site is None else f"{self.site.hook}@{self.site.pos}"
+
+
+def _centered(record):
+    """The record with the residual-stream sites centered over ``d_model``.
+
+    interpkv's zoo folds layer norms and centers writing weights, so a
+    HookedTransformer's residual stream is HF's minus its mean; centering
+    both sides compares what the next layer norm sees.
+    """
+    acts = {k: v - v.nanmean(-1, keepdim=True) for k, v in record.activations.items()}
+    return type(record)(acts, record.logits, record.valid, record.meta)
+
+
+def _tl_vs_hf(tl, hf, tokens, steps=None):
+    wanted = lambda name: name.endswith(_CROSS_SITES)  # noqa: E731
+    a = engines.capture(tl, tokens, engine="transformer_lens", steps=steps, names=wanted)
+    b = engines.capture(hf, tokens, engine="hf", names=wanted)
+    return diff(_centered(a), _centered(b))
+
+
+def alibi_slopes_not_power_of_two(name: str = "bloom6", control: str = "bloom") -> Finding:
+    """TL's cached Bloom with 6 heads against HF (float64, teacher forcing); ``control`` has 4 heads."""
+    from interpkv import zoo
+
+    tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
+    steps = [8, 1, 1, 4]
+    tol = HF_LOGITS[torch.float64]  # another implementation: other kernels, HF's float32 softmax/ALiBi
+    tl, hf = zoo.load_pair(name, dtype=torch.float64)
+    report = _tl_vs_hf(tl, hf, tokens, steps)
+    own = engines.compare(tl, tokens, steps=steps, engine="transformer_lens")
+    control_report = _tl_vs_hf(*zoo.load_pair(control, dtype=torch.float64), tokens, steps)
+    site = report.first_divergence(atol=tol, rtol=tol)
+    evidence = {
+        f"max |dlogit| TL cached vs HF ({name})": report.logits_max_abs,
+        f"max |dlogit| TL cached vs HF ({control}, 4 heads)": control_report.logits_max_abs,
+        "max |dlogit| TL cached vs TL uncached": own.logits_max_abs,
+    }
+    verified = site is not None and control_report.ok(atol=tol, rtol=tol) and own.ok(**_tight())
+    return Finding(
+        "ALiBi slopes, 6 heads", name,
+        "TransformerLens gives head i the slope 2^(-8(i+1)/n) for any n; BLOOM interleaves slopes of the next "
+        "power of two, so every attention output that sees two keys differs from HF (cached and uncached alike).",
+        site, report, tol, evidence, verified,
+    )
+
+
+def _tight():
+    return dict(atol=SITE[torch.float64], rtol=SITE[torch.float64])
+
+
+def generate_learned_positions(name: str = "gpt2", prompt: int = 8, new: int = 6) -> Finding:
+    """``HookedTransformer.generate`` (cache on, no tokenizer) against an uncached run on its own tokens."""
+    from interpkv import zoo
+    from interpkv.cli.checks import hf_logits
+    from interpkv.diagnostics.engines import transformer_lens as tle
+
+    tl, hf = zoo.load_pair(name, dtype=torch.float64)
+    tokens = torch.randint(0, 97, (1, prompt), generator=torch.Generator().manual_seed(0))
+    sink, generated = tle.run_generate(tl, tokens, _RecordBuilder, max_new_tokens=new)
+    fed = generated[:, :-1]  # the last generated token is never fed back
+    stepped = sink.record({"engine": "transformer_lens.generate"})
+    reference = engines.capture(tl, fed, engine="transformer_lens")
+    report = diff(stepped, reference)
+    site = report.first_divergence(**_tight())
+    teacher = hf_logits(hf, fed, torch.ones_like(fed))  # HF on the same tokens
+    hf_vs_uncached = float((teacher - reference.logits).abs().max())
+    hf_vs_generate = float((teacher - stepped.logits)[:, prompt:].abs().max())
+    evidence = {
+        "max |dlogit| HF vs TL uncached (teacher forcing)": hf_vs_uncached,
+        "max |dlogit| HF vs TL generate steps": hf_vs_generate,
+    }
+    tol = HF_LOGITS[torch.float64]
+    verified = site is not None and site.pos == prompt and hf_vs_uncached < tol < hf_vs_generate
+    return Finding(
+        "generate, learned positions", name,
+        f"HookedTransformer.generate without a tokenizer embeds the token at position p >= {prompt} with position "
+        "row 2(p-1) (the cache offset is added to the whole sequence's numbering), so every generated step is off.",
+        site, report, SITE[torch.float64], evidence, verified,
+    )
+
+
+def stale_alibi(name: str = "bloom", long_call: int = 512, dtype: torch.dtype = torch.bfloat16) -> Finding:
+    """A TL ALiBi model audited after an earlier ``long_call``-token call, in ``dtype``."""
+    from interpkv import zoo
+    from interpkv.cli.checks import hf_logits
+
+    tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
+    steps = [8, 1, 1, 4]
+    _, hf = zoo.load_pair(name, dtype=torch.float64)
+    tl = zoo.load(name, dtype=dtype)
+    teacher = hf_logits(hf, tokens, torch.ones_like(tokens))
+
+    def vs_hf() -> float:
+        record = engines.capture(tl, tokens, engine="transformer_lens", steps=steps, names=[])
+        return float((record.logits.double() - teacher).abs().max())
+
+    fresh_report = engines.compare(tl, tokens, steps=steps, engine="transformer_lens")
+    fresh = vs_hf()
+    with torch.no_grad():
+        tl(torch.zeros(1, long_call, dtype=torch.long))  # leaves a long_call x long_call matrix behind
+    report = engines.compare(tl, tokens, steps=steps, engine="transformer_lens")
+    stale = vs_hf()
+    tol = SITE.get(dtype, 1e-5) if dtype in SITE else 1e-2  # bfloat16: keep ~2-3 digits
+    site = report.first_divergence(atol=tol, rtol=tol)
+    evidence = {
+        f"max |dlogit| TL cached vs HF float64, fresh model ({dtype})": fresh,
+        f"max |dlogit| TL cached vs HF float64, after a {long_call}-token call": stale,
+        "max |dlogit| TL cached vs TL uncached, after the call": report.logits_max_abs,
+        "KL cached vs uncached, after the call": report.kl,
+    }
+    verified = site is not None and fresh_report.ok(atol=tol, rtol=tol) and stale > 2 * fresh
+    return Finding(
+        "stale ALiBi matrix", name,
+        f"after a {long_call}-token call, shorter calls slice their ALiBi bias out of the stored matrix: scores "
+        f"shift by slope x (offset) per row, which {str(dtype).replace('torch.', '')} cannot hold, so outputs drift.",
+        site, report, tol, evidence, verified,
+    )
+
+
+def all_findings() -> List[Finding]:
+    """Every finding above, with its defaults (what ``interpkv demo`` shows)."""
+    return [alibi_slopes_not_power_of_two(), generate_learned_positions(), stale_alibi()]

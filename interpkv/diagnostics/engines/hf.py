@@ -1,0 +1,282 @@
+"""Engine ``"hf"``: a ``transformers`` causal LM driven with its own cache, audited.
+
+The run under test feeds the tokens chunk by chunk through the model's own
+cache (a fresh ``DynamicCache(config=model.config)`` by default, which gives
+sliding-window layers to Mistral / Gemma-2; pass ``cache=`` a factory for a
+``StaticCache`` or any other)::
+
+    model(input_ids=chunk, attention_mask=mask[:, :end], <cache>=cache,
+          use_cache=True, position_ids=positions[:, start:end])
+
+``attention_mask`` covers every token so far (HF's convention), and
+``position_ids`` (absolute positions from the mask, the first real token of
+a row being 0) are passed wherever the model's ``forward`` takes them: HF
+GPT-2 and others otherwise number padding too (transformers #18104). The
+reference is the same model run once on all tokens without a cache.
+
+Precision: transformers' eager attention takes the softmax in float32 for
+every zoo architecture but GPT-2 (GPT-J and GPT-Neo also cast query and key
+to float32), so a float64 HF model agrees with itself cached vs uncached to
+~1e-6, not 1e-14: audit those at 1e-5.
+
+Sites get TransformerLens names, found generically by forward hooks on
+modules (Llama / Qwen / Mistral / Gemma, GPT-2, GPT-NeoX, GPT-J, GPT-Neo,
+Bloom, OPT layouts):
+
+- ``hook_embed``: output of ``get_input_embeddings()``; ``hook_pos_embed``:
+  output of a learned position table (``wpe``, ``embed_positions``) if any;
+- ``blocks.{L}.hook_resid_pre`` / ``hook_resid_post``: input / output of
+  decoder layer ``L``;
+- ``blocks.{L}.hook_attn_out`` / ``hook_mlp_out``: output of the layer's
+  attention / MLP module (Bloom's modules add the residual themselves: it is
+  subtracted). These are the modules' outputs, so where a model norms them
+  afterwards (Gemma-2's post-norms) they are taken before that norm.
+- ``logits``.
+"""
+
+import contextlib
+import inspect
+import weakref
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from interpkv.diagnostics.capture import NamesFilter, Sink, names_filter
+from interpkv.diagnostics.engines._common import chunk_bounds, layout
+
+__all__ = ["run", "sites", "dynamic_cache", "static_cache", "corrupt_stored_key", "CacheFactory"]
+
+CacheFactory = Callable[[nn.Module, int, int], object]
+"""``factory(model, batch_size, max_len) -> transformers Cache`` (a fresh, empty cache)."""
+
+ATTENTION_NAMES = ("self_attn", "self_attention", "attention", "attn")
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "moe", "ffn", "fc2")
+POSITION_TABLES = ("wpe", "embed_positions")
+
+
+def dynamic_cache(model: nn.Module, batch_size: int, max_len: int):
+    """``DynamicCache(config=model.config)`` (sliding-window layers where the config has them)."""
+    import transformers
+
+    return transformers.DynamicCache(config=model.config)
+
+
+def static_cache(model: nn.Module, batch_size: int, max_len: int):
+    """``StaticCache(config=model.config, max_cache_len=max_len)``."""
+    import transformers
+
+    return transformers.StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    n_layers = model.config.get_text_config().num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
+            if all(any(name in ATTENTION_NAMES for name, _ in layer.named_children()) for layer in module):
+                return module
+    raise ValueError(
+        f"{type(model).__name__}: found no list of {n_layers} decoder layers with an attention child "
+        f"named one of {ATTENTION_NAMES}; this layout is not supported by engine='hf'"
+    )
+
+
+def _child(layer: nn.Module, candidates: Sequence[str]) -> Optional[nn.Module]:
+    children = dict(layer.named_children())
+    return next((children[name] for name in candidates if name in children), None)
+
+
+def sites(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """``(hook name, module, kind)`` for every site of an HF causal LM, in forward order.
+
+    ``kind`` is ``"output"`` (the module's output), ``"input"`` (its
+    ``hidden_states`` input) or ``"output-residual"`` (output minus its
+    ``residual`` argument, Bloom).
+    """
+    found = [("hook_embed", model.get_input_embeddings(), "output")]
+    table = next(
+        (m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in POSITION_TABLES and isinstance(m, nn.Embedding)),
+        None,
+    )
+    if table is not None:
+        found.append(("hook_pos_embed", table, "output"))
+    for index, layer in enumerate(_layers(model)):
+        found.append((f"blocks.{index}.hook_resid_pre", layer, "input"))
+        for family, candidates in (("hook_attn_out", ATTENTION_NAMES), ("hook_mlp_out", MLP_NAMES)):
+            module = _child(layer, candidates)
+            if module is None:
+                continue
+            residual = "residual" in inspect.signature(module.forward).parameters
+            found.append((f"blocks.{index}.{family}", module, "output-residual" if residual else "output"))
+        found.append((f"blocks.{index}.hook_resid_post", layer, "output"))
+    return found
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    params = [p for p in inspect.signature(module.forward).parameters if p not in ("self",)]
+    index = params.index(name)
+    return args[index] if index < len(args) else None
+
+
+class _Hooks:
+    """Forward hooks on the site modules, feeding the current chunk's positions to a sink."""
+
+    def __init__(self, model: nn.Module, sink: Sink, wanted: Callable[[str], bool]):
+        self.sink = sink
+        self.q_pos: Tensor = torch.empty(0)
+        self.nonfinite: Optional[Tuple[str, int, int]] = None
+        self.handles = []
+        for name, module, kind in sites(model):
+            if not wanted(name):
+                continue
+            if kind == "input":
+                self.handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            else:
+                self.handles.append(module.register_forward_hook(self._post(name, kind), with_kwargs=True))
+
+    def _feed(self, name: str, act: Tensor) -> None:
+        act = act.detach()
+        batch, n = self.q_pos.shape
+        if act.ndim == 2 and act.shape[0] == batch * n:
+            act = act.reshape(batch, n, act.shape[1])  # OPT runs its MLP on flattened tokens
+        if act.ndim < 2 or act.shape[:2] != self.q_pos.shape:
+            raise ValueError(
+                f"cannot capture {name}: shape {tuple(act.shape)} does not start with "
+                f"[batch, pos] = {tuple(self.q_pos.shape)}; leave it out with names=..."
+            )
+        if self.nonfinite is None and bool(torch.isnan(act[self.q_pos >= 0]).any()):
+            row, col = torch.isnan(act.flatten(2).sum(-1)).logical_and(self.q_pos >= 0).nonzero()[0].tolist()
+            self.nonfinite = (name, row, int(self.q_pos[row, col]))
+        self.sink.activation(name, act, self.q_pos, None)
+
+    def check_finite(self, model: nn.Module) -> None:
+        """Raise when the model returned NaN at a real token (a Record reads NaN as "absent")."""
+        if self.nonfinite is None:
+            return
+        name, row, pos = self.nonfinite
+        raise ValueError(
+            f"{type(model).__name__} returned NaN at a real token ({name}, batch row {row}, position "
+            f"{pos}); a Record marks absent entries with NaN, so this run cannot be compared. Seen with "
+            "transformers' eager attention in float64 under left padding: the float64 mask minimum becomes "
+            "-inf in its float32 softmax, fully masked padding rows turn NaN, and NaN reaches real tokens "
+            "through zero-weighted values. Run in float32, or without padding"
+        )
+
+    def _pre(self, name: str):
+        def hook(module, args, kwargs):
+            self._feed(name, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def _post(self, name: str, kind: str):
+        def hook(module, args, kwargs, output):
+            out = _first(output)
+            if kind == "output-residual":
+                out = out - _argument(module, args, kwargs, "residual")
+            self._feed(name, out)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def run(
+    model: nn.Module,
+    tokens: Tensor,
+    sink_factory: Callable[[Tensor], Sink],
+    *,
+    steps: Optional[Sequence[int]] = None,
+    attention_mask: Optional[Tensor] = None,
+    names: NamesFilter = None,
+    cache: Union[None, object, CacheFactory] = None,
+) -> Sink:
+    """Run an HF causal LM through its own cache (or uncached), feeding a sink.
+
+    Args:
+        model: a ``transformers`` causal LM (``PreTrainedModel``).
+        tokens: ``[batch, pos]`` token ids.
+        sink_factory: builds the sink from the ``[batch, pos]`` valid grid.
+        steps: chunk lengths through the cache; None is one uncached call.
+        attention_mask: ``[batch, pos]``, 1 = real, 0 = padding (left padding allowed).
+        names: sites to record (as in :func:`interpkv.capture`, TransformerLens names).
+        cache: an empty ``transformers`` Cache, or a :data:`CacheFactory`
+            (default :func:`dynamic_cache`). Ignored when ``steps`` is None.
+
+    Returns:
+        The sink, after ``finish()``.
+    """
+    lay = layout(tokens, attention_mask)
+    batch, n_tokens = lay.tokens.shape
+    sink = sink_factory(lay.valid)
+    positions = lay.true_pos.clamp(min=0)  # padding: any valid index, masked anyway
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    cached = steps is not None
+    kwargs = {"use_cache": cached}
+    if cached:
+        made = dynamic_cache if cache is None else cache
+        kwargs[_cache_keyword(model)] = made(model, batch, n_tokens) if callable(made) else made
+    hooks = _Hooks(model, sink, names_filter(names))
+    try:
+        with torch.no_grad():
+            for start, end in chunk_bounds(n_tokens, steps):
+                hooks.q_pos = lay.true_pos[:, start:end]
+                extra = {"position_ids": positions[:, start:end]} if takes_positions else {}
+                out = model(
+                    input_ids=lay.tokens[:, start:end], attention_mask=lay.mask[:, :end], **kwargs, **extra
+                )
+                sink.logits(out.logits.detach(), hooks.q_pos)
+    finally:
+        hooks.remove()
+    hooks.check_finite(model)
+    sink.finish()
+    return sink
+
+
+@contextlib.contextmanager
+def corrupt_stored_key(layer: int, delta: float = 1.0) -> Iterator[None]:
+    """Every ``transformers`` cache corrupts one stored key inside the block (a fault of its update).
+
+    ``Cache.update`` (which ``DynamicCache``, ``StaticCache`` and the
+    sliding-window caches inherit) is wrapped: the first time layer ``layer``
+    of a cache is updated while it already holds history, ``delta`` is added
+    to every coordinate of the first new key (HF caches keys after rotary),
+    and that is what is stored and attended.
+
+    First divergence: ``blocks.{layer}.hook_attn_out`` at the first cached position.
+    """
+    from transformers import cache_utils
+
+    cls = cache_utils.Cache
+    original = cls.__dict__["update"]
+    done: "weakref.WeakSet" = weakref.WeakSet()
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == layer and self not in done and self.get_seq_length(layer_idx) > 0:
+            key_states = key_states.clone()
+            key_states[:, :, 0] += delta  # (B, H_kv, d_head) of the first new slot
+            done.add(self)
+        return original(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+    cls.update = update
+    try:
+        yield
+    finally:
+        cls.update = original
+
+
+def expected_corruption_hook(model, layer: int) -> str:
+    """The site where :func:`corrupt_stored_key` first shows."""
+    return f"blocks.{layer}.hook_attn_out"

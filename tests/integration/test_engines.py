@@ -1,0 +1,227 @@
+"""Engines: TransformerLens's own cache and HF caches audited like interpkv's (interpkv.compare(engine=...))."""
+
+import pytest
+import torch
+
+import interpkv
+from interpkv import zoo
+from interpkv.diagnostics import engines
+from interpkv.diagnostics.engines import faults, findings, hf as hf_engine
+from interpkv.diagnostics.engines import transformer_lens as tl_engine
+from interpkv.diagnostics.capture import _RecordBuilder
+
+STEPS = [8, 1, 1, 4]  # first cached position 8
+FIRST_CACHED = STEPS[0]
+PADS = 3  # row 1 is left-padded by 3: its slot 8 is absolute position 5
+
+# float64, same engine cached vs uncached: only summation order differs (~1e-14).
+TIGHT = 1e-10
+# float32 runs, and HF models other than GPT-2 even in float64: transformers'
+# eager attention takes the softmax in float32 (GPT-J / GPT-Neo also cast
+# query and key to float32), so cached and uncached runs, whose score rows
+# differ in length, round differently: up to ~1e-6 on the zoo. 1e-5.
+LOOSE = 1e-5
+HF_FLOAT64_EXACT = {"gpt2"}
+
+FAST = {"gpt2", "llama", "bloom"}  # learned, rotary + GQA, ALiBi; the rest run with -m slow
+
+
+def _pairs_params(models):
+    for name in models:
+        marks = () if name in FAST else (pytest.mark.slow,)
+        yield pytest.param(name, id=name, marks=marks)
+
+
+def _tokens(batch=1, seed=0, length=sum(STEPS)):
+    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _padded_mask(tokens):
+    mask = torch.ones_like(tokens)
+    mask[1, :PADS] = 0
+    return mask
+
+
+def _model(name, engine, dtype):
+    if engine == "hf":
+        return zoo.load_pair(name, dtype=dtype)[1]
+    return zoo.load(name, dtype=dtype)
+
+
+def _tol(name, engine, dtype):
+    if dtype == torch.float32 or (engine == "hf" and name not in HF_FLOAT64_EXACT):
+        return dict(atol=LOOSE, rtol=LOOSE)
+    return dict(atol=TIGHT, rtol=TIGHT)
+
+
+def _cases():
+    for engine, models in (("transformer_lens", zoo.names()), ("hf", zoo.pairs())):
+        for name in models:
+            marks = () if name in FAST else (pytest.mark.slow,)
+            yield pytest.param(engine, name, id=f"{engine}-{name}", marks=marks)
+
+
+@pytest.mark.parametrize("engine,name", list(_cases()))
+def test_correct_run_is_ok(engine, name):
+    """float64 unpadded at the tight tolerance; float32 left-padded at 1e-5."""
+    model = _model(name, engine, torch.float64)
+    report = interpkv.compare(model, _tokens(), steps=STEPS, engine=engine)
+    assert report.ok(**_tol(name, engine, torch.float64)), report.first_divergence(**_tol(name, engine, torch.float64))
+    assert "blocks.1.hook_resid_post" in report.hooks and "logits" in report.hooks
+    model32 = _model(name, engine, torch.float32)
+    tokens = _tokens(batch=2, seed=1)
+    report = interpkv.compare(model32, tokens, steps=STEPS, attention_mask=_padded_mask(tokens), engine=engine)
+    assert report.ok(atol=LOOSE, rtol=LOOSE), report.first_divergence(atol=LOOSE, rtol=LOOSE)
+    assert report.stats["logits"]["max_abs"].shape == (2, sum(STEPS))  # padding takes no position
+    assert torch.isnan(report.stats["logits"]["max_abs"][1, -PADS:]).all()
+
+
+def _fault_cases():
+    for engine, models in (("interpkv", ("gpt2", "llama")), ("transformer_lens", zoo.names()), ("hf", zoo.pairs())):
+        for name in models:
+            fast = name == "llama" or (engine, name) == ("transformer_lens", "gpt2")
+            yield pytest.param(engine, name, id=f"{engine}-{name}", marks=() if fast else (pytest.mark.slow,))
+
+
+@pytest.mark.parametrize("engine,name", list(_fault_cases()))
+def test_corrupted_stored_key_is_localized(engine, name):
+    dtype = torch.float64
+    model = _model(name, engine, dtype)
+    tol = _tol(name, engine, dtype)
+    tokens = _tokens()
+    assert interpkv.compare(model, tokens, steps=STEPS, engine=engine).ok(**tol)
+    with faults.inject(model, engine=engine, layer=1) as fault:
+        report = interpkv.compare(model, tokens, steps=STEPS, engine=engine)
+    site = report.first_divergence(**tol)
+    assert (site.layer, site.pos) == (1, FIRST_CACHED)
+    assert (site.hook, site.layer, site.pos) == fault.expected_site(FIRST_CACHED)
+    assert site.max_abs > 1e-3  # a real error, not round-off
+    # The patch is gone after the block.
+    assert interpkv.compare(model, tokens, steps=STEPS, engine=engine).ok(**tol)
+
+
+@pytest.mark.parametrize("engine", ["interpkv", "transformer_lens", "hf"])
+def test_corruption_under_left_padding_is_at_absolute_positions(engine):
+    """Slot 8 is position 8 in the full row and position 5 in the row padded by 3."""
+    model = _model("llama", engine, torch.float32)  # float32: HF float64 NaNs under left padding
+    tokens = _tokens(batch=2, seed=2)
+    with faults.inject(model, engine=engine, layer=1) as fault:
+        report = interpkv.compare(model, tokens, steps=STEPS, attention_mask=_padded_mask(tokens), engine=engine)
+    site = report.first_divergence(atol=LOOSE, rtol=LOOSE)
+    assert (site.hook, site.layer, site.pos, site.batch) == (fault.hook, 1, FIRST_CACHED - PADS, 1)
+    bad = report.diverged(fault.hook, atol=LOOSE, rtol=LOOSE)
+    assert int(bad[0].nonzero().min()) == FIRST_CACHED
+    assert int(bad[1].nonzero().min()) == FIRST_CACHED - PADS
+
+
+@pytest.mark.parametrize("name", zoo.pairs())
+def test_hf_sites_have_transformer_lens_names(name):
+    _, hf = zoo.load_pair(name)
+    found = [site for site, _, _ in hf_engine.sites(hf)]
+    n_layers = hf.config.num_hidden_layers
+    assert found[0] == "hook_embed"
+    for layer in range(n_layers):
+        for family in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"):
+            assert f"blocks.{layer}.{family}" in found
+    assert len(found) == len(set(found))
+
+
+def test_hf_attention_output_excludes_bloom_residual():
+    """Bloom's attention module adds the residual itself; hook_attn_out is the attention's own output."""
+    tl, hf = zoo.load_pair("bloom", dtype=torch.float64)
+    record = engines.capture(hf, _tokens(), engine="hf")
+    pre, attn, mlp, post = (record[f"blocks.0.{h}"] for h in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))
+    assert torch.allclose(pre + attn + mlp, post, atol=1e-12)
+
+
+def test_hf_static_and_sliding_window_caches():
+    _, mistral = zoo.load_pair("mistral", dtype=torch.float64)
+    tokens = _tokens(length=24)  # longer than the 8-token window
+    steps = [12, 1, 1, 10]
+    assert interpkv.compare(mistral, tokens, steps=steps).ok(atol=LOOSE, rtol=LOOSE)  # DynamicCache with sliding layers
+    assert type(hf_engine.dynamic_cache(mistral, 1, 24).layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    _, llama = zoo.load_pair("llama", dtype=torch.float64)
+    report = interpkv.compare(llama, tokens, steps=steps, engine="hf", cache=hf_engine.static_cache)
+    assert report.ok(atol=LOOSE, rtol=LOOSE)
+    assert not interpkv.compare(llama, tokens, steps=steps, engine="hf").ok(atol=TIGHT, rtol=TIGHT)  # float32 softmax
+
+
+def test_hf_nan_at_real_tokens_is_an_error_not_a_pass():
+    """transformers' float64 eager attention NaNs left-padded rows; NaN == NaN must not read as agreement."""
+    _, llama = zoo.load_pair("llama", dtype=torch.float64)
+    tokens = _tokens(batch=2)
+    with pytest.raises(ValueError, match="NaN at a real token"):
+        interpkv.compare(llama, tokens, steps=STEPS, attention_mask=_padded_mask(tokens))
+
+
+def test_default_engine_and_errors():
+    tl, hf = zoo.load_pair("gpt2", dtype=torch.float64)
+    assert engines.resolve(tl) == "interpkv" and engines.resolve(hf) == "hf"
+    report = interpkv.compare(hf, _tokens(), steps=STEPS)  # no engine: HF's own cache
+    assert "blocks.0.hook_attn_out" in report.hooks and "blocks.0.attn.hook_q" not in report.hooks
+    with pytest.raises(ValueError, match="unknown engine"):
+        interpkv.compare(tl, _tokens(), steps=STEPS, engine="vllm")
+    with pytest.raises(ValueError, match="PreTrainedModel"):
+        interpkv.compare(tl, _tokens(), steps=STEPS, engine="hf")
+    with pytest.raises(ValueError, match="HookedTransformer"):
+        interpkv.compare(hf, _tokens(), steps=STEPS, engine="transformer_lens")
+
+
+def test_transformer_lens_audit_leaves_alibi_state_alone():
+    """A compare must not leave its longer reference matrix for the next audit."""
+    model = zoo.load("bloom", dtype=torch.float64)
+    tokens = _tokens()
+    for _ in range(2):
+        assert interpkv.compare(model, tokens, steps=STEPS, engine="transformer_lens").ok(atol=TIGHT, rtol=TIGHT)
+    assert all(block.attn.alibi is None for block in model.blocks)
+
+
+def test_transformer_lens_stale_alibi_is_reported():
+    model = zoo.load("bloom", dtype=torch.float64)
+    with torch.no_grad():
+        model(torch.zeros(1, 64, dtype=torch.long))  # leaves a 64 x 64 ALiBi matrix behind
+    site = interpkv.compare(model, _tokens(), steps=STEPS, engine="transformer_lens").first_divergence(atol=TIGHT, rtol=TIGHT)
+    assert (site.hook, site.pos) == ("blocks.0.attn.hook_attn_scores", 0)
+    # Reference (14 keys) and first chunk (8 keys) are shifted by slope * (64 - keys): the
+    # steepest head (slope 1/4) differs by 1/4 * (14 - 8).
+    assert site.max_abs == pytest.approx(0.25 * (sum(STEPS) - STEPS[0]))
+
+
+@pytest.mark.parametrize("name,broken", [("gpt2", True), ("llama", False)], ids=["learned", "rotary"])
+def test_transformer_lens_generate_positions(name, broken):
+    model = zoo.load(name, dtype=torch.float64)
+    sink, generated = tl_engine.run_generate(model, _tokens(length=8), _RecordBuilder, max_new_tokens=4)
+    reference = engines.capture(model, generated[:, :-1], engine="transformer_lens")
+    site = interpkv.diff(sink.record({}), reference).first_divergence(atol=TIGHT, rtol=TIGHT)
+    if broken:
+        assert (site.hook, site.pos) == ("hook_pos_embed", 8)
+    else:
+        assert site is None
+
+
+@pytest.mark.slow
+def test_transformer_lens_findings_are_verified_against_hf():
+    results = {f.title: f for f in findings.all_findings()}
+    slopes = results["ALiBi slopes, 6 heads"]
+    assert slopes.verified and (slopes.site.hook, slopes.site.pos) == ("blocks.0.hook_attn_out", 1)
+    assert results["generate, learned positions"].verified
+    assert results["stale ALiBi matrix"].verified
+
+
+def test_cli_check_engine(capsys):
+    from interpkv.cli.app import main
+
+    assert main(["check", "gpt2", "--engine", "hf"]) == 0
+    assert "gpt2 (hf)" in capsys.readouterr().out
+    assert main(["check", "bloom6", "--engine", "transformer_lens"]) == 1  # TL's slopes differ from HF's
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "gpt2", "--engine", "vllm"])
+    assert exit_info.value.code == 2
+
+
+def test_cli_check_engine_hf_directory(tmp_path):
+    from interpkv.cli.app import main
+
+    _, hf = zoo.load_pair("llama")
+    hf.save_pretrained(tmp_path / "llama")
+    assert main(["check", str(tmp_path / "llama"), "--engine", "hf"]) == 0
