@@ -15,12 +15,13 @@ import torch
 
 from interpkv.cache import fingerprint
 from interpkv.cache.signature import model_signature
+from interpkv.cache.window import in_window
 from interpkv.cache.st_format import DTYPES, CacheFileError, sha256_hex
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import scheme_for
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPE_NAMES", "header_digest", "check_metadata",
-           "check_tensors", "check_checksums", "check_finite", "check_positions"]
+           "check_tensors", "check_checksums", "check_finite", "check_positions", "check_next_tokens"]
 
 FORMAT = "interpkv.KVCache"
 FORMAT_VERSION = 2  # 2: tensor and header SHA-256, sampled weights fingerprint, user metadata
@@ -153,6 +154,8 @@ def check_tensors(header: dict, metadata: dict, model, path: str) -> Dict[str, t
         expected[f"layers.{i}.keys"] = (float_name, kv_shape)
         expected[f"layers.{i}.values"] = (float_name, kv_shape)
     names = set(header) - {"__metadata__"}
+    if {"next_tokens", "next_tokens_at"} & names:  # optional: a token generate held back
+        expected["next_tokens"] = expected["next_tokens_at"] = ("I64", [batch])
     if names != set(expected):
         raise CacheFileError(
             f"{path}: tensors {sorted(names ^ set(expected))[:6]} are missing or unexpected "
@@ -226,7 +229,7 @@ def check_positions(positions, next_positions, metadata: dict, model, path: str)
         if window is None:
             kept, wanted = torch.ones_like(real, dtype=torch.bool), m
         else:
-            kept = (real < sinks) | (real >= m - window)
+            kept = in_window(real, torch.tensor(m - 1), window, sinks)
             wanted = min(m, sinks + window)
         ok = (real.numel() == wanted and bool(kept.all()) and bool((real < m).all())
               and (real.numel() < 2 or bool((real[1:] > real[:-1]).all())))
@@ -236,3 +239,16 @@ def check_positions(positions, next_positions, metadata: dict, model, path: str)
                 f"{'...' if real.numel() > 8 else ''} but next_positions says it has seen {m} "
                 f"tokens (window={window}, sinks={sinks}); positions and next_positions disagree"
             )
+
+
+def check_next_tokens(tensors: dict, model, path: str) -> None:
+    """The optional held-back tokens are ids of this model's vocabulary (or -1: none)."""
+    if "next_tokens" not in tensors:
+        return
+    tokens, at = tensors["next_tokens"], tensors["next_tokens_at"]
+    d_vocab = int(model.cfg.d_vocab)
+    if bool(((tokens < -1) | (tokens >= d_vocab)).any()) or bool((at < 0).any()):
+        raise CacheFileError(
+            f"{path}: next_tokens {tokens.tolist()[:8]} are not ids in [0, d_vocab={d_vocab}) "
+            "(or -1), or next_tokens_at is negative; corrupted file"
+        )

@@ -49,6 +49,7 @@ from interpkv.cache.file_checks import (
     check_checksums,
     check_finite,
     check_metadata,
+    check_next_tokens,
     check_positions,
     check_tensors,
     header_digest,
@@ -124,6 +125,9 @@ def save_cache(
         "positions": cache.positions.contiguous().cpu(),
         "next_positions": cache.next_positions.contiguous().cpu(),
     }
+    if cache.next_tokens is not None:  # the token generate held back, to continue from
+        tensors["next_tokens"] = cache.next_tokens.contiguous().cpu()
+        tensors["next_tokens_at"] = cache.next_tokens_at.contiguous().cpu()
     for i, layer in enumerate(cache.layers):
         keys, values = layer.view(length)
         tensors[f"layers.{i}.keys"] = keys.contiguous().cpu()  # only stored slots
@@ -185,6 +189,7 @@ def load_cache(
     device = next(iter(model.parameters())).device
     tensors = {name: t.to(device) for name, t in tensors.items()}
     check_positions(tensors["positions"], tensors["next_positions"], metadata, model, path)
+    check_next_tokens(tensors, model, path)
     n_layers = model.cfg.n_layers
     cache = cache_type.from_state(
         model,
@@ -197,4 +202,6 @@ def load_cache(
         copy=False,  # the tensors view a buffer nothing else holds
     )
     cache.metadata = metadata["user"]
+    if "next_tokens" in tensors:
+        cache.next_tokens, cache.next_tokens_at = tensors["next_tokens"], tensors["next_tokens_at"]
     return cache

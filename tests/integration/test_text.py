@@ -183,3 +183,17 @@ def test_load_pair_trained_and_load_hf_dir(tmp_path):
         zoo.load_hf_dir(tmp_path)
     with pytest.raises(ValueError, match="no trained weights"):
         zoo.load_pair("opt", trained=True)
+
+
+def test_a_saved_prompt_cache_continues_after_load_with_no_tokens(tmp_path):
+    """Save carries the held-back token, so a loaded cache continues with no tokens."""
+    m = trained()
+    cache = interpkv.KVCache.for_model(m)
+    interpkv.generate(m, "Return the ", cache=cache, max_new_tokens=0)
+    path = tmp_path / "prompt.safetensors"
+    cache.save(path, metadata={"prompt": "Return the "})
+    loaded = interpkv.KVCache.load(path, m)
+    assert loaded.metadata == {"prompt": "Return the "}
+    assert torch.equal(loaded.next_tokens, cache.next_tokens)
+    resumed = interpkv.generate(m, cache=loaded, max_new_tokens=8)
+    assert resumed.text == " " + interpkv.generate(m, "Return the ", max_new_tokens=8).new_text
