@@ -28,6 +28,7 @@ from interpkv.core.tl import (
     get_pretrained_model_config,
     get_pretrained_state_dict,
 )
+from interpkv.zoo import _fidelity
 from interpkv.zoo._specs import SPECS, ModelSpec
 
 _EXACT = (torch.float32, torch.float64)
@@ -132,10 +133,7 @@ def _fix_tl_config(name: str, cfg: HookedTransformerConfig, config: Any) -> None
     cfg.tokenizer_name = None
     cfg.default_prepend_bos = False
     cfg.device = "cpu"
-    if getattr(config, "model_type", None) == "mistral" and config.sliding_window and not cfg.use_local_attn:
-        cfg.use_local_attn = True
-        cfg.attn_types = ["local"] * cfg.n_layers
-        cfg.window_size = config.sliding_window
+    _fidelity.fix_config(cfg, config)
 
 
 def _tl_from_hf(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
@@ -173,6 +171,7 @@ def convert_hf(hf: Any, *, label: str, dtype: torch.dtype) -> tuple[Any, dict]:
             )
         _fix_tl_config(label, cfg, config)
         state_dict = get_pretrained_state_dict(tmp, cfg, hf_model=hf, dtype=dtype)
+        state_dict = _fidelity.fix_state_dict(state_dict, hf, cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
@@ -200,6 +199,10 @@ def model_from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
 
     Returns:
         The converted model, eval mode, CPU, no tokenizer.
+
+    Raises:
+        UnsupportedModelError: the converted model's logits differ from the HF
+            model's on a short left-padded batch (see :mod:`interpkv.zoo._fidelity`).
     """
     dtype = next(hf.parameters()).dtype
     if dtype not in _EXACT:
@@ -207,7 +210,9 @@ def model_from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
     cfg, sd = convert_hf(hf.eval(), label=label, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_state_dict(sd, strict=True)
-    return model.eval()
+    model.eval()
+    _fidelity.verify(model, hf, label=label)
+    return model
 
 
 def _process_weights(state_dict: dict, cfg: Any) -> dict:
