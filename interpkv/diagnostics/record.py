@@ -18,6 +18,12 @@ or padding), and every key after its query (causally masked in every scheme;
 a chunked run never computes them, so both kinds of run leave them NaN).
 ``record.valid[b, p]`` says whether row ``b`` has a token at position ``p``.
 Integer hooks (``hook_tokens``) are stored as float64 so they can hold NaN.
+
+Hooks of other shapes are put on these axes where their rows' positions are
+known (Q/K norms, mixture-of-experts routing and experts; see
+:mod:`interpkv.diagnostics.layouts`). A hook that fired but has no single
+value per position is not recorded: ``record.skipped`` maps its name to the
+reason, and every report built from the record carries it.
 """
 
 import re
@@ -61,12 +67,15 @@ class Record:
             the hooks first fired during the forward pass.
         logits: ``[batch, pos, d_vocab]`` at absolute positions.
         valid: ``[batch, pos]``, True where the row has a token.
+        skipped: hook name -> why it fired but was not recorded (e.g. it fires
+            once per q/k/v input under ``use_split_qkv_input``).
     """
 
     activations: Dict[str, Tensor]
     logits: Float[Tensor, "batch pos d_vocab"]
     valid: Bool[Tensor, "batch pos"]
     meta: Dict[str, object] = field(default_factory=dict)
+    skipped: Dict[str, str] = field(default_factory=dict)
 
     @property
     def order(self) -> List[str]:
@@ -87,6 +96,8 @@ class Record:
         try:
             return self.activations[name]
         except KeyError:
+            if name in self.skipped:
+                raise KeyError(f"{name!r} was skipped: {self.skipped[name]}") from None
             raise KeyError(
                 f"{name!r} was not captured; captured hooks: {', '.join(self.activations) or 'none'} "
                 "(pass names=None to capture every hook)"
@@ -102,7 +113,8 @@ class Record:
         return len(self.activations) + 1
 
     def __repr__(self) -> str:
+        skipped = f", {len(self.skipped)} skipped (see .skipped)" if self.skipped else ""
         return (
             f"Record({len(self.activations)} hooks + logits, batch={self.batch_size}, "
-            f"positions={self.n_positions})"
+            f"positions={self.n_positions}{skipped})"
         )
