@@ -66,7 +66,9 @@ class CheckResult:
         scheme: positional scheme description.
         dtype: dtype the check ran in.
         max_dlogit: max |cached - uncached| logit over real positions.
-        max_dlogit_hf: max |cached - HF| logit, or None without an HF twin.
+        max_dlogit_hf: max |cached - HF| logit, each position's logits centred
+            over the vocabulary first (TransformerLens's ``center_unembed``
+            shifts them by a constant), or None without an HF twin.
         splits: the chunk sizes the cached run used.
         first_divergence: the first divergent site of :func:`interpkv.compare`
             over every hook at ``COMPARE_TOL[dtype]``, or None.
@@ -155,6 +157,10 @@ def _eager_experts(hf) -> Iterator[None]:
         hf.config._experts_implementation_internal = experts
 
 
+def _centred(logits: Tensor) -> Tensor:
+    return logits - logits.mean(dim=-1, keepdim=True)
+
+
 def check_model(
     model: "HookedTransformer",
     *,
@@ -198,7 +204,10 @@ def check_model(
     real = mask.bool()
     max_hf = None
     if hf is not None:
-        max_hf = (cached[real] - hf_logits(hf, tokens, mask)[real]).abs().max().item()
+        # Centred over the vocabulary: TransformerLens's center_unembed (from_pretrained's
+        # default) shifts each position's logits by a constant, which no probability sees.
+        diff = _centred(cached[real]) - _centred(hf_logits(hf, tokens, mask)[real])
+        max_hf = diff.abs().max().item()
     return CheckResult(
         model=label,
         scheme=scheme_for(model).describe(),

@@ -61,12 +61,23 @@ def _hf_float32(name: str, seed: int) -> transformers.PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation="eager", dtype=torch.float32
+            config, attn_implementation="eager", dtype=torch.float32, experts_implementation="eager"
         )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if spec.perturb:
+        _perturb(model, spec.perturb, seed)
     return model
+
+
+def _perturb(model: transformers.PreTrainedModel, std: float, seed: int) -> None:
+    """Add ``N(0, std)`` noise to every 1-D parameter (norm weights, biases), in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.ndim == 1:
+                param.add_(std * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
 def hf_model(name: str, seed: int, dtype: torch.dtype) -> transformers.PreTrainedModel:
@@ -95,16 +106,22 @@ def _fix_tl_config(name: str, cfg: HookedTransformerConfig, config: Any) -> None
 
 def _tl_from_hf(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
     """Convert the HF model of ``name`` to a processed TL (cfg, state dict)."""
-    return convert_hf(hf_model(name, seed, dtype), label=name, dtype=dtype)
+    processing = SPECS[name].processing
+    return convert_hf(hf_model(name, seed, dtype), label=name, dtype=dtype, processing=processing)
 
 
-def convert_hf(hf: Any, *, label: str, dtype: torch.dtype) -> tuple[Any, dict]:
+def convert_hf(
+    hf: Any, *, label: str, dtype: torch.dtype, processing: str = "interpkv"
+) -> tuple[Any, dict]:
     """Convert an in-memory HF causal LM to a processed TL (cfg, state dict).
 
     Args:
         hf: a ``transformers`` causal LM (any class TL 3.9 converts, or Gemma 2/3).
         label: a name for the model (used in its TL ``model_name``).
         dtype: float32 or float64 (processing runs in this dtype).
+        processing: ``"interpkv"`` (:func:`_process_weights`) or
+            ``"transformer_lens"`` (TL's ``load_and_process_state_dict`` with
+            ``from_pretrained``'s defaults, ``center_unembed`` included).
 
     Returns:
         ``(cfg, state_dict)`` of a HookedTransformer computing the same function.
@@ -138,6 +155,16 @@ def convert_hf(hf: Any, *, label: str, dtype: torch.dtype) -> tuple[Any, dict]:
     for key, value in model.state_dict().items():
         if key not in state_dict and "W_" in key:
             state_dict[key] = torch.zeros_like(value)
+    if processing == "transformer_lens":
+        model.load_and_process_state_dict(
+            state_dict,
+            fold_ln=True,
+            center_writing_weights=True,
+            center_unembed=True,
+            fold_value_biases=True,
+            refactor_factored_attn_matrices=False,
+        )
+        return model.cfg, model.state_dict()
     state_dict = _process_weights(model.fill_missing_keys(state_dict), cfg)
     # Folded norm weights (now all ones / zeros) have no parameter in *Pre norms.
     result = model.load_state_dict(state_dict, strict=False)
