@@ -242,21 +242,31 @@ _SCHEMES: "weakref.WeakKeyDictionary[_tl.HookedTransformer, PositionalScheme]" =
 )
 
 
+_INSTEAD = (
+    "Run it with TransformerLens's own forward (model(tokens), or model.generate with its "
+    "own past_kv_cache) or with transformers instead."
+)
+
+
 def _check_supported(cfg) -> None:
+    """Raise for features interpkv's attention does not compute (message names the way out)."""
     for field, what in _UNSUPPORTED.items():
         value = getattr(cfg, field, None)
         if value not in (None, False, 0):
             raise UnsupportedModelError(
-                f"interpkv does not support {what} (cfg.{field}={value!r}) yet; "
-                "run this model with TransformerLens's own forward."
+                f"interpkv does not support {what} (cfg.{field}={value!r}) yet, and computing "
+                f"without it would give other logits. {_INSTEAD}"
             )
     if getattr(cfg, "attention_dir", "causal") != "causal":
         raise UnsupportedModelError(
-            f"interpkv caches causal models only; this one has attention_dir={cfg.attention_dir!r}"
+            f"interpkv caches causal models only; this one has attention_dir={cfg.attention_dir!r}, "
+            "so every position changes when a token is added and there is nothing to cache. "
+            "Run it uncached with model(tokens)."
         )
     if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
         raise UnsupportedModelError(
-            f"interpkv does not support {cfg.original_architecture}'s full-width Q/K norms yet"
+            f"interpkv does not support {cfg.original_architecture}'s full-width Q/K norms "
+            f"(applied over all heads at once, before the head split) yet. {_INSTEAD}"
         )
 
 
@@ -287,7 +297,7 @@ def scheme_for(model: "_tl.HookedTransformer") -> PositionalScheme:
     else:
         raise UnsupportedModelError(
             f"positional_embedding_type={kind!r} is not supported by interpkv "
-            "(supported: standard, shortformer, rotary, alibi)"
+            f"(supported: standard, shortformer, rotary, alibi). {_INSTEAD}"
         )
     _SCHEMES[model] = scheme
     return scheme
