@@ -12,10 +12,8 @@ the result says whether the first divergence landed where the fault's
 docstring says it must.
 """
 
-import contextlib
 import dataclasses
-import inspect
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float, Int
@@ -29,7 +27,7 @@ from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import DEFAULT_ATOL
 from interpkv.core.forward import forward
 from interpkv.generation.result import GenerationDiff
-from interpkv.core.positions import absolute_positions
+from interpkv.cli.hf import hf_logits
 
 HookedTransformer = _tl.HookedTransformer
 PreTrainedModel = "transformers.PreTrainedModel"
@@ -111,50 +109,6 @@ def _inputs(d_vocab: int, length: int, seed: int):
     mask[1, :3] = 0
     mask[2, : length // 2] = 0
     return tokens, mask
-
-
-def hf_logits(
-    hf: "PreTrainedModel", tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
-) -> Float[Tensor, "batch pos d_vocab"]:
-    """An HF causal LM's logits on a padded batch, positions as interpkv numbers them.
-
-    HF GPT-2 and others need explicit ``position_ids`` under left padding
-    (transformers #18104); they are passed whenever the class accepts them.
-    Several HF classes in float64 turn a left-padded row into NaN (0 * NaN
-    from fully masked padding queries in ``pattern @ V``): such a row is run
-    again alone on its real tokens. MoE experts run eagerly (transformers'
-    default ``grouped_mm`` has no float64 kernel).
-    """
-    with torch.no_grad(), _eager_experts(hf):
-        logits = _hf_logits(hf, tokens, mask)
-        for row in range(tokens.shape[0]):
-            real = mask[row].bool()
-            if torch.isnan(logits[row, real]).any():
-                alone = tokens[row, real][None]
-                logits[row, real] = _hf_logits(hf, alone, torch.ones_like(alone))[0]
-    return logits
-
-
-def _hf_logits(hf, tokens: Tensor, mask: Tensor) -> Tensor:
-    kwargs = {"attention_mask": mask}
-    if "position_ids" in inspect.signature(hf.forward).parameters:
-        zeros = torch.zeros(tokens.shape[0], dtype=torch.long)
-        kwargs["position_ids"] = absolute_positions(mask, zeros).clamp(min=0)
-    return hf(tokens, **kwargs).logits
-
-
-@contextlib.contextmanager
-def _eager_experts(hf) -> Iterator[None]:
-    """Run HF MoE experts eagerly inside the block; the model's setting is restored."""
-    experts = getattr(hf.config, "_experts_implementation_internal", None)
-    if experts in (None, "eager"):
-        yield
-        return
-    hf.config._experts_implementation_internal = "eager"  # the config every expert reads
-    try:
-        yield
-    finally:
-        hf.config._experts_implementation_internal = experts
 
 
 def _centred(logits: Tensor) -> Tensor:
