@@ -27,7 +27,7 @@ from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import DEFAULT_ATOL
 from interpkv.core.forward import forward
 from interpkv.generation.result import GenerationDiff
-from interpkv.cli.hfref import hf_difference, hf_logits
+from interpkv.cli.hf import hf_difference, hf_logits
 
 HookedTransformer = _tl.HookedTransformer
 PreTrainedModel = "transformers.PreTrainedModel"
@@ -65,14 +65,15 @@ class CheckResult:
         scheme: positional scheme description.
         dtype: dtype the check ran in.
         max_dlogit: max |cached - uncached| logit over real positions.
-        max_dlogit_hf: max |cached - HF| logit, or None without an HF twin (or
-            when no row has a finite HF reference).
+        max_dlogit_hf: max |cached - HF| logit, each position's logits centred
+            over the vocabulary first (TransformerLens's ``center_unembed``
+            shifts them by a constant), or None without an HF twin.
         splits: the chunk sizes the cached run used.
         first_divergence: the first divergent site of :func:`interpkv.compare`
             over every hook at ``COMPARE_TOL[dtype]``, or None.
         report: that :class:`~interpkv.diagnostics.diff.DivergenceReport` (for plots).
         hf_nan_rows: padded rows where HF's own logits are NaN, left out of
-            ``max_dlogit_hf`` (see :func:`~interpkv.cli.hfref.hf_difference`).
+            ``max_dlogit_hf`` (see :func:`~interpkv.cli.hf.hf_difference`).
     """
 
     model: str

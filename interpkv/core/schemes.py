@@ -31,6 +31,8 @@ __all__ = [
     "ALiBi",
     "scheme_for",
     "alibi_slopes",
+    "alibi_rule",
+    "ALIBI_RULES",
     "UnsupportedModelError",
 ]
 
@@ -151,20 +153,38 @@ class Rotary(PositionalScheme):
         return f"rotary ({style}, rotary_dim {self.rotary_dim})"
 
 
-def alibi_slopes(n_heads: int) -> Float[Tensor, "head_index"]:
-    """ALiBi head slopes by Bloom's rule, in float64.
+ALIBI_RULES = ("bloom", "transformer_lens")
+"""Slope rules of :func:`alibi_slopes`: the one a model was defined with."""
 
-    For a power of two ``n`` the slopes are ``2^(-8i/n)``, i = 1..n. Otherwise
-    the ``2^floor(log2 n)`` slopes of the next lower power are followed by the
-    odd-indexed slopes of the next higher power (Press et al. 2021; HF Bloom's
-    ``build_alibi_tensor``). TransformerLens 3.x uses ``2^(-8/n)`` for every n,
-    which is wrong when n is not a power of two.
+_BLOOM_ARCHITECTURES = ("BloomForCausalLM", "BloomModel")
+"""``cfg.original_architecture`` values whose ALiBi slopes follow Bloom's rule."""
+
+
+def alibi_slopes(n_heads: int, rule: str = "bloom") -> Float[Tensor, "head_index"]:
+    """ALiBi head slopes by Bloom's rule (float64) or TransformerLens's (float32).
+
+    ``rule="bloom"``: for a power of two ``n`` the slopes are ``2^(-8i/n)``,
+    i = 1..n. Otherwise the ``2^floor(log2 n)`` slopes of the next lower power
+    are followed by the odd-indexed slopes of the next higher power (Press et
+    al. 2021; HF Bloom's ``build_alibi_tensor``). Returned in float64.
+
+    ``rule="transformer_lens"``: ``2^(-8i/n)`` for every n, exactly as
+    TransformerLens's ``AbstractAttention.create_alibi_multipliers`` computes
+    them (in float32). This is what a model defined by a
+    ``HookedTransformerConfig(positional_embedding_type="alibi")`` computes; the
+    two rules agree when n is a power of two.
 
     >>> alibi_slopes(4).tolist()
     [0.25, 0.0625, 0.015625, 0.00390625]
+    >>> alibi_slopes(6)[4].item(), round(alibi_slopes(6, rule="transformer_lens")[4].item(), 4)
+    (0.5, 0.0098)
     """
     if n_heads < 1:
         raise ValueError(f"n_heads must be positive, got {n_heads}")
+    if rule == "transformer_lens":
+        return _tl.alibi_multipliers(n_heads).to(torch.float32)
+    if rule != "bloom":
+        raise ValueError(f"unknown ALiBi slope rule {rule!r}; use one of {ALIBI_RULES}")
     closest = 2 ** math.floor(math.log2(n_heads))
 
     def powers(n: int) -> list:
@@ -177,20 +197,45 @@ def alibi_slopes(n_heads: int) -> Float[Tensor, "head_index"]:
     return torch.tensor(slopes, dtype=torch.float64)
 
 
-class ALiBi(PositionalScheme):
-    """ALiBi: ``slope[h] * (key_pos - query_pos)`` from absolute positions."""
+def alibi_rule(cfg) -> str:
+    """The slope rule a model was defined with (see :func:`alibi_slopes`).
 
-    def __init__(self, n_heads: int):
-        self.slopes = alibi_slopes(n_heads)
+    Models converted from Bloom (``cfg.original_architecture`` is Bloom's)
+    use Bloom's rule, as HF computes them; every other ALiBi model is defined
+    by TransformerLens's own forward and uses its rule.
+    """
+    if getattr(cfg, "original_architecture", None) in _BLOOM_ARCHITECTURES:
+        return "bloom"
+    return "transformer_lens"
+
+
+class ALiBi(PositionalScheme):
+    """ALiBi: ``slope[h] * (key_pos - query_pos)`` from absolute positions.
+
+    The bias is computed in the slopes' dtype and then cast: float64 for
+    Bloom's rule, float32 for TransformerLens's (whose forward adds a float32
+    bias even to a float64 model), so each model gets bit for bit the bias it
+    is defined with.
+
+    Args:
+        n_heads: number of query heads.
+        rule: ``"bloom"`` or ``"transformer_lens"`` (see :func:`alibi_slopes`).
+    """
+
+    def __init__(self, n_heads: int, rule: str = "bloom"):
+        self.rule = rule
+        self.slopes = alibi_slopes(n_heads, rule)
         self.name = "ALiBi"
 
     def score_bias(self, q_pos, k_pos, dtype):
-        slopes = self.slopes.to(device=q_pos.device, dtype=dtype)
+        slopes = self.slopes.to(device=q_pos.device)
         distance = (k_pos[:, None, :] - q_pos[:, :, None]).clamp(max=0)  # (B, T, S)
-        return slopes[None, :, None, None] * distance[:, None].to(dtype)  # (B, H, T, S)
+        bias = slopes[None, :, None, None] * distance[:, None].to(slopes.dtype)  # (B, H, T, S)
+        return bias.to(dtype)
 
     def describe(self):
-        return f"ALiBi ({len(self.slopes)} heads)"
+        rule = "Bloom slopes" if self.rule == "bloom" else "TransformerLens slopes 2^(-8i/n)"
+        return f"ALiBi ({len(self.slopes)} heads, {rule})"
 
 
 _UNSUPPORTED = {
@@ -205,21 +250,31 @@ _SCHEMES: "weakref.WeakKeyDictionary[_tl.HookedTransformer, PositionalScheme]" =
 )
 
 
+_INSTEAD = (
+    "Run it with TransformerLens's own forward (model(tokens), or model.generate with its "
+    "own past_kv_cache) or with transformers instead."
+)
+
+
 def _check_supported(cfg) -> None:
+    """Raise for features interpkv's attention does not compute (message names the way out)."""
     for field, what in _UNSUPPORTED.items():
         value = getattr(cfg, field, None)
         if value not in (None, False, 0):
             raise UnsupportedModelError(
-                f"interpkv does not support {what} (cfg.{field}={value!r}) yet; "
-                "run this model with TransformerLens's own forward."
+                f"interpkv does not support {what} (cfg.{field}={value!r}) yet, and computing "
+                f"without it would give other logits. {_INSTEAD}"
             )
     if getattr(cfg, "attention_dir", "causal") != "causal":
         raise UnsupportedModelError(
-            f"interpkv caches causal models only; this one has attention_dir={cfg.attention_dir!r}"
+            f"interpkv caches causal models only; this one has attention_dir={cfg.attention_dir!r}, "
+            "so every position changes when a token is added and there is nothing to cache. "
+            "Run it uncached with model(tokens)."
         )
     if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
         raise UnsupportedModelError(
-            f"interpkv does not support {cfg.original_architecture}'s full-width Q/K norms yet"
+            f"interpkv does not support {cfg.original_architecture}'s full-width Q/K norms "
+            f"(applied over all heads at once, before the head split) yet. {_INSTEAD}"
         )
 
 
@@ -246,11 +301,11 @@ def scheme_for(model: "_tl.HookedTransformer") -> PositionalScheme:
     elif kind == "rotary":
         scheme = Rotary(model, int(cfg.rotary_dim), bool(cfg.rotary_adjacent_pairs))
     elif kind == "alibi":
-        scheme = ALiBi(cfg.n_heads)
+        scheme = ALiBi(cfg.n_heads, alibi_rule(cfg))
     else:
         raise UnsupportedModelError(
             f"positional_embedding_type={kind!r} is not supported by interpkv "
-            "(supported: standard, shortformer, rotary, alibi)"
+            f"(supported: standard, shortformer, rotary, alibi). {_INSTEAD}"
         )
     _SCHEMES[model] = scheme
     return scheme

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Tuple
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
+from transformer_lens.components.abstract_attention import AbstractAttention
 from transformer_lens.utilities import get_act_name
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -40,6 +41,7 @@ __all__ = [
     "get_pretrained_model_config",
     "get_pretrained_state_dict",
     "attention_pairs",
+    "alibi_multipliers",
     "rotary_tables",
     "kv_head_count",
     "is_local_layer",
@@ -71,6 +73,11 @@ def fast_mlps(model: HookedTransformer):
         if type(mlp) is GatedMLP and not model.cfg.is_layer_norm_activation():
             pairs.append((mlp, gated_mlp_forward(mlp)))
     return pairs
+
+
+def alibi_multipliers(n_heads: int) -> torch.Tensor:
+    """TransformerLens's ALiBi head slopes ``2^(-8i/n)``, i = 1..n (float32, as it computes them)."""
+    return AbstractAttention.create_alibi_multipliers(n_heads)
 
 
 def kv_head_count(cfg: HookedTransformerConfig) -> int:

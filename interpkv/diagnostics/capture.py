@@ -2,8 +2,11 @@
 
 The run is one uncached pass (``steps=None, cache=None``) or the tokens fed
 in chunks through a cache, one ``interpkv.forward`` call per chunk. Every
-activation is handed, as it fires, to a *sink* together with the absolute
-positions of its queries (and, for attention-shaped hooks, of its keys). The
+activation (a private copy, on ``[batch, pos, ...]`` axes: see
+:mod:`interpkv.diagnostics.layouts`) is handed, once its forward call
+returns, to a *sink* together with the absolute positions of its queries
+(and, for attention-shaped hooks, of its keys); one that cannot be placed is
+handed to ``sink.skip`` with the reason. The
 default sink assembles a :class:`~interpkv.diagnostics.record.Record`;
 :func:`interpkv.compare` passes one that compares against a reference and
 keeps only statistics, so two full sets of activations never coexist.
@@ -26,6 +29,7 @@ from interpkv.cache.kvcache import KVCache
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
+from interpkv.diagnostics.layouts import Layouts, is_routing_hook
 from interpkv.diagnostics.record import Record, is_attention_hook
 
 __all__ = ["capture", "NamesFilter"]
@@ -85,6 +89,10 @@ class Sink:
         raise NotImplementedError
 
     def logits(self, logits: Tensor, q_pos: Int[Tensor, "batch pos"]) -> None:
+        raise NotImplementedError
+
+    def skip(self, name: str, reason: str) -> None:
+        """``name`` cannot be recorded (see :mod:`interpkv.diagnostics.layouts`): drop what it sent."""
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -173,6 +181,7 @@ class _RecordBuilder(Sink):
         self.valid = valid
         self.batch, self.n_positions = valid.shape
         self.acts: dict = {}
+        self.skipped: dict = {}
         self.logit_parts: Optional[Tensor] = None
 
     def _full(self, name: str, act: Tensor, shape) -> Tensor:
@@ -206,8 +215,12 @@ class _RecordBuilder(Sink):
             )
         self._place(self.logit_parts, logits, q_pos)
 
+    def skip(self, name, reason):
+        self.acts.pop(name, None)
+        self.skipped[name] = reason
+
     def record(self, meta: dict) -> Record:
-        return Record(dict(self.acts), self.logit_parts, self.valid, meta)
+        return Record(dict(self.acts), self.logit_parts, self.valid, meta, skipped=dict(self.skipped))
 
 
 def run(
@@ -248,8 +261,20 @@ def run(
 
     chunk = _Chunk(cache, batch, true_pos.device)
 
+    layouts = Layouts(batch)
+    skipped: set = set()
+    # This forward call's activations, emitted when it returns: a hook that
+    # fires more than once per call keeps its last value, as in TransformerLens's
+    # run_with_cache (ln1 runs on the query, key and value inputs in turn; under
+    # use_split_qkv_input with GQA the three differ in head count).
+    latest: dict = {}
+
     def hook(act: Tensor, hook) -> None:
         name = hook.name
+        if is_routing_hook(name):
+            layouts.observe_routing(name, act)  # expert hooks need it, wanted or not
+        if name in skipped or not wanted(name):
+            return
         act = act.detach()
         q_pos = chunk.q_pos
         if is_attention_hook(name):
@@ -259,23 +284,29 @@ def run(
                     f"{name} has shape {tuple(act.shape)} but this call has {q_pos.shape[1]} "
                     f"queries and {k_pos.shape[1]} key slots"
                 )
-            sink.activation(name, act, q_pos, k_pos)
+            latest[name] = (act.clone(), q_pos, k_pos)
             return
-        if act.ndim < 2 or act.shape[:2] != q_pos.shape:
-            raise ValueError(
-                f"cannot capture {name}: shape {tuple(act.shape)} does not start with "
-                f"[batch, pos] = {tuple(q_pos.shape)}; leave it out with names=..."
-            )
-        sink.activation(name, act, q_pos, None)
+        placed = layouts.to_batch_pos(name, act, q_pos.shape[1])
+        if isinstance(placed, str):  # no position axis: skipped, with the reason
+            skipped.add(name)
+            latest.pop(name, None)
+            sink.skip(name, placed)
+            return
+        # A copy: a later operation may modify the tensor in place before the emit.
+        latest[name] = (placed.clone(), q_pos, None)
 
     # Hooks are registered once for the whole run, not once per chunk.
     start = 0
-    with torch.no_grad(), model.hooks(fwd_hooks=[*fwd_hooks, (wanted, hook)]):
+    observed = lambda name: wanted(name) or is_routing_hook(name)  # noqa: E731
+    with torch.no_grad(), model.hooks(fwd_hooks=[*fwd_hooks, (observed, hook)]):
         for n in chunks:
             chunk.begin(true_pos[:, start : start + n])
             logits = forward(
                 model, tokens[:, start : start + n], cache=cache, attention_mask=mask[:, start : start + n]
             )
+            for name, (act, q_pos, k_pos) in latest.items():  # in first-firing order
+                sink.activation(name, act, q_pos, k_pos)
+            latest.clear()
             sink.logits(logits.detach(), chunk.q_pos)
             chunk.end()
             start += n

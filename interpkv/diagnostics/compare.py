@@ -40,6 +40,7 @@ class _Comparator(Sink):
         self.reference = reference
         self.table = StatsTable(*valid.shape)
         self.seen: Dict[str, None] = {}
+        self.skipped: Dict[str, str] = dict(reference.skipped)
         self.pending: Dict[str, list] = {}
         self.pending_sites: Dict[str, int] = {}
         self._memo = None
@@ -49,9 +50,16 @@ class _Comparator(Sink):
         if name not in self.reference:
             return
         check_shapes(name, act, self.reference[name])
-        # A copy: a later hook may modify this tensor in place before the flush.
+        # ``act`` is already a private copy (see interpkv.diagnostics.capture.run).
         sites = self._sites(q_pos) if k_pos is None else None
-        self._push(name, (act.clone(), q_pos, k_pos, sites))
+        self._push(name, (act, q_pos, k_pos, sites))
+
+    def skip(self, name, reason):
+        self.seen.pop(name, None)
+        self.pending.pop(name, None)
+        self.pending_sites.pop(name, None)
+        self.table.stats.pop(name, None)
+        self.skipped[name] = reason
 
     def logits(self, logits, q_pos):
         self._push(LOGITS, (logits, q_pos, None, self._sites(q_pos)))
@@ -107,13 +115,14 @@ class _Comparator(Sink):
 
     def report(self) -> DivergenceReport:
         order = self.reference.order
-        common = [h for h in order if h in self.table.stats]
+        common = [h for h in order if h in self.table.stats and h not in self.skipped]
         return DivergenceReport(
             common,
             self.table.stats,
             self.table.kl,
-            only_in_a=[h for h in self.seen if h not in self.reference],
-            only_in_b=[h for h in order if h != LOGITS and h not in self.seen],
+            only_in_a=[h for h in self.seen if h not in self.reference and h not in self.skipped],
+            only_in_b=[h for h in order if h not in (LOGITS, *self.seen, *self.skipped)],
+            skipped=self.skipped,
         )
 
 

@@ -72,4 +72,5 @@ def diff(a: Record, b: Record) -> DivergenceReport:
         table.kl,
         only_in_a=[h for h in a.order if h not in b],
         only_in_b=[h for h in b.order if h not in a],
+        skipped={**b.skipped, **a.skipped},
     )

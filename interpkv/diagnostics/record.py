@@ -24,6 +24,12 @@ name (``record["blocks.0.hook_resid_pre"]``), by short name and layer
 (``record["resid_pre", 0]``, ``record["pattern", 1]``, ``record["q", -1]``,
 resolved by ``transformer_lens.utils.get_act_name``), and
 :meth:`Record.to_activation_cache` hands the whole record to TransformerLens.
+
+Hooks of other shapes are put on these axes where their rows' positions are
+known (Q/K norms, mixture-of-experts routing and experts; see
+:mod:`interpkv.diagnostics.layouts`). A hook that fired but has no single
+value per position is not recorded: ``record.skipped`` maps its name to the
+reason, and every report built from the record carries it.
 """
 
 import re
@@ -69,12 +75,15 @@ class Record:
             the hooks first fired during the forward pass.
         logits: ``[batch, pos, d_vocab]`` at absolute positions.
         valid: ``[batch, pos]``, True where the row has a token.
+        skipped: hook name -> why it fired but was not recorded (e.g. it fires
+            once per q/k/v input under ``use_split_qkv_input``).
     """
 
     activations: Dict[str, Tensor]
     logits: Float[Tensor, "batch pos d_vocab"]
     valid: Bool[Tensor, "batch pos"]
     meta: Dict[str, object] = field(default_factory=dict)
+    skipped: Dict[str, str] = field(default_factory=dict)
 
     @property
     def order(self) -> List[str]:
@@ -111,6 +120,8 @@ class Record:
         try:
             return self.activations[name]
         except KeyError:
+            if name in self.skipped:
+                raise KeyError(f"{name!r} was skipped: {self.skipped[name]}") from None
             raise KeyError(
                 f"{key!r} ({name!r}) was not captured; captured hooks: "
                 f"{', '.join(self.activations) or 'none'} (pass names=None to capture every hook)"
@@ -177,9 +188,10 @@ class Record:
         return len(self.activations) + 1
 
     def __repr__(self) -> str:
+        skipped = f", {len(self.skipped)} skipped (see .skipped)" if self.skipped else ""
         return (
             f"Record({len(self.activations)} hooks + logits, batch={self.batch_size}, "
-            f"positions={self.n_positions})"
+            f"positions={self.n_positions}{skipped})"
         )
 
     def _repr_html_(self) -> str:

@@ -53,6 +53,10 @@ class DivergenceReport:
         kl_per_position: ``[batch, pos]`` KL(reference || a) of the next-token
             distributions, NaN where the site does not exist.
         only_in_a, only_in_b: hooks captured in one run but not the other.
+        skipped: hook name -> why it fired but could not be compared (no
+            single value per position; see :mod:`interpkv.diagnostics.layouts`).
+            Skipped hooks have no rows in :meth:`to_frame` and never count as
+            diverging; :meth:`__repr__` lists how many there are.
     """
 
     def __init__(
@@ -62,12 +66,14 @@ class DivergenceReport:
         kl_per_position: Tensor,
         only_in_a: Sequence[str] = (),
         only_in_b: Sequence[str] = (),
+        skipped: Optional[Dict[str, str]] = None,
     ):
         self.hooks = hooks
         self.stats = stats
         self.kl_per_position = kl_per_position
         self.only_in_a = list(only_in_a)
         self.only_in_b = list(only_in_b)
+        self.skipped = dict(skipped or {})
 
     # -------------------------------------------------------------- summary
     @property
@@ -132,7 +138,7 @@ class DivergenceReport:
     def to_frame(self):
         """A pandas DataFrame with one row per hook x position x batch row.
 
-        Columns: ``hook`` (full name), ``layer`` (nullable int), ``family``
+        Hooks in :attr:`skipped` have no rows. Columns: ``hook`` (full name), ``layer`` (nullable int), ``family``
         (the name without ``blocks.L.``), ``order`` (forward index), ``pos``,
         ``batch``, ``max_abs``, ``rel``, ``cos``, ``scale``; and ``kl`` on
         the logits rows.
@@ -167,9 +173,13 @@ class DivergenceReport:
     def __repr__(self) -> str:
         first = self.first_divergence()
         where = "none" if first is None else f"{first.hook} pos {first.pos} (max_abs {first.max_abs:.3g})"
+        skipped = ""
+        if self.skipped:
+            names = ", ".join(list(self.skipped)[:2]) + (", ..." if len(self.skipped) > 2 else "")
+            skipped = f", {len(self.skipped)} hooks skipped ({names}; see .skipped)"
         return (
             f"DivergenceReport({len(self.hooks)} hooks, logits_max_abs={self.logits_max_abs:.3g}, "
-            f"kl={self.kl:.3g}, first divergence at default tolerance: {where})"
+            f"kl={self.kl:.3g}, first divergence at default tolerance: {where}{skipped})"
         )
 
     def family_summary(

@@ -28,6 +28,7 @@ from interpkv.core.tl import (
     get_pretrained_model_config,
     get_pretrained_state_dict,
 )
+from interpkv.zoo import _fidelity, _handbuilt
 from interpkv.zoo._specs import SPECS, ModelSpec
 
 _EXACT = (torch.float32, torch.float64)
@@ -60,12 +61,23 @@ def _hf_float32(name: str, seed: int) -> transformers.PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation="eager", dtype=torch.float32
+            config, attn_implementation="eager", dtype=torch.float32, experts_implementation="eager"
         )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if spec.perturb:
+        _perturb(model, spec.perturb, seed)
     return model
+
+
+def _perturb(model: transformers.PreTrainedModel, std: float, seed: int) -> None:
+    """Add ``N(0, std)`` noise to every 1-D parameter (norm weights, biases), in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.ndim == 1:
+                param.add_(std * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
 def hf_model(name: str, seed: int, dtype: torch.dtype) -> transformers.PreTrainedModel:
@@ -83,73 +95,33 @@ def hf_model(name: str, seed: int, dtype: torch.dtype) -> transformers.PreTraine
     return model.eval()
 
 
-def _gemma2_tl_config(config: Any, dtype: torch.dtype) -> HookedTransformerConfig:
-    """Hand-built TL config for Gemma2 (TL 3.9 only maps gemma-2 by hub name).
-
-    Mirrors what ``convert_hf_model_config`` produces for ``google/gemma-2-2b``,
-    with the sizes and the local/global layer pattern read off the HF config.
-    """
-    attn_types = [
-        "local" if t == "sliding_attention" else "global" for t in config.layer_types
-    ]
-    return HookedTransformerConfig(
-        d_model=config.hidden_size,
-        d_head=config.head_dim,
-        n_heads=config.num_attention_heads,
-        d_mlp=config.intermediate_size,
-        n_layers=config.num_hidden_layers,
-        n_ctx=config.max_position_embeddings,
-        eps=config.rms_norm_eps,
-        d_vocab=config.vocab_size,
-        act_fn=config.hidden_activation,
-        normalization_type="RMSPre",  # fold_ln=True, as from_pretrained would do
-        rotary_base=config.rope_parameters["rope_theta"],
-        positional_embedding_type="rotary",
-        rotary_dim=config.head_dim,
-        use_attn_scale=True,
-        attn_scale=config.query_pre_attn_scalar**0.5,
-        n_key_value_heads=config.num_key_value_heads,
-        window_size=config.sliding_window,
-        use_local_attn=True,
-        attn_types=attn_types,
-        attn_scores_soft_cap=config.attn_logit_softcapping,
-        output_logits_soft_cap=config.final_logit_softcapping,
-        gated_mlp=True,
-        final_rms=True,
-        use_normalization_before_and_after=True,
-        original_architecture="Gemma2ForCausalLM",
-        model_name="gemma2",
-        init_weights=False,
-        dtype=dtype,
-        device="cpu",
-        default_prepend_bos=False,
-    )
-
-
 def _fix_tl_config(name: str, cfg: HookedTransformerConfig, config: Any) -> None:
     """Patch fields TL's converter gets wrong or drops for tiny local configs."""
     cfg.model_name = f"interpkv-zoo-{name}"
     cfg.tokenizer_name = None
     cfg.default_prepend_bos = False
     cfg.device = "cpu"
-    if getattr(config, "model_type", None) == "mistral" and config.sliding_window and not cfg.use_local_attn:
-        cfg.use_local_attn = True
-        cfg.attn_types = ["local"] * cfg.n_layers
-        cfg.window_size = config.sliding_window
+    _fidelity.fix_config(cfg, config)
 
 
 def _tl_from_hf(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
     """Convert the HF model of ``name`` to a processed TL (cfg, state dict)."""
-    return convert_hf(hf_model(name, seed, dtype), label=name, dtype=dtype)
+    processing = SPECS[name].processing
+    return convert_hf(hf_model(name, seed, dtype), label=name, dtype=dtype, processing=processing)
 
 
-def convert_hf(hf: Any, *, label: str, dtype: torch.dtype) -> tuple[Any, dict]:
+def convert_hf(
+    hf: Any, *, label: str, dtype: torch.dtype, processing: str = "interpkv"
+) -> tuple[Any, dict]:
     """Convert an in-memory HF causal LM to a processed TL (cfg, state dict).
 
     Args:
-        hf: a ``transformers`` causal LM (any class TL 3.9 converts, or Gemma2).
+        hf: a ``transformers`` causal LM (any class TL 3.9 converts, or Gemma 2/3).
         label: a name for the model (used in its TL ``model_name``).
         dtype: float32 or float64 (processing runs in this dtype).
+        processing: ``"interpkv"`` (:func:`_process_weights`) or
+            ``"transformer_lens"`` (TL's ``load_and_process_state_dict`` with
+            ``from_pretrained``'s defaults, ``center_unembed`` included).
 
     Returns:
         ``(cfg, state_dict)`` of a HookedTransformer computing the same function.
@@ -160,8 +132,8 @@ def convert_hf(hf: Any, *, label: str, dtype: torch.dtype) -> tuple[Any, dict]:
     tmp = tempfile.mkdtemp(prefix="ikv_")  # no "llama"/"gemma": TL sniffs paths
     try:
         config.save_pretrained(tmp)  # TL only reads config.json; weights come from `hf`
-        if config.model_type == "gemma2":
-            cfg = _gemma2_tl_config(config, dtype)
+        if config.model_type in _handbuilt.MODEL_TYPES:
+            cfg = _handbuilt.tl_config(config, dtype)
         else:
             cfg = get_pretrained_model_config(
                 tmp,
@@ -173,15 +145,26 @@ def convert_hf(hf: Any, *, label: str, dtype: torch.dtype) -> tuple[Any, dict]:
             )
         _fix_tl_config(label, cfg, config)
         state_dict = get_pretrained_state_dict(tmp, cfg, hf_model=hf, dtype=dtype)
+        state_dict = _fidelity.fix_state_dict(state_dict, hf, cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model = _new_model(cfg)
     # Unused tables (e.g. W_pos of rotary/ALiBi models) are absent from the HF
     # checkpoint; TL fills them with uninitialised memory, make them zeros.
     for key, value in model.state_dict().items():
         if key not in state_dict and "W_" in key:
             state_dict[key] = torch.zeros_like(value)
+    if processing == "transformer_lens":
+        model.load_and_process_state_dict(
+            state_dict,
+            fold_ln=True,
+            center_writing_weights=True,
+            center_unembed=True,
+            fold_value_biases=True,
+            refactor_factored_attn_matrices=False,
+        )
+        return model.cfg, model.state_dict()
     state_dict = _process_weights(model.fill_missing_keys(state_dict), cfg)
     # Folded norm weights (now all ones / zeros) have no parameter in *Pre norms.
     result = model.load_state_dict(state_dict, strict=False)
@@ -200,14 +183,34 @@ def model_from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
 
     Returns:
         The converted model, eval mode, CPU, no tokenizer.
+
+    Raises:
+        UnsupportedModelError: the converted model's logits differ from the HF
+            model's on a short left-padded batch (see :mod:`interpkv.zoo._fidelity`).
     """
     dtype = next(hf.parameters()).dtype
     if dtype not in _EXACT:
         raise ValueError(f"convert a float32 or float64 HF model (got {dtype}); cast afterwards")
     cfg, sd = convert_hf(hf.eval(), label=label, dtype=dtype)
-    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model = _new_model(cfg)
     model.load_state_dict(sd, strict=True)
-    return model.eval()
+    model.eval()
+    _fidelity.verify(model, hf, label=label)
+    return model
+
+
+def _new_model(cfg: Any) -> HookedTransformer:
+    """An empty HookedTransformer whose every parameter has ``cfg.dtype``.
+
+    TL 3.9's MoE router (``W_gate``, an ``nn.Linear``) ignores ``cfg.dtype``:
+    a float64 state dict loaded into it would be rounded to float32, and the
+    float64 forward would fail on the dtype mismatch.
+    """
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != cfg.dtype:
+            param.data = param.data.to(cfg.dtype)
+    return model
 
 
 def _process_weights(state_dict: dict, cfg: Any) -> dict:
@@ -256,7 +259,7 @@ def _tl_only(name: str, seed: int) -> tuple[Any, dict]:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+        model = _new_model(cfg)
     return model.cfg, model.state_dict()
 
 
@@ -303,7 +306,7 @@ def tl_model(name: str, seed: int, dtype: torch.dtype) -> HookedTransformer:
     cfg, sd = processed(name, seed, dtype)
     cfg = copy.deepcopy(cfg)
     cfg.init_weights = False
-    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model = _new_model(cfg)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 

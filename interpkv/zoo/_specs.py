@@ -45,6 +45,16 @@ class ModelSpec:
         tl_kwargs: For TL-only models, keyword arguments of
             ``HookedTransformerConfig``.
         tl_pair_note: Why TL and HF disagree, if they are known to (else ``None``).
+        perturb: Standard deviation of the Gaussian noise added to every 1-D HF
+            parameter (norm weights, biases) after initialisation. HF starts
+            them at exactly one / zero, where weight folding is trivial and a
+            dropped bias goes unnoticed.
+        processing: ``"interpkv"`` (fold_ln, center_writing_weights,
+            fold_value_biases in the weights' own dtype; logits equal HF's) or
+            ``"transformer_lens"`` (TL's ``load_and_process_state_dict`` with
+            ``from_pretrained``'s defaults, ``center_unembed`` included: each
+            position's logits are HF's shifted by a constant, and float64
+            weights pass through TL's float32 round trip).
     """
 
     name: str
@@ -55,6 +65,28 @@ class ModelSpec:
     hf_kwargs: dict[str, Any] = field(default_factory=dict)
     tl_kwargs: dict[str, Any] = field(default_factory=dict)
     tl_pair_note: str | None = None
+    perturb: float = 0.0
+    processing: str = "interpkv"
+
+
+PERTURB = 0.3
+"""Noise on norm weights and biases of the models that randomise them."""
+
+
+def _gqa(**kwargs: Any) -> dict[str, Any]:
+    """A 2-layer GQA decoder (64 wide, 4 query / 2 KV heads of 16), plus ``kwargs``."""
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=FUNCTIONAL_CTX,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        **kwargs,
+    )
 
 
 def _bloom(n_head: int, d_model: int) -> dict[str, Any]:
@@ -265,6 +297,85 @@ SPECS: dict[str, ModelSpec] = {
                 num_heads=4,
                 window_size=WINDOW,
                 initializer_range=0.2,
+            ),
+        ),
+        ModelSpec(
+            name="qwen2",
+            architecture="Qwen2ForCausalLM",
+            positional="rotary (rotate-half, rotary_dim 16 of 16)",
+            attention=f"GQA, 4 query heads / 2 KV heads, q/k/v biases, layer 0 global, layer 1 sliding window {WINDOW}",
+            hf_config_class="Qwen2Config",
+            hf_kwargs=_gqa(
+                head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+            ),
+            perturb=PERTURB,
+        ),
+        ModelSpec(
+            name="qwen3",
+            architecture="Qwen3ForCausalLM",
+            positional="rotary (rotate-half, rotary_dim 16 of 16, base 1e6)",
+            attention="GQA, 4 query heads / 2 KV heads, per-head RMS Q/K norm, full causal",
+            hf_config_class="Qwen3Config",
+            hf_kwargs=_gqa(head_dim=16, rope_theta=1e6),
+            perturb=PERTURB,
+        ),
+        ModelSpec(
+            name="phi3",
+            architecture="Phi3ForCausalLM",
+            positional="rotary (rotate-half, rotary_dim 8 of 16)",
+            attention="GQA, 4 query heads / 2 KV heads, fused qkv projection, full causal",
+            hf_config_class="Phi3Config",
+            hf_kwargs=_gqa(partial_rotary_factor=0.5, pad_token_id=0),
+            perturb=PERTURB,
+        ),
+        ModelSpec(
+            name="mixtral",
+            architecture="MixtralForCausalLM",
+            positional="rotary (rotate-half, rotary_dim 16 of 16)",
+            attention="GQA, 4 query heads / 2 KV heads, full causal; MoE MLP, 4 experts, top-2",
+            hf_config_class="MixtralConfig",
+            hf_kwargs=_gqa(num_local_experts=4, num_experts_per_tok=2),
+            perturb=PERTURB,
+        ),
+        ModelSpec(
+            name="gemma3",
+            architecture="Gemma3ForCausalLM",
+            positional="rotary (rotate-half, rotary_dim 16 of 16, base 1e4 local / 1e6 global)",
+            attention=(
+                f"GQA, 4 query heads / 2 KV heads, per-head RMS Q/K norm, layer 0 local "
+                f"(window {WINDOW}), layer 1 global"
+            ),
+            hf_config_class="Gemma3TextConfig",
+            hf_kwargs=_gqa(
+                head_dim=16,
+                query_pre_attn_scalar=16,
+                sliding_window=WINDOW,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_local_base_freq=10000.0,
+                rope_theta=1e6,
+            ),
+            perturb=PERTURB,
+        ),
+        ModelSpec(
+            name="gpt2-tl",
+            architecture="GPT2LMHeadModel",
+            positional="learned absolute",
+            attention="MHA, 4 heads, full causal",
+            hf_config_class="GPT2Config",
+            hf_kwargs=dict(
+                vocab_size=VOCAB,
+                n_positions=LEARNED_CTX,
+                n_ctx=LEARNED_CTX,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                initializer_range=0.2,
+            ),
+            perturb=PERTURB,
+            processing="transformer_lens",
+            tl_pair_note=(
+                "Processed like HookedTransformer.from_pretrained (center_unembed=True): each "
+                "position's logits are HF's minus their mean over the vocabulary."
             ),
         ),
     ]

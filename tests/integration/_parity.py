@@ -8,6 +8,7 @@ import torch
 import interpkv
 from interpkv import zoo
 from interpkv.cli.checks import hf_logits
+from interpkv.zoo._specs import SPECS
 
 # float64 leaves only summation-order noise (~1e-14): 1e-10 would catch any real
 # difference. In float32 a one-token step and a full-sequence pass multiply
@@ -26,6 +27,14 @@ HF_TOL = {torch.float64: 5e-5, torch.float32: 1e-4}
 # wrong when n is not a power of two (Bloom's rule differs): its own forward is
 # no reference for these models; HF is.
 TL_WRONG = {"bloom6"}
+
+# Processed like from_pretrained, center_unembed included: logits are HF's minus a
+# per-position constant, so they are compared with HF's centred over the vocabulary.
+CENTRED_UNEMBED = {n for n, s in SPECS.items() if s.processing == "transformer_lens"}
+
+
+def centred(logits):
+    return logits - logits.mean(dim=-1, keepdim=True)
 
 
 @functools.lru_cache(maxsize=None)

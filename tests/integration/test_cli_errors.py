@@ -16,7 +16,7 @@ import interpkv
 from interpkv import zoo
 from interpkv.cli import app as cli
 from interpkv.cli import checks
-from interpkv.cli.hfref import hf_difference
+from interpkv.cli.hf import hf_difference
 
 
 def run(capsys, *argv):

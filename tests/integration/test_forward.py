@@ -35,6 +35,10 @@ def test_every_hook_point_fires_in_cached_mode(name):
             assert cached[hook_name] == shape[:2] + (1, 10), hook_name  # one query, ten keys
         elif hook_name.endswith("hook_rot_k") or ".attn.hook_k" in hook_name or ".attn.hook_v" in hook_name:
             assert cached[hook_name] == (shape[0], 1) + shape[2:], hook_name
+        elif ".experts." in hook_name:  # [tokens routed to this expert, d_mlp]
+            assert cached[hook_name][1:] == shape[1:] and cached[hook_name][0] <= 2, hook_name
+        elif shape[0] != tokens.shape[0]:  # Q/K norm, MoE routing: rows are flattened tokens
+            assert (cached[hook_name][0] * 10, *cached[hook_name][1:]) == shape, hook_name
         else:
             assert cached[hook_name][0] == shape[0], hook_name
 

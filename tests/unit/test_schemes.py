@@ -52,3 +52,37 @@ def test_allowed_keys(q, k, kwargs, expected):
     got = allowed_keys(torch.tensor(q), torch.tensor(k), **kwargs)
     assert got.shape == (1, 1, len(q[0]), len(k[0]))
     assert got[0, 0].tolist() == expected
+
+
+UNSUPPORTED_CASES = [
+    # (config overrides, words the message must contain)
+    ({"use_attention_sinks": True}, ["attention-sink", "model(tokens)"]),
+    ({"clip_qkv": 8.0}, ["clipping", "cfg.clip_qkv=8.0", "transformers"]),
+    ({"attention_dir": "bidirectional"}, ["causal models only", "model(tokens)"]),
+    ({"original_architecture": "Olmo2ForCausalLM"}, ["full-width Q/K norms", "model(tokens)"]),
+    ({"positional_embedding_type": "relative_positional_bias"}, ["not supported", "model(tokens)"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", UNSUPPORTED_CASES, ids=[c[1][0] for c in UNSUPPORTED_CASES])
+def test_unsupported_features_name_the_way_out(overrides, words):
+    from types import SimpleNamespace
+
+    from interpkv.core.schemes import UnsupportedModelError, scheme_for
+
+    cfg = dict(
+        use_attention_sinks=False, clip_qkv=None, use_logn_attn=False, use_dynamic_ntk_rope=False,
+        attention_dir="causal", original_architecture="LlamaForCausalLM",
+        positional_embedding_type="standard", n_ctx=16,
+    )  # fmt: skip
+    cfg.update(overrides)
+
+    class Model:  # scheme_for only reads .cfg (and memoizes per object)
+        pass
+
+    model = Model()
+    model.cfg = SimpleNamespace(**cfg)
+    with pytest.raises(UnsupportedModelError) as info:
+        scheme_for(model)
+    for word in words:
+        assert word in str(info.value)

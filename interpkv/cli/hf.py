@@ -1,11 +1,14 @@
-"""The HuggingFace reference of ``interpkv check``: HF logits, and how they are compared.
+"""The HuggingFace reference: an HF causal LM's logits as interpkv numbers positions.
 
-An HF twin computes the same function as the converted HookedTransformer, so
-its logits on the same left-padded batch are the check's outside reference.
+:func:`hf_logits` is the one HF reference of the package and its tests
+(:func:`interpkv.cli.checks.check_model`, ``zoo.from_hf``'s conversion check,
+the parity tests); :func:`hf_difference` is how ``interpkv check`` compares
+against it.
 """
 
+import contextlib
 import inspect
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from jaxtyping import Float, Int
@@ -25,13 +28,41 @@ def hf_logits(
 
     HF GPT-2 and others need explicit ``position_ids`` under left padding
     (transformers #18104); they are passed whenever the class accepts them.
+    Several HF classes in float64 turn a left-padded row into NaN (0 * NaN
+    from fully masked padding queries in ``pattern @ V``): such a row is run
+    again alone on its real tokens. MoE experts run eagerly (transformers'
+    default ``grouped_mm`` has no float64 kernel).
     """
+    with torch.no_grad(), _eager_experts(hf):
+        logits = _hf_logits(hf, tokens, mask)
+        for row in range(tokens.shape[0]):
+            real = mask[row].bool()
+            if torch.isnan(logits[row, real]).any():
+                alone = tokens[row, real][None]
+                logits[row, real] = _hf_logits(hf, alone, torch.ones_like(alone))[0]
+    return logits
+
+
+def _hf_logits(hf, tokens: Tensor, mask: Tensor) -> Tensor:
     kwargs = {"attention_mask": mask}
     if "position_ids" in inspect.signature(hf.forward).parameters:
         zeros = torch.zeros(tokens.shape[0], dtype=torch.long)
         kwargs["position_ids"] = absolute_positions(mask, zeros).clamp(min=0)
-    with torch.no_grad():
-        return hf(tokens, **kwargs).logits
+    return hf(tokens, **kwargs).logits
+
+
+@contextlib.contextmanager
+def _eager_experts(hf) -> Iterator[None]:
+    """Run HF MoE experts eagerly inside the block; the model's setting is restored."""
+    experts = getattr(hf.config, "_experts_implementation_internal", None)
+    if experts in (None, "eager"):
+        yield
+        return
+    hf.config._experts_implementation_internal = "eager"  # the config every expert reads
+    try:
+        yield
+    finally:
+        hf.config._experts_implementation_internal = experts
 
 
 def hf_difference(
@@ -40,6 +71,10 @@ def hf_difference(
     mask: Int[Tensor, "batch pos"],
 ) -> Tuple[Optional[float], List[int]]:
     """``max |cached - reference|`` over real tokens, leaving out padded rows where HF is NaN.
+
+    Each position's logits are centred over the vocabulary first:
+    TransformerLens's ``center_unembed`` (``from_pretrained``'s default) shifts
+    them by a constant, which no probability sees.
 
     A left-padded row whose reference is not finite at a real token is left
     out (returned in the list): HF float64 eager attention gives a fully
@@ -62,4 +97,8 @@ def hf_difference(
     rows = excused.nonzero().flatten().tolist()
     if not keep.any():
         return None, rows
-    return (cached[keep] - reference[keep]).abs().max().item(), rows
+    return (_centred(cached[keep]) - _centred(reference[keep])).abs().max().item(), rows
+
+
+def _centred(logits: Tensor) -> Tensor:
+    return logits - logits.mean(dim=-1, keepdim=True)
