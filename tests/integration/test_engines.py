@@ -225,3 +225,12 @@ def test_cli_check_engine_hf_directory(tmp_path):
     _, hf = zoo.load_pair("llama")
     hf.save_pretrained(tmp_path / "llama")
     assert main(["check", str(tmp_path / "llama"), "--engine", "hf"]) == 0
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mixtral", "gemma3"])
+def test_transformer_lens_engine_records_qk_norm_and_moe_hooks(name):
+    """Regression: the TL engine raised on flattened qk-norm and per-expert hooks (the demo crashed)."""
+    model = interpkv.zoo.load(name, dtype=torch.float64)
+    report = interpkv.compare(model, torch.arange(1, 13)[None], steps=[6, 1, 5], engine="transformer_lens")
+    assert report.ok(atol=1e-10, rtol=1e-10), report.first_divergence(atol=1e-10, rtol=1e-10)
+    assert any("q_norm" in h or "ln1" in h for h in report.hooks)

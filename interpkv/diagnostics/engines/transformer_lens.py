@@ -42,6 +42,7 @@ from torch import Tensor
 from interpkv.core import tl as _tl
 from interpkv.diagnostics.capture import NamesFilter, Sink, names_filter
 from interpkv.diagnostics.engines._common import chunk_bounds, layout
+from interpkv.diagnostics.layouts import Layouts, is_routing_hook
 from interpkv.diagnostics.record import is_attention_hook
 
 __all__ = ["run", "isolated_state", "corrupt_stored_key", "run_generate", "STATE_ATTRIBUTES"]
@@ -65,16 +66,27 @@ def isolated_state(model) -> Iterator[None]:
 class _Feeder:
     """Hands TransformerLens hook activations of the current chunk to a sink."""
 
-    def __init__(self, sink: Sink):
+    def __init__(self, sink: Sink, batch: int, names: NamesFilter):
         self.sink = sink
+        self.wanted = names_filter(names)
+        self.layouts = Layouts(batch)  # qk-norm, MoE routing and expert hooks, as in capture
+        self.skipped: set = set()
         self.q_pos: Tensor = torch.empty(0)
         self.k_pos: Tensor = torch.empty(0)
+
+    def observes(self, name: str) -> bool:
+        """Hooks to register: the wanted ones, and MoE routing (expert hooks need it)."""
+        return self.wanted(name) or is_routing_hook(name)
 
     def begin(self, q_pos: Tensor, k_pos: Tensor) -> None:
         self.q_pos, self.k_pos = q_pos, k_pos
 
     def hook(self, act: Tensor, hook) -> None:
         name, act = hook.name, act.detach()
+        if is_routing_hook(name):
+            self.layouts.observe_routing(name, act)
+        if name in self.skipped or not self.wanted(name):
+            return
         q_pos, n = self.q_pos, self.q_pos.shape[1]
         if is_attention_hook(name):
             if act.shape[-2:] != (n, self.k_pos.shape[1]):
@@ -86,12 +98,12 @@ class _Feeder:
             return
         if act.ndim >= 2 and act.shape[0] == q_pos.shape[0] and act.shape[1] == self.k_pos.shape[1] != n:
             act = act[:, -n:]  # hook_rot_k (every key slot) or a whole-sequence hook: the new slots
-        if act.ndim < 2 or act.shape[:2] != q_pos.shape:
-            raise ValueError(
-                f"cannot capture {name}: shape {tuple(act.shape)} does not start with "
-                f"[batch, pos] = {tuple(q_pos.shape)}; leave it out with names=..."
-            )
-        self.sink.activation(name, act, q_pos, None)
+        placed = self.layouts.to_batch_pos(name, act, n)
+        if isinstance(placed, str):  # no position axis: skipped, with the reason
+            self.skipped.add(name)
+            self.sink.skip(name, placed)
+            return
+        self.sink.activation(name, placed, q_pos, None)
 
 
 def run(
@@ -121,10 +133,10 @@ def run(
     lay = layout(tokens, attention_mask)
     batch = lay.tokens.shape[0]
     sink = sink_factory(lay.valid)
-    feeder = _Feeder(sink)
+    feeder = _Feeder(sink, batch, names)
     cached = steps is not None
     cache = _tl.TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch) if cached else None
-    with torch.no_grad(), isolated_state(model), model.hooks(fwd_hooks=[(names_filter(names), feeder.hook)]):
+    with torch.no_grad(), isolated_state(model), model.hooks(fwd_hooks=[(feeder.observes, feeder.hook)]):
         for start, end in chunk_bounds(lay.tokens.shape[1], steps):
             q_pos = lay.true_pos[:, start:end]
             feeder.begin(q_pos, lay.true_pos[:, :end] if cached else q_pos)
