@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from interpkv.cli.hf import hf_difference
 from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, hf_logits
 from interpkv.diagnostics import engines
 from interpkv.tolerances import DEFAULT_ATOL
@@ -105,7 +106,9 @@ def check_engine(model: str, engine: str, *, dtype: torch.dtype = torch.float32,
         real = mask.bool()
         rows, cols = real.nonzero(as_tuple=True)
         positions = cached.valid.nonzero(as_tuple=True)  # same order: row-major, one entry per real token
-        max_hf = float((cached.logits[positions] - hf_logits(hf, tokens, mask)[rows, cols]).abs().max())
+        reference = hf_logits(hf, tokens, mask)[rows, cols]
+        # Centred over the vocabulary, as check_model does (center_unembed shifts by a constant).
+        max_hf, _ = hf_difference(cached.logits[positions][None], reference[None], torch.ones_like(rows)[None])
     tol = COMPARE_TOL.get(dtype, DEFAULT_ATOL)
     scheme = _scheme(run, engine)
     return CheckResult(

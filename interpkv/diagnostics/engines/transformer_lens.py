@@ -198,8 +198,8 @@ def expected_corruption_hook(model, layer: int) -> str:
 class _GenerateFeeder(_Feeder):
     """Positions of the tokens ``HookedTransformer.generate`` consumes at each step."""
 
-    def __init__(self, sink: Sink, batch: int):
-        super().__init__(sink)
+    def __init__(self, sink: Sink, batch: int, names: NamesFilter = None):
+        super().__init__(sink, batch, names)
         self.batch = batch
 
     def step(self, pos_offset: int, length: int) -> None:
@@ -229,7 +229,7 @@ def run_generate(
     batch, prompt = tokens.shape
     fed = prompt + max_new_tokens - 1
     sink = sink_factory(torch.ones(batch, fed, dtype=torch.bool))
-    feeder = _GenerateFeeder(sink, batch)
+    feeder = _GenerateFeeder(sink, batch, names)
     get_residual, forward = model.get_residual, model.forward
 
     def residual(embed, pos_offset, *args, **kwargs):
@@ -243,7 +243,7 @@ def run_generate(
 
     model.get_residual, model.forward = residual, forward_logged
     try:
-        with torch.no_grad(), model.hooks(fwd_hooks=[(names_filter(names), feeder.hook)]):
+        with torch.no_grad(), model.hooks(fwd_hooks=[(feeder.observes, feeder.hook)]):
             generated = model.generate(
                 tokens, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=True,
                 stop_at_eos=False, verbose=False, return_type="tokens",
