@@ -65,6 +65,7 @@ def batch(kind: str, d_vocab: int, length: int = 24, seed: int = 0):
     return tokens, mask
 
 
+@torch.no_grad()  # the decode hot path (with grad, writes go out of place: test_gradients.py)
 def cached_logits(m, tokens, mask, splits: Sequence[int], **cache_kwargs):
     """Feed ``tokens`` in chunks of ``splits`` through one cache; concatenate logits."""
     assert sum(splits) == tokens.shape[1]

@@ -19,6 +19,7 @@ ATOL = 1e-10
 tiny_model = functools.lru_cache(maxsize=None)(build_model)
 
 
+@torch.no_grad()
 def run_chunks(model, rows, pads, chunks, window, sinks):
     """Feed left-padded ragged ``rows`` through a windowed cache in ``chunks``; return logits."""
     tokens, mask = padded_batch(rows, pads)
@@ -59,6 +60,7 @@ def test_windowed_cache_equals_window_restricted_uncached(scheme, window, sinks,
 @pytest.mark.parametrize(
     "n_tokens", [512, pytest.param(4096, marks=pytest.mark.slow)], ids=["512", "4096"]
 )
+@torch.no_grad()
 def test_memory_is_flat_over_generated_tokens(n_tokens):
     """A tiny rotary model generates tokens one at a time; nbytes never grows once full.
 
