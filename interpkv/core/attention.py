@@ -155,14 +155,13 @@ def _qkv(attn: torch.nn.Module, query_input: Tensor, key_input: Tensor, value_in
     """q, k, v as ``attn.calculate_qkv_matrices`` computes them (hooks fire).
 
     The common case (one residual input, no Q/K norm, unquantised weights) skips
-    TransformerLens's per-call weight rearrangement via :mod:`interpkv.core.prepared`
-    with bitwise-identical results; anything else runs TransformerLens's own.
+    TransformerLens's per-call weight rearrangement (:mod:`interpkv.core.prepared`:
+    the same products, no weight copy); anything else runs TransformerLens's own.
     """
     cfg = attn.cfg
-    W_K, b_K, W_V, b_V = _tl.kv_projection(attn)
-    simple = not (cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_qk_norm or cfg.load_in_4bit)
-    if not simple or not prepared.usable(attn.W_Q, W_K, W_V, attn.b_Q, b_K, b_V):
+    if cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_qk_norm or cfg.load_in_4bit:
         return attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    W_K, b_K, W_V, b_V = _tl.kv_projection(attn)
     q = attn.hook_q(prepared.project_heads(query_input, attn.W_Q, attn.b_Q))
     k = attn.hook_k(prepared.project_heads(key_input, W_K, b_K))
     v = attn.hook_v(prepared.project_heads(value_input, W_V, b_V))

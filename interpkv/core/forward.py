@@ -94,7 +94,7 @@ def forward(
 
     # model.hooks() resets every hook point on exit (~1 ms): only pay it when needed.
     added = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
-    replaced = _tl.attention_pairs(model, step.attention_for) + _tl.fast_mlps(model)
+    replaced = _tl.attention_pairs(model, step.attention_for) + _tl.fast_modules(model)
     with added, _tl.forwards_replaced(replaced):
         if inputs.is_floating_point():
             embed = inputs

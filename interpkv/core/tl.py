@@ -16,6 +16,7 @@ from typing import Callable, Iterator, List, Tuple
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
+from transformer_lens.components.unembed import Unembed
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.loading_from_pretrained import (
     get_pretrained_model_config,
@@ -38,7 +39,7 @@ __all__ = [
     "is_local_layer",
     "rotary_base",
     "kv_projection",
-    "fast_mlps",
+    "fast_modules",
     "forwards_replaced",
 ]
 
@@ -50,19 +51,22 @@ def kv_projection(attn: torch.nn.Module):
     return attn.W_K, attn.b_K, attn.W_V, attn.b_V
 
 
-def fast_mlps(model: HookedTransformer):
-    """``(mlp, forward)`` pairs for MLPs whose per-call weight copies can be skipped.
+def fast_modules(model: HookedTransformer):
+    """``(module, forward)`` pairs for modules whose per-call weight copies can be skipped.
 
-    Only TransformerLens's plain ``GatedMLP`` without a layer-norm activation
-    (SoLU) qualifies; every other MLP runs its own forward.
+    TransformerLens's plain ``GatedMLP`` (not SoLU's layer-norm activation) and
+    ``Unembed`` qualify (see :mod:`interpkv.core.prepared`); every other module
+    runs its own forward.
     """
-    from interpkv.core.prepared import gated_mlp_forward
+    from interpkv.core.prepared import gated_mlp_forward, unembed_forward
 
     pairs = []
     for block in model.blocks:
         mlp = getattr(block, "mlp", None)
         if type(mlp) is GatedMLP and not model.cfg.is_layer_norm_activation():
             pairs.append((mlp, gated_mlp_forward(mlp)))
+    if type(model.unembed) is Unembed:
+        pairs.append((model.unembed, unembed_forward(model.unembed)))
     return pairs
 
 
