@@ -41,7 +41,28 @@ __all__ = [
     "kv_projection",
     "fast_modules",
     "forwards_replaced",
+    "has_hooks",
 ]
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether anything is registered on ``module`` (a HookPoint) right now.
+
+    TransformerLens's ``add_hook`` registers through torch's module hooks, so
+    this sees hooks added by TransformerLens, by ``model.hooks(...)`` and by
+    plain ``register_forward_hook`` alike, forward or backward, and torch's
+    global module hooks.
+    """
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+        or torch.nn.modules.module._global_backward_hooks
+        or torch.nn.modules.module._global_backward_pre_hooks
+    )
 
 
 def kv_projection(attn: torch.nn.Module):
