@@ -57,11 +57,19 @@ def gated_mlp_forward(mlp: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     return forward
 
 
-def unembed_forward(unembed: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """A ``forward`` for TransformerLens's ``Unembed`` with no copy of ``W_U``."""
+def unembed_forward(unembed: torch.nn.Module, *, last_only: bool = False) -> Callable[[Tensor], Tensor]:
+    """A ``forward`` for TransformerLens's ``Unembed`` with no copy of ``W_U``.
+
+    ``last_only``: logits of the last position only (``[batch, 1, d_vocab]``),
+    as HF's ``logits_to_keep=1``; ``hook_in`` still sees every position, and
+    when something hooks ``hook_out`` every position is computed for it.
+    """
+    from interpkv.core.tl import has_hooks
 
     def forward(residual: Tensor) -> Tensor:
         residual = unembed.hook_in(residual)
+        if last_only and not has_hooks(unembed.hook_out):
+            residual = residual[:, -1:]
         flat = residual.reshape(-1, residual.shape[-1])  # (B*T, d_model)
         logits = torch.addmm(unembed.b_U, flat, unembed.W_U)  # (B*T, d_vocab)
         return unembed.hook_out(logits.view(*residual.shape[:-1], -1))
