@@ -22,8 +22,14 @@ Every run is one call of the library's own generate. A forward pre-hook on
 the token embedding timestamps each forward call inside it: prefill = first
 call -> second call, decode = second call -> return (``new - 1`` tokens).
 Peak memory: growth of the process's peak RSS during the run (``VmHWM``,
-reset through ``/proc/self/clear_refs`` before each run). Medians over the
-repetitions; ratios are of medians from the same subprocess.
+reset through ``/proc/self/clear_refs`` before each run). Throughputs are
+medians over the repetitions; a ratio is the median over repetitions of the
+ratio within one repetition (adjacent runs see the same machine load).
+
+The machine is shared: by default the subprocesses run with
+``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning;
+with spinning, two torch threads on two busy cores made single runs up to 10x
+slower at random). ``--spin`` keeps OpenMP's default.
 
     python benchmarks/bench_decode.py                    # every shape (~10 min)
     python benchmarks/bench_decode.py --quick            # toy + smaller prompt of each shape, 1 repeat
@@ -34,6 +40,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -187,6 +194,14 @@ def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, ski
             "prefill_s": statistics.median(s["prefill"]),
             "peak_mib": max(s["peak"]),
         }
+    hf_s = samples["hf"]
+    row["ratios"] = {
+        "decode_vs_hf": statistics.median(a / b for a, b in zip(samples["interpkv"]["decode"], hf_s["decode"])),
+        "steer_vs_hf": statistics.median(
+            a / b for a, b in zip(samples["interpkv+steer"]["decode"], hf_s["decode"])
+        ),
+        "prefill_hf_over_ikv": statistics.median(b / a for a, b in zip(samples["interpkv"]["prefill"], hf_s["prefill"])),
+    }
     # Same function? Logits of a 64-token window, interpkv against HF.
     window = prompt[:, -64:]
     with torch.no_grad():
@@ -210,8 +225,8 @@ def table(rows):
         lines.append(
             f"| {r['shape']} | {r['prompt']} | {ikv['decode_tok_s']:.1f} | {st['decode_tok_s']:.1f} | "
             f"{hf['decode_tok_s']:.1f} | {'-' if tl is None else format(tl['decode_tok_s'], '.1f')} | "
-            f"{ikv['decode_tok_s'] / hf['decode_tok_s']:.2f}x | {st['decode_tok_s'] / hf['decode_tok_s']:.2f}x | "
-            f"{ikv['prefill_s']:.3f} / {hf['prefill_s']:.3f} | {hf['prefill_s'] / ikv['prefill_s']:.2f}x | "
+            f"{r['ratios']['decode_vs_hf']:.2f}x | {r['ratios']['steer_vs_hf']:.2f}x | "
+            f"{ikv['prefill_s']:.3f} / {hf['prefill_s']:.3f} | {r['ratios']['prefill_hf_over_ikv']:.2f}x | "
             f"{ikv['peak_mib']:.0f} / {hf['peak_mib']:.0f} / {'-' if tl is None else format(tl['peak_mib'], '.0f')} | "
             f"{r['max_abs_dlogits_vs_hf']:.1e} |"
         )
@@ -226,6 +241,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-tl-over", type=int, default=4096, help="no TL run above this prompt")
+    parser.add_argument("--spin", action="store_true", help="keep OpenMP's default spin-waiting")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--child", nargs=2, metavar=("SHAPE", "PROMPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -246,7 +262,8 @@ def main():
                "--repeats", str(repeats), "--threads", str(args.threads),
                "--skip-tl-over", str(args.skip_tl_over)]
         start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ) if args.spin else {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             print(f"{shape}:{prompt} failed:\n{out.stderr[-3000:]}", flush=True)
             continue
