@@ -15,7 +15,10 @@ from typing import Callable, Iterator, List, Tuple
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components.layer_norm_pre import LayerNormPre
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
+from transformer_lens.components.mlps.mlp import MLP
+from transformer_lens.components.rms_norm_pre import RMSNormPre
 from transformer_lens.components.unembed import Unembed
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.loading_from_pretrained import (
@@ -103,20 +106,30 @@ def kv_projection(attn: torch.nn.Module):
 
 
 def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
-    """``(module, forward)`` pairs for modules whose per-call weight copies can be skipped.
+    """``(module, forward)`` pairs for modules with a cheaper equivalent forward.
 
     TransformerLens's plain ``GatedMLP`` (not SoLU's layer-norm activation) and
-    ``Unembed`` qualify (see :mod:`interpkv.core.prepared`); every other module
-    runs its own forward. ``last_logits_only``: the unembedding computes the
-    last position only (unless something hooks its ``hook_out``).
+    ``Unembed`` skip their per-call weight copies (:mod:`interpkv.core.prepared`);
+    ``LayerNormPre``, ``RMSNormPre`` and GPT-2's ``gelu_new`` ``MLP`` run as single
+    kernels (:mod:`interpkv.core.fused`). Every other module runs its own forward.
+    ``last_logits_only``: the unembedding computes the last position only
+    (unless something hooks its ``hook_out``).
     """
+    from interpkv.core.fused import gelu_new_mlp_forward, norm_forward
     from interpkv.core.prepared import gated_mlp_forward, unembed_forward
 
+    cfg = model.cfg
     pairs = []
+    norms = [getattr(block, name, None) for block in model.blocks for name in ("ln1", "ln2")]
+    for norm in norms + [getattr(model, "ln_final", None)]:
+        if type(norm) is LayerNormPre or type(norm) is RMSNormPre:
+            pairs.append((norm, norm_forward(norm, rms=type(norm) is RMSNormPre)))
     for block in model.blocks:
         mlp = getattr(block, "mlp", None)
-        if type(mlp) is GatedMLP and not model.cfg.is_layer_norm_activation():
+        if type(mlp) is GatedMLP and not cfg.is_layer_norm_activation():
             pairs.append((mlp, gated_mlp_forward(mlp)))
+        elif type(mlp) is MLP and cfg.act_fn == "gelu_new" and mlp.W_in.ndim == 2:
+            pairs.append((mlp, gelu_new_mlp_forward(mlp)))
     if type(model.unembed) is Unembed:
         pairs.append((model.unembed, unembed_forward(model.unembed, last_only=last_logits_only)))
     return pairs

@@ -54,3 +54,24 @@ def test_call_hooks_are_removed_and_outer_hooks_kept():
         assert calls == ["permanent"]
     finally:
         m.reset_hooks(including_permanent=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_norm_hooks_fire_as_in_transformer_lens(name):
+    # Idle norms run fused; a hook on hook_scale / hook_normalized brings back
+    # TransformerLens's own forward, with its calls (one per q/k/v input) and values.
+    m = zoo.load(name, dtype=F64)
+    tokens = torch.randint(0, m.cfg.d_vocab, (1, 6), generator=torch.Generator().manual_seed(4))
+    names = ["blocks.0.ln1.hook_scale", "blocks.1.ln2.hook_normalized", "ln_final.hook_scale"]
+
+    def run(fn):
+        acts = []
+        hooks = [(n, lambda act, hook: acts.append((hook.name, act.clone()))) for n in names]
+        return fn(hooks), acts
+
+    ours_logits, ours = run(lambda hooks: interpkv.forward(m, tokens, fwd_hooks=hooks))
+    theirs_logits, theirs = run(lambda hooks: m.run_with_hooks(tokens, fwd_hooks=hooks))
+    assert [n for n, _ in ours] == [n for n, _ in theirs]
+    for (_, a), (_, b) in zip(ours, theirs):
+        assert a.shape == b.shape and (a - b).abs().max() < TOL
+    assert (ours_logits - theirs_logits).abs().max() < TOL
