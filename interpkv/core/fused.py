@@ -27,23 +27,27 @@ __all__ = ["norm_forward", "gelu_new_mlp_forward"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def norm_forward(norm: torch.nn.Module, *, rms: bool) -> Callable[[Tensor], Tensor]:
-    """A ``forward`` for ``LayerNormPre`` (``rms=False``) or ``RMSNormPre`` (``rms=True``)."""
+def norm_forward(norm: torch.nn.Module, *, rms: bool, last: list) -> Callable[[Tensor], Tensor]:
+    """A ``forward`` for ``LayerNormPre`` (``rms=False``) or ``RMSNormPre`` (``rms=True``).
+
+    ``last``: a ``[input, output, norm]`` slot shared by every norm of one call, so at
+    most one pair is kept alive (one slot per norm kept each block's residual
+    and its normalisation until the end of the call: +270 MB at 2,048 tokens).
+    """
     from interpkv.core.tl import has_hooks
 
     original = type(norm).forward
     fused = F.rms_norm if rms else F.layer_norm
-    last = [None, None]  # (input, output) of the previous call of this forward
 
     def forward(x: Tensor) -> Tensor:
         if x.dtype not in _EXACT or has_hooks(norm.hook_scale) or has_hooks(norm.hook_normalized):
             return original(norm, x)
         # A block normalises its residual once each for queries, keys and values:
         # the same tensor object three times in a row. Computed once.
-        if last[0] is x:
+        if last[0] is x and last[2] is norm:
             return last[1]
         out = fused(x, x.shape[-1:], eps=norm.eps).to(norm.cfg.dtype)
-        last[0], last[1] = x, out
+        last[:] = [x, out, norm]
         return out
 
     return forward

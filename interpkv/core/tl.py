@@ -120,10 +120,11 @@ def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
 
     cfg = model.cfg
     pairs = []
+    last_norm = [None, None, None]  # one memo slot for every norm of this call
     norms = [getattr(block, name, None) for block in model.blocks for name in ("ln1", "ln2")]
     for norm in norms + [getattr(model, "ln_final", None)]:
         if type(norm) is LayerNormPre or type(norm) is RMSNormPre:
-            pairs.append((norm, norm_forward(norm, rms=type(norm) is RMSNormPre)))
+            pairs.append((norm, norm_forward(norm, rms=type(norm) is RMSNormPre, last=last_norm)))
     for block in model.blocks:
         mlp = getattr(block, "mlp", None)
         if type(mlp) is GatedMLP and not cfg.is_layer_norm_activation():
