@@ -40,7 +40,7 @@ test-all: install browser
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 bench: install
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 docs: install
 	$(VENV)/bin/mkdocs build --strict

@@ -2,7 +2,8 @@
 
 compare = one uncached forward recording every hook + one cached run
 (a 128-token prefill, then 128 single-token steps) compared hook by hook.
-The baseline is exactly those two runs without capture. Target: <= 3x.
+The baseline is exactly those two runs without capture (interpkv.forward, fused
+attention: nothing hooked). Target: <= 2x.
 
     PYTHONPATH=. python benchmarks/bench_compare.py [--models gpt2 llama] [--repeats 3]
 """

@@ -93,6 +93,16 @@ class Step:
         self.hooks = hooks
         self.bias_q_pos = hooks.bias_positions(cache, slots.q_pos) if hooks else slots.q_pos
         self._masks: Dict[Optional[int], Tensor] = {}
+        self._empty_rows: Dict[Optional[int], Optional[Tensor]] = {}
+        self._bias: Dict[torch.dtype, Optional[Tensor]] = {}
+        # The whole call is one causal block (empty cache, no padding, no window,
+        # no step hooks): the fused kernel needs no mask at all.
+        self.causal_only = (
+            slots.start == 0
+            and cache.window is None
+            and hooks is None
+            and bool((slots.q_pos >= 0).all())
+        )
 
     def mask(self, local_window: Optional[int]) -> Tensor:
         if local_window not in self._masks:
@@ -108,10 +118,24 @@ class Step:
             self._masks[local_window] = mask
         return self._masks[local_window]
 
+    def bias(self, dtype: torch.dtype) -> Optional[Tensor]:
+        """The scheme's additive score bias (ALiBi) for this call, built once for every layer."""
+        if dtype not in self._bias:
+            self._bias[dtype] = self.scheme.score_bias(self.bias_q_pos, self.k_pos, dtype)
+        return self._bias[dtype]
+
+    def empty_rows(self, local_window: Optional[int]) -> Optional[Tensor]:
+        """``[batch, 1, pos, 1]``: queries that may attend no key (padding), None if there are none."""
+        if local_window not in self._empty_rows:
+            empty = ~self.mask(local_window).any(dim=-1, keepdim=True)
+            self._empty_rows[local_window] = empty if bool(empty.any()) else None
+        return self._empty_rows[local_window]
+
     def attention_for(self, layer: int, attn: torch.nn.Module) -> Callable[..., Tensor]:
         """A replacement ``forward`` for ``attn`` (layer ``layer``) bound to this step."""
         cfg = attn.cfg
         local_window = cfg.window_size if _tl.is_local_layer(attn) else None
+        softcap = bool(cfg.attn_scores_soft_cap and cfg.attn_scores_soft_cap > 0)
         scheme = self.scheme
         step = self
 
@@ -125,45 +149,86 @@ class Step:
                 k, v = step.hooks.stored_kv(layer_cache, k, v)
             layer_cache.write(step.start, k, v)
             keys, values = layer_cache.view(step.end)  # (B, kvh, S, d)
-
-            batch, n_q, n_heads, d_head = q.shape
-            kv_heads, n_k = keys.shape[1], keys.shape[2]
-            group = n_heads // kv_heads
-            # Query head h reads kv head h // group (TransformerLens's repeat_interleave).
-            q_grouped = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * n_q, d_head)
-            scores = (q_grouped @ keys.transpose(-1, -2)).view(batch, n_heads, n_q, n_k)
-            scores = scores / attn.attn_scale
-            scores = _tl.apply_softcap(scores, cfg.attn_scores_soft_cap)
-            bias = scheme.score_bias(step.bias_q_pos, step.k_pos, scores.dtype)
-            if bias is not None:
-                scores = scores + bias
-            scores = torch.where(step.mask(local_window), scores, attn.IGNORE.to(scores.dtype))
-            scores = attn.hook_attn_scores(scores)  # (B, H, T, S)
-
-            pattern = F.softmax(scores, dim=-1)
-            # Padding queries see no key at all: their row is 0, as in TransformerLens.
-            pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
-            pattern = attn.hook_pattern(pattern).to(values.dtype)
-            z = pattern.reshape(batch, kv_heads, group * n_q, n_k) @ values  # (B, kvh, g*T, d)
-            z = z.view(batch, n_heads, n_q, d_head).transpose(1, 2)  # (B, T, H, d)
+            # Scores and pattern are only materialised when something reads them.
+            if softcap or _tl.has_hooks(attn.hook_attn_scores) or _tl.has_hooks(attn.hook_pattern):
+                z = step._explicit(attn, layer, local_window, q, keys, values)
+            else:
+                z = step._fused(attn, local_window, q, keys, values)
             z = attn.hook_z(z)
             return _output(attn, z)
 
         return forward
+
+    def _explicit(self, attn, layer, local_window, q, keys, values) -> Tensor:
+        """Attention with ``hook_attn_scores`` and ``hook_pattern`` as TransformerLens computes them."""
+        cfg = attn.cfg
+        batch, n_q, n_heads, d_head = q.shape
+        kv_heads, n_k = keys.shape[1], keys.shape[2]
+        group = n_heads // kv_heads
+        # Query head h reads kv head h // group (TransformerLens's repeat_interleave).
+        q_grouped = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * n_q, d_head)
+        scores = (q_grouped @ keys.transpose(-1, -2)).view(batch, n_heads, n_q, n_k)
+        scores = scores / attn.attn_scale
+        scores = _tl.apply_softcap(scores, cfg.attn_scores_soft_cap)
+        bias = self.bias(scores.dtype)
+        if bias is not None:
+            scores = scores + bias
+        scores = torch.where(self.mask(local_window), scores, attn.IGNORE.to(scores.dtype))
+        scores = attn.hook_attn_scores(scores)  # (B, H, T, S)
+
+        pattern = F.softmax(scores, dim=-1)
+        # Padding queries see no key at all: their row is 0, as in TransformerLens.
+        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        pattern = attn.hook_pattern(pattern).to(values.dtype)
+        z = pattern.reshape(batch, kv_heads, group * n_q, n_k) @ values  # (B, kvh, g*T, d)
+        return z.view(batch, n_heads, n_q, d_head).transpose(1, 2)  # (B, T, H, d)
+
+    def _fused(self, attn, local_window, q, keys, values) -> Tensor:
+        """The same attention through ``F.scaled_dot_product_attention`` (no score tensor kept).
+
+        Equal to :meth:`_explicit` up to rounding (another summation order).
+        """
+        batch, n_q, n_heads, d_head = q.shape
+        kv_heads, n_k = keys.shape[1], keys.shape[2]
+        group = n_heads // kv_heads
+        scale = 1.0 / float(attn.attn_scale)
+        bias = self.bias(q.dtype)
+        if bias is None and self.causal_only and local_window is None:
+            mask, causal = None, True
+        else:
+            mask, causal = self.mask(local_window), False  # (B, 1, T, S)
+            if bias is not None:  # ALiBi: the bias where allowed, -inf elsewhere
+                mask = bias.masked_fill(~mask, float("-inf"))
+        q_heads = q.transpose(1, 2)  # (B, H, T, d)
+        if n_q == 1 and group > 1 and (mask is None or mask.shape[1] == 1):
+            # One query: every head of a group reads the same keys, so a group's
+            # queries are rows of one product (no GQA repetition, no mask copy).
+            q_grouped = q_heads.reshape(batch, kv_heads, group, d_head)
+            z = F.scaled_dot_product_attention(
+                q_grouped, keys, values, attn_mask=mask, is_causal=False, scale=scale
+            ).view(batch, n_heads, 1, d_head)
+        else:
+            z = F.scaled_dot_product_attention(
+                q_heads, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
+                enable_gqa=group > 1,
+            )  # (B, H, T, d)
+        empty = self.empty_rows(local_window) if mask is not None else None
+        if empty is not None:  # padding queries: 0, as TransformerLens's pattern rows
+            z = z.masked_fill(empty, 0.0)
+        return z.transpose(1, 2)  # (B, T, H, d)
 
 
 def _qkv(attn: torch.nn.Module, query_input: Tensor, key_input: Tensor, value_input: Tensor):
     """q, k, v as ``attn.calculate_qkv_matrices`` computes them (hooks fire).
 
     The common case (one residual input, no Q/K norm, unquantised weights) skips
-    TransformerLens's per-call weight rearrangement via :mod:`interpkv.core.prepared`
-    with bitwise-identical results; anything else runs TransformerLens's own.
+    TransformerLens's per-call weight rearrangement (:mod:`interpkv.core.prepared`:
+    the same products, no weight copy); anything else runs TransformerLens's own.
     """
     cfg = attn.cfg
-    W_K, b_K, W_V, b_V = _tl.kv_projection(attn)
-    simple = not (cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_qk_norm or cfg.load_in_4bit)
-    if not simple or not prepared.usable(attn.W_Q, W_K, W_V, attn.b_Q, b_K, b_V):
+    if cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_qk_norm or cfg.load_in_4bit:
         return attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    W_K, b_K, W_V, b_V = _tl.kv_projection(attn)
     q = attn.hook_q(prepared.project_heads(query_input, attn.W_Q, attn.b_Q))
     k = attn.hook_k(prepared.project_heads(key_input, W_K, b_K))
     v = attn.hook_v(prepared.project_heads(value_input, W_V, b_V))

@@ -27,6 +27,7 @@ def forward(
     cache: Optional[KVCache] = None,
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     fwd_hooks: Sequence[Hook] = (),
+    logits: str = "all",
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Run ``model`` on new tokens, through ``cache`` if given.
 
@@ -46,10 +47,14 @@ def forward(
             padding. Left padding and ragged rows are fine; padding takes no
             position and is never attended to.
         fwd_hooks: hooks active for this call only.
+        logits: ``"all"`` (default): logits for every new position. ``"last"``:
+            only the last column's, ``[batch, 1, d_vocab]`` (what a decode loop
+            needs; saves the unembedding of the rest of a long prompt, as HF's
+            ``logits_to_keep=1``). Hook points fire as usual either way.
 
     Returns:
         Logits ``[batch, pos, d_vocab]`` for the new positions (padding rows hold
-        unspecified values).
+        unspecified values), or ``[batch, 1, d_vocab]`` with ``logits="last"``.
 
     Raises:
         ValueError: bad shapes or token ids, or a position past ``n_ctx`` for
@@ -66,6 +71,9 @@ def forward(
     >>> torch.allclose(step[:, -1], full[:, -1], atol=1e-5)
     True
     """
+    if logits not in ("all", "last"):
+        raise ValueError(f'logits must be "all" or "last", got {logits!r}')
+    last_only = logits == "last"
     inputs, mask = as_inputs(model, tokens, attention_mask)
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
@@ -92,9 +100,10 @@ def forward(
     slots = cache.begin(q_pos)
     step = Step(cache, scheme, slots, hooks)
 
-    # model.hooks() resets every hook point on exit (~1 ms): only pay it when needed.
-    added = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
-    replaced = _tl.attention_pairs(model, step.attention_for) + _tl.fast_mlps(model)
+    added = _tl.temporary_hooks(model, fwd_hooks) if fwd_hooks else contextlib.nullcontext()
+    replaced = _tl.attention_pairs(model, step.attention_for) + _tl.fast_modules(
+        model, last_logits_only=last_only
+    )
     with added, _tl.forwards_replaced(replaced):
         if inputs.is_floating_point():
             embed = inputs
@@ -103,8 +112,6 @@ def forward(
                 inputs = model.hook_tokens(inputs)
             embed = model.hook_embed(model.embed(inputs))  # (B, T, d_model)
         residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
-        logits = model(
-            residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed
-        )
+        out = model(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
     cache.commit(slots)
-    return logits
+    return out[:, -1:] if last_only else out

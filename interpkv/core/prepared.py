@@ -1,76 +1,77 @@
-"""Weight layouts derived once per parameter version, for the decode hot path.
+"""Linear maps on TransformerLens's weights in their own layouts: no copy, nothing kept.
 
 TransformerLens rebuilds some weight layouts on every call: ``simple_attn_linear``
-rearranges ``W_Q/W_K/W_V`` to ``[(head d_head), d_model]`` and ``GatedMLP`` makes
-``W_gate.T``, ``W_in.T`` and ``W_out.T`` contiguous, a copy of every MLP weight per
-token. Here each layout is computed once and reused while the parameter is
-unchanged: the key holds the parameter's ``_version`` (bumped by any in-place
-edit, e.g. an ablation ``W_O[...] = 0``), its storage pointer, dtype and device
-(changed by ``model.to``), so an edited weight is never served stale. The
-layouts are the same tensors TransformerLens computes, so results are bitwise
-identical.
+rearranges ``W_Q/W_K/W_V`` to ``[(head d_head), d_model]``, ``GatedMLP`` makes
+``W_gate.T``, ``W_in.T`` and ``W_out.T`` contiguous and ``Unembed`` makes
+``W_U.T`` contiguous (154 MB per call at GPT-2's vocabulary): a copy of those
+weights per token. The functions here compute the same products reading the
+parameters where they are (a batched matmul over heads for ``[head, d_model,
+d_head]``, ``x @ W`` for ``[d_in, d_out]``), so nothing is copied and nothing
+is kept between calls.
 
-Derived layouts are used only when no gradient can flow into the parameter
-(``torch.no_grad()`` or ``requires_grad=False``): a cached layout would carry
-an autograd graph from the call that built it.
+Nothing is memoized on purpose: an edit through ``.data`` (``W.data[0] = 0``,
+``W.data.copy_(...)``) does not bump ``param._version``, so no cheap key can
+tell a stale copy from a fresh one. Reading the parameter itself on every call
+sees every edit by every route, and works the same with and without autograd
+(no tensor made under ``torch.inference_mode`` or ``no_grad`` outlives its call).
+
+Results equal TransformerLens's to rounding (the products are summed in another
+order, ~1 ulp per element), not bit for bit.
 """
 
-import weakref
-from typing import Callable, Dict, Tuple
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["usable", "derived", "project_heads", "gated_mlp_forward"]
-
-# id(param) -> layouts. Keyed by id, not by the tensor (a WeakKeyDictionary
-# compares tensors with ==); an entry is dropped when its parameter dies.
-_STORE: Dict[int, Dict[str, Tuple[tuple, Tensor]]] = {}
+__all__ = ["project_heads", "gated_mlp_forward", "unembed_forward"]
 
 
-def usable(*params: Tensor) -> bool:
-    """Whether derived layouts may replace these parameters in this call."""
-    return not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
+def project_heads(
+    x: Float[Tensor, "batch pos d_model"],
+    W: Float[Tensor, "head_index d_model d_head"],
+    b: Float[Tensor, "head_index d_head"],
+) -> Float[Tensor, "batch pos head_index d_head"]:
+    """``simple_attn_linear`` without its weight rearrangement.
 
-
-def derived(param: Tensor, kind: str, make: Callable[[Tensor], Tensor]) -> Tensor:
-    """``make(param)``, memoized per parameter version (see module docstring)."""
-    key = (param._version, param.data_ptr(), param.dtype, param.device)
-    entries = _STORE.get(id(param))
-    if entries is None:
-        entries = _STORE[id(param)] = {}
-        weakref.finalize(param, _STORE.pop, id(param), None)
-    hit = entries.get(kind)
-    if hit is None or hit[0] != key:
-        # Never an inference tensor: a layout memoized under torch.inference_mode()
-        # could not be saved for a later backward pass.
-        with torch.inference_mode(False), torch.no_grad():
-            hit = (key, make(param).contiguous())
-        entries[kind] = hit
-    return hit[1]
-
-
-def project_heads(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """``simple_attn_linear``: ``[batch, pos, d_model] -> [batch, pos, head, d_head]``."""
-    w = derived(W, "heads_out_by_in", lambda w: w.permute(0, 2, 1).reshape(-1, w.shape[1]))
-    bias = derived(b, "flat", lambda v: v.reshape(-1))
-    return F.linear(x, w, bias).reshape(x.shape[0], x.shape[1], b.shape[0], b.shape[1])
+    Returns a ``[batch, pos, head, d_head]`` view of a ``[batch, head, pos,
+    d_head]`` tensor (the layout attention reads).
+    """
+    out = torch.matmul(x[:, None], W)  # (B, H, T, d): one product per head
+    return (out + b[:, None, :]).transpose(1, 2)
 
 
 def gated_mlp_forward(mlp: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """A ``forward`` for a TransformerLens ``GatedMLP`` with its transposes kept."""
+    """A ``forward`` for a TransformerLens ``GatedMLP`` with no per-call weight copy."""
     original = type(mlp).forward
 
     def forward(x: Tensor) -> Tensor:
-        if not usable(mlp.W_gate, mlp.W_in, mlp.W_out) or mlp.W_gate.device != x.device:
+        if mlp.W_gate.device != x.device:
             return original(mlp, x)
-        w_gate = derived(mlp.W_gate, "T", lambda w: w.T)
-        w_in = derived(mlp.W_in, "T", lambda w: w.T)
-        w_out = derived(mlp.W_out, "T", lambda w: w.T)
-        pre_act = mlp.hook_pre(F.linear(x, w_gate))  # (B, T, d_mlp)
-        pre_linear = mlp.hook_pre_linear(F.linear(x, w_in))
+        pre_act = mlp.hook_pre(torch.matmul(x, mlp.W_gate))  # (B, T, d_mlp)
+        pre_linear = mlp.hook_pre_linear(torch.matmul(x, mlp.W_in))
         post_act = mlp.hook_post(mlp.act_fn(pre_act) * pre_linear + mlp.b_in)
-        return F.linear(post_act, w_out, mlp.b_out)
+        return torch.matmul(post_act, mlp.W_out) + mlp.b_out
+
+    return forward
+
+
+def unembed_forward(unembed: torch.nn.Module, *, last_only: bool = False) -> Callable[[Tensor], Tensor]:
+    """A ``forward`` for TransformerLens's ``Unembed`` with no copy of ``W_U``.
+
+    ``last_only``: logits of the last position only (``[batch, 1, d_vocab]``),
+    as HF's ``logits_to_keep=1``; ``hook_in`` still sees every position, and
+    when something hooks ``hook_out`` every position is computed for it.
+    """
+    from interpkv.core.tl import has_hooks
+
+    def forward(residual: Tensor) -> Tensor:
+        residual = unembed.hook_in(residual)
+        if last_only and not has_hooks(unembed.hook_out):
+            residual = residual[:, -1:]
+        flat = residual.reshape(-1, residual.shape[-1])  # (B*T, d_model)
+        logits = torch.addmm(unembed.b_U, flat, unembed.W_U)  # (B*T, d_vocab)
+        return unembed.hook_out(logits.view(*residual.shape[:-1], -1))
 
     return forward

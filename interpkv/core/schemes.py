@@ -115,6 +115,7 @@ class Rotary(PositionalScheme):
         # local/global type (Gemma-style per-layer bases and scalings).
         self._kind = [(_tl.rotary_base(a), _tl.is_local_layer(a)) for a in self._attn]
         self._tables: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self._last: Optional[tuple] = None  # (positions, key, sin rows, cos rows) of the latest call
         self.name = "rotary"
 
     @property
@@ -134,12 +135,26 @@ class Rotary(PositionalScheme):
             self._tables[key] = table
         return table
 
-    def rotate(self, layer, x, positions):
-        needed = int(positions.max().item()) + 1 if positions.numel() else 1
-        sin, cos = self._table(layer, needed, x.dtype, x.device)
+    def _rows(self, layer: int, positions: Tensor, dtype, device) -> Tuple[Tensor, Tensor]:
+        """Sin and cos rows at ``positions``, ``[batch, pos, 1, rotary_dim]``.
+
+        Every layer of one call (queries and keys) rotates by the same positions
+        tensor: the rows are gathered once per call and table kind, not per use.
+        """
+        key = (self._kind[layer], dtype, device)
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == key:
+            return last[2], last[3]
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        sin, cos = self._table(layer, needed, dtype, device)
         index = positions.clamp(min=0)
         sin = sin[index][:, :, None, :]  # (B, T, 1, rotary_dim)
         cos = cos[index][:, :, None, :]
+        self._last = (positions, key, sin, cos)
+        return sin, cos
+
+    def rotate(self, layer, x, positions):
+        sin, cos = self._rows(layer, positions, x.dtype, x.device)
         x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.adjacent_pairs:  # GPT-J: pairs (0,1), (2,3), ...
             flipped = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)

@@ -15,11 +15,15 @@ from typing import Callable, Iterator, List, Tuple
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
-from transformer_lens.components.abstract_attention import AbstractAttention
-from transformer_lens.utilities import get_act_name
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.components.abstract_attention import AbstractAttention
+from transformer_lens.components.layer_norm_pre import LayerNormPre
+from transformer_lens.components.mlps.gated_mlp import GatedMLP
+from transformer_lens.components.mlps.mlp import MLP
+from transformer_lens.components.rms_norm_pre import RMSNormPre
+from transformer_lens.components.unembed import Unembed
+from transformer_lens.utilities import get_act_name
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.loading_from_pretrained import (
     get_pretrained_model_config,
@@ -47,9 +51,60 @@ __all__ = [
     "is_local_layer",
     "rotary_base",
     "kv_projection",
-    "fast_mlps",
+    "fast_modules",
     "forwards_replaced",
+    "has_hooks",
+    "temporary_hooks",
 ]
+
+
+@contextlib.contextmanager
+def temporary_hooks(model: HookedTransformer, fwd_hooks) -> Iterator[None]:
+    """``model.hooks(fwd_hooks=...)`` that touches only the hook points it hooks.
+
+    Same semantics as TransformerLens's context (``(name or filter, hook)``
+    pairs, added at a new context level, removed on exit, hooks of other levels
+    and permanent ones kept), but the exit visits only the points this call
+    hooked instead of resetting every hook point of the model (~1 ms per call
+    at GPT-2 size, paid on every generated token).
+    """
+    model.context_level += 1
+    level = model.context_level
+    touched = []
+    try:
+        for name, hook in fwd_hooks:
+            if isinstance(name, str):
+                points = [model.mod_dict[name]]
+            else:
+                points = [point for point_name, point in model.hook_dict.items() if name(point_name)]
+            for point in points:
+                point.add_hook(hook, dir="fwd", level=level)
+                touched.append(point)
+        yield
+    finally:
+        for point in dict.fromkeys(touched):
+            point.remove_hooks("fwd", including_permanent=False, level=level)
+        model.context_level -= 1
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether anything is registered on ``module`` (a HookPoint) right now.
+
+    TransformerLens's ``add_hook`` registers through torch's module hooks, so
+    this sees hooks added by TransformerLens, by ``model.hooks(...)`` and by
+    plain ``register_forward_hook`` alike, forward or backward, and torch's
+    global module hooks.
+    """
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+        or torch.nn.modules.module._global_backward_hooks
+        or torch.nn.modules.module._global_backward_pre_hooks
+    )
 
 
 def kv_projection(attn: torch.nn.Module):
@@ -59,19 +114,34 @@ def kv_projection(attn: torch.nn.Module):
     return attn.W_K, attn.b_K, attn.W_V, attn.b_V
 
 
-def fast_mlps(model: HookedTransformer):
-    """``(mlp, forward)`` pairs for MLPs whose per-call weight copies can be skipped.
+def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
+    """``(module, forward)`` pairs for modules with a cheaper equivalent forward.
 
-    Only TransformerLens's plain ``GatedMLP`` without a layer-norm activation
-    (SoLU) qualifies; every other MLP runs its own forward.
+    TransformerLens's plain ``GatedMLP`` (not SoLU's layer-norm activation) and
+    ``Unembed`` skip their per-call weight copies (:mod:`interpkv.core.prepared`);
+    ``LayerNormPre``, ``RMSNormPre`` and GPT-2's ``gelu_new`` ``MLP`` run as single
+    kernels (:mod:`interpkv.core.fused`). Every other module runs its own forward.
+    ``last_logits_only``: the unembedding computes the last position only
+    (unless something hooks its ``hook_out``).
     """
-    from interpkv.core.prepared import gated_mlp_forward
+    from interpkv.core.fused import gelu_new_mlp_forward, norm_forward
+    from interpkv.core.prepared import gated_mlp_forward, unembed_forward
 
+    cfg = model.cfg
     pairs = []
+    last_norm = [None, None, None]  # one memo slot for every norm of this call
+    norms = [getattr(block, name, None) for block in model.blocks for name in ("ln1", "ln2")]
+    for norm in norms + [getattr(model, "ln_final", None)]:
+        if type(norm) is LayerNormPre or type(norm) is RMSNormPre:
+            pairs.append((norm, norm_forward(norm, rms=type(norm) is RMSNormPre, last=last_norm)))
     for block in model.blocks:
         mlp = getattr(block, "mlp", None)
-        if type(mlp) is GatedMLP and not model.cfg.is_layer_norm_activation():
+        if type(mlp) is GatedMLP and not cfg.is_layer_norm_activation():
             pairs.append((mlp, gated_mlp_forward(mlp)))
+        elif type(mlp) is MLP and cfg.act_fn == "gelu_new" and mlp.W_in.ndim == 2:
+            pairs.append((mlp, gelu_new_mlp_forward(mlp)))
+    if type(model.unembed) is Unembed:
+        pairs.append((model.unembed, unembed_forward(model.unembed, last_only=last_logits_only)))
     return pairs
 
 
@@ -125,15 +195,17 @@ def forwards_replaced(pairs) -> Iterator[None]:
     saved = []
     try:
         for module, forward in pairs:
+            # Straight into the instance dict: what nn.Module.__setattr__ ends up
+            # doing for a plain function, without its checks (~50 modules per call).
             saved.append((module, module.__dict__.get("forward")))
-            module.forward = forward
+            module.__dict__["forward"] = forward
         yield
     finally:
         for module, previous in reversed(saved):
             if previous is None:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = previous
+                module.__dict__["forward"] = previous
 
 
 def attention_pairs(

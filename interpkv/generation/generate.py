@@ -236,7 +236,9 @@ def generate(
     step_input, step_mask = tokens, mask
     for step in range(max_new_tokens):
         if records is None:
-            last = forward(model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=fwd_hooks)[:, -1]
+            last = forward(
+                model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=fwd_hooks, logits="last"
+            )[:, -1]
         else:
             last, record = _captured_step(model, step_input, cache, step_mask, fwd_hooks, capture)
             records.append(record)
