@@ -32,7 +32,6 @@ parameter is replaced or modified in place (storage pointer, version counter).
 
 import hashlib
 import math
-import weakref
 from typing import Iterable, Tuple
 
 import torch
@@ -46,8 +45,8 @@ __all__ = ["weights_fingerprint", "parameters_fingerprint", "sample_elements", "
 #: Parameters with at most this many elements are hashed in full.
 FULL_HASH_ELEMENTS = 65536
 
-_MEMO: "weakref.WeakKeyDictionary[object, Tuple[tuple, str]]" = weakref.WeakKeyDictionary()
-_LEGACY_MEMO: "weakref.WeakKeyDictionary[object, Tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+# Nothing is memoized: an edit through ``.data`` (``W.data[0] = 0``) bumps neither
+# ``_version`` nor ``data_ptr``, so a memo would hand a stale fingerprint to save/load.
 
 
 def used_parameters(model: "_tl.HookedTransformer"):
@@ -108,10 +107,6 @@ def parameters_fingerprint(named_parameters: Iterable[Tuple[str, torch.Tensor]])
     return "sampled-sha256:" + digest.hexdigest()
 
 
-def _state(params) -> tuple:
-    return tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for name, p in params)
-
-
 def weights_fingerprint(model: "_tl.HookedTransformer") -> str:
     """Fingerprint of the weights ``model`` computes with (see the module docstring).
 
@@ -125,25 +120,13 @@ def weights_fingerprint(model: "_tl.HookedTransformer") -> str:
     >>> weights_fingerprint(interpkv.zoo.load("bloom"))[:15]
     'sampled-sha256:'
     """
-    params = used_parameters(model)
-    state = _state(params)
-    memo = _MEMO.get(model)
-    if memo is None or memo[0] != state:
-        memo = (state, parameters_fingerprint(params))
-        _MEMO[model] = memo
-    return memo[1]
+    return parameters_fingerprint(used_parameters(model))
 
 
 def legacy_sha256(model: "_tl.HookedTransformer") -> str:
     """The full SHA-256 of every parameter (used or not) that format-1 files record."""
-    params = sorted(model.named_parameters(), key=lambda item: item[0])
-    state = _state(params)
-    memo = _LEGACY_MEMO.get(model)
-    if memo is None or memo[0] != state:
-        digest = hashlib.sha256()
-        for name, p in params:
-            digest.update(f"{name}:{p.dtype}:{tuple(p.shape)};".encode())
-            digest.update(_bytes(p))
-        memo = (state, digest.hexdigest())
-        _LEGACY_MEMO[model] = memo
-    return memo[1]
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(f"{name}:{p.dtype}:{tuple(p.shape)};".encode())
+        digest.update(_bytes(p))
+    return digest.hexdigest()

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+import interpkv
 from interpkv.cache import fingerprint
 
 from .lifecycle_helpers import tiny_model
@@ -85,3 +86,17 @@ def test_edit_of_a_row_column_or_end_changes_the_fingerprint_of_a_large_paramete
     edited = weight.clone()
     edited.view(-1)[hidden] += 0.5
     assert fingerprint.parameters_fingerprint([("w", edited)]) == base
+
+
+def test_a_cache_saved_before_an_ablation_through_data_is_refused_after_it(tmp_path):
+    """Regression: the fingerprint was memoized on _version/data_ptr, which .data writes keep."""
+    model = interpkv.zoo.load("llama")
+    cache = interpkv.KVCache.for_model(model)
+    with torch.no_grad():
+        interpkv.forward(model, torch.tensor([[3, 1, 4, 1, 5]]), cache=cache)
+    path = tmp_path / "c.safetensors"
+    cache.save(path)
+    interpkv.KVCache.load(path, model)  # same weights: fine
+    model.blocks[0].attn.W_Q.data[0] = 0.0  # the notebook ablation idiom
+    with pytest.raises(interpkv.CacheFileError):
+        interpkv.KVCache.load(path, model)
