@@ -120,7 +120,8 @@ def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
     TransformerLens's plain ``GatedMLP`` (not SoLU's layer-norm activation) and
     ``Unembed`` skip their per-call weight copies (:mod:`interpkv.core.prepared`);
     ``LayerNormPre``, ``RMSNormPre`` and GPT-2's ``gelu_new`` ``MLP`` run as single
-    kernels (:mod:`interpkv.core.fused`). Every other module runs its own forward.
+    kernels (:mod:`interpkv.core.fused`). Every other module, and any module
+    whose instance already has its own ``forward``, runs its own forward.
     ``last_logits_only``: the unembedding computes the last position only
     (unless something hooks its ``hook_out``).
     """
@@ -142,7 +143,8 @@ def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
             pairs.append((mlp, gelu_new_mlp_forward(mlp)))
     if type(model.unembed) is Unembed:
         pairs.append((model.unembed, unembed_forward(model.unembed, last_only=last_logits_only)))
-    return pairs
+    # A forward the caller installed on the instance (a monkeypatched module) wins.
+    return [(module, forward) for module, forward in pairs if "forward" not in module.__dict__]
 
 
 def alibi_multipliers(n_heads: int) -> torch.Tensor:
