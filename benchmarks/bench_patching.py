@@ -17,7 +17,7 @@ import time
 import pandas as pd
 import torch
 
-from interpkv.core import tl as _tl
+from transformer_lens import patching as tl_patching  # the reference implementation
 
 from interpkv import zoo
 from interpkv.patching import patch
@@ -69,7 +69,7 @@ def main() -> None:
     if args.skip_tl:
         return
 
-    tl = _tl.tl_patching
+    tl = tl_patching
     start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
