@@ -13,7 +13,7 @@ from torch import Tensor
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
-from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows, capture, run
+from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows
 from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import StatsTable, check_shapes, kl_divergence, site_stats
@@ -171,26 +171,11 @@ def compare(
     >>> report.ok(atol=1e-10, rtol=1e-10), report.first_divergence(atol=1e-10, rtol=1e-10)
     (True, None)
     """
-    if steps is None:
-        raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
-    if engine is not None or cache is not None or not isinstance(model, _tl.HookedTransformer):
-        from interpkv.diagnostics import engines
+    from interpkv.diagnostics import engines
 
-        if engines.resolve(model, engine) != "interpkv" or cache is not None:
-            if fwd_hooks:
-                raise ValueError("fwd_hooks apply to HookedTransformer engines only; add them to the model instead")
-            return engines.compare(
-                model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache
-            )
-    tokens, mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
-    reference = capture(model, tokens, attention_mask=mask, names=names, fwd_hooks=fwd_hooks)
-    sink = run(
-        model,
-        tokens,
-        lambda valid: _Comparator(reference, valid),
-        steps=steps,
-        attention_mask=mask,
-        names=names,
+    if isinstance(model, _tl.HookedTransformer):
+        tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
+    return engines.compare(
+        model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
         fwd_hooks=fwd_hooks,
     )
-    return sink.report()

@@ -234,3 +234,10 @@ def test_transformer_lens_engine_records_qk_norm_and_moe_hooks(name):
     report = interpkv.compare(model, torch.arange(1, 13)[None], steps=[6, 1, 5], engine="transformer_lens")
     assert report.ok(atol=1e-10, rtol=1e-10), report.first_divergence(atol=1e-10, rtol=1e-10)
     assert any("q_norm" in h or "ln1" in h for h in report.hooks)
+
+
+def test_fwd_hooks_with_another_engine_are_refused_by_name():
+    model = zoo.load("gpt2")
+    hook = ("blocks.0.hook_resid_post", lambda x, hook: x)
+    with pytest.raises(ValueError, match="engine='transformer_lens'"):
+        interpkv.compare(model, torch.arange(1, 9)[None], steps=[4, 4], engine="transformer_lens", fwd_hooks=[hook])

@@ -71,15 +71,21 @@ def run(
     attention_mask: Optional[Tensor] = None,
     names: NamesFilter = None,
     cache=None,
+    fwd_hooks: Sequence = (),
 ) -> Sink:
     """Feed ``engine``'s run of ``model`` (chunked by ``steps``, or uncached) to a sink.
 
     ``cache``: for ``"interpkv"`` a :class:`~interpkv.KVCache` or a factory
     ``(model, batch_size, max_len) -> KVCache``; for ``"hf"`` a
     ``transformers`` Cache or a :data:`.hf.CacheFactory`; TransformerLens
-    always gets a fresh cache.
+    always gets a fresh cache. ``fwd_hooks``: TransformerLens hooks active in
+    the run (``"interpkv"`` only).
     """
     engine = resolve(model, engine)
+    if fwd_hooks and engine != "interpkv":
+        raise ValueError(
+            f"fwd_hooks apply to engine='interpkv' only, got engine={engine!r}; add the hooks to the model instead"
+        )
     if engine == "hf":
         from interpkv.diagnostics.engines import hf
 
@@ -92,7 +98,10 @@ def run(
         return transformer_lens.run(model, tokens, sink_factory, steps=steps, attention_mask=attention_mask, names=names)
     if callable(cache):
         cache = cache(model, tokens.shape[0] if tokens.ndim > 1 else 1, tokens.shape[-1])
-    return _run_interpkv(model, tokens, sink_factory, cache=cache, steps=steps, attention_mask=attention_mask, names=names)
+    return _run_interpkv(
+        model, tokens, sink_factory, cache=cache, steps=steps, attention_mask=attention_mask, names=names,
+        fwd_hooks=fwd_hooks,
+    )
 
 
 def capture(
@@ -104,6 +113,7 @@ def capture(
     attention_mask: Optional[Tensor] = None,
     names: NamesFilter = None,
     cache=None,
+    fwd_hooks: Sequence = (),
 ) -> Record:
     """A :class:`~interpkv.Record` of ``engine``'s run (uncached when ``steps`` is None).
 
@@ -111,8 +121,14 @@ def capture(
     :func:`interpkv.diff` over the sites both name (e.g. TransformerLens
     against HF on ``hook_resid_post`` and the logits).
     """
-    sink = run(model, tokens, _RecordBuilder, engine=engine, steps=steps, attention_mask=attention_mask, names=names, cache=cache)
-    return sink.record({"steps": list(steps) if steps is not None else None, "engine": resolve(model, engine)})
+    sink = run(
+        model, tokens, _RecordBuilder, engine=engine, steps=steps, attention_mask=attention_mask, names=names,
+        cache=cache, fwd_hooks=fwd_hooks,
+    )
+    meta = {"steps": list(steps) if steps is not None else None, "engine": resolve(model, engine)}
+    if isinstance(model, _tl.HookedTransformer):
+        meta["n_layers"] = model.cfg.n_layers
+    return sink.record(meta)
 
 
 def compare(
@@ -124,11 +140,20 @@ def compare(
     names: NamesFilter = None,
     engine: Optional[str] = None,
     cache=None,
+    fwd_hooks: Sequence = (),
 ) -> DivergenceReport:
-    """``engine``'s cached run against its uncached run (what :func:`interpkv.compare` calls)."""
+    """``engine``'s cached run against its uncached run: the one implementation of :func:`interpkv.compare`.
+
+    The uncached reference is recorded first; the cached run is then compared
+    against it hook by hook as it fires (``fwd_hooks`` active in both runs).
+    """
     from interpkv.diagnostics.compare import _Comparator
 
-    reference = capture(model, tokens, engine=engine, attention_mask=attention_mask, names=names)
+    if steps is None:
+        raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
+    reference = capture(
+        model, tokens, engine=engine, attention_mask=attention_mask, names=names, fwd_hooks=fwd_hooks
+    )
     sink = run(
         model,
         tokens,
@@ -138,5 +163,6 @@ def compare(
         attention_mask=attention_mask,
         names=names,
         cache=cache,
+        fwd_hooks=fwd_hooks,
     )
     return sink.report()
