@@ -1,17 +1,17 @@
 """``interpkv.forward``: one forward pass, through a cache or not, with hooks."""
 
-import contextlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv.core import stephooks
+from interpkv.core import calls, stephooks
 
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.inputs import as_inputs
+from interpkv.core.overlay import overlay
 from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import scheme_for
 
@@ -100,11 +100,15 @@ def forward(
     slots = cache.begin(q_pos)
     step = Step(cache, scheme, slots, hooks)
 
-    added = _tl.temporary_hooks(model, fwd_hooks) if fwd_hooks else contextlib.nullcontext()
-    replaced = _tl.attention_pairs(model, step.attention_for) + _tl.fast_modules(
-        model, last_logits_only=last_only
+    # The model is shared: this call routes its modules through a view of it
+    # and gates its hooks to this context (interpkv.core.calls), never changing
+    # what another thread's call, or a plain TransformerLens call, runs.
+    view = overlay(
+        model,
+        _tl.attention_pairs(model, step.attention_for)
+        + _tl.fast_modules(model, last_logits_only=last_only),
     )
-    with added, _tl.forwards_replaced(replaced):
+    with calls.hooks(model, fwd_hooks), calls.positions(q_pos):
         if inputs.is_floating_point():
             embed = inputs
         else:
@@ -112,6 +116,6 @@ def forward(
                 inputs = model.hook_tokens(inputs)
             embed = model.hook_embed(model.embed(inputs))  # (B, T, d_model)
         residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
-        out = model(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
+        out = view(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
     cache.commit(slots)
     return out[:, -1:] if last_only else out

@@ -10,8 +10,9 @@ keys and values), ``RMSNormPre`` and GPT-2's ``gelu_new``
 the same: :func:`torch.nn.functional.layer_norm`, ``rms_norm`` and
 ``gelu(approximate="tanh")`` compute the same functions (equal to rounding,
 not bit for bit), and a norm called again on the very tensor object it just
-normalised returns the same result. The forwards are made per call
-(:func:`interpkv.core.tl.forwards_replaced`), so nothing is kept between calls. A norm whose ``hook_scale`` or ``hook_normalized`` has a
+normalised returns the same result. The forwards are made per call and
+reached through that call's view of the model (:mod:`interpkv.core.overlay`), so nothing
+is kept between calls. A norm whose ``hook_scale`` or ``hook_normalized`` has a
 hook at call time runs TransformerLens's own forward, so those hooks fire
 with TransformerLens's values; MLP hook points fire either way.
 """

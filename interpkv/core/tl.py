@@ -4,14 +4,13 @@ Every TransformerLens import in the package goes through this module.
 TransformerLens renamed its cache classes between 2.x and 3.x and removed
 ``HookedTransformer`` in 4.0; when it moves again, this file is what changes.
 
-Besides re-exporting names, it owns the single piece of runtime plumbing that
-touches TransformerLens internals: :func:`forwards_replaced`, which routes each
-block's attention call to interpkv's position-aware attention for the duration
-of one forward pass (and restores TransformerLens's own on exit).
+Besides re-exporting names, it knows where TransformerLens keeps the modules a
+call routes (:func:`attention_pairs`, :func:`fast_modules`: paths such as
+``blocks.3.attn`` for :func:`interpkv.core.overlay.overlay`, which routes them
+for one call without changing the model).
 """
 
-import contextlib
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
@@ -31,6 +30,8 @@ from transformer_lens.loading_from_pretrained import (
 )
 from transformer_lens.weight_processing import ProcessWeights
 from transformer_lens.utilities.activation_functions import apply_softcap
+
+from interpkv.core.calls import is_hooked
 
 __all__ = [
     "ActivationCache",
@@ -52,59 +53,18 @@ __all__ = [
     "rotary_base",
     "kv_projection",
     "fast_modules",
-    "forwards_replaced",
     "has_hooks",
-    "temporary_hooks",
 ]
 
 
-@contextlib.contextmanager
-def temporary_hooks(model: HookedTransformer, fwd_hooks) -> Iterator[None]:
-    """``model.hooks(fwd_hooks=...)`` that touches only the hook points it hooks.
-
-    Same semantics as TransformerLens's context (``(name or filter, hook)``
-    pairs, added at a new context level, removed on exit, hooks of other levels
-    and permanent ones kept), but the exit visits only the points this call
-    hooked instead of resetting every hook point of the model (~1 ms per call
-    at GPT-2 size, paid on every generated token).
-    """
-    model.context_level += 1
-    level = model.context_level
-    touched = []
-    try:
-        for name, hook in fwd_hooks:
-            if isinstance(name, str):
-                points = [model.mod_dict[name]]
-            else:
-                points = [point for point_name, point in model.hook_dict.items() if name(point_name)]
-            for point in points:
-                point.add_hook(hook, dir="fwd", level=level)
-                touched.append(point)
-        yield
-    finally:
-        for point in dict.fromkeys(touched):
-            point.remove_hooks("fwd", including_permanent=False, level=level)
-        model.context_level -= 1
-
-
 def has_hooks(module: torch.nn.Module) -> bool:
-    """Whether anything is registered on ``module`` (a HookPoint) right now.
+    """Whether anything hooks ``module`` (a HookPoint) for the call in this context.
 
-    TransformerLens's ``add_hook`` registers through torch's module hooks, so
-    this sees hooks added by TransformerLens, by ``model.hooks(...)`` and by
-    plain ``register_forward_hook`` alike, forward or backward, and torch's
-    global module hooks.
+    See :func:`interpkv.core.calls.is_hooked`: TransformerLens's hooks, plain
+    torch module hooks (forward or backward, global ones too) and this call's
+    own ``fwd_hooks`` count; another thread's call's ``fwd_hooks`` do not.
     """
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or torch.nn.modules.module._global_forward_hooks
-        or torch.nn.modules.module._global_forward_pre_hooks
-        or torch.nn.modules.module._global_backward_hooks
-        or torch.nn.modules.module._global_backward_pre_hooks
-    )
+    return is_hooked(module)
 
 
 def kv_projection(attn: torch.nn.Module):
@@ -115,7 +75,7 @@ def kv_projection(attn: torch.nn.Module):
 
 
 def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
-    """``(module, forward)`` pairs for modules with a cheaper equivalent forward.
+    """``(path, forward)`` pairs for modules with a cheaper equivalent forward.
 
     TransformerLens's plain ``GatedMLP`` (not SoLU's layer-norm activation) and
     ``Unembed`` skip their per-call weight copies (:mod:`interpkv.core.prepared`);
@@ -131,20 +91,25 @@ def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
     cfg = model.cfg
     pairs = []
     last_norm = [None, None, None]  # one memo slot for every norm of this call
-    norms = [getattr(block, name, None) for block in model.blocks for name in ("ln1", "ln2")]
-    for norm in norms + [getattr(model, "ln_final", None)]:
+    norms = [
+        (("blocks", str(layer), name), getattr(block, name, None))
+        for layer, block in enumerate(model.blocks)
+        for name in ("ln1", "ln2")
+    ]
+    for path, norm in norms + [(("ln_final",), getattr(model, "ln_final", None))]:
         if type(norm) is LayerNormPre or type(norm) is RMSNormPre:
-            pairs.append((norm, norm_forward(norm, rms=type(norm) is RMSNormPre, last=last_norm)))
-    for block in model.blocks:
+            pairs.append((path, norm, norm_forward(norm, rms=type(norm) is RMSNormPre, last=last_norm)))
+    for layer, block in enumerate(model.blocks):
         mlp = getattr(block, "mlp", None)
+        path = ("blocks", str(layer), "mlp")
         if type(mlp) is GatedMLP and not cfg.is_layer_norm_activation():
-            pairs.append((mlp, gated_mlp_forward(mlp)))
+            pairs.append((path, mlp, gated_mlp_forward(mlp)))
         elif type(mlp) is MLP and cfg.act_fn == "gelu_new" and mlp.W_in.ndim == 2:
-            pairs.append((mlp, gelu_new_mlp_forward(mlp)))
+            pairs.append((path, mlp, gelu_new_mlp_forward(mlp)))
     if type(model.unembed) is Unembed:
-        pairs.append((model.unembed, unembed_forward(model.unembed, last_only=last_logits_only)))
+        pairs.append((("unembed",), model.unembed, unembed_forward(model.unembed, last_only=last_logits_only)))
     # A forward the caller installed on the instance (a monkeypatched module) wins.
-    return [(module, forward) for module, forward in pairs if "forward" not in module.__dict__]
+    return [(path, forward) for path, module, forward in pairs if "forward" not in module.__dict__]
 
 
 def alibi_multipliers(n_heads: int) -> torch.Tensor:
@@ -187,36 +152,16 @@ def rotary_tables(
     return sin, cos
 
 
-@contextlib.contextmanager
-def forwards_replaced(pairs) -> Iterator[None]:
-    """Route each ``module``'s calls to ``forward`` for the duration of the block.
-
-    Instance attributes only, restored on exit (even on error); nested use
-    restores whatever the outer level installed.
-    """
-    saved = []
-    try:
-        for module, forward in pairs:
-            # Straight into the instance dict: what nn.Module.__setattr__ ends up
-            # doing for a plain function, without its checks (~50 modules per call).
-            saved.append((module, module.__dict__.get("forward")))
-            module.__dict__["forward"] = forward
-        yield
-    finally:
-        for module, previous in reversed(saved):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = previous
-
-
 def attention_pairs(
     model: HookedTransformer,
     make_forward: Callable[[int, torch.nn.Module], Callable[..., torch.Tensor]],
 ) -> List[Tuple[torch.nn.Module, Callable[..., torch.Tensor]]]:
-    """``(attn, make_forward(layer, attn))`` for every block, for :func:`forwards_replaced`.
+    """``(path, make_forward(layer, attn))`` for every block, for :func:`interpkv.core.overlay.overlay`.
 
     Routing each block's attention call this way replaces only what attention
     computes; TransformerLens's blocks, norms, MLPs and hook points run as they are.
     """
-    return [(block.attn, make_forward(layer, block.attn)) for layer, block in enumerate(model.blocks)]
+    return [
+        (("blocks", str(layer), "attn"), make_forward(layer, block.attn))
+        for layer, block in enumerate(model.blocks)
+    ]

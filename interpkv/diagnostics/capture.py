@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
+from interpkv.core import calls
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
@@ -298,7 +299,7 @@ def run(
     # Hooks are registered once for the whole run, not once per chunk.
     start = 0
     observed = lambda name: wanted(name) or is_routing_hook(name)  # noqa: E731
-    with torch.no_grad(), model.hooks(fwd_hooks=[*fwd_hooks, (observed, hook)]):
+    with torch.no_grad(), calls.hooks(model, [*fwd_hooks, (observed, hook)]):
         for n in chunks:
             chunk.begin(true_pos[:, start : start + n])
             logits = forward(

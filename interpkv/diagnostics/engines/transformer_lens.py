@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.diagnostics.capture import NamesFilter, Sink, names_filter
 from interpkv.diagnostics.engines._common import chunk_bounds, layout
@@ -136,7 +137,7 @@ def run(
     feeder = _Feeder(sink, batch, names)
     cached = steps is not None
     cache = _tl.TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch) if cached else None
-    with torch.no_grad(), isolated_state(model), model.hooks(fwd_hooks=[(feeder.observes, feeder.hook)]):
+    with torch.no_grad(), isolated_state(model), calls.hooks(model, [(feeder.observes, feeder.hook)]):
         for start, end in chunk_bounds(lay.tokens.shape[1], steps):
             q_pos = lay.true_pos[:, start:end]
             feeder.begin(q_pos, lay.true_pos[:, :end] if cached else q_pos)
@@ -243,7 +244,7 @@ def run_generate(
 
     model.get_residual, model.forward = residual, forward_logged
     try:
-        with torch.no_grad(), model.hooks(fwd_hooks=[(feeder.observes, feeder.hook)]):
+        with torch.no_grad(), calls.hooks(model, [(feeder.observes, feeder.hook)]):
             generated = model.generate(
                 tokens, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=True,
                 stop_at_eos=False, verbose=False, return_type="tokens",
