@@ -15,6 +15,7 @@ import importlib
 
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.forward import forward
+from interpkv.core.hookpos import hook_positions
 from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import alibi_slopes
 from interpkv.diagnostics.capture import capture
@@ -26,6 +27,7 @@ from interpkv.errors import CacheFileError, CacheGraphWarning, CacheMismatchErro
 from interpkv.generation.compare import compare_generation
 from interpkv.generation.generate import generate
 from interpkv.generation.result import Generation, GenerationDiff
+from interpkv.generation import steering
 
 _LAZY_SUBMODULES = ("zoo", "faults", "plot", "patching")
 
@@ -36,6 +38,8 @@ __all__ = [
     "UnsupportedModelError",
     "CacheGraphWarning",
     "forward",
+    "hook_positions",
+    "steering",
     "capture",
     "diff",
     "compare",

@@ -17,6 +17,8 @@ and what it must put on the model, the caller's ``fwd_hooks``, is *gated*:
   thread cannot remove them early (they are not in its registry).
 - :func:`positions` holds the absolute position of each new token of the
   forward running in this context, read by :func:`interpkv.hook_positions`.
+- :func:`generation` holds, inside a generation, where each row's generated
+  tokens start (``interpkv.steering``'s ``region=``).
 - :func:`is_hooked` is "does anything hook this point *for this call*": a
   gated hook of another call does not count, so a fast path chosen by one call
   never depends on what another thread is doing.
@@ -30,7 +32,15 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["hooks", "positions", "current_positions", "is_hooked", "hook_points"]
+__all__ = [
+    "hooks",
+    "positions",
+    "current_positions",
+    "generation",
+    "generation_start",
+    "is_hooked",
+    "hook_points",
+]
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 
@@ -38,6 +48,9 @@ Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 # for the forwards it makes inside them).
 _OPEN: contextvars.ContextVar[Tuple[object, ...]] = contextvars.ContextVar("interpkv_open_hooks", default=())
 _POSITIONS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("interpkv_positions", default=None)
+_GENERATED_FROM: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
+    "interpkv_generated_from", default=None
+)
 
 _GLOBAL_HOOKS = (
     torch.nn.modules.module._global_forward_hooks,
@@ -122,6 +135,25 @@ def positions(q_pos: Int[Tensor, "batch pos"]) -> Iterator[None]:
 def current_positions() -> Optional[Int[Tensor, "batch pos"]]:
     """The absolute positions of the interpkv forward running in this context, or None."""
     return _POSITIONS.get()
+
+
+@contextlib.contextmanager
+def generation(first_generated: Int[Tensor, "batch"]) -> Iterator[None]:
+    """Mark this context as a generation whose tokens start at ``first_generated`` (per row).
+
+    Set by :func:`interpkv.generate` and by ``compare_generation``'s uncached
+    reference, read by ``interpkv.steering``'s ``region="prompt" | "generated"``.
+    """
+    token = _GENERATED_FROM.set(first_generated)
+    try:
+        yield
+    finally:
+        _GENERATED_FROM.reset(token)
+
+
+def generation_start() -> Optional[Int[Tensor, "batch"]]:
+    """Per row, the absolute position of the first generated token, inside a generation; else None."""
+    return _GENERATED_FROM.get()
 
 
 def _counts(hook_fn, open_owners) -> bool:

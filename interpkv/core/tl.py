@@ -165,3 +165,25 @@ def attention_pairs(
         (("blocks", str(layer), "attn"), make_forward(layer, block.attn))
         for layer, block in enumerate(model.blocks)
     ]
+
+
+_TL_FRAMES = (HookedTransformer.forward.__code__, HookedTransformer.input_to_embed.__code__)
+
+
+def forward_locals(max_depth: int = 64):
+    """Locals of the innermost TransformerLens ``forward``/``input_to_embed`` frame running now, or None.
+
+    How :func:`interpkv.hook_positions` learns, inside a plain TransformerLens
+    call, what TransformerLens itself was given (``past_kv_cache``,
+    ``attention_mask``): the hook function is called with neither.
+    """
+    import sys
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        if frame.f_code in _TL_FRAMES:
+            return frame.f_locals
+        frame = frame.f_back
+    return None

@@ -13,6 +13,7 @@ from torch import Tensor
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
+from interpkv.diagnostics.cause import blame
 from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows
 from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
@@ -163,7 +164,10 @@ def compare(
             a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
 
     Returns:
-        A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``).
+        A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``). When it
+        diverges with ``fwd_hooks`` and the same comparison without them does
+        not, ``report.cause`` names the hooks (:mod:`interpkv.diagnostics.cause`);
+        it is None otherwise (and when a caller's cache instance was given).
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("llama", dtype=torch.float64)
@@ -175,7 +179,15 @@ def compare(
 
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
-    return engines.compare(
-        model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
-        fwd_hooks=fwd_hooks,
-    )
+
+    def run(hooks) -> DivergenceReport:
+        return engines.compare(
+            model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
+            fwd_hooks=hooks,
+        )
+
+    report = run(fwd_hooks)
+    if cache is not None and not callable(cache):  # a caller's cache was consumed: no rerun to blame with
+        return report
+    report.cause = blame(fwd_hooks, not report.ok(), lambda: not run(()).ok())
+    return report

@@ -57,6 +57,9 @@ class DivergenceReport:
             single value per position; see :mod:`interpkv.diagnostics.layouts`).
             Skipped hooks have no rows in :meth:`to_frame` and never count as
             diverging; :meth:`__repr__` lists how many there are.
+        cause: None, or a short string naming the ``fwd_hooks`` that make the
+            runs differ (set by :func:`interpkv.compare` when the comparison
+            without them agrees; see :mod:`interpkv.diagnostics.cause`).
     """
 
     def __init__(
@@ -67,7 +70,9 @@ class DivergenceReport:
         only_in_a: Sequence[str] = (),
         only_in_b: Sequence[str] = (),
         skipped: Optional[Dict[str, str]] = None,
+        cause: Optional[str] = None,
     ):
+        self.cause = cause
         self.hooks = hooks
         self.stats = stats
         self.kl_per_position = kl_per_position
@@ -180,6 +185,7 @@ class DivergenceReport:
         return (
             f"DivergenceReport({len(self.hooks)} hooks, logits_max_abs={self.logits_max_abs:.3g}, "
             f"kl={self.kl:.3g}, first divergence at default tolerance: {where}{skipped})"
+            + (f"\ncause: {self.cause}" if self.cause else "")
         )
 
     def family_summary(
@@ -216,5 +222,7 @@ class DivergenceReport:
             ("KL (worst position)", self.kl),
             (f"first divergence (atol {DEFAULT_ATOL:g}, rtol {DEFAULT_RTOL:g})", where),
         ]
+        if self.cause:
+            fields.append(("cause", self.cause))
         header = ["hook family", "hooks", "max |a-b|", "diverging sites", "first diverging pos"]
         return html_summary("DivergenceReport", fields, (header, self.family_summary()))

@@ -18,9 +18,11 @@ from torch import Tensor
 
 from interpkv.tolerances import generation_atol
 
+from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
+from interpkv.diagnostics.cause import blame
 from interpkv.generation.result import GenerationDiff
 from interpkv.generation.generate import generate
 
@@ -72,13 +74,25 @@ def compare_generation(
     tokens, mask = as_inputs(model, tokens, attention_mask, embeddings=False)
     atol = default_atol(model.cfg.dtype) if atol is None else atol
 
+    diff = _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks)
+    diff.cause = blame(
+        fwd_hooks,
+        not diff.ok,
+        lambda: not _compare(model, tokens, mask, max_new_tokens, atol, ()).ok,
+    )
+    return diff
+
+
+def _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks) -> GenerationDiff:
     cached = generate(
         model, tokens, attention_mask=mask, max_new_tokens=max_new_tokens, keep_logits=True, fwd_hooks=fwd_hooks
     )
     # Uncached, teacher-forced: position prompt_len - 1 + k chose step k.
     history = cached.tokens[:, :-1]
     history_mask = cached.attention_mask[:, :-1]
-    reference = forward(model, history, attention_mask=history_mask, fwd_hooks=fwd_hooks)
+    # Positions from each row's real prompt length on are generated (steering region="generated").
+    with calls.generation(mask.sum(dim=1)):
+        reference = forward(model, history, attention_mask=history_mask, fwd_hooks=fwd_hooks)
     reference = reference[:, tokens.shape[1] - 1 :]
 
     steps = range(cached.logits.shape[1])

@@ -3,10 +3,18 @@
 Every step is one :func:`interpkv.forward` call on the new tokens only, so the
 cache owns the positions (left padding and ragged prompts included) and
 ``fwd_hooks`` fire on exactly the positions being computed: the prompt on the
-first step, one token per row afterwards. A hook that edits activations
-(steering: adding a vector to the residual stream) therefore edits every
-position exactly once, as an uncached loop that reruns the whole sequence with
-the hook would, and the two produce the same tokens.
+first step, one token per row afterwards.
+
+Which hooks give the same tokens as an uncached loop (one that reruns the
+whole sequence with the hook every step): exactly those whose edit at a
+position depends only on that position's absolute index and activation, never
+on where it sits in ``act``'s ``pos`` axis. Adding a vector at every position,
+or at positions chosen with :func:`interpkv.hook_positions` (the hooks of
+:mod:`interpkv.steering`), qualifies. ``act[:, -1] += v`` ("the last
+position"), ``act[:, 1:] += v`` ("skip BOS") and ``act[:, p] = x`` do not: in a
+decode step ``act`` holds only the new token, so they mean something else, and
+no cache can fix that. ``compare_generation(..., fwd_hooks=...)`` says so in
+``.cause`` when it happens.
 
 No tokenizer is needed: prompts are token ids ``[batch, pos]`` or token
 embeddings ``[batch, pos, d_model]``; with a tokenizer, a string or a list of
@@ -24,6 +32,7 @@ from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
+from interpkv.core import calls
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.capture import capture as capture_run
@@ -151,7 +160,10 @@ def generate(
             Prompts of different lengths are LEFT padded (each row must end
             with a real token).
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active at
-            every step. They see only the new positions of each step.
+            every step. They see only the new positions of each step: select
+            positions with :func:`interpkv.hook_positions` (or use
+            :mod:`interpkv.steering`), never by index into ``act``'s ``pos``
+            axis, to mean the same as an uncached loop (module docstring).
         capture: which hook points to record at every step into
             ``Generation.records``, as ``names`` of :func:`interpkv.capture`: a
             substring, a list of exact names, or a predicate on names.
@@ -234,28 +246,30 @@ def generate(
     kept_logits: List[Tensor] = []
     records: Optional[List[Record]] = [] if capture is not None else None
     step_input, step_mask = tokens, mask
-    for step in range(max_new_tokens):
-        if records is None:
-            last = forward(
-                model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=fwd_hooks, logits="last"
-            )[:, -1]
-        else:
-            last, record = _captured_step(model, step_input, cache, step_mask, fwd_hooks, capture)
-            records.append(record)
-        # last: (B, d_vocab), real for every running row (left padding)
-        chosen = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        running = ~finished
-        chosen = torch.where(running, chosen, torch.full_like(chosen, pad))
-        new_tokens.append(chosen)
-        new_mask.append(running.long())
-        if keep_logits:
-            kept_logits.append(last.clone())
-        if stop.numel():
-            finished = finished | (running & torch.isin(chosen, stop))
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        # A row's stop token is still fed (it is real); after that, padding only.
-        step_input, step_mask = chosen[:, None], running.long()[:, None]
+    # Where each row's generated tokens start (interpkv.steering's region="generated").
+    with calls.generation(cache.next_positions + mask.sum(dim=1)):
+        for step in range(max_new_tokens):
+            if records is None:
+                last = forward(
+                    model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=fwd_hooks, logits="last"
+                )[:, -1]
+            else:
+                last, record = _captured_step(model, step_input, cache, step_mask, fwd_hooks, capture)
+                records.append(record)
+            # last: (B, d_vocab), real for every running row (left padding)
+            chosen = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            running = ~finished
+            chosen = torch.where(running, chosen, torch.full_like(chosen, pad))
+            new_tokens.append(chosen)
+            new_mask.append(running.long())
+            if keep_logits:
+                kept_logits.append(last.clone())
+            if stop.numel():
+                finished = finished | (running & torch.isin(chosen, stop))
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            # A row's stop token is still fed (it is real); after that, padding only.
+            step_input, step_mask = chosen[:, None], running.long()[:, None]
 
     resume.hold_back(cache, chosen, running)  # the last choice is not fed: held back
 

@@ -158,6 +158,9 @@ class GenerationDiff:
             ``atol`` or whose top-1 tokens differ; None if there is none.
         atol: the tolerance ``first_divergent_step`` was computed with.
         tokens_a, tokens_b: optional generated tokens ``[batch, steps]``.
+        cause: None, or a short string naming the ``fwd_hooks`` that make the
+            runs differ (set by :func:`interpkv.compare_generation` when the
+            same comparison without them agrees).
     """
 
     logits_max_abs: List[float]
@@ -167,6 +170,7 @@ class GenerationDiff:
     atol: float = DEFAULT_ATOL
     tokens_a: Optional[Tensor] = field(default=None, repr=False)
     tokens_b: Optional[Tensor] = field(default=None, repr=False)
+    cause: Optional[str] = None
 
     def __post_init__(self):
         n = len(self.logits_max_abs)
@@ -217,6 +221,7 @@ class GenerationDiff:
             f"GenerationDiff({self.n_steps} steps, first_divergent_step={self.first_divergent_step}, "
             f"max logits_max_abs={worst:.3g}, max kl={worst_kl:.3g}, "
             f"top1 agree {sum(self.top1_agree)}/{self.n_steps}, atol={self.atol:g})"
+            + (f"\ncause: {self.cause}" if self.cause else "")
         )
 
     def _repr_html_(self) -> str:
@@ -239,6 +244,8 @@ class GenerationDiff:
             ("top-1 agrees", f"{sum(self.top1_agree)}/{self.n_steps}"),
             ("atol", self.atol),
         ]
+        if self.cause:
+            fields.append(("cause", self.cause))
         note = f"first {limit} of {self.n_steps} steps shown; to_frame() has all" if self.n_steps > limit else ""
         header = ["step", "logits max |a-b|", "KL", "top-1 agrees", "divergent"]
         return html_summary("GenerationDiff", fields, (header, rows), note)
