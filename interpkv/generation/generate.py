@@ -5,16 +5,12 @@ cache owns the positions (left padding and ragged prompts included) and
 ``fwd_hooks`` fire on exactly the positions being computed: the prompt on the
 first step, one token per row afterwards.
 
-Which hooks give the same tokens as an uncached loop (one that reruns the
-whole sequence with the hook every step): exactly those whose edit at a
-position depends only on that position's absolute index and activation, never
-on where it sits in ``act``'s ``pos`` axis. Adding a vector at every position,
-or at positions chosen with :func:`interpkv.hook_positions` (the hooks of
-:mod:`interpkv.steering`), qualifies. ``act[:, -1] += v`` ("the last
-position"), ``act[:, 1:] += v`` ("skip BOS") and ``act[:, p] = x`` do not: in a
-decode step ``act`` holds only the new token, so they mean something else, and
-no cache can fix that. ``compare_generation(..., fwd_hooks=...)`` says so in
-``.cause`` when it happens.
+A hook gives the same tokens as an uncached loop (rerunning the sequence with
+the hook every step) when its edit depends on absolute position, never on the
+index into ``act``'s ``pos`` axis: ``act[:, -1] += v`` means "the new token" in
+a decode step, and no cache can change that. Select positions with
+:func:`interpkv.hook_positions` or :mod:`interpkv.steering`; docs/generation.md
+has the rule, and ``compare_generation(...).cause`` names such hooks.
 
 No tokenizer is needed: prompts are token ids ``[batch, pos]`` or token
 embeddings ``[batch, pos, d_model]``; with a tokenizer, a string or a list of
@@ -39,6 +35,7 @@ from interpkv.diagnostics.capture import capture as capture_run
 from interpkv.diagnostics.record import Record
 from interpkv.generation import resume
 from interpkv.generation.result import Generation
+from interpkv.generation.sampling import sample_next
 
 __all__ = ["generate", "sample_next"]
 
@@ -65,48 +62,6 @@ def _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens
         bad = [t for t in values if not 0 <= int(t) < d_vocab]
         if bad:
             raise ValueError(f"{name} {bad} are not token ids of this model (d_vocab_out={d_vocab})")
-
-
-def sample_next(
-    logits: Float[Tensor, "batch d_vocab"],
-    *,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-) -> Int[Tensor, "batch"]:
-    """Choose one token per row from final-position logits.
-
-    Args:
-        logits: ``[batch, d_vocab]``.
-        temperature: 0 = greedy (argmax, first index on ties); else logits are
-            divided by it before sampling.
-        top_k: keep only the ``top_k`` largest logits.
-        top_p: nucleus sampling: keep the smallest set of most likely tokens
-            whose probability reaches ``top_p`` (always at least one token).
-        generator: the ``torch.Generator`` to draw from.
-
-    Returns:
-        Token ids ``[batch]``.
-
-    >>> sample_next(torch.tensor([[0.0, 2.0, 1.0]]))
-    tensor([1])
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-        drop_sorted = before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _captured_step(model, tokens, cache, mask, fwd_hooks, names) -> Tuple[Tensor, Record]:
