@@ -16,6 +16,7 @@ Cost: one dict copy per viewed module (about 5 per block), a few microseconds
 per block per call.
 """
 
+import types
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
@@ -60,6 +61,11 @@ def _view(module: torch.nn.Module, tree: Dict) -> torch.nn.Module:
     view = object.__new__(type(module))
     state = view.__dict__
     state.update(module.__dict__)
+    own = state.get("forward")
+    if isinstance(own, types.MethodType) and own.__self__ is module:
+        # A caller's forward bound to the module (module.forward = MethodType(f, module))
+        # would run the original's children, not the routed ones: bind it to the view.
+        state["forward"] = types.MethodType(own.__func__, view)
     children = module._modules
     replaced = {}
     for name, subtree in tree.items():

@@ -208,3 +208,28 @@ def test_an_unknown_hook_name_is_refused_and_leaves_nothing(model):
     with pytest.raises(ValueError, match="blocks.0.hook_resid_psot"):
         interpkv.forward(model, tokens, fwd_hooks=[("blocks.0.hook_resid_post", ok), ("blocks.0.hook_resid_psot", ok)])
     assert model_state(model) == before
+
+
+def test_a_caller_s_bound_forward_on_a_block_still_reaches_the_routed_attention():
+    """module.forward = MethodType(f, module) on a block must not bypass the cache's attention."""
+    import types
+
+    model = interpkv.zoo.load("llama", dtype=torch.float64)
+    tokens = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    calls = {"n": 0}
+    block = model.blocks[1]
+    original = type(block).forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    block.forward = types.MethodType(counting_forward, block)
+    with torch.no_grad():
+        full = interpkv.forward(model, tokens)
+        cache = interpkv.KVCache.for_model(model)
+        interpkv.forward(model, tokens[:, :4], cache=cache)
+        step = interpkv.forward(model, tokens[:, 4:], cache=cache)
+    assert calls["n"] == 3
+    torch.testing.assert_close(step, full[:, 4:], rtol=0, atol=1e-10)
+    assert block.__dict__["forward"].__self__ is block  # the caller's forward is left as it was
