@@ -37,8 +37,7 @@ def blame(fwd_hooks: Sequence, diverges: bool, rerun_without: Callable[[], bool]
         return None
     return (
         f"fwd_hooks {describe_hooks(fwd_hooks)} make cached and uncached differ (the same run without "
-        "them agrees): in a cached forward a hook sees only the new positions, so a hook that indexes "
-        "the pos axis (act[:, -1], act[:, 1:], act[:, p]) or uses the sequence length means something "
-        "else at every step, and no cache can change that. Select positions by absolute position "
-        "instead: interpkv.hook_positions(hook), or the hooks of interpkv.steering."
+        "them agrees): in a cached step a hook sees only the new positions, so indexing act's pos axis "
+        "(act[:, -1], act[:, 1:], act[:, p]) means something else there, and no cache can change that; "
+        "select positions with interpkv.hook_positions(hook) or interpkv.steering"
     )
