@@ -7,6 +7,7 @@ same weights, so TransformerLens behaviour can be checked against HF::
     from interpkv import zoo
     model = zoo.load("llama", dtype=torch.float64)
     tl, hf = zoo.load_pair("mistral")
+    sae_model = zoo.load_sae("gpt2", "blocks.0.hook_resid_post")  # needs sae-lens
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from interpkv.core.tl import HookedTransformer
 from interpkv.zoo import _build, _trained, charvocab
+from interpkv.zoo._sae import as_sae_transformer, load_sae, random_sae
 from interpkv.zoo._specs import SPECS
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
     "load_pair",
     "load_hf_dir",
     "from_hf",
+    "load_sae",
+    "as_sae_transformer",
+    "random_sae",
 ]
 
 
