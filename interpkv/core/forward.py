@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv.core import calls, stephooks
+from interpkv.core import calls, sae_lens, stephooks
 
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
@@ -106,15 +106,16 @@ def forward(
     view = overlay(
         model,
         _tl.attention_pairs(model, step.attention_for)
-        + _tl.fast_modules(model, last_logits_only=last_only),
+        + _tl.fast_modules(model, last_logits_only=last_only)
+        + sae_lens.wrapper_routes(model, None if inputs.is_floating_point() else inputs),
     )
     with calls.hooks(model, fwd_hooks), calls.positions(q_pos):
         if inputs.is_floating_point():
             embed = inputs
         else:
             if model.cfg.use_hook_tokens:
-                inputs = model.hook_tokens(inputs)
-            embed = model.hook_embed(model.embed(inputs))  # (B, T, d_model)
+                inputs = view.hook_tokens(inputs)
+            embed = view.hook_embed(model.embed(inputs))  # (B, T, d_model)
         residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
         out = view(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
     cache.commit(slots)

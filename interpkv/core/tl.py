@@ -63,8 +63,10 @@ def has_hooks(module: torch.nn.Module) -> bool:
     See :func:`interpkv.core.calls.is_hooked`: TransformerLens's hooks, plain
     torch module hooks (forward or backward, global ones too) and this call's
     own ``fwd_hooks`` count; another thread's call's ``fwd_hooks`` do not.
+    Anything that is not a plain HookPoint any more (SAELens puts an SAE
+    wrapper where the hook point was) always counts: it computes something.
     """
-    return is_hooked(module)
+    return type(module) is not HookPoint or is_hooked(module)
 
 
 def kv_projection(attn: torch.nn.Module):

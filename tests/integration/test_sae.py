@@ -292,15 +292,9 @@ def test_patch_equals_transformer_lens_on_an_sae_model(name, setup):
     assert reference.abs().max() > 1e-3  # the patching moves the metric
 
 
-# --- left for the core (interpkv/core/tl.py, forward.py): known failures ------------
+# --- SAE wrappers routed per call (interpkv/core/sae_lens.py) and never skipped ------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.tl.has_hooks answers False for an SAE wrapper (no torch hooks on it), so the fused "
-    "norm path (core/fused.py) never calls hook_normalized / hook_scale and the SAE is skipped; "
-    "fix: has_hooks(m) = type(m) is not HookPoint or is_hooked(m)",
-)
 @pytest.mark.parametrize("hook", ["ln_final.hook_normalized", "blocks.1.ln1.hook_normalized"])
 @pytest.mark.parametrize("name", MODELS)
 def test_sae_on_a_norm_hook_is_not_skipped(name, hook):
@@ -310,13 +304,6 @@ def test_sae_on_a_norm_hook_is_not_skipped(name, hook):
         assert (interpkv.forward(model, t) - model(t)).abs().max().item() < TOL[F64]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="interpkv.forward calls the model with the residual as `input`, so HookedSAETransformer."
-    "forward builds its exclusion mask from residual floats instead of token ids; special tokens "
-    "go through the SAE. Fix in core/forward.py: set the masks from the token ids of the call "
-    "(model._token_masks(ids, {})) and run HookedTransformer.forward on the view",
-)
 @pytest.mark.parametrize("name", MODELS)
 def test_exclude_special_tokens_bypasses_the_sae_at_those_tokens(name):
     model = zoo.as_sae_transformer(zoo.load(name, dtype=F64))
@@ -326,14 +313,6 @@ def test_exclude_special_tokens_bypasses_the_sae_at_those_tokens(name):
         assert (interpkv.forward(model, t) - model(t)).abs().max().item() < TOL[F64]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with use_error_term=True SAELens's _SAEWrapper recomputes the reconstruction inside "
-    "sae_lens.saes.sae._disable_hooks, which swaps the SAE's hook points for nn.Identity on the "
-    "shared SAE: another thread's call running the SAE meanwhile loses its fwd_hooks there. "
-    "Fix in the core: route each _SAEWrapper of the call through the overlay with a forward "
-    "whose clean recompute runs on a per-call view of the SAE with Identity hook points",
-)
 def test_a_steered_call_keeps_its_sae_hook_while_another_thread_computes_the_error_term():
     import threading
 
@@ -345,11 +324,17 @@ def test_a_steered_call_keeps_its_sae_hook_while_another_thread_computes_the_err
     with torch.no_grad():
         alone = interpkv.forward(model, t, fwd_hooks=steering)  # the single-thread result
     inside, done, plain = threading.Event(), threading.Event(), threading.current_thread()
+    fired = {"n": 0, "swapped": None}
 
     def pause_inside_the_clean_recompute(module, inputs, output):
-        if threading.current_thread() is plain and sae.hook_sae_acts_post is not point:
-            inside.set()
-            done.wait(timeout=60)
+        # The SAE's activation runs twice per plain call: encode, then the error-term
+        # recompute with hooks disabled. Pause in the second, while the swap is in force.
+        if threading.current_thread() is plain:
+            fired["n"] += 1
+            if fired["n"] == 2:
+                fired["swapped"] = sae.hook_sae_acts_post is not point  # on the shared SAE?
+                inside.set()
+                done.wait(timeout=60)
 
     handle = sae.activation_fn.register_forward_hook(pause_inside_the_clean_recompute)
     results = {}
@@ -370,4 +355,5 @@ def test_a_steered_call_keeps_its_sae_hook_while_another_thread_computes_the_err
         other.join(timeout=60)
         handle.remove()
     assert inside.is_set(), "the plain call never reached SAELens's clean recompute"
+    assert fired["swapped"] is False  # the swap happened on the call's private copy only
     assert torch.equal(results["steered"], alone)
