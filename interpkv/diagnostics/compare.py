@@ -13,7 +13,8 @@ from torch import Tensor
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
-from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows
+from interpkv.diagnostics.assemble import attention_rows, fill_value
+from interpkv.diagnostics.capture import NamesFilter, Sink
 from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import StatsTable, check_shapes, kl_divergence, site_stats
@@ -99,7 +100,7 @@ class _Comparator(Sink):
                 pos_parts.append(positions)
                 continue
             for b in range(q_pos.shape[0]):
-                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b)
+                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b, fill_value(name))
                 a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
                 row_parts.append(torch.full_like(q_abs, b))
                 pos_parts.append(q_abs)
@@ -110,10 +111,17 @@ class _Comparator(Sink):
         else:
             b_sites = ref[rows, positions]
         self.table.put(name, rows, positions, site_stats(a_sites, b_sites))
+        if name != LOGITS:  # computed here but not in the reference (its explicit mask)
+            absent = ~self.reference.computed(name)[rows, positions]
+            self.table.missing(name, rows[absent], positions[absent])
         if name == LOGITS:
             self.table.kl[rows, positions] = kl_divergence(a_sites, b_sites).cpu()
 
     def report(self) -> DivergenceReport:
+        for name, done in self.reference.computed_masks.items():  # computed there, not here
+            if name in self.table.stats and name not in self.skipped:
+                unseen = done.cpu() & self.reference.valid.cpu() & torch.isnan(self.table.stats[name]["max_abs"])
+                self.table.missing(name, *unseen.nonzero(as_tuple=True))
         order = self.reference.order
         common = [h for h in order if h in self.table.stats and h not in self.skipped]
         return DivergenceReport(

@@ -40,7 +40,7 @@ class Generation:
         records: one :class:`~interpkv.diagnostics.record.Record` per step when ``capture``
             was given (else None): the captured hook points and the logits of
             that step's new tokens, at their absolute positions (earlier
-            positions are NaN; ``record.valid`` marks the step's tokens).
+            positions hold 0; ``record.valid`` marks the step's tokens).
         tokenizer: the model's tokenizer at generation time (None without one),
             which :attr:`text` and :attr:`new_text` decode with.
         single: the prompt was one string or one ``[pos]`` row of ids (or a
