@@ -32,6 +32,7 @@ from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
 from interpkv.diagnostics.assemble import Assembler, attention_rows  # noqa: F401 (attention_rows: re-export)
 from interpkv.diagnostics.layouts import Layouts, is_routing_hook
+from interpkv.diagnostics.names import resolve_names
 from interpkv.diagnostics.record import Record, is_attention_hook
 
 __all__ = ["capture", "NamesFilter"]
@@ -276,6 +277,7 @@ def capture(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     names: NamesFilter = None,
     fwd_hooks: Sequence[Hook] = (),
+    names_filter: NamesFilter = None,
 ) -> Record:
     """Record activations at every matching hook point, by absolute position.
 
@@ -297,6 +299,8 @@ def capture(
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active for
             the whole run (every chunk), as in :func:`interpkv.forward`. They
             run before recording, so an edited activation is recorded edited.
+        names_filter: TransformerLens's form of ``names`` (a string is an exact
+            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
 
     Returns:
         A :class:`~interpkv.diagnostics.record.Record`, logits included; its
@@ -311,6 +315,7 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
+    names = resolve_names(names, names_filter)
     sink = run(
         model,
         tokens,

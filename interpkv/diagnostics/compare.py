@@ -15,6 +15,7 @@ from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.assemble import attention_rows, fill_value
 from interpkv.diagnostics.capture import NamesFilter, Sink
+from interpkv.diagnostics.names import resolve_names
 from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import StatsTable, check_shapes, kl_divergence, site_stats
@@ -144,6 +145,7 @@ def compare(
     fwd_hooks: Sequence[Hook] = (),
     engine: Optional[str] = None,
     cache=None,
+    names_filter: NamesFilter = None,
 ) -> DivergenceReport:
     """Cached (chunked by ``steps``) against uncached, site by site.
 
@@ -169,6 +171,8 @@ def compare(
         cache: the cache (or a factory ``(model, batch_size, max_len) -> cache``)
             the cached run uses: a :class:`~interpkv.KVCache` for ``"interpkv"``,
             a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
+        names_filter: TransformerLens's form of ``names`` (a string is an exact
+            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
 
     Returns:
         A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``).
@@ -181,6 +185,7 @@ def compare(
     """
     from interpkv.diagnostics import engines
 
+    names = resolve_names(names, names_filter)
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
     return engines.compare(
