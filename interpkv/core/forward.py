@@ -12,6 +12,7 @@ from interpkv.core.attention import Step
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.inputs import as_inputs
 from interpkv.core.overlay import overlay
+from interpkv.core import returns
 from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import scheme_for
 
@@ -28,7 +29,9 @@ def forward(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     fwd_hooks: Sequence[Hook] = (),
     logits: str = "all",
-) -> Float[Tensor, "batch pos d_vocab"]:
+    return_type: Optional[str] = "logits",
+    loss_per_token: bool = False,
+) -> Optional[Union[Float[Tensor, "batch pos d_vocab"], Tensor, returns.Output]]:
     """Run ``model`` on new tokens, through ``cache`` if given.
 
     With a cache, only ``tokens`` are computed: their keys and values are
@@ -51,10 +54,18 @@ def forward(
             only the last column's, ``[batch, 1, d_vocab]`` (what a decode loop
             needs; saves the unembedding of the rest of a long prompt, as HF's
             ``logits_to_keep=1``). Hook points fire as usual either way.
+        return_type: as TransformerLens's: ``"logits"`` (default), ``"loss"``
+            (next-token cross-entropy of ``tokens``), ``"both"``
+            (``Output(logits, loss)``) or None (run for the hooks and the
+            cache only). Through a cache the loss covers this call's tokens:
+            each new token after the first, predicted from the one before
+            (see :mod:`interpkv.core.returns`); padding pairs are left out.
+        loss_per_token: the loss as ``[batch, pos - 1]`` instead of its mean.
 
     Returns:
         Logits ``[batch, pos, d_vocab]`` for the new positions (padding rows hold
-        unspecified values), or ``[batch, 1, d_vocab]`` with ``logits="last"``.
+        unspecified values), or ``[batch, 1, d_vocab]`` with ``logits="last"``;
+        the loss, ``Output(logits, loss)`` or None as ``return_type`` says.
 
     Raises:
         ValueError: bad shapes or token ids, or a position past ``n_ctx`` for
@@ -70,11 +81,14 @@ def forward(
     >>> full = interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]))
     >>> torch.allclose(step[:, -1], full[:, -1], atol=1e-5)
     True
+    >>> float(interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]), return_type="loss")) > 0
+    True
     """
     if logits not in ("all", "last"):
         raise ValueError(f'logits must be "all" or "last", got {logits!r}')
-    last_only = logits == "last"
     inputs, mask = as_inputs(model, tokens, attention_mask)
+    returns.check_return_type(return_type, loss_per_token, logits, inputs)
+    last_only = logits == "last" or return_type is None
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
     hooks = None  # step hooks (interpkv.faults) only ever touch a caller's cache
@@ -119,4 +133,4 @@ def forward(
         residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
         out = view(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
     cache.commit(slots)
-    return out[:, -1:] if last_only else out
+    return returns.finish(return_type, out[:, -1:] if last_only else out, inputs, mask, loss_per_token)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from interpkv.core.positions import validate_mask
 
-__all__ = ["as_inputs", "as_pair", "is_text", "TokensLike"]
+__all__ = ["as_inputs", "as_pair", "is_text", "TokensLike", "refuse_right_padding", "left_aligned"]
 
 TokensLike = Union[str, Sequence[str], Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]]
 
@@ -180,3 +180,44 @@ def as_pair(
             "corrupted one (pad the shorter prompts on the left)."
         )
     return a, b, mask
+
+
+def refuse_right_padding(model, tokens: Tensor) -> None:
+    """Refuse ids that look right-padded when no attention_mask says which are real.
+
+    TransformerLens's ``model.to_tokens([...])`` pads on the RIGHT by default.
+    Without a mask every column counts as real, so a short row would be
+    continued after its pad tokens. The pad id is often a real token too
+    (GPT-2's pad is its EOS), so no mask is guessed: when some rows but not
+    all end with the tokenizer's pad id, this raises, naming both fixes.
+
+    Raises:
+        ValueError: the rows end differently with the pad id.
+    """
+    pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    if pad_id is None or tokens.is_floating_point() or tokens.ndim != 2 or tokens.shape[0] < 2:
+        return
+    ends = tokens[:, -1] == pad_id
+    if bool(ends.any()) and not bool(ends.all()):
+        raise ValueError(
+            f"rows {ends.nonzero().flatten().tolist()} end with the pad id {pad_id} and others do not: "
+            "these look right-padded (model.to_tokens pads right by default), and without a mask the "
+            "pads would be read as real tokens. Tokenize with model.to_tokens(texts, "
+            "padding_side='left'), pass the strings themselves, or pass attention_mask="
+        )
+
+
+def left_aligned(inputs: Tensor, mask: Int[Tensor, "batch pos"]) -> Tuple[Tensor, Int[Tensor, "batch pos"]]:
+    """Each row's real tokens moved to the right end, in order (padding first).
+
+    Padding takes no position, so this changes no computation, only the
+    layout: a right-padded (or gapped) prompt becomes left-padded, and every
+    row's last column is its last real token.
+
+    >>> ids, mask = left_aligned(torch.tensor([[5, 6, 0], [7, 8, 9]]), torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    >>> ids.tolist(), mask.tolist()
+    ([[0, 5, 6], [7, 8, 9]], [[0, 1, 1], [1, 1, 1]])
+    """
+    order = torch.sort(mask, dim=1, stable=True).indices  # padding (0) first, real tokens in order
+    index = order if inputs.ndim == 2 else order[..., None].expand_as(inputs)
+    return inputs.gather(1, index), mask.gather(1, order)

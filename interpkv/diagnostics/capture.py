@@ -30,7 +30,9 @@ from interpkv.core import calls
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
+from interpkv.diagnostics.assemble import Assembler, attention_rows  # noqa: F401 (attention_rows: re-export)
 from interpkv.diagnostics.layouts import Layouts, is_routing_hook
+from interpkv.diagnostics.names import resolve_names
 from interpkv.diagnostics.record import Record, is_attention_hook
 
 __all__ = ["capture", "NamesFilter"]
@@ -100,33 +102,6 @@ class Sink:
         """Called once after the last chunk."""
 
 
-def attention_rows(
-    act: Float[Tensor, "batch head_index pos kv_pos"],
-    q_pos: Int[Tensor, "batch pos"],
-    k_pos: Int[Tensor, "batch kv_pos"],
-    n_positions: int,
-    row: int,
-):
-    """Row ``row`` of an attention-shaped activation with keys at absolute positions.
-
-    Returns:
-        ``(positions, rows)``: the absolute positions of the row's real
-        queries ``[n]`` and ``[head_index, n, n_positions]`` values, NaN for
-        keys not present and for keys after their query.
-    """
-    q_index = (q_pos[row] >= 0).nonzero(as_tuple=True)[0]
-    k_index = (k_pos[row] >= 0).nonzero(as_tuple=True)[0]
-    q_abs, k_abs = q_pos[row, q_index], k_pos[row, k_index]
-    src = act[row][:, q_index][:, :, k_index]  # (H, nq, nk)
-    if not src.is_floating_point():
-        src = src.double()
-    future = k_abs[None, None, :] > q_abs[None, :, None]
-    src = torch.where(future, torch.full_like(src, float("nan")), src)
-    rows = src.new_full((src.shape[0], len(q_index), n_positions), float("nan"))
-    rows[:, :, k_abs] = src  # (H, nq, P)
-    return q_abs, rows
-
-
 class _Chunk:
     """Query and key positions of the chunk being run, as this capture knows them.
 
@@ -178,50 +153,28 @@ class _Chunk:
 
 
 class _RecordBuilder(Sink):
+    """The default sink: every activation into an :class:`Assembler` over the run's positions."""
+
     def __init__(self, valid: Tensor):
         self.valid = valid
-        self.batch, self.n_positions = valid.shape
-        self.acts: dict = {}
+        self.parts = Assembler(*valid.shape)
         self.skipped: dict = {}
-        self.logit_parts: Optional[Tensor] = None
-
-    def _full(self, name: str, act: Tensor, shape) -> Tensor:
-        full = self.acts.get(name)
-        if full is None:
-            dtype = act.dtype if act.is_floating_point() else torch.float64
-            full = torch.full(shape, float("nan"), dtype=dtype, device=act.device)
-            self.acts[name] = full
-        return full
-
-    def _place(self, full: Tensor, act: Tensor, q_pos: Tensor) -> None:
-        rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
-        full[rows, q_pos[rows, cols]] = act[rows, cols].to(full.dtype)
 
     def activation(self, name, act, q_pos, k_pos):
         if k_pos is None:
-            full = self._full(name, act, (self.batch, self.n_positions, *act.shape[2:]))
-            self._place(full, act, q_pos)
-            return
-        P = self.n_positions
-        full = self._full(name, act, (self.batch, act.shape[1], P, P))
-        for b in range(self.batch):
-            # A query position belongs to exactly one chunk: its whole row is written here.
-            q_abs, rows = attention_rows(act, q_pos, k_pos, P, b)
-            full[b][:, q_abs] = rows.to(full.dtype)
+            self.parts.put(name, act, q_pos)
+        else:
+            self.parts.put_attention(name, act, q_pos, k_pos)
 
     def logits(self, logits, q_pos):
-        if self.logit_parts is None:
-            self.logit_parts = logits.new_full(
-                (self.batch, self.n_positions, logits.shape[-1]), float("nan")
-            )
-        self._place(self.logit_parts, logits, q_pos)
+        self.parts.put_logits(logits, q_pos)
 
     def skip(self, name, reason):
-        self.acts.pop(name, None)
+        self.parts.drop(name)
         self.skipped[name] = reason
 
     def record(self, meta: dict) -> Record:
-        return Record(dict(self.acts), self.logit_parts, self.valid, meta, skipped=dict(self.skipped))
+        return self.parts.record(self.valid, meta, self.skipped)
 
 
 def run(
@@ -294,7 +247,7 @@ def run(
             sink.skip(name, placed)
             return
         # A copy: a later operation may modify the tensor in place before the emit.
-        latest[name] = (placed.clone(), q_pos, None)
+        latest[name] = (placed.clone(), layouts.positions(name, q_pos), None)
 
     # Hooks are registered once for the whole run, not once per chunk.
     start = 0
@@ -324,6 +277,7 @@ def capture(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     names: NamesFilter = None,
     fwd_hooks: Sequence[Hook] = (),
+    names_filter: NamesFilter = None,
 ) -> Record:
     """Record activations at every matching hook point, by absolute position.
 
@@ -345,10 +299,14 @@ def capture(
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active for
             the whole run (every chunk), as in :func:`interpkv.forward`. They
             run before recording, so an edited activation is recorded edited.
+        names_filter: TransformerLens's form of ``names`` (a string is an exact
+            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
 
     Returns:
-        A :class:`~interpkv.diagnostics.record.Record` (NaN marks missing entries; see
-        its docstring), logits included.
+        A :class:`~interpkv.diagnostics.record.Record`, logits included; its
+        entries read like ``run_with_cache``'s (0 pattern, -inf scores for keys
+        a query may not attend) and :meth:`~interpkv.Record.computed` names
+        the positions this run computed.
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("gpt2", dtype=torch.float64)
@@ -357,6 +315,7 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
+    names = resolve_names(names, names_filter)
     sink = run(
         model,
         tokens,

@@ -13,8 +13,10 @@ from torch import Tensor
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
+from interpkv.diagnostics.assemble import attention_rows, fill_value
 from interpkv.diagnostics.cause import blame
-from interpkv.diagnostics.capture import NamesFilter, Sink, attention_rows
+from interpkv.diagnostics.capture import NamesFilter, Sink
+from interpkv.diagnostics.names import resolve_names
 from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import StatsTable, check_shapes, kl_divergence, site_stats
@@ -100,7 +102,7 @@ class _Comparator(Sink):
                 pos_parts.append(positions)
                 continue
             for b in range(q_pos.shape[0]):
-                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b)
+                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b, fill_value(name))
                 a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
                 row_parts.append(torch.full_like(q_abs, b))
                 pos_parts.append(q_abs)
@@ -111,10 +113,17 @@ class _Comparator(Sink):
         else:
             b_sites = ref[rows, positions]
         self.table.put(name, rows, positions, site_stats(a_sites, b_sites))
+        if name != LOGITS:  # computed here but not in the reference (its explicit mask)
+            absent = ~self.reference.computed(name)[rows, positions]
+            self.table.missing(name, rows[absent], positions[absent])
         if name == LOGITS:
             self.table.kl[rows, positions] = kl_divergence(a_sites, b_sites).cpu()
 
     def report(self) -> DivergenceReport:
+        for name, done in self.reference.computed_masks.items():  # computed there, not here
+            if name in self.table.stats and name not in self.skipped:
+                unseen = done.cpu() & self.reference.valid.cpu() & torch.isnan(self.table.stats[name]["max_abs"])
+                self.table.missing(name, *unseen.nonzero(as_tuple=True))
         order = self.reference.order
         common = [h for h in order if h in self.table.stats and h not in self.skipped]
         return DivergenceReport(
@@ -137,6 +146,7 @@ def compare(
     fwd_hooks: Sequence[Hook] = (),
     engine: Optional[str] = None,
     cache=None,
+    names_filter: NamesFilter = None,
 ) -> DivergenceReport:
     """Cached (chunked by ``steps``) against uncached, site by site.
 
@@ -162,6 +172,8 @@ def compare(
         cache: the cache (or a factory ``(model, batch_size, max_len) -> cache``)
             the cached run uses: a :class:`~interpkv.KVCache` for ``"interpkv"``,
             a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
+        names_filter: TransformerLens's form of ``names`` (a string is an exact
+            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
 
     Returns:
         A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``). When it
@@ -177,6 +189,7 @@ def compare(
     """
     from interpkv.diagnostics import engines
 
+    names = resolve_names(names, names_filter)
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
 

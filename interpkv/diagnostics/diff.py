@@ -1,5 +1,6 @@
 """``interpkv.diff``: two Records compared site by site (see :mod:`interpkv.diagnostics.stats`)."""
 
+from interpkv.diagnostics.assemble import fill_value
 from interpkv.diagnostics.record import Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import (
@@ -46,22 +47,25 @@ def diff(a: Record, b: Record) -> DivergenceReport:
     n_positions = max(a.n_positions, b.n_positions)
     table = StatsTable(batch, n_positions)
     a_valid, b_valid = pad_valid(a.valid, n_positions), pad_valid(b.valid, n_positions)
-    both = a_valid & b_valid
-    one = a_valid ^ b_valid
-    rows, positions = both.nonzero(as_tuple=True)
-    miss_rows, miss_positions = one.nonzero(as_tuple=True)
+    rows, positions = (a_valid & b_valid).nonzero(as_tuple=True)
     common = [h for h in b.order if h in a]
     for hook in common:
         x, y = a[hook], b[hook]
         check_shapes(hook, x, y)
+        # Sites each run computed (its explicit mask, never a value): both -> compared,
+        # one only -> infinite error, neither -> not a site.
+        a_done, b_done = pad_valid(a.computed(hook), n_positions), pad_valid(b.computed(hook), n_positions)
+        hook_rows, hook_positions = (a_done & b_done).nonzero(as_tuple=True)
+        miss_rows, miss_positions = (a_done ^ b_done).nonzero(as_tuple=True)
         if is_attention_hook(hook):
-            x, y = pad_attention(x, n_positions), pad_attention(y, n_positions)
-            x_sites = x.permute(0, 2, 1, 3)[rows, positions]  # (n, H, P)
-            y_sites = y.permute(0, 2, 1, 3)[rows, positions]
+            fill = fill_value(hook)
+            x, y = pad_attention(x, n_positions, fill), pad_attention(y, n_positions, fill)
+            x_sites = x.permute(0, 2, 1, 3)[hook_rows, hook_positions]  # (n, H, P)
+            y_sites = y.permute(0, 2, 1, 3)[hook_rows, hook_positions]
         else:
-            x_sites = pad_positions(x, n_positions)[rows, positions]  # (n, ...)
-            y_sites = pad_positions(y, n_positions)[rows, positions]
-        table.put(hook, rows, positions, site_stats(x_sites, y_sites))
+            x_sites = pad_positions(x, n_positions)[hook_rows, hook_positions]  # (n, ...)
+            y_sites = pad_positions(y, n_positions)[hook_rows, hook_positions]
+        table.put(hook, hook_rows, hook_positions, site_stats(x_sites, y_sites))
         table.missing(hook, miss_rows, miss_positions)
     logits_a = pad_positions(a.logits, n_positions)[rows, positions]
     logits_b = pad_positions(b.logits, n_positions)[rows, positions]

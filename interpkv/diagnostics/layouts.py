@@ -14,7 +14,9 @@ kv_pos]``) are handled by the capture itself. A few fire otherwise:
   tokens routed to expert ``e``, ``[n_routed, d_mlp]``, in TransformerLens's
   order (top-1 choices first, then top-2, each by token). They are scattered
   back to ``[batch, pos, d_mlp]`` using the routing of the same forward pass;
-  tokens not routed to ``e`` are NaN ("not there", like a padded position).
+  tokens not routed to ``e`` hold 0 and are not computed there:
+  :meth:`Layouts.positions` gives them position -1 (like padding), so a
+  Record's :meth:`~interpkv.Record.computed` leaves them out.
 
 A hook that fires several times per forward pass (``ln1`` runs on the
 query, key and value inputs in turn) keeps its last value, as TransformerLens's
@@ -54,10 +56,18 @@ class Layouts:
     def __init__(self, batch: int):
         self.batch = batch
         self._routing: Dict[str, Tensor] = {}  # "blocks.L.mlp" -> [batch*pos, k] expert ids
+        self._routed: Dict[str, Tensor] = {}  # expert hook -> [batch, pos] routed to it (last call)
 
     def observe_routing(self, name: str, indices: Tensor) -> None:
         """Keep the expert choice of ``blocks.L.mlp`` for this forward pass."""
         self._routing[name[: -len(".hook_expert_indices")]] = indices.detach()
+
+    def positions(self, name: str, q_pos: Tensor) -> Tensor:
+        """``q_pos`` for hook ``name``'s last placed value: -1 where an expert saw no token."""
+        routed = self._routed.get(name)
+        if routed is None or routed.shape != q_pos.shape:
+            return q_pos
+        return q_pos.masked_fill(~routed.to(q_pos.device), -1)
 
     def to_batch_pos(self, name: str, act: Tensor, n_pos: int) -> Union[Tensor, str]:
         """``act`` as ``[batch, pos, ...]``, or the reason it cannot be placed.
@@ -95,8 +105,10 @@ class Layouts:
             return (
                 f"{act.shape[0]} rows but the routing sends {token.shape[0]} tokens to expert {expert}"
             )
-        dtype = act.dtype if act.is_floating_point() else torch.float64
-        full = torch.full((tokens, *act.shape[1:]), float("nan"), dtype=dtype, device=act.device)
-        full[token] = act.to(dtype)
+        full = act.new_zeros((tokens, *act.shape[1:]))
+        full[token] = act
+        routed = torch.zeros(tokens, dtype=torch.bool, device=act.device)
+        routed[token] = True
+        self._routed[name] = routed.reshape(self.batch, n_pos)
         return full.reshape(self.batch, n_pos, *act.shape[1:])  # (B, T, ...)
 

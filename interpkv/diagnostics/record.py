@@ -12,12 +12,18 @@ for entry:
   ``[batch, head_index, pos, pos]``, query then key absolute position, however
   many chunks the key axis was assembled from.
 
-Missing entries are NaN: positions a row does not have (left padding takes no
-position, so a padded row simply has fewer), keys a query never saw (evicted,
-or padding), and every key after its query (causally masked in every scheme;
-a chunked run never computes them, so both kinds of run leave them NaN).
-``record.valid[b, p]`` says whether row ``b`` has a token at position ``p``.
-Integer hooks (``hook_tokens``) are stored as float64 so they can hold NaN.
+Entries read like TransformerLens's ``ActivationCache`` and are never NaN
+(see :mod:`interpkv.diagnostics.assemble`): in an attention pattern a key the
+query may not attend (after the query, padding, evicted, outside a local
+window) is 0, and the scores hold TransformerLens's masked value there
+(``attn.IGNORE``, -inf), so ``record["pattern", 0].sum(-1)`` is 1 at every
+computed query, as in ``run_with_cache``. A position that was never computed
+(left padding takes no position, so a padded row simply has fewer; an earlier
+position a cached run did not recompute; a token an expert was not routed)
+holds 0 and is named by an explicit mask, never by its value:
+``record.valid[b, p]`` says whether row ``b`` has a token at position ``p`` in
+this run, and :meth:`Record.computed` says where a given hook was written.
+Integer hooks (``hook_tokens``) keep their dtype.
 
 Entries are looked up as in TransformerLens's ``ActivationCache``: by full
 name (``record["blocks.0.hook_resid_pre"]``), by short name and layer
@@ -77,6 +83,9 @@ class Record:
         valid: ``[batch, pos]``, True where the row has a token.
         skipped: hook name -> why it fired but was not recorded (e.g. it fires
             once per q/k/v input under ``use_split_qkv_input``).
+        computed_masks: hook name -> ``[batch, pos]`` bool, where the hook was
+            written (query rows for attention hooks); read it through
+            :meth:`computed`, which falls back to ``valid``.
     """
 
     activations: Dict[str, Tensor]
@@ -84,6 +93,7 @@ class Record:
     valid: Bool[Tensor, "batch pos"]
     meta: Dict[str, object] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
+    computed_masks: Dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def order(self) -> List[str]:
@@ -97,6 +107,30 @@ class Record:
     @property
     def n_positions(self) -> int:
         return self.valid.shape[1]
+
+    def computed(self, *key) -> Bool[Tensor, "batch pos"]:
+        """Where an entry was computed: ``[batch, pos]`` bool (query positions for attention hooks).
+
+        Values elsewhere are the fill of :mod:`interpkv.diagnostics.assemble`
+        (0, or -inf scores), not measurements: reduce over this mask.
+
+        Args:
+            key: as for ``record[...]``: ``computed("blocks.0.hook_resid_pre")``,
+                ``computed("resid_pre", 0)``.
+
+        >>> import interpkv, torch
+        >>> model = interpkv.zoo.load("gpt2")
+        >>> record = interpkv.capture(model, torch.tensor([[1, 2, 3], [0, 4, 5]]),
+        ...                           attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
+        >>> record.computed("resid_pre", 0).tolist()
+        [[True, True, True], [True, True, False]]
+        >>> sums = record["pattern", 0].sum(-1).transpose(1, 2)  # [batch, query pos, head]
+        >>> bool(torch.allclose(sums[record.computed("pattern", 0)], torch.tensor(1.0)))
+        True
+        """
+        name = self._name(key[0] if len(key) == 1 else tuple(key))
+        self[name]  # KeyError naming what was captured
+        return self.computed_masks.get(name, self.valid)
 
     def __getitem__(self, key: Union[str, Tuple]) -> Tensor:
         """An entry by full hook name, or as ``ActivationCache`` resolves keys.
@@ -158,13 +192,13 @@ class Record:
         query_pos, key_pos]`` for ``hook_pattern`` / ``hook_attn_scores``,
         with ``pos`` the absolute position.
 
-        Missing entries stay NaN (see the module docstring): the positions a
-        left-padded row does not have, every key after its query in an
-        attention pattern (TransformerLens stores 0 there for ``hook_pattern``
-        and -inf for scores), evicted keys. NaN propagates through sums, so
-        reduce over real positions (``record.valid``) or ``nan_to_num`` first.
-        The tensors are shared, not copied; logits are not part of an
-        ``ActivationCache``.
+        Entries hold what ``run_with_cache`` holds where a row has no value
+        (see the module docstring): 0, a 0 pattern and -inf scores for keys a
+        query may not attend, and 0 at positions this run never computed
+        (the positions a left-padded row does not have: compare row ``b``'s
+        first ``record.valid[b].sum()`` positions with the row run alone).
+        :meth:`computed` names those positions. The tensors are shared, not
+        copied; logits are not part of an ``ActivationCache``.
 
         Args:
             model: the HookedTransformer the record was captured from.

@@ -9,9 +9,13 @@ site three numbers are computed in float64 over the site's trailing axes
 - ``cos``: cosine similarity of ``a`` and ``b``;
 
 and ``scale = max |b|`` for the tolerance test. Entries equal in both runs
-(including the ``-inf`` of masked attention scores, and NaN for "not there")
-count as no error; an entry present or finite in one run but not the other
-is an infinite error. ``rel`` and ``cos`` use the entries finite in both.
+(including the ``-inf`` of masked attention scores) count as no error, and
+so does a NaN both runs computed; an entry finite in one run but not the
+other is an infinite error. ``rel`` and ``cos`` use the entries finite in
+both. Which sites exist is decided before, by each Record's explicit masks
+(``valid``, :meth:`~interpkv.Record.computed`), never by a value: a site one
+run computed and the other did not is an infinite error
+(:meth:`StatsTable.missing`).
 """
 
 from typing import Dict
@@ -38,7 +42,7 @@ def site_stats(a: Tensor, b: Tensor) -> Dict[str, Tensor]:
     a = a.reshape(a.shape[0], -1).double()
     b = b.reshape(b.shape[0], -1).double()
     nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    same = (a == b) | (nan_a & nan_b)  # equal values, equal infinities, both absent
+    same = (a == b) | (nan_a & nan_b)  # equal values, equal infinities, NaN in both
     err = torch.where(same, torch.zeros_like(a), (a - b).abs())
     err = torch.where(nan_a ^ nan_b, torch.full_like(err, float("inf")), err)
     max_abs = err.amax(dim=1) if err.shape[1] else err.new_zeros(err.shape[0])
@@ -114,16 +118,18 @@ def pad_valid(valid: Tensor, n: int) -> Tensor:
 
 
 def pad_positions(x: Tensor, n: int) -> Tensor:
+    """``x`` with its position axis zero-padded to ``n`` (the padding is never a computed site)."""
     if x.shape[1] == n:
         return x
-    pad = x.new_full((x.shape[0], n - x.shape[1], *x.shape[2:]), float("nan"))
+    pad = x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))
     return torch.cat([x, pad], dim=1)
 
 
-def pad_attention(x: Tensor, n: int) -> Tensor:
+def pad_attention(x: Tensor, n: int, fill: float = 0.0) -> Tensor:
+    """``x`` ``[batch, head, q, k]`` padded to ``n`` positions with ``fill`` (keys after every query)."""
     if x.shape[-1] == n:
         return x
-    out = x.new_full((*x.shape[:2], n, n), float("nan"))
+    out = x.new_full((*x.shape[:2], n, n), fill)
     out[:, :, : x.shape[2], : x.shape[3]] = x
     return out
 

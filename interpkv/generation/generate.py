@@ -18,59 +18,41 @@ strings (see :func:`interpkv.core.inputs.as_inputs`). Sampling draws from a
 private ``torch.Generator`` (never the global RNG), so ``seed=`` reproduces a
 run. Afterwards the cache holds back the last chosen token, so a later call
 can continue from the cache alone (see :mod:`interpkv.generation.resume`).
+
+TransformerLens's generate keywords (``do_sample``, ``stop_at_eos``,
+``eos_token_id``, ``use_past_kv_cache``, ``verbose``) keep their meanings
+(:mod:`interpkv.generation.options`). ``capture=`` streams every step into one
+whole-generation Record (:mod:`interpkv.generation.recording`).
+
+A caller's cache is left at a consistent point when a step fails (an
+exception in a hook, KeyboardInterrupt): every completed step stays committed
+and the token the failed step was feeding is held back, so
+``generate(model, cache=cache, max_new_tokens=n)`` continues as the
+uninterrupted call would have (:func:`interpkv.generation.loop.settle`).
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls
 from interpkv.core.forward import Hook, forward
-from interpkv.core.inputs import TokensLike, as_inputs
-from interpkv.diagnostics.capture import capture as capture_run
-from interpkv.diagnostics.record import Record
+from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
+from interpkv.diagnostics.names import NamesFilter
+from interpkv.generation import options as _options
 from interpkv.generation import resume
+from interpkv.generation.loop import Loop, attach, settle
+from interpkv.generation.recording import Recorder
 from interpkv.generation.result import Generation
 from interpkv.generation.sampling import sample_next
 
 __all__ = ["generate", "sample_next"]
 
-HookNames = Union[str, Sequence[str], Callable[[str], bool]]  # as interpkv.capture's names
-
-
-def _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if temperature == 0 and (top_k is not None or top_p is not None):
-        raise ValueError(
-            f"top_k={top_k} / top_p={top_p} only apply when sampling, but temperature=0 means "
-            "greedy decoding: pass temperature > 0 (e.g. 1.0) to sample."
-        )
-    if top_k is not None and not (1 <= top_k):
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    d_vocab = model.cfg.d_vocab_out
-    pad = [pad_token] if pad_token is not None else []
-    for name, values in (("stop_tokens", list(stop_tokens or ())), ("pad_token", pad)):
-        bad = [t for t in values if not 0 <= int(t) < d_vocab]
-        if bad:
-            raise ValueError(f"{name} {bad} are not token ids of this model (d_vocab_out={d_vocab})")
-
-
-def _captured_step(model, tokens, cache, mask, fwd_hooks, names) -> Tuple[Tensor, Record]:
-    """One step through ``cache`` recorded by :func:`interpkv.capture`; returns (last logits, Record)."""
-    offsets = cache.next_positions.clone()
-    record = capture_run(model, tokens, cache=cache, attention_mask=mask, names=names, fwd_hooks=fwd_hooks)
-    # The last column of each running row, at its absolute position (stopped rows are ignored).
-    last = (offsets + mask.sum(1) - 1).clamp(min=0)  # (B,)
-    return record.logits[torch.arange(tokens.shape[0]), last], record
+HookNames = NamesFilter  # as interpkv.capture's names
 
 
 @torch.no_grad()
@@ -83,13 +65,20 @@ def generate(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     fwd_hooks: Sequence[Hook] = (),
     capture: Optional[HookNames] = None,
-    temperature: float = 0.0,
+    temperature: Optional[float] = None,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
     stop_tokens: Optional[Sequence[int]] = None,
     pad_token: Optional[int] = None,
     keep_logits: bool = False,
+    names_filter: Optional[HookNames] = None,
+    do_sample: Optional[bool] = None,
+    stop_at_eos: Optional[bool] = None,
+    eos_token_id: Union[None, int, Sequence[int]] = None,
+    use_past_kv_cache: bool = True,
+    verbose: bool = False,
+    **tl_kwargs,
 ) -> Generation:
     """Generate ``max_new_tokens`` tokens per row, one cached forward per step.
 
@@ -110,19 +99,31 @@ def generate(
             max_new_tokens=n)`` then continues exactly where this call
             stopped, as one uninterrupted call would (the held-back token is
             the new call's one-column prompt; rows that had stopped stay
-            stopped when ``stop_tokens`` is passed again).
+            stopped when ``stop_tokens`` is passed again). If a step fails
+            (a hook raises, KeyboardInterrupt), the cache keeps every completed
+            step and holds back the token the failed step was feeding, so the
+            same continuation equals the uninterrupted run; a failure in the
+            first step leaves the cache as it was. The exception carries a
+            note saying so, and ``error.interpkv_generation``: the tokens
+            generated before it.
         attention_mask: ``[batch, pos]`` for the prompt, 1 = real, 0 = padding.
-            Prompts of different lengths are LEFT padded (each row must end
-            with a real token).
+            Rows may be padded on either side (or both): each continues from
+            its last real token. ``Generation.tokens`` lays the prompt out
+            left-padded (padding takes no position, so nothing else changes).
+            Without a mask, ids whose rows end differently with the
+            tokenizer's pad id (``model.to_tokens([...])`` pads right) are
+            refused rather than guessed.
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active at
             every step. They see only the new positions of each step: select
-            positions with :func:`interpkv.hook_positions` (or use
-            :mod:`interpkv.steering`), never by index into ``act``'s ``pos``
-            axis, to mean the same as an uncached loop (module docstring).
-        capture: which hook points to record at every step into
-            ``Generation.records``, as ``names`` of :func:`interpkv.capture`: a
-            substring, a list of exact names, or a predicate on names.
+            positions with :func:`interpkv.hook_positions` (or
+            :mod:`interpkv.steering`), not by index into ``act``'s ``pos`` axis.
+        capture: which hook points to record, as ``names`` of
+            :func:`interpkv.capture`: a substring, a list of exact names, or a
+            predicate on names. ``Generation.record`` is then one Record over
+            every position of ``Generation.tokens`` (``to_activation_cache``
+            like ``run_with_cache`` on them), ``Generation.records`` one per step.
         temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
+            Default: greedy, or 1 with ``do_sample=True``.
         top_k, top_p: restrict sampling (need ``temperature > 0``).
         seed: seed of the private ``torch.Generator`` used for sampling; the same
             seed gives the same tokens. None = a fresh random seed.
@@ -133,13 +134,22 @@ def generate(
         pad_token: value written after a row stopped. Default: the first of
             ``stop_tokens`` (as TransformerLens pads with the EOS token).
         keep_logits: also return the logits each new token was chosen from.
+        names_filter: ``capture`` in TransformerLens's form (a string is an
+            exact name); not with ``capture``.
+        do_sample, stop_at_eos, eos_token_id, use_past_kv_cache, verbose:
+            TransformerLens's keywords with its meanings (see
+            :mod:`interpkv.generation.options`); the defaults keep interpkv's
+            (greedy, no stop, the cache, no progress bar).
 
     Returns:
         A :class:`Generation` (``.text`` decodes it when the model has a tokenizer).
 
     Raises:
-        ValueError: a prompt row ends with padding (use left padding), bad
-            sampling options, or no ``tokens`` and nothing held back in ``cache``.
+        ValueError: bad sampling options, a prompt row with no real token,
+            right-padded ids without a mask, or no ``tokens`` and nothing
+            held back in ``cache``.
+        TypeError: a TransformerLens keyword whose meaning cannot be kept
+            (the message names the interpkv form), or an unknown keyword.
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("llama")
@@ -153,99 +163,77 @@ def generate(
     >>> first.text + more.new_text == interpkv.generate(model, "def ", max_new_tokens=20).text
     True
     """
-    _check_options(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token)
+    opts = _options.resolve(
+        model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_tokens=stop_tokens, pad_token=pad_token, capture=capture, names_filter=names_filter,
+        do_sample=do_sample, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+        use_past_kv_cache=use_past_kv_cache, verbose=verbose, extra=tl_kwargs,
+    )
     resumed = tokens is None
     if resumed:
         if cache is None:
             raise ValueError(
                 "generate needs a prompt (tokens) or a cache to continue from (cache=...), got neither"
             )
-        if attention_mask is not None:
+        if attention_mask is None:
+            tokens, mask = resume.held_back(cache)
+        else:
             raise ValueError("attention_mask covers the prompt; continuing from a cache takes none")
-        tokens, mask = resume.held_back(cache)
         single = cache.batch_size == 1
     else:
         single = isinstance(tokens, str) or (isinstance(tokens, Tensor) and tokens.ndim == 1)
+        if attention_mask is None and isinstance(tokens, Tensor) and not is_text(tokens):
+            refuse_right_padding(model, tokens)
         tokens, mask = as_inputs(model, tokens, attention_mask)
-    ends_padded = (mask[:, -1] == 0).nonzero().flatten().tolist()
-    if ends_padded and not resumed:
-        raise ValueError(
-            f"prompt rows {ends_padded} end with padding (attention_mask[:, -1] == 0): "
-            "generation continues from each row's last column, so pad prompts on the LEFT."
-        )
-    batch, prompt_len = tokens.shape[:2]
+        empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")
+        if bool((mask[:, -1] == 0).any()):  # right (or inner) padding: each row ends at its last real token
+            tokens, mask = left_aligned(tokens, mask)
+    if not opts.cached:
+        _options.refuse_uncached(cache, resumed, tokens, opts)
     device = torch.device(model.cfg.device or "cpu")  # forward moves the tokens here
-    tokens = tokens.to(device)
-    mask = mask.to(device)
+    tokens, mask = tokens.to(device), mask.to(device)
     if max_new_tokens == 0:
+        if opts.capture is not None:
+            raise ValueError(
+                "capture needs max_new_tokens >= 1 (max_new_tokens=0 only prefills a cache); "
+                "record the prompt with interpkv.capture(model, tokens)"
+            )
         return _prefill(cache, model, tokens, mask, fwd_hooks, getattr(model, "tokenizer", None), single)
+    caller_cache = cache is not None
+    batch, prompt_len = tokens.shape[:2]
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=prompt_len + max_new_tokens)
-    stop = torch.tensor(list(stop_tokens or ()), dtype=torch.long, device=device)
-    tokenizer = getattr(model, "tokenizer", None)
-    pad = int(pad_token) if pad_token is not None else (int(stop[0]) if stop.numel() else 0)
-
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # fresh entropy; the global RNG is untouched
     else:
         generator.manual_seed(int(seed))
-
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    if resumed:  # rows with nothing held back had stopped; so had rows holding back a stop token
-        finished = (mask[:, -1] == 0) | torch.isin(tokens[:, -1], stop)
-        if bool(finished.all()):  # an uninterrupted call would have ended already
-            return Generation(tokens, mask, 1, finished, tokenizer=tokenizer, single=single)
-    new_tokens: List[Tensor] = []
-    new_mask: List[Tensor] = []
-    kept_logits: List[Tensor] = []
-    records: Optional[List[Record]] = [] if capture is not None else None
-    step_input, step_mask = tokens, mask
+    recorder = None
+    if opts.capture is not None:
+        reach = int((cache.next_positions.to(device) + mask.sum(1)).max()) + max_new_tokens
+        recorder = Recorder(batch, reach, opts.capture, model.cfg.n_layers)
+    loop = Loop(model, cache, tokens, mask, fwd_hooks, opts, recorder, resumed, keep_logits, generator)
+    start = resume.snapshot(cache)
     # Where each row's generated tokens start (interpkv.steering's region="generated").
-    with calls.generation(cache.next_positions + mask.sum(dim=1)):
-        for step in range(max_new_tokens):
-            if records is None:
-                last = forward(
-                    model, step_input, cache=cache, attention_mask=step_mask, fwd_hooks=fwd_hooks, logits="last"
-                )[:, -1]
-            else:
-                last, record = _captured_step(model, step_input, cache, step_mask, fwd_hooks, capture)
-                records.append(record)
-            # last: (B, d_vocab), real for every running row (left padding)
-            chosen = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            running = ~finished
-            chosen = torch.where(running, chosen, torch.full_like(chosen, pad))
-            new_tokens.append(chosen)
-            new_mask.append(running.long())
-            if keep_logits:
-                kept_logits.append(last.clone())
-            if stop.numel():
-                finished = finished | (running & torch.isin(chosen, stop))
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            # A row's stop token is still fed (it is real); after that, padding only.
-            step_input, step_mask = chosen[:, None], running.long()[:, None]
-
-    resume.hold_back(cache, chosen, running)  # the last choice is not fed: held back
-
-    if tokens.is_floating_point():
-        prompt_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
-        prompt_mask = prompt_tokens
-    else:
-        prompt_tokens, prompt_mask = tokens.to(device), mask
-    empty = torch.empty(batch, 0, dtype=torch.long, device=device)
-    out_tokens = torch.cat([prompt_tokens, torch.stack(new_tokens, 1) if new_tokens else empty], 1)
-    out_mask = torch.cat([prompt_mask, torch.stack(new_mask, 1) if new_mask else empty], 1)
-    return Generation(
-        tokens=out_tokens,
-        attention_mask=out_mask,
-        prompt_length=prompt_tokens.shape[1],
-        finished=finished,
-        logits=torch.stack(kept_logits, 1) if keep_logits and kept_logits else None,
-        records=records,
-        tokenizer=tokenizer,
-        single=single,
-    )
+    generating = calls.generation(cache.next_positions + mask.sum(dim=1))
+    with generating:
+        try:
+            loop.run(max_new_tokens)
+        except BaseException as error:
+            if caller_cache:
+                settle(cache, start, loop, error)
+            attach(error, loop, tokens, mask, single)
+            raise
+        if loop.chosen is not None:
+            resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
+        record = None
+        if recorder is not None and loop.chosen is not None:
+            with cache.freeze():  # the held-back token's activations, without storing it
+                recorder.step(model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True)
+            record = recorder.record()
+    return loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
 
 
 def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Generation:

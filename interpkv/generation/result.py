@@ -40,7 +40,12 @@ class Generation:
         records: one :class:`~interpkv.diagnostics.record.Record` per step when ``capture``
             was given (else None): the captured hook points and the logits of
             that step's new tokens, at their absolute positions (earlier
-            positions are NaN; ``record.valid`` marks the step's tokens).
+            positions hold 0; ``record.valid`` marks the step's tokens). Cut
+            from :attr:`record` when a step is read.
+        record: with ``capture``, ONE Record over every position of
+            ``tokens`` (``[batch, history + prompt + new]`` at absolute
+            positions; a left-padded row has fewer). ``record.to_activation_cache(model)``
+            is ``run_with_cache(tokens)``'s cache (row by row without the padding).
         tokenizer: the model's tokenizer at generation time (None without one),
             which :attr:`text` and :attr:`new_text` decode with.
         single: the prompt was one string or one ``[pos]`` row of ids (or a
@@ -52,9 +57,10 @@ class Generation:
     prompt_length: int
     finished: Bool[Tensor, "batch"]
     logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
-    records: Optional[List[Record]] = None
+    records: Optional[Sequence[Record]] = None
     tokenizer: Any = field(default=None, repr=False, compare=False)
     single: bool = False
+    record: Optional[Record] = field(default=None, repr=False, compare=False)
 
     @property
     def new_tokens(self) -> Int[Tensor, "batch new"]:
@@ -105,7 +111,7 @@ class Generation:
         extras = "".join(
             [
                 ", logits kept" if self.logits is not None else "",
-                f", {len(self.records)} step records" if self.records is not None else "",
+                f", {len(self.records)} step records + .record" if self.records is not None else "",
             ]
         )
         return (

@@ -23,7 +23,7 @@ max_new_tokens=0)``: that feeds every prompt token but the last and holds the
 last back.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Int
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
 
-__all__ = ["held_back", "hold_back", "NO_TOKEN"]
+__all__ = ["held_back", "hold_back", "snapshot", "restore", "NO_TOKEN"]
 
 NO_TOKEN = -1
 """``cache.next_tokens`` value of a row with nothing held back (it had stopped)."""
@@ -75,3 +75,14 @@ def hold_back(cache: KVCache, tokens: Int[Tensor, "batch"], real: Bool[Tensor, "
     cache.next_tokens = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
     cache.next_tokens_at = cache.next_positions.clone()
 
+
+
+def snapshot(cache: KVCache) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """What :func:`restore` puts back: the held-back tokens and where they are due."""
+    ids, due = cache.next_tokens, cache.next_tokens_at
+    return (None if ids is None else ids.clone(), None if due is None else due.clone())
+
+
+def restore(cache: KVCache, state: Tuple[Optional[Tensor], Optional[Tensor]]) -> None:
+    """Put back the held-back tokens of :func:`snapshot` (the cache's slots are the caller's to keep)."""
+    cache.next_tokens, cache.next_tokens_at = state

@@ -39,9 +39,13 @@ def test_compare_cached_equals_uncached(models, name):
     assert "hook_embed" in report.hooks[:3] and report.hooks[-1] == "logits"
     assert report.logits_max_abs < 1e-10
     assert report.kl < 1e-12
-    # Every hook was compared at every position of every row.
+    # Every hook was compared at every position it computed (all of them, but an
+    # expert's: only the tokens routed to it, by the Record's explicit mask).
+    reference = interpkv.capture(model, tokens_for(model))
     for hook in report.hooks:
-        assert not torch.isnan(report.stats[hook]["max_abs"]).any(), hook
+        compared = ~torch.isnan(report.stats[hook]["max_abs"])
+        assert torch.equal(compared, reference.computed(hook)), hook
+        assert compared.all() or ".experts." in hook, hook
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bloom"])
@@ -68,8 +72,9 @@ def test_capture_matches_transformer_lens_run_with_cache(models):
     for name, act in record.activations.items():
         ref = tl_cache[name]
         if name.endswith(("hook_attn_scores", "hook_pattern")):
-            assert torch.isnan(act[..., ~lower]).all(), name  # keys after the query: NaN
-            torch.testing.assert_close(act[..., lower], ref[..., lower], atol=1e-10, rtol=0)
+            # keys after the query: TL's masked value (0 pattern, attn.IGNORE scores)
+            assert torch.equal(act[..., ~lower], ref[..., ~lower]), name
+            torch.testing.assert_close(act, ref, atol=1e-10, rtol=0)
         else:
             torch.testing.assert_close(act, ref, atol=1e-10, rtol=0)
         checked += 1
@@ -105,8 +110,10 @@ def test_left_padding_is_recorded_at_absolute_positions(models, name):
             got = got[:, :, :8, :8]
         else:
             got = got[:, :8]
-            assert torch.isnan(record[hook][1, 8:]).all()
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=0, equal_nan=True)
+            assert (record[hook][1, 8:] == 0).all()  # never computed: 0, named by the mask
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert not record.computed(hook)[1, 8:].any() and record.computed(hook)[1, :8].all()
+    assert not torch.isnan(record["blocks.0.attn.hook_pattern"]).any()
     report = interpkv.compare(model, tokens, steps=[6, 1, 5], attention_mask=mask)
     assert report.ok(**TOL64)
     assert len(report.to_frame().query("hook == 'logits'")) == 12 + 8
@@ -144,7 +151,8 @@ def test_capture_continues_a_cache(models):
     torch.testing.assert_close(record.logits[:, 10:], whole.logits[:, 10:], atol=1e-10, rtol=0)
     pattern = record["blocks.1.attn.hook_pattern"]
     # Keys at positions 0..9 came from the cache's history.
-    torch.testing.assert_close(pattern[:, :, 10:], whole["blocks.1.attn.hook_pattern"][:, :, 10:], atol=1e-10, rtol=0, equal_nan=True)
+    torch.testing.assert_close(pattern[:, :, 10:], whole["blocks.1.attn.hook_pattern"][:, :, 10:], atol=1e-10, rtol=0)
+    assert (pattern[:, :, :10] == 0).all() and not record.computed("pattern", 1)[0, :10].any()
 
 
 def test_diff_float32_against_float64(models):

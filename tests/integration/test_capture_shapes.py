@@ -44,11 +44,12 @@ def test_moe_expert_hooks_are_scattered_to_the_routed_positions():
     _, ref = m.run_with_cache(tokens)
     record = interpkv.capture(m, tokens, steps=[4, 1, 5])
     routing = ref["blocks.0.mlp.hook_expert_indices"]  # (pos, k)
-    torch.testing.assert_close(record["blocks.0.mlp.hook_expert_indices"][0], routing.double())
+    torch.testing.assert_close(record["blocks.0.mlp.hook_expert_indices"][0], routing)
     for expert in range(m.cfg.num_experts):
         got = record[f"blocks.0.mlp.experts.{expert}.hook_post"][0]  # (pos, d_mlp)
         routed = (routing == expert).any(dim=-1)
-        assert torch.isnan(got[~routed]).all() and not torch.isnan(got[routed]).any()
+        done = record.computed(f"blocks.0.mlp.experts.{expert}.hook_post")[0]
+        assert torch.equal(done, routed) and (got[~routed] == 0).all() and not torch.isnan(got).any()
         _, order = torch.where((routing == expert).T)  # TransformerLens's row order
         torch.testing.assert_close(got[order], ref[f"blocks.0.mlp.experts.{expert}.hook_post"], atol=1e-10, rtol=0)
 

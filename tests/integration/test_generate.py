@@ -210,13 +210,20 @@ def test_generation_ends_when_every_row_stopped_and_pads_with_the_first_stop_tok
     assert out.new_tokens[padded].eq(stops[0]).all()
 
 
-# ------------------------------------------------------------------ misuse
-def test_right_padding_is_rejected_naming_the_rows():
-    m = model("gpt2", F64)
+# ------------------------------------------------------------------ padding
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bloom"])
+def test_right_padding_with_a_mask_continues_each_row_from_its_last_real_token(name):
+    """Regression: a right-padded prompt with its mask used to be refused ("pad on the LEFT")."""
+    m = model(name, F64)
     tokens, mask = prompts(m.cfg.d_vocab)
-    mask = mask.flip(1)
-    with pytest.raises(ValueError, match=r"rows \[1, 2\].*LEFT"):
-        interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=2)
+    mask = mask.flip(1)  # rows 1 and 2 padded on the right
+    out = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=STEPS, keep_logits=True)
+    for row in range(3):
+        alone = interpkv.generate(m, tokens[row][mask[row] == 1], max_new_tokens=STEPS, keep_logits=True)
+        assert torch.equal(out.new_tokens[row], alone.new_tokens[0]), row
+        assert (out.logits[row] - alone.logits[0]).abs().max() < TOL[F64]
+        real = out.tokens[row][out.attention_mask[row] == 1]
+        assert torch.equal(real, alone.tokens[0])  # laid out left-padded, same real tokens
 
 
 def test_top_k_without_temperature_is_an_error():

@@ -156,13 +156,13 @@ class _Hooks:
         self.sink.activation(name, act, self.q_pos, None)
 
     def check_finite(self, model: nn.Module) -> None:
-        """Raise when the model returned NaN at a real token (a Record reads NaN as "absent")."""
+        """Raise when the model returned NaN at a real token (no comparison can tell it from the reference)."""
         if self.nonfinite is None:
             return
         name, row, pos = self.nonfinite
         raise ValueError(
             f"{type(model).__name__} returned NaN at a real token ({name}, batch row {row}, position "
-            f"{pos}); a Record marks absent entries with NaN, so this run cannot be compared. Seen with "
+            f"{pos}); NaN compares to nothing, so this run cannot be compared. Seen with "
             "transformers' eager attention in float64 under left padding: the float64 mask minimum becomes "
             "-inf in its float32 softmax, fully masked padding rows turn NaN, and NaN reaches real tokens "
             "through zero-weighted values. Run in float32, or without padding"

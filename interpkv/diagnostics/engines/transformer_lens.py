@@ -104,7 +104,7 @@ class _Feeder:
             self.skipped.add(name)
             self.sink.skip(name, placed)
             return
-        self.sink.activation(name, placed, q_pos, None)
+        self.sink.activation(name, placed, self.layouts.positions(name, q_pos), None)
 
 
 def run(

@@ -1,0 +1,56 @@
+"""TransformerLens's ``names_filter=`` next to interpkv's ``names=``.
+
+Every entry point that takes ``names=`` (:func:`interpkv.capture`,
+:func:`interpkv.compare`, ``generate(capture=...)``) also takes
+``names_filter=`` with ``run_with_cache``'s meaning:
+
+- a string: exactly that hook (``names=`` takes a string as a *substring*);
+- a list of strings: exactly those hooks;
+- a callable ``name -> bool``: used as is;
+- None: every hook.
+
+Giving both is refused: one selection, said once.
+"""
+
+from typing import Callable, Sequence, Union
+
+__all__ = ["resolve_names", "NamesFilter"]
+
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+
+def resolve_names(names: NamesFilter, names_filter: NamesFilter, *, names_kw: str = "names") -> NamesFilter:
+    """The one selection to use, as interpkv's ``names`` takes it.
+
+    Args:
+        names: interpkv's ``names=`` (a string there is a substring).
+        names_filter: TransformerLens's ``names_filter=`` (a string there is an exact name).
+        names_kw: how the caller spells ``names`` (``"capture"`` for generate), for the error.
+
+    Raises:
+        ValueError: both were given.
+        TypeError: ``names_filter`` is of another kind.
+
+    >>> resolve_names(None, "blocks.0.hook_resid_pre")
+    ['blocks.0.hook_resid_pre']
+    >>> resolve_names("resid_pre", None)
+    'resid_pre'
+    """
+    if names_filter is None:
+        return names
+    if names is not None:
+        raise ValueError(
+            f"got both {names_kw}={names!r} and names_filter={names_filter!r}; they select the same "
+            f"thing: pass one (names_filter= keeps TransformerLens's meaning, a string is an exact name)"
+        )
+    if isinstance(names_filter, str):
+        return [names_filter]  # TransformerLens: ``lambda name: name == names_filter``
+    if callable(names_filter):
+        return names_filter
+    if isinstance(names_filter, (list, tuple, set)) and all(isinstance(n, str) for n in names_filter):
+        return list(names_filter)
+    raise TypeError(
+        "names_filter must be a hook name, a list of hook names or a callable name -> bool "
+        f"(as in run_with_cache), got {type(names_filter).__name__}"
+    )
+
