@@ -286,10 +286,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report", parents=[debug])
     demo.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
     args = parser.parse_args(argv)
+    from interpkv.cli.runtime import torch_threads, zoo_only
+
+    # Zoo models are tiny: one intra-op thread (see interpkv.cli.runtime); a user's HF directory keeps the caller's.
+    threads = 1 if args.command == "demo" or zoo_only(args.models) else None
     try:
-        if args.command == "check":
-            return _check(args.models, args.dtype, args.html, args.debug, args.engine)
-        return _demo(args.html)
+        with torch_threads(threads):
+            if args.command == "check":
+                return _check(args.models, args.dtype, args.html, args.debug, args.engine)
+            return _demo(args.html)
     except (_Failure, ValueError) as exc:
         if args.debug:
             raise

@@ -138,3 +138,29 @@ def test_demo_generation_is_identical_with_and_without_cache():
     result = checks.check_generation(cli.GENERATION_MODEL, cli.GENERATION_PROMPT, max_new_tokens=20)
     assert result.identical and len(result.cached) == 20
     assert "\ufffd" not in result.cached  # decodable characters only
+
+
+def test_zoo_checks_run_on_one_torch_thread_and_give_the_callers_back(capsys, monkeypatch):
+    # Tiny zoo models: a thread pool only adds spin-wait time (interpkv.cli.runtime).
+    seen, original = [], checks.check_model
+    monkeypatch.setattr(checks, "check_model", lambda *a, **k: (seen.append(torch.get_num_threads()), original(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        status, _, _ = run(capsys, "check", "gpt2")
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert status == 0 and seen == [1] and after == 2
+
+
+def test_a_run_naming_an_hf_directory_keeps_the_callers_threads():
+    from interpkv.cli.runtime import torch_threads, zoo_only
+
+    assert zoo_only([]) and zoo_only(["gpt2", "llama"]) and not zoo_only(["gpt2", "./my-model"])
+    before = torch.get_num_threads()
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with torch_threads(1):
+        torch.set_num_threads(2)  # even a block that changes it hands the caller's count back
+    assert torch.get_num_threads() == before
