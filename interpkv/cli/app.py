@@ -98,7 +98,8 @@ def _resolve(models: Sequence[str]) -> List[str]:
     return list(models) or zoo.names()
 
 
-def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv") -> list:
+def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv", built=None) -> list:
+    """Each model's check; ``built``: the run's :class:`~interpkv.cli.runtime.Models` (default: fresh loads)."""
     from interpkv import zoo
     from interpkv.cli.checks import check_hf_dir, check_zoo
     from interpkv.cli.inputs import load_error, quiet_hf
@@ -107,9 +108,9 @@ def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str =
         if engine != "interpkv":
             from interpkv.cli.engine_checks import check_engine
 
-            return check_engine(model, engine, dtype=dtype)
+            return check_engine(model, engine, dtype=dtype, models=built)
         if model in zoo.names():
-            return check_zoo([model], dtype=dtype)[0]
+            return check_zoo([model], dtype=dtype, models=built)[0]
         try:
             with quiet_hf():
                 return check_hf_dir(model, dtype=dtype)
@@ -171,14 +172,16 @@ def _demo(html: Optional[str]) -> int:
     from interpkv import zoo
     from interpkv.cli.checks import BUG_ZOO, check_fault, check_generation
     from interpkv.cli.inputs import check_writable
+    from interpkv.cli.runtime import Models
 
     if html:
         check_writable(html)
     console = _console()
-    checks = _run_checks(zoo.names(), torch.float32)
+    built = Models()  # each zoo model built once, read by every section below
+    checks = _run_checks(zoo.names(), torch.float32, built=built)
     console.print(_check_table(checks, "interpkv: cached vs uncached vs HuggingFace (float32)"))
     _hf_notes(console, checks)
-    faults = _progress(list(BUG_ZOO), lambda pair: check_fault(*pair), "bug zoo")
+    faults = _progress(list(BUG_ZOO), lambda pair: check_fault(*pair, models=built), "bug zoo")
     console.print(_fault_table(faults))
 
     generation = None
@@ -191,7 +194,7 @@ def _demo(html: Optional[str]) -> int:
     else:
         console.print("\n(no trained zoo model ships yet: generation demo skipped)")
 
-    other = _demo_other_implementations(console)
+    other = _demo_other_implementations(console, built)
 
     if html:
         from interpkv.cli import html as report
@@ -226,8 +229,8 @@ def _command() -> str:
     return "interpkv " + " ".join(shlex.quote(a) for a in _ARGV)
 
 
-def _demo_other_implementations(console):
-    """Demo section "other implementations": TransformerLens's and HF's own caches audited."""
+def _demo_other_implementations(console, built):
+    """Demo section "other implementations": TransformerLens's and HF's own caches, audited on the run's models."""
     from interpkv.cli.engine_checks import OtherImplementations, check_engine, engine_faults
     from interpkv.diagnostics.engines import findings as tl_findings
 
@@ -236,11 +239,12 @@ def _demo_other_implementations(console):
     other = OtherImplementations()
     other.known_mismatch = {f"{n} (transformer_lens)" for n in zoo.names() if zoo.info(n)["tl_pair_note"]}
     for engine, models in (("transformer_lens", zoo.names()), ("hf", [n for n in zoo.pairs() if n in zoo.names()])):
-        other.checks += _progress(list(models), lambda m, e=engine: check_engine(m, e), f"engine {engine}")
+        audit = lambda m, e=engine: check_engine(m, e, models=built)  # noqa: E731
+        other.checks += _progress(list(models), audit, f"engine {engine}")
     console.print(_check_table(other.checks, "other implementations: their own caches, cached vs uncached (float32)"))
-    other.faults = _progress(["engine faults"], lambda _: engine_faults(), "engine faults")[0]
+    other.faults = _progress(["engine faults"], lambda _: engine_faults(models=built), "engine faults")[0]
     console.print(_fault_table(other.faults, "engine faults: a stored key corrupted in each engine's cache update"))
-    other.findings = tl_findings.all_findings()
+    other.findings = tl_findings.all_findings(load_pair=built.pair)
     from rich.table import Table
 
     table = Table(title="TransformerLens 3.x cache findings, checked against HF (teacher forcing)")

@@ -28,6 +28,7 @@ from interpkv.tolerances import DEFAULT_ATOL
 from interpkv.core.forward import forward
 from interpkv.generation.result import GenerationDiff
 from interpkv.cli.hf import hf_difference, hf_logits
+from interpkv.cli.runtime import Models
 
 HookedTransformer = _tl.HookedTransformer
 PreTrainedModel = "transformers.PreTrainedModel"
@@ -179,16 +180,19 @@ def check_model(
     )
 
 
-def check_zoo(names: Sequence[str] = (), *, dtype: torch.dtype = torch.float32) -> List[CheckResult]:
-    """Check the named zoo models (default: all of them)."""
+def check_zoo(
+    names: Sequence[str] = (), *, dtype: torch.dtype = torch.float32, models: Optional[Models] = None
+) -> List[CheckResult]:
+    """Check the named zoo models (default: all of them).
+
+    ``models``: the run's :class:`~interpkv.cli.runtime.Models` (default: each model loaded fresh).
+    """
     from interpkv import zoo
 
+    models = Models.of(models)
     results = []
     for name in names or zoo.names():
-        if name in zoo.pairs():
-            model, hf = zoo.load_pair(name, dtype=dtype)
-        else:
-            model, hf = zoo.load(name, dtype=dtype), None
+        model, hf = models.with_twin(name, dtype)
         results.append(check_model(model, label=name, hf=hf))
     return results
 
@@ -276,13 +280,15 @@ shows at a different hook."""
 _FAULT_STEPS = (8, 1, 1, 4)  # a prefill, two single tokens, a chunk: first cached position 8
 
 
-def check_fault(fault: str, model_name: str, *, seed: int = 0) -> FaultResult:
+def check_fault(fault: str, model_name: str, *, seed: int = 0, models: Optional[Models] = None) -> FaultResult:
     """Inject ``fault`` on zoo model ``model_name`` (float64) and localize it.
 
     Args:
         fault: a name from :func:`interpkv.faults.names`.
         model_name: a zoo model the fault applies to.
         seed: seed of the random tokens.
+        models: the run's :class:`~interpkv.cli.runtime.Models` (default: a fresh model);
+            the fault is undone when its block exits.
 
     Returns:
         A :class:`FaultResult`; ``caught`` is True when ``first_divergence``
@@ -294,10 +300,9 @@ def check_fault(fault: str, model_name: str, *, seed: int = 0) -> FaultResult:
         (True, 'blocks.0.attn.hook_rot_q@8')
     """
     from interpkv import faults
-    from interpkv import zoo
     from interpkv.core.schemes import scheme_for
 
-    model = zoo.load(model_name, dtype=torch.float64)
+    model = Models.of(models).load(model_name, torch.float64)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.cfg.d_vocab, (1, sum(_FAULT_STEPS)), generator=gen)
     tol = COMPARE_TOL[torch.float64]
@@ -314,9 +319,9 @@ def check_fault(fault: str, model_name: str, *, seed: int = 0) -> FaultResult:
     )
 
 
-def bug_zoo(pairs: Sequence[Tuple[str, str]] = BUG_ZOO) -> List[FaultResult]:
+def bug_zoo(pairs: Sequence[Tuple[str, str]] = BUG_ZOO, *, models: Optional[Models] = None) -> List[FaultResult]:
     """:func:`check_fault` for every ``(fault, model)`` pair (default :data:`BUG_ZOO`)."""
-    return [check_fault(fault, model) for fault, model in pairs]
+    return [check_fault(fault, model, models=models) for fault, model in pairs]
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ import torch
 
 from interpkv.cli.hf import hf_difference
 from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, hf_logits
+from interpkv.cli.runtime import Models
 from interpkv.diagnostics import engines
 from interpkv.tolerances import DEFAULT_ATOL
 
@@ -52,17 +53,15 @@ class OtherImplementations:
         )
 
 
-def _load(model: str, engine: str, dtype: torch.dtype):
+def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     """``(model to run, HF twin or None, label)`` for a zoo name or an HF directory."""
     from interpkv import zoo
 
     if model in zoo.names():
-        if engine == "hf" or model in zoo.pairs():
-            if model not in zoo.pairs():
-                raise ValueError(f"zoo model {model!r} has no HF twin; engine='hf' needs one of {', '.join(zoo.pairs())}")
-            tl, hf = zoo.load_pair(model, dtype=dtype)
-            return (hf, None, model) if engine == "hf" else (tl, hf, model)
-        return zoo.load(model, dtype=dtype), None, model
+        if engine == "hf" and model not in zoo.pairs():
+            raise ValueError(f"zoo model {model!r} has no HF twin; engine='hf' needs one of {', '.join(zoo.pairs())}")
+        tl, hf = models.with_twin(model, dtype)
+        return (hf, None, model) if engine == "hf" else (tl, hf, model)
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(
             f"{model!r} is not a HuggingFace model directory (no config.json); pass a zoo name "
@@ -82,7 +81,9 @@ def _vocab(model) -> int:
     return cfg.d_vocab if cfg is not None else model.config.get_text_config().vocab_size
 
 
-def check_engine(model: str, engine: str, *, dtype: torch.dtype = torch.float32, length: int = 24) -> CheckResult:
+def check_engine(
+    model: str, engine: str, *, dtype: torch.dtype = torch.float32, length: int = 24, models: Optional[Models] = None
+) -> CheckResult:
     """Check ``engine``'s own cache on a zoo model or an HF directory.
 
     Args:
@@ -90,12 +91,16 @@ def check_engine(model: str, engine: str, *, dtype: torch.dtype = torch.float32,
         engine: ``"interpkv"``, ``"transformer_lens"`` or ``"hf"``.
         dtype: float32 or float64.
         length: tokens per row.
+        models: the run's :class:`~interpkv.cli.runtime.Models` for zoo names (default: loaded fresh).
     """
     from interpkv.cli.checks import check_hf_dir, check_zoo
 
+    models = Models.of(models)
     if engine == "interpkv":
-        return check_zoo([model], dtype=dtype)[0] if not os.path.isdir(model) else check_hf_dir(model, dtype=dtype)
-    run, hf, label = _load(model, engine, dtype)
+        if os.path.isdir(model):
+            return check_hf_dir(model, dtype=dtype)
+        return check_zoo([model], dtype=dtype, models=models)[0]
+    run, hf, label = _load(model, engine, dtype, models)
     tokens, mask = _inputs(_vocab(run), length, 0)
     half = length // 2
     splits = [half, 1, 1, 1, length - half - 3]
@@ -143,15 +148,21 @@ ENGINE_FAULT_CASES: Tuple[Tuple[str, str, int], ...] = (
 _STEPS = (8, 1, 1, 4)
 
 
-def engine_faults(cases: Sequence[Tuple[str, str, int]] = ENGINE_FAULT_CASES) -> List[FaultResult]:
-    """``corrupt_stored_key`` planted in each engine's cache update (float64), localized by compare."""
-    from interpkv import zoo
+def engine_faults(
+    cases: Sequence[Tuple[str, str, int]] = ENGINE_FAULT_CASES, *, models: Optional[Models] = None
+) -> List[FaultResult]:
+    """``corrupt_stored_key`` planted in each engine's cache update (float64), localized by compare.
+
+    ``models``: the run's :class:`~interpkv.cli.runtime.Models` (default: loaded fresh); the
+    fault patches the engine's cache class, not the model, and is undone when its block exits.
+    """
     from interpkv.diagnostics.engines import faults
 
+    models = Models.of(models)
     results = []
     tol = COMPARE_TOL[torch.float64]
     for engine, name, layer in cases:
-        tl, hf = zoo.load_pair(name, dtype=torch.float64)
+        tl, hf = models.pair(name, torch.float64)
         model = hf if engine == "hf" else tl
         tokens = torch.randint(0, 97, (1, sum(_STEPS)), generator=torch.Generator().manual_seed(0))
         with faults.inject(model, engine=engine, layer=layer) as fault:

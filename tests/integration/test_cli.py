@@ -131,6 +131,26 @@ def test_demo_prints_every_section_and_writes_the_report(capsys, tmp_path, monke
     assert "2 passing</span>" in page and "gpt2, bloom" in page
     if cli.GENERATION_MODEL in zoo.trained_names():
         assert "generation identical" in verdict and 'data-figure="generation:' in page
+    # Every section and verdict is still there (the demo shares models between them, see cli/runtime).
+    for title in (
+        "interpkv: cached vs uncached vs HuggingFace (float32)",
+        "bug zoo: known cache bugs, injected and localized (float64)",
+        "other implementations: their own caches, cached vs uncached (float32)",
+        "engine faults: a stored key corrupted in each engine's cache update",
+        "TransformerLens 3.x cache findings, checked against HF (teacher forcing)",
+    ):
+        assert title in out, title
+    for engine_row in ("gpt2 (transformer_lens)", "bloom (transformer_lens)", "gpt2 (hf)", "bloom (hf)"):
+        assert engine_row in out, engine_row
+    for finding in ("ALiBi slopes, 6 heads", "generate, learned positions", "stale ALiBi matrix"):
+        assert finding in out, finding
+    summary = ("other implementations: 4/4 engine checks pass, 4/4 engine faults caught, "
+               "3/3 TransformerLens findings verified")
+    assert summary in out and verdict.endswith("other implementations pass" + (
+        "; generation identical" if cli.GENERATION_MODEL in zoo.trained_names() else ""))
+    for heading in ("<h2>Cached vs uncached vs HuggingFace</h2>", "<h2>Bug zoo: known cache bugs, injected and localized</h2>",
+                    "<h2>Other implementations: TransformerLens's and HuggingFace's own caches</h2>"):
+        assert heading in page, heading
 
 
 @pytest.mark.skipif(cli.GENERATION_MODEL not in zoo.trained_names(), reason="no trained zoo weights on this branch")
@@ -164,3 +184,42 @@ def test_a_run_naming_an_hf_directory_keeps_the_callers_threads():
     with torch_threads(1):
         torch.set_num_threads(2)  # even a block that changes it hands the caller's count back
     assert torch.get_num_threads() == before
+
+
+def _untouched(model, fresh) -> list:
+    """What differs between a model and a fresh load of it: weights, hooks, overridden methods, TL's ALiBi memo."""
+    problems = [k for k, v in fresh.state_dict().items() if not torch.equal(model.state_dict()[k], v)]
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks or {"forward", "get_residual"} & set(vars(module)):
+            problems.append(f"{name or type(model).__name__}: hook or patched method left behind")
+        if getattr(module, "fwd_hooks", None) or getattr(module, "bwd_hooks", None):
+            problems.append(f"{name}: TransformerLens hook left behind")
+    for block, fresh_block in zip(getattr(model, "blocks", ()), getattr(fresh, "blocks", ())):
+        if getattr(block.attn, "alibi", None) is not None and getattr(fresh_block.attn, "alibi", None) is None:
+            problems.append("a memoized ALiBi matrix left behind")
+    return problems
+
+
+def test_demo_sections_leave_the_models_they_share_as_they_found_them():
+    # interpkv demo builds each zoo model once and hands it to every section (cli/runtime.Models):
+    # safe only because no section changes a model it is handed.
+    from interpkv.cli.engine_checks import check_engine, engine_faults
+    from interpkv.cli.runtime import Models
+    from interpkv.diagnostics.engines import findings
+
+    built = Models()
+    first = checks.bug_zoo(models=built)
+    checks.check_zoo(["bloom", "llama"], models=built)
+    for engine in ("transformer_lens", "hf"):
+        check_engine("bloom", engine, models=built)
+    engine_faults(models=built)
+    findings.all_findings(load_pair=built.pair)
+    assert {("bloom", torch.float64), ("gpt2", torch.float64), ("bloom6", torch.float64)} <= set(built._built)
+    for (name, dtype), (tl, hf) in built._built.items():
+        fresh_tl, fresh_hf = Models(shared=False).with_twin(name, dtype)
+        assert _untouched(tl, fresh_tl) == [], (name, dtype)
+        assert hf is None or _untouched(hf, fresh_hf) == [], (name, dtype)
+    again = checks.bug_zoo(models=built)  # and the same models still give the same answers
+    assert [(r.found_label, r.report.logits_max_abs) for r in again] == [
+        (r.found_label, r.report.logits_max_abs) for r in first
+    ]

@@ -22,7 +22,7 @@ real only when the HF check agrees (``Finding.verified``).
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,22 @@ from interpkv.tolerances import HF_LOGITS, SITE
 __all__ = ["Finding", "alibi_slopes_not_power_of_two", "generate_learned_positions", "stale_alibi", "all_findings"]
 
 _CROSS_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+
+LoadPair = Callable[[str, torch.dtype], Tuple[object, object]]
+"""``load_pair(name, dtype) -> (HookedTransformer, HF model)``: where a finding gets its zoo pair.
+
+The default loads a fresh pair (:func:`interpkv.zoo.load_pair`); ``interpkv demo`` passes the
+pairs its other sections already built (``interpkv.cli.runtime.Models.pair``). A finding only
+reads the pair it is given: TransformerLens runs restore the memoized ALiBi state
+(:func:`~interpkv.diagnostics.engines.transformer_lens.isolated_state`), and the one finding
+that changes a model on purpose (:func:`stale_alibi`) loads its own TransformerLens model.
+"""
+
+
+def _fresh_pair(name: str, dtype: torch.dtype):
+    from interpkv import zoo
+
+    return zoo.load_pair(name, dtype=dtype)
 
 
 @dataclass
@@ -85,17 +101,17 @@ def _tl_vs_hf(tl, hf, tokens, steps=None):
     return diff(_centered(a), _centered(b))
 
 
-def alibi_slopes_not_power_of_two(name: str = "bloom6", control: str = "bloom") -> Finding:
+def alibi_slopes_not_power_of_two(
+    name: str = "bloom6", control: str = "bloom", *, load_pair: LoadPair = _fresh_pair
+) -> Finding:
     """TL's cached Bloom with 6 heads against HF (float64, teacher forcing); ``control`` has 4 heads."""
-    from interpkv import zoo
-
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
     steps = [8, 1, 1, 4]
     tol = HF_LOGITS[torch.float64]  # another implementation: other kernels, HF's float32 softmax/ALiBi
-    tl, hf = zoo.load_pair(name, dtype=torch.float64)
+    tl, hf = load_pair(name, torch.float64)
     report = _tl_vs_hf(tl, hf, tokens, steps)
     own = engines.compare(tl, tokens, steps=steps, engine="transformer_lens")
-    control_report = _tl_vs_hf(*zoo.load_pair(control, dtype=torch.float64), tokens, steps)
+    control_report = _tl_vs_hf(*load_pair(control, torch.float64), tokens, steps)
     site = report.first_divergence(atol=tol, rtol=tol)
     evidence = {
         f"max |dlogit| TL cached vs HF ({name})": report.logits_max_abs,
@@ -115,13 +131,14 @@ def _tight():
     return dict(atol=SITE[torch.float64], rtol=SITE[torch.float64])
 
 
-def generate_learned_positions(name: str = "gpt2", prompt: int = 8, new: int = 6) -> Finding:
+def generate_learned_positions(
+    name: str = "gpt2", prompt: int = 8, new: int = 6, *, load_pair: LoadPair = _fresh_pair
+) -> Finding:
     """``HookedTransformer.generate`` (cache on, no tokenizer) against an uncached run on its own tokens."""
-    from interpkv import zoo
     from interpkv.cli.checks import hf_logits
     from interpkv.diagnostics.engines import transformer_lens as tle
 
-    tl, hf = zoo.load_pair(name, dtype=torch.float64)
+    tl, hf = load_pair(name, torch.float64)
     tokens = torch.randint(0, 97, (1, prompt), generator=torch.Generator().manual_seed(0))
     sink, generated = tle.run_generate(tl, tokens, _RecordBuilder, max_new_tokens=new)
     fed = generated[:, :-1]  # the last generated token is never fed back
@@ -146,15 +163,21 @@ def generate_learned_positions(name: str = "gpt2", prompt: int = 8, new: int = 6
     )
 
 
-def stale_alibi(name: str = "bloom", long_call: int = 512, dtype: torch.dtype = torch.bfloat16) -> Finding:
-    """A TL ALiBi model audited after an earlier ``long_call``-token call, in ``dtype``."""
+def stale_alibi(
+    name: str = "bloom", long_call: int = 512, dtype: torch.dtype = torch.bfloat16, *, load_pair: LoadPair = _fresh_pair
+) -> Finding:
+    """A TL ALiBi model audited after an earlier ``long_call``-token call, in ``dtype``.
+
+    Only the float64 HF reference comes from ``load_pair``: the TransformerLens model
+    is loaded fresh, because the finding leaves a stale ALiBi matrix on it.
+    """
     from interpkv import zoo
     from interpkv.cli.checks import hf_logits
 
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
     steps = [8, 1, 1, 4]
-    _, hf = zoo.load_pair(name, dtype=torch.float64)
-    tl = zoo.load(name, dtype=dtype)
+    _, hf = load_pair(name, torch.float64)
+    tl = zoo.load(name, dtype=dtype)  # its own: changed on purpose below
     teacher = hf_logits(hf, tokens, torch.ones_like(tokens))
 
     def vs_hf() -> float:
@@ -184,6 +207,10 @@ def stale_alibi(name: str = "bloom", long_call: int = 512, dtype: torch.dtype = 
     )
 
 
-def all_findings() -> List[Finding]:
+def all_findings(*, load_pair: LoadPair = _fresh_pair) -> List[Finding]:
     """Every finding above, with its defaults (what ``interpkv demo`` shows)."""
-    return [alibi_slopes_not_power_of_two(), generate_learned_positions(), stale_alibi()]
+    return [
+        alibi_slopes_not_power_of_two(load_pair=load_pair),
+        generate_learned_positions(load_pair=load_pair),
+        stale_alibi(load_pair=load_pair),
+    ]
