@@ -21,6 +21,7 @@ from interpkv.cli.hf import hf_difference
 from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, hf_logits
 from interpkv.cli.runtime import Models
 from interpkv.diagnostics import engines
+from interpkv.diagnostics.capture import _RecordBuilder
 from interpkv.tolerances import DEFAULT_ATOL
 
 __all__ = ["check_engine", "engine_faults", "ENGINE_FAULT_CASES", "OtherImplementations"]
@@ -51,6 +52,16 @@ class OtherImplementations:
             f"{sum(f.caught for f in self.faults)}/{len(self.faults)} engine faults caught, "
             f"{sum(f.verified for f in self.findings)}/{len(self.findings)} TransformerLens findings verified"
         )
+
+
+class _Logits(_RecordBuilder):
+    """A record of a run's logits only (activations are not kept)."""
+
+    def activation(self, name, act, q_pos, k_pos) -> None:
+        pass
+
+    def skip(self, name, reason) -> None:
+        pass
 
 
 def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
@@ -104,10 +115,13 @@ def check_engine(
     tokens, mask = _inputs(_vocab(run), length, 0)
     half = length // 2
     splits = [half, 1, 1, 1, length - half - 3]
-    report = engines.compare(run, tokens, steps=splits, attention_mask=mask, engine=engine)
+    kept: List[_Logits] = []  # the compared cached run's logits, for the HF column (not a second cached run)
+    keep = lambda valid: kept.append(_Logits(valid)) or kept[0]  # noqa: E731
+    also = None if hf is None else keep
+    report = engines.compare(run, tokens, steps=splits, attention_mask=mask, engine=engine, also=also)
     max_hf = None
     if hf is not None:
-        cached = engines.capture(run, tokens, steps=splits, attention_mask=mask, engine=engine, names=[])
+        cached = kept[0].record({})
         real = mask.bool()
         rows, cols = real.nonzero(as_tuple=True)
         positions = cached.valid.nonzero(as_tuple=True)  # same order: row-major, one entry per real token

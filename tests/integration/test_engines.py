@@ -241,3 +241,27 @@ def test_fwd_hooks_with_another_engine_are_refused_by_name():
     hook = ("blocks.0.hook_resid_post", lambda x, hook: x)
     with pytest.raises(ValueError, match="engine='transformer_lens'"):
         interpkv.compare(model, torch.arange(1, 9)[None], steps=[4, 4], engine="transformer_lens", fwd_hooks=[hook])
+
+
+@pytest.mark.parametrize("engine", ["transformer_lens", "hf"])
+def test_compare_also_sees_the_cached_run_it_compares(engine):
+    # check_engine takes the HF column's cached logits from the compared run (engines.compare(also=...))
+    # instead of running the cached chunks a second time: they must be that run's, at absolute positions.
+    # float32 with padding, as check_engine runs (HF float64 eager attention turns padded rows NaN).
+    model = _model("llama", engine, torch.float32)
+    tokens = _tokens(batch=2)
+    mask = _padded_mask(tokens)
+    kept = []
+    report = engines.compare(
+        model, tokens, steps=STEPS, attention_mask=mask, engine=engine,
+        also=lambda valid: kept.append(_RecordBuilder(valid)) or kept[0],
+    )
+    seen = kept[0].record({})
+    again = engines.capture(model, tokens, steps=STEPS, attention_mask=mask, engine=engine)
+    assert report.ok(**_tol("llama", engine, torch.float32)) and len(kept) == 1
+    same = dict(rtol=0, atol=0, equal_nan=True)  # the same run: bit for bit (NaN = no token there)
+    assert torch.equal(seen.valid, again.valid) and seen.logits.isfinite().any()
+    torch.testing.assert_close(seen.logits, again.logits, **same)
+    assert seen.activations.keys() == again.activations.keys()
+    for name, act in again.activations.items():
+        torch.testing.assert_close(seen.activations[name], act, **same, msg=name)

@@ -28,7 +28,7 @@ from interpkv.diagnostics.capture import run as _run_interpkv
 from interpkv.diagnostics.record import Record
 from interpkv.diagnostics.report import DivergenceReport
 
-__all__ = ["ENGINES", "resolve", "run", "capture", "compare"]
+__all__ = ["ENGINES", "resolve", "run", "capture", "compare", "Tee"]
 
 ENGINES = ("interpkv", "transformer_lens", "hf")
 
@@ -131,6 +131,32 @@ def capture(
     return sink.record(meta)
 
 
+class Tee(Sink):
+    """Hands each call of a run to every one of ``sinks``; :meth:`report` is the first one's."""
+
+    def __init__(self, *sinks: Sink):
+        self.sinks = sinks
+
+    def activation(self, name, act, q_pos, k_pos) -> None:
+        for sink in self.sinks:
+            sink.activation(name, act, q_pos, k_pos)
+
+    def logits(self, logits, q_pos) -> None:
+        for sink in self.sinks:
+            sink.logits(logits, q_pos)
+
+    def skip(self, name, reason) -> None:
+        for sink in self.sinks:
+            sink.skip(name, reason)
+
+    def finish(self) -> None:
+        for sink in self.sinks:
+            sink.finish()
+
+    def report(self) -> DivergenceReport:
+        return self.sinks[0].report()
+
+
 def compare(
     model,
     tokens: Tensor,
@@ -141,11 +167,15 @@ def compare(
     engine: Optional[str] = None,
     cache=None,
     fwd_hooks: Sequence = (),
+    also: Optional[Callable[[Tensor], Sink]] = None,
 ) -> DivergenceReport:
     """``engine``'s cached run against its uncached run: the one implementation of :func:`interpkv.compare`.
 
     The uncached reference is recorded first; the cached run is then compared
     against it hook by hook as it fires (``fwd_hooks`` active in both runs).
+    ``also(valid)``, if given, builds a second sink that sees the cached run
+    too (:class:`Tee`), for a caller that needs more of that run than the
+    report (e.g. its logits) without running it again.
     """
     from interpkv.diagnostics.compare import _Comparator
 
@@ -154,10 +184,15 @@ def compare(
     reference = capture(
         model, tokens, engine=engine, attention_mask=attention_mask, names=names, fwd_hooks=fwd_hooks
     )
+
+    def sinks(valid: Tensor) -> Sink:
+        comparator = _Comparator(reference, valid)
+        return comparator if also is None else Tee(comparator, also(valid))
+
     sink = run(
         model,
         tokens,
-        lambda valid: _Comparator(reference, valid),
+        sinks,
         engine=engine,
         steps=steps,
         attention_mask=attention_mask,
