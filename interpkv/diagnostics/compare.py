@@ -45,6 +45,7 @@ class _Comparator(Sink):
         self.pending: Dict[str, list] = {}
         self.pending_sites: Dict[str, int] = {}
         self._memo = None
+        self._key_memo = None
 
     def activation(self, name, act, q_pos, k_pos):
         self.seen[name] = None
@@ -52,7 +53,9 @@ class _Comparator(Sink):
             return
         check_shapes(name, act, self.reference[name])
         # ``act`` is already a private copy (see interpkv.diagnostics.capture.run).
-        sites = self._sites(q_pos) if k_pos is None else None
+        # Sites (attention hooks: their rows and whether the keys are plain) are
+        # worked out once per chunk: every hook of a chunk shares q_pos and k_pos.
+        sites = self._sites(q_pos) if k_pos is None else (self._sites(q_pos)[0], self._keys(q_pos, k_pos))
         self._push(name, (act, q_pos, k_pos, sites))
 
     def skip(self, name, reason):
@@ -78,12 +81,30 @@ class _Comparator(Sink):
     def _sites(self, q_pos: Tensor):
         """Rows, chunk columns and absolute positions of a chunk's real tokens.
 
-        Memoized on the chunk's ``q_pos`` object, which every hook of a chunk shares.
+        Memoized on the chunk's ``q_pos`` object, which every hook of a chunk
+        shares. ``dense`` (every entry a real token): the sites are
+        ``act.flatten(0, 1)`` in that order, no gather needed.
         """
         if self._memo is None or self._memo[0] is not q_pos:
             rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
-            self._memo = (q_pos, rows, cols, q_pos[rows, cols])
+            dense = rows.shape[0] == q_pos.numel()
+            self._memo = (q_pos, rows, cols, q_pos[rows, cols], dense)
         return self._memo[1:]
+
+    def _keys(self, q_pos: Tensor, k_pos: Tensor):
+        """Whether a chunk's keys are every position ``0..S-1`` in order, in every row.
+
+        Then its attention rows need no gather: the values go to key columns
+        ``:S`` (the common case: no padding, no eviction). Memoized on ``k_pos``,
+        which every attention hook of a chunk shares.
+        """
+        if self._key_memo is None or self._key_memo[0] is not k_pos:
+            n_k = k_pos.shape[1]
+            plain = self._sites(q_pos)[3] and bool(
+                (k_pos == torch.arange(n_k, device=k_pos.device)).all()
+            )
+            self._key_memo = (k_pos, plain)
+        return self._key_memo[1]
 
     def _flush(self, name: str) -> None:
         entries = self.pending.pop(name, [])
@@ -91,28 +112,57 @@ class _Comparator(Sink):
         if not entries:
             return
         ref = self.reference[name]
-        a_parts, row_parts, pos_parts = [], [], []
-        for act, q_pos, k_pos, sites in entries:
-            if k_pos is None:
-                rows, cols, positions = sites
-                a_parts.append(act[rows, cols])
-                row_parts.append(rows)
-                pos_parts.append(positions)
-                continue
-            for b in range(q_pos.shape[0]):
-                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b)
-                a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
-                row_parts.append(torch.full_like(q_abs, b))
-                pos_parts.append(q_abs)
-        rows, positions = torch.cat(row_parts), torch.cat(pos_parts)
-        a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
-        if is_attention_hook(name):
+        if entries[0][2] is not None:
+            a_sites, rows, positions = self._attention_sites(entries, ref.shape[-1])
             b_sites = ref.permute(0, 2, 1, 3)[rows, positions]  # (n, H, P)
         else:
+            a_parts, row_parts, pos_parts = [], [], []
+            for act, _, _, (rows, cols, positions, dense) in entries:
+                a_parts.append(act.flatten(0, 1) if dense else act[rows, cols])
+                row_parts.append(rows)
+                pos_parts.append(positions)
+            rows, positions = torch.cat(row_parts), torch.cat(pos_parts)
+            a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
             b_sites = ref[rows, positions]
         self.table.put(name, rows, positions, site_stats(a_sites, b_sites))
         if name == LOGITS:
             self.table.kl[rows, positions] = kl_divergence(a_sites, b_sites).cpu()
+
+    def _attention_sites(self, entries, n_positions: int):
+        """``(values [n, head_index, P], rows, positions)`` of attention-shaped entries.
+
+        The values are :func:`~interpkv.diagnostics.capture.attention_rows`'s,
+        written into one buffer: NaN for keys not present and after their query.
+        """
+        if not all(plain for _, _, _, (_, plain) in entries):
+            return self._attention_sites_by_row(entries, n_positions)
+        first = entries[0][0]
+        n_heads = first.shape[1]
+        dtype = first.dtype if first.is_floating_point() else torch.float64
+        n = sum(act.shape[0] * act.shape[2] for act, _, _, _ in entries)
+        out = first.new_full((n, n_heads, n_positions), float("nan"), dtype=dtype)  # (n, H, P)
+        row_parts, pos_parts, i = [], [], 0
+        for act, q_pos, k_pos, (rows, _) in entries:
+            batch, _, n_q, n_k = act.shape
+            future = k_pos[:, None, None, :] > q_pos[:, None, :, None]  # (B, 1, T, S)
+            src = act.to(dtype).masked_fill(future, float("nan"))  # (B, H, T, S)
+            out[i : i + batch * n_q, :, :n_k] = src.transpose(1, 2).flatten(0, 1)
+            i += batch * n_q
+            row_parts.append(rows)
+            pos_parts.append(q_pos.flatten())
+        return out, torch.cat(row_parts), torch.cat(pos_parts)
+
+    @staticmethod
+    def _attention_sites_by_row(entries, n_positions: int):
+        a_parts, row_parts, pos_parts = [], [], []
+        for act, q_pos, k_pos, _ in entries:
+            for b in range(q_pos.shape[0]):
+                q_abs, a_rows = attention_rows(act, q_pos, k_pos, n_positions, b)
+                a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
+                row_parts.append(torch.full_like(q_abs, b))
+                pos_parts.append(q_abs)
+        a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
+        return a_sites, torch.cat(row_parts), torch.cat(pos_parts)
 
     def report(self) -> DivergenceReport:
         order = self.reference.order

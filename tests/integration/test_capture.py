@@ -189,6 +189,21 @@ def test_compare_keeps_only_a_bounded_buffer(models, monkeypatch):
     assert 0 < peak["sites"] < _Comparator.FLUSH_SITES
 
 
+@pytest.mark.parametrize("name", ["gpt2", "mistral"], ids=["gpt2", "mistral-local-window"])
+def test_compare_attention_rows_fast_path_equals_by_row(models, monkeypatch, name):
+    """Plain chunks (keys 0..S-1, no padding) place attention rows without gathers: same report."""
+    model = models(name)
+    tokens = tokens_for(model, batch=2, n=24)
+    steps = [9, 1, 1, 13]
+    fast = interpkv.compare(model, tokens, steps=steps)
+    monkeypatch.setattr(_Comparator, "_keys", lambda self, q_pos, k_pos: False)
+    by_row = interpkv.compare(model, tokens, steps=steps)
+    assert fast.hooks == by_row.hooks
+    for hook in fast.hooks:
+        for stat, value in fast.stats[hook].items():
+            assert torch.equal(value.nan_to_num(nan=-1.0), by_row.stats[hook][stat].nan_to_num(nan=-1.0)), (hook, stat)
+
+
 def test_to_frame_filters(models):
     model = models("llama")
     frame = interpkv.compare(model, tokens_for(model), steps=STEPS).to_frame()
