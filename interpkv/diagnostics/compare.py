@@ -114,7 +114,7 @@ class _Comparator(Sink):
         ref = self.reference[name]
         if entries[0][2] is not None:
             a_sites, rows, positions = self._attention_sites(entries, ref.shape[-1])
-            b_sites = ref.permute(0, 2, 1, 3)[rows, positions]  # (n, H, P)
+            b_sites = ref[..., : a_sites.shape[-1]].permute(0, 2, 1, 3)[rows, positions]  # (n, H, keys)
         else:
             a_parts, row_parts, pos_parts = [], [], []
             for act, _, _, (rows, cols, positions, dense) in entries:
@@ -129,28 +129,29 @@ class _Comparator(Sink):
             self.table.kl[rows, positions] = kl_divergence(a_sites, b_sites).cpu()
 
     def _attention_sites(self, entries, n_positions: int):
-        """``(values [n, head_index, P], rows, positions)`` of attention-shaped entries.
+        """``(values [n, head_index, keys], rows, positions)`` of attention-shaped entries.
 
-        The values are :func:`~interpkv.diagnostics.capture.attention_rows`'s,
-        written into one buffer: NaN for keys not present and after their query.
+        The values are :func:`~interpkv.diagnostics.capture.attention_rows`'s
+        (NaN for keys not present and after their query) at key positions up to
+        the last query of the flush: later keys are future keys of every site,
+        NaN in both runs, which adds no error and no norm.
         """
         if not all(plain for _, _, _, (_, plain) in entries):
             return self._attention_sites_by_row(entries, n_positions)
+        rows = torch.cat([sites[0] for _, _, _, sites in entries])
+        positions = torch.cat([q_pos.flatten() for _, q_pos, _, _ in entries])
+        n_keys = int(positions.max()) + 1
         first = entries[0][0]
-        n_heads = first.shape[1]
         dtype = first.dtype if first.is_floating_point() else torch.float64
-        n = sum(act.shape[0] * act.shape[2] for act, _, _, _ in entries)
-        out = first.new_full((n, n_heads, n_positions), float("nan"), dtype=dtype)  # (n, H, P)
-        row_parts, pos_parts, i = [], [], 0
-        for act, q_pos, k_pos, (rows, _) in entries:
+        out = first.new_full((rows.shape[0], first.shape[1], n_keys), float("nan"), dtype=dtype)  # (n, H, keys)
+        i = 0
+        for act, q_pos, k_pos, _ in entries:
             batch, _, n_q, n_k = act.shape
             future = k_pos[:, None, None, :] > q_pos[:, None, :, None]  # (B, 1, T, S)
             src = act.to(dtype).masked_fill(future, float("nan"))  # (B, H, T, S)
             out[i : i + batch * n_q, :, :n_k] = src.transpose(1, 2).flatten(0, 1)
             i += batch * n_q
-            row_parts.append(rows)
-            pos_parts.append(q_pos.flatten())
-        return out, torch.cat(row_parts), torch.cat(pos_parts)
+        return out, rows, positions
 
     @staticmethod
     def _attention_sites_by_row(entries, n_positions: int):
@@ -161,8 +162,10 @@ class _Comparator(Sink):
                 a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
                 row_parts.append(torch.full_like(q_abs, b))
                 pos_parts.append(q_abs)
-        a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
-        return a_sites, torch.cat(row_parts), torch.cat(pos_parts)
+        positions = torch.cat(pos_parts)
+        n_keys = int(positions.max()) + 1 if positions.numel() else 0
+        a_sites = torch.cat([a[..., :n_keys].to(a_parts[0].dtype) for a in a_parts])
+        return a_sites, torch.cat(row_parts), positions
 
     def report(self) -> DivergenceReport:
         order = self.reference.order

@@ -53,25 +53,34 @@ def site_stats(a: Tensor, b: Tensor) -> Dict[str, Tensor]:
 
 
 def _site_stats(a: Tensor, b: Tensor) -> Dict[str, Tensor]:
+    # Boolean tensor ops (isnan, isfinite, masks) cost 5-20x an arithmetic pass on
+    # CPU, so the masks below are spelled in arithmetic with the same values.
     a, b = a.double(), b.double()
     if not a.shape[1]:
         zeros = a.new_zeros(a.shape[0])
         return _finish(zeros, zeros, zeros, zeros, zeros, zeros)
     d = a - b  # (n, D)
-    if bool(torch.isfinite(d).all()):
+    err = d.abs()
+    max_abs = err.amax(dim=1)  # NaN if any difference is NaN
+    if bool(torch.isfinite(max_abs).all()):
         # Every entry finite in both (a finite difference needs two finite values):
         # equal entries already have a zero difference, nothing to mask.
-        return _finish(d.abs().amax(dim=1), d.norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1),
-                       b.abs().amax(dim=1))
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    # NaN left in |a - b|: both absent, or equal infinities: no error. One absent: infinite.
-    err = torch.nan_to_num(d.abs(), nan=0.0, posinf=float("inf"))
-    err = err.masked_fill(nan_a ^ nan_b, float("inf"))
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    a = a.masked_fill(~finite, 0.0)
-    b = b.masked_fill(~finite, 0.0)
-    return _finish(err.amax(dim=1), (a - b).norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1),
-                   b.abs().amax(dim=1))
+        return _finish(max_abs, d.norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1), b.abs().amax(dim=1))
+    # A NaN difference: both absent, or equal infinities (no error), or absent in one
+    # run only (infinite error, from the 0/1 "absent" indicators below).
+    max_abs = torch.nan_to_num(err, nan=0.0, posinf=float("inf")).amax(dim=1)
+    one_absent = (_absent(a) - _absent(b)).abs().amax(dim=1) > 0  # (n,)
+    max_abs = torch.where(one_absent, torch.full_like(max_abs, float("inf")), max_abs)
+    # rel and cos over the entries finite in both: zero elsewhere.
+    both_finite = (a - a) + (b - b)  # 0 where both are finite, NaN elsewhere
+    a = torch.nan_to_num(a + both_finite, nan=0.0)
+    b = torch.nan_to_num(b + both_finite, nan=0.0)
+    return _finish(max_abs, (a - b).norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1), b.abs().amax(dim=1))
+
+
+def _absent(x: Tensor) -> Tensor:
+    """1.0 where ``x`` is NaN, 0.0 elsewhere (infinities included)."""
+    return torch.nan_to_num(x, nan=1.0, posinf=0.0, neginf=0.0) - torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _finish(max_abs, diff_norm, norm_a, norm_b, dot, scale) -> Dict[str, Tensor]:

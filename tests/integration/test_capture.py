@@ -211,3 +211,25 @@ def test_to_frame_filters(models):
     scores = frame[(frame.family == "attn.hook_attn_scores") & (frame.layer == 1)]
     assert len(scores) == 2 * N_TOKENS
     assert (scores.cos > 1 - 1e-12).all()
+
+
+@pytest.mark.parametrize("steps,during_forward", [(None, True), ([5, 1, 2], False)], ids=["one-chunk", "chunked"])
+def test_one_chunk_capture_writes_activations_as_they_fire(models, monkeypatch, steps, during_forward):
+    """One chunk: the Record copies each activation as it fires (no private copy of every hook
+    held until the call returns: the reference of a compare at 512 tokens held ~750 MB twice).
+    Chunked: activations are handed over after each call, a hook firing twice keeping its last value."""
+    from interpkv.core import calls
+    from interpkv.diagnostics.capture import _RecordBuilder
+
+    model = models("gpt2")
+    seen = []
+    activation = _RecordBuilder.activation
+
+    def watched(self, name, act, q_pos, k_pos):
+        seen.append(calls.current_positions() is not None)  # set only while a forward runs
+        activation(self, name, act, q_pos, k_pos)
+
+    monkeypatch.setattr(_RecordBuilder, "activation", watched)
+    record = interpkv.capture(model, tokens_for(model, batch=1, n=8), steps=steps)
+    assert seen and all(s == during_forward for s in seen)
+    assert record["blocks.0.hook_resid_pre"].shape[1] == 8
