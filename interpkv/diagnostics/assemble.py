@@ -91,7 +91,10 @@ class Assembler:
 
     def _buffer(self, name: str, act: Tensor, shape) -> Tensor:
         full = self.buffers.get(name)
-        if full is None:
+        # Within the first call (no logits yet) a hook firing again with another shape
+        # replaces its first value, as run_with_cache keeps the last (ln1 on GQA's split
+        # q/k/v inputs); later calls must match the buffer.
+        if full is None or (self.logits is None and full.shape != shape):
             full = torch.full(shape, fill_value(name), dtype=act.dtype, device=act.device)
             self.buffers[name] = full
             self._computed[name] = torch.zeros(

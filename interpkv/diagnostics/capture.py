@@ -31,6 +31,7 @@ from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
 from interpkv.diagnostics.assemble import Assembler, attention_rows  # noqa: F401 (attention_rows: re-export)
+from interpkv.diagnostics.chunk import Chunk
 from interpkv.diagnostics.layouts import Layouts, is_routing_hook
 from interpkv.diagnostics.names import resolve_names
 from interpkv.diagnostics.record import Record, is_attention_hook
@@ -80,7 +81,15 @@ def split_steps(n_tokens: int, steps: Optional[Iterable[int]]) -> List[int]:
 
 
 class Sink:
-    """Receives a run's activations as they fire (see module docstring)."""
+    """Receives a run's activations as they fire (see module docstring).
+
+    ``copies`` (class attribute): the sink copies what it keeps inside
+    :meth:`activation`, so the run hands each activation over as it fires,
+    without a private copy held until the forward call returns (a hook firing
+    twice in one call is handed over twice; the last one must win).
+    """
+
+    copies = False  # see the class docstring; honoured for one-chunk runs only
 
     def activation(
         self,
@@ -102,58 +111,10 @@ class Sink:
         """Called once after the last chunk."""
 
 
-class _Chunk:
-    """Query and key positions of the chunk being run, as this capture knows them.
-
-    A stored slot is identified by its id (:attr:`KVCache.slot_ids`), which
-    follows it when a windowed cache evicts and compacts. ``table[b, id]`` is
-    the position this capture assigned to the slot it appended with that id;
-    slots it did not append (a cache passed in with history, slots a fault
-    added) take the position the cache gives them.
-    """
-
-    _UNKNOWN = -2
-
-    def __init__(self, cache: Optional[KVCache], batch: int, device):
-        self.cache = cache
-        width = cache.appended if cache is not None else 0
-        self.table = torch.full((batch, width), self._UNKNOWN, dtype=torch.long, device=device)
-        self.q_pos = self.table[:, :0]
-        self._k_pos: Optional[Tensor] = None
-
-    def begin(self, q_pos: Tensor) -> None:
-        self.q_pos = q_pos
-        self._k_pos = None
-
-    def key_positions(self) -> Tensor:
-        """Stored slots' positions, then the new tokens' (read while the chunk runs)."""
-        if self._k_pos is None:
-            stored = self.q_pos[:, :0]
-            if self.cache is not None and self.cache.seq_len:
-                ids = self.cache.slot_ids  # (B, S): the slots stored before this chunk
-                known = (ids >= 0) & (ids < self.table.shape[1])
-                mine = self.table.gather(1, torch.where(known, ids, torch.zeros_like(ids)))
-                mine = torch.where(known, mine, torch.full_like(mine, self._UNKNOWN))
-                stored = torch.where(mine == self._UNKNOWN, self.cache.positions, mine)
-            self._k_pos = torch.cat([stored, self.q_pos], dim=1)  # (B, S)
-        return self._k_pos
-
-    def end(self) -> None:
-        """Remember the positions of the slots this chunk appended (none if frozen)."""
-        if self.cache is None:
-            return
-        appended, width = self.cache.appended, self.table.shape[1]
-        if appended == width:
-            return
-        n = self.q_pos.shape[1]
-        grown = self.table.new_full((self.table.shape[0], appended), self._UNKNOWN)
-        grown[:, :width] = self.table
-        grown[:, appended - n :] = self.q_pos
-        self.table = grown
-
-
 class _RecordBuilder(Sink):
     """The default sink: every activation into an :class:`Assembler` over the run's positions."""
+
+    copies = True  # the Assembler copies each activation into its buffers at once
 
     def __init__(self, valid: Tensor):
         self.valid = valid
@@ -213,7 +174,7 @@ def run(
     sink = sink_factory(valid)
     wanted = names_filter(names)
 
-    chunk = _Chunk(cache, batch, true_pos.device)
+    chunk = Chunk(cache, batch, true_pos.device)
 
     layouts = Layouts(batch)
     skipped: set = set()
@@ -222,6 +183,8 @@ def run(
     # run_with_cache (ln1 runs on the query, key and value inputs in turn; under
     # use_split_qkv_input with GQA the three differ in head count).
     latest: dict = {}
+
+    hand_over = sink.copies and len(chunks) == 1  # no private copies held until the call returns
 
     def hook(act: Tensor, hook) -> None:
         name = hook.name
@@ -238,7 +201,10 @@ def run(
                     f"{name} has shape {tuple(act.shape)} but this call has {q_pos.shape[1]} "
                     f"queries and {k_pos.shape[1]} key slots"
                 )
-            latest[name] = (act.clone(), q_pos, k_pos)
+            if hand_over:
+                sink.activation(name, act, q_pos, k_pos)
+            else:
+                latest[name] = (act.clone(), q_pos, k_pos)
             return
         placed = layouts.to_batch_pos(name, act, q_pos.shape[1])
         if isinstance(placed, str):  # no position axis: skipped, with the reason
@@ -246,8 +212,10 @@ def run(
             latest.pop(name, None)
             sink.skip(name, placed)
             return
-        # A copy: a later operation may modify the tensor in place before the emit.
-        latest[name] = (placed.clone(), layouts.positions(name, q_pos), None)
+        if hand_over:
+            sink.activation(name, placed, layouts.positions(name, q_pos), None)
+        else:  # a copy: a later operation may modify the tensor in place before the emit
+            latest[name] = (placed.clone(), layouts.positions(name, q_pos), None)
 
     # Hooks are registered once for the whole run, not once per chunk.
     start = 0

@@ -47,6 +47,7 @@ class _Comparator(Sink):
         self.pending: Dict[str, list] = {}
         self.pending_sites: Dict[str, int] = {}
         self._memo = None
+        self._key_memo = None
 
     def activation(self, name, act, q_pos, k_pos):
         self.seen[name] = None
@@ -54,7 +55,9 @@ class _Comparator(Sink):
             return
         check_shapes(name, act, self.reference[name])
         # ``act`` is already a private copy (see interpkv.diagnostics.capture.run).
-        sites = self._sites(q_pos) if k_pos is None else None
+        # Sites (attention hooks: their rows and whether the keys are plain) are
+        # worked out once per chunk: every hook of a chunk shares q_pos and k_pos.
+        sites = self._sites(q_pos) if k_pos is None else (self._sites(q_pos)[0], self._keys(q_pos, k_pos))
         self._push(name, (act, q_pos, k_pos, sites))
 
     def skip(self, name, reason):
@@ -80,12 +83,30 @@ class _Comparator(Sink):
     def _sites(self, q_pos: Tensor):
         """Rows, chunk columns and absolute positions of a chunk's real tokens.
 
-        Memoized on the chunk's ``q_pos`` object, which every hook of a chunk shares.
+        Memoized on the chunk's ``q_pos`` object, which every hook of a chunk
+        shares. ``dense`` (every entry a real token): the sites are
+        ``act.flatten(0, 1)`` in that order, no gather needed.
         """
         if self._memo is None or self._memo[0] is not q_pos:
             rows, cols = (q_pos >= 0).nonzero(as_tuple=True)
-            self._memo = (q_pos, rows, cols, q_pos[rows, cols])
+            dense = rows.shape[0] == q_pos.numel()
+            self._memo = (q_pos, rows, cols, q_pos[rows, cols], dense)
         return self._memo[1:]
+
+    def _keys(self, q_pos: Tensor, k_pos: Tensor):
+        """Whether a chunk's keys are every position ``0..S-1`` in order, in every row.
+
+        Then its attention rows need no gather: the values go to key columns
+        ``:S`` (the common case: no padding, no eviction). Memoized on ``k_pos``,
+        which every attention hook of a chunk shares.
+        """
+        if self._key_memo is None or self._key_memo[0] is not k_pos:
+            n_k = k_pos.shape[1]
+            plain = self._sites(q_pos)[3] and bool(
+                (k_pos == torch.arange(n_k, device=k_pos.device)).all()
+            )
+            self._key_memo = (k_pos, plain)
+        return self._key_memo[1]
 
     def _flush(self, name: str) -> None:
         entries = self.pending.pop(name, [])
@@ -93,24 +114,17 @@ class _Comparator(Sink):
         if not entries:
             return
         ref = self.reference[name]
-        a_parts, row_parts, pos_parts = [], [], []
-        for act, q_pos, k_pos, sites in entries:
-            if k_pos is None:
-                rows, cols, positions = sites
-                a_parts.append(act[rows, cols])
+        if entries[0][2] is not None:
+            a_sites, rows, positions = self._attention_sites(name, entries, ref.shape[-1])
+            b_sites = ref[..., : a_sites.shape[-1]].permute(0, 2, 1, 3)[rows, positions]  # (n, H, keys)
+        else:
+            a_parts, row_parts, pos_parts = [], [], []
+            for act, _, _, (rows, cols, positions, dense) in entries:
+                a_parts.append(act.flatten(0, 1) if dense else act[rows, cols])
                 row_parts.append(rows)
                 pos_parts.append(positions)
-                continue
-            for b in range(q_pos.shape[0]):
-                q_abs, a_rows = attention_rows(act, q_pos, k_pos, ref.shape[-1], b, fill_value(name))
-                a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
-                row_parts.append(torch.full_like(q_abs, b))
-                pos_parts.append(q_abs)
-        rows, positions = torch.cat(row_parts), torch.cat(pos_parts)
-        a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
-        if is_attention_hook(name):
-            b_sites = ref.permute(0, 2, 1, 3)[rows, positions]  # (n, H, P)
-        else:
+            rows, positions = torch.cat(row_parts), torch.cat(pos_parts)
+            a_sites = torch.cat([a.to(a_parts[0].dtype) for a in a_parts])
             b_sites = ref[rows, positions]
         self.table.put(name, rows, positions, site_stats(a_sites, b_sites))
         if name != LOGITS:  # computed here but not in the reference (its explicit mask)
@@ -118,6 +132,47 @@ class _Comparator(Sink):
             self.table.missing(name, rows[absent], positions[absent])
         if name == LOGITS:
             self.table.kl[rows, positions] = kl_divergence(a_sites, b_sites).cpu()
+
+    def _attention_sites(self, name, entries, n_positions: int):
+        """``(values [n, head_index, keys], rows, positions)`` of attention-shaped entries.
+
+        The values are :func:`~interpkv.diagnostics.assemble.attention_rows`'s
+        (``fill_value(name)``, as in the reference Record, for keys not present
+        and after their query) at key positions up to the last query of the
+        flush: later keys are future keys of every site, the fill in both runs,
+        which adds no error and no norm.
+        """
+        fill = fill_value(name)
+        if not all(plain for _, _, _, (_, plain) in entries):
+            return self._attention_sites_by_row(entries, n_positions, fill)
+        rows = torch.cat([sites[0] for _, _, _, sites in entries])
+        positions = torch.cat([q_pos.flatten() for _, q_pos, _, _ in entries])
+        n_keys = int(positions.max()) + 1
+        first = entries[0][0]
+        dtype = first.dtype if first.is_floating_point() else torch.float64
+        out = first.new_full((rows.shape[0], first.shape[1], n_keys), fill, dtype=dtype)  # (n, H, keys)
+        i = 0
+        for act, q_pos, k_pos, _ in entries:
+            batch, _, n_q, n_k = act.shape
+            future = k_pos[:, None, None, :] > q_pos[:, None, :, None]  # (B, 1, T, S)
+            src = act.to(dtype).masked_fill(future, fill)  # (B, H, T, S)
+            out[i : i + batch * n_q, :, :n_k] = src.transpose(1, 2).flatten(0, 1)
+            i += batch * n_q
+        return out, rows, positions
+
+    @staticmethod
+    def _attention_sites_by_row(entries, n_positions: int, fill: float):
+        a_parts, row_parts, pos_parts = [], [], []
+        for act, q_pos, k_pos, _ in entries:
+            for b in range(q_pos.shape[0]):
+                q_abs, a_rows = attention_rows(act, q_pos, k_pos, n_positions, b, fill)
+                a_parts.append(a_rows.transpose(0, 1))  # (nq, H, P)
+                row_parts.append(torch.full_like(q_abs, b))
+                pos_parts.append(q_abs)
+        positions = torch.cat(pos_parts)
+        n_keys = int(positions.max()) + 1 if positions.numel() else 0
+        a_sites = torch.cat([a[..., :n_keys].to(a_parts[0].dtype) for a in a_parts])
+        return a_sites, torch.cat(row_parts), positions
 
     def report(self) -> DivergenceReport:
         for name, done in self.reference.computed_masks.items():  # computed there, not here

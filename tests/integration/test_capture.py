@@ -197,6 +197,21 @@ def test_compare_keeps_only_a_bounded_buffer(models, monkeypatch):
     assert 0 < peak["sites"] < _Comparator.FLUSH_SITES
 
 
+@pytest.mark.parametrize("name", ["gpt2", "mistral"], ids=["gpt2", "mistral-local-window"])
+def test_compare_attention_rows_fast_path_equals_by_row(models, monkeypatch, name):
+    """Plain chunks (keys 0..S-1, no padding) place attention rows without gathers: same report."""
+    model = models(name)
+    tokens = tokens_for(model, batch=2, n=24)
+    steps = [9, 1, 1, 13]
+    fast = interpkv.compare(model, tokens, steps=steps)
+    monkeypatch.setattr(_Comparator, "_keys", lambda self, q_pos, k_pos: False)
+    by_row = interpkv.compare(model, tokens, steps=steps)
+    assert fast.hooks == by_row.hooks
+    for hook in fast.hooks:
+        for stat, value in fast.stats[hook].items():
+            assert torch.equal(value.nan_to_num(nan=-1.0), by_row.stats[hook][stat].nan_to_num(nan=-1.0)), (hook, stat)
+
+
 def test_to_frame_filters(models):
     model = models("llama")
     frame = interpkv.compare(model, tokens_for(model), steps=STEPS).to_frame()
@@ -204,3 +219,25 @@ def test_to_frame_filters(models):
     scores = frame[(frame.family == "attn.hook_attn_scores") & (frame.layer == 1)]
     assert len(scores) == 2 * N_TOKENS
     assert (scores.cos > 1 - 1e-12).all()
+
+
+@pytest.mark.parametrize("steps,during_forward", [(None, True), ([5, 1, 2], False)], ids=["one-chunk", "chunked"])
+def test_one_chunk_capture_writes_activations_as_they_fire(models, monkeypatch, steps, during_forward):
+    """One chunk: the Record copies each activation as it fires (no private copy of every hook
+    held until the call returns: the reference of a compare at 512 tokens held ~750 MB twice).
+    Chunked: activations are handed over after each call, a hook firing twice keeping its last value."""
+    from interpkv.core import calls
+    from interpkv.diagnostics.capture import _RecordBuilder
+
+    model = models("gpt2")
+    seen = []
+    activation = _RecordBuilder.activation
+
+    def watched(self, name, act, q_pos, k_pos):
+        seen.append(calls.current_positions() is not None)  # set only while a forward runs
+        activation(self, name, act, q_pos, k_pos)
+
+    monkeypatch.setattr(_RecordBuilder, "activation", watched)
+    record = interpkv.capture(model, tokens_for(model, batch=1, n=8), steps=steps)
+    assert seen and all(s == during_forward for s in seen)
+    assert record["blocks.0.hook_resid_pre"].shape[1] == 8

@@ -44,6 +44,42 @@ def test_site_stats_reduces_trailing_axes_per_site():
     assert stats["max_abs"].tolist() == [0.0, 0.5, 0.0]
 
 
+def test_site_stats_fast_path_equals_general_path():
+    """A block of finite sites takes the fast path; with one NaN site in it, the general one.
+
+    The finite sites' statistics must be the same bit for bit either way.
+    """
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    a = b + 1e-3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    a[2] = b[2]  # an exactly equal site
+    alone = site_stats(a, b)  # every entry finite: fast path
+    a_nan, b_nan = torch.cat([a, torch.full((1, 5), NAN)]), torch.cat([b, torch.full((1, 5), NAN)])
+    mixed = site_stats(a_nan, b_nan)  # one absent site: general path
+    for name in alone:
+        assert torch.equal(alone[name], mixed[name][:6]), name
+    assert mixed["max_abs"][6].item() == 0.0
+
+
+def test_site_stats_in_blocks_equals_one_block(monkeypatch):
+    """Sites are reduced in blocks of SITE_BLOCK elements: the block size changes nothing."""
+    from interpkv.diagnostics import stats as stats_module
+
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(9, 4, 3, generator=g)
+    a = b + 1e-4 * torch.randn(9, 4, 3, generator=g)
+    a[4, 0, 0] = NAN
+    whole = site_stats(a, b)
+    kl_whole = stats_module.kl_divergence(a[:, 0], b[:, 0])
+    monkeypatch.setattr(stats_module, "SITE_BLOCK", 25)  # 2 sites per block
+    blocked = site_stats(a, b)
+    for name in whole:
+        assert torch.equal(torch.nan_to_num(whole[name], nan=-1.0), torch.nan_to_num(blocked[name], nan=-1.0))
+    kl_blocked = stats_module.kl_divergence(a[:, 0], b[:, 0])
+    assert torch.equal(kl_whole.nan_to_num(nan=-1.0), kl_blocked.nan_to_num(nan=-1.0))
+    assert blocked["max_abs"][4].item() == INF
+
+
 @pytest.mark.parametrize(
     "n,steps,expected",
     [(12, [6, 1, 1, 4], [6, 1, 1, 4]), (5, None, [5]), (3, (1, 1, 1), [1, 1, 1])],
