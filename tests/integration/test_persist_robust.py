@@ -53,16 +53,16 @@ def alarm():
 
 # ------------------------------------------------------------------- atomic
 KILLED_SAVE = textwrap.dedent("""
-    import os, signal, sys, torch, safetensors.torch, interpkv
+    import os, signal, sys, torch, interpkv
+    from interpkv.cache import persist
     from tests.integration.lifecycle_helpers import tiny_model
     model = tiny_model("neox")
     cache = interpkv.KVCache.for_model(model)
     interpkv.forward(model, torch.tensor([[1, 2, 3]]), cache=cache)
-    def killed(tensors, tmp, metadata=None):
-        with open(tmp, "wb") as f:
-            f.write(b"half a file")
+    def killed(fd, tensors, metadata):
+        os.write(fd, b"half a file")
         os.kill(os.getpid(), signal.SIGKILL)
-    safetensors.torch.save_file = killed
+    persist.write_file = killed
     cache.save(sys.argv[1])
 """)
 
