@@ -127,9 +127,10 @@ def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[int], No
             previous = True
         except FileNotFoundError:
             mode = None
-        tmp = temp_name(target)
+        name = temp_name(target)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)  # 0o666: umask applies
+        fd = os.open(name, flags, 0o600 if mode is not None else 0o666)  # 0o666: umask applies
+        tmp = name  # exists from here on: removed on failure
         try:
             if mode is None:
                 mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what open() gives a new file

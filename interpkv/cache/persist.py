@@ -39,12 +39,13 @@ when the file cannot be read) and no cache is returned. Nothing is ever unpickle
 weights hash) still load.
 """
 
+import contextlib
 import errno
 import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Union
 
 from interpkv.cache.atomic import atomic_write
 from interpkv.cache.file_checks import (
@@ -117,6 +118,36 @@ def encode_user_metadata(metadata: Optional[dict]) -> Optional[str]:
     return text
 
 
+# ------------------------------------------------------- background work
+#: From this size on, the weights fingerprint is computed in a thread while the
+#: file is written or read (a thread costs ~0.1-5 ms to start on a busy machine).
+_BACKGROUND_BYTES = 4 * 2**20
+
+
+class _Done:
+    """A finished computation, with the ``result()`` of a ``Future``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+@contextlib.contextmanager
+def _background(worth_it: bool) -> Iterator[Optional[ThreadPoolExecutor]]:
+    """One worker thread if ``worth_it``, else None (work then runs at once)."""
+    if not worth_it:
+        yield None
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="interpkv-fingerprint") as pool:
+        yield pool
+
+
+def _submit(pool: Optional[ThreadPoolExecutor], fn, *args):
+    return _Done(fn(*args)) if pool is None else pool.submit(fn, *args)
+
+
 # ----------------------------------------------------------------------- save
 #: Stands for the weights fingerprint in the reserved header (at least as long as one).
 _FINGERPRINT_PLACEHOLDER = "0" * 160
@@ -142,8 +173,8 @@ def save_cache(
         tensors["next_tokens_at"] = cache.next_tokens_at
     for i, layer in enumerate(cache.layers):
         tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(length)  # stored slots
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpkv-fingerprint") as pool:
-        fingerprint = pool.submit(weights_fingerprint, model)  # overlaps the checks and the writing
+    with _background(cache.nbytes > _BACKGROUND_BYTES) as pool:
+        fingerprint = _submit(pool, weights_fingerprint, model)  # overlaps the checks and the writing
         for name, tensor in tensors.items():
             if not all_finite(tensor):
                 raise ValueError(
@@ -225,8 +256,8 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> "KVCache":
         header = parse_header(prefix, before.st_size, path)
         metadata = check_metadata(header, model, path, weights=False)
         expected = check_tensors(header, metadata, model, path)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpkv-fingerprint") as pool:
-            mine = pool.submit(model_fingerprint, metadata["version"], model)  # overlaps the read
+        with _background(before.st_size > _BACKGROUND_BYTES) as pool:
+            mine = _submit(pool, model_fingerprint, metadata["version"], model)  # overlaps the read
             body, digests = read_body(f, before.st_size - len(prefix), header, path,
                                       hashing=metadata["tensor_sha256"] is not None)
             check_unchanged(f, before, path)
