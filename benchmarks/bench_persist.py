@@ -2,8 +2,21 @@
 
 Run:
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_persist.py [--seq 1024 --batch 4]
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_persist.py --sizes 64 1024 --repeats 5
 
-Prints a markdown table (numbers go to docs/performance.md, section "Cache persistence").
+Prints markdown tables (numbers go to docs/performance.md, section "Cache persistence").
+
+- ``--sizes MIB ...`` (default ``64 1024``; ``--sizes`` alone skips them): the
+  targets of the persistence work, at caches of those sizes (random keys and
+  values through ``KVCache.from_state``, no forward): ``cache.save`` against
+  ``safetensors.torch.save_file`` + ``fsync`` of the same tensors, and
+  ``KVCache.load`` (every check, checksums included) against plain
+  ``safe_open`` + ``get_tensor`` of every tensor (which maps the file and reads
+  nothing) followed by one pass over each tensor (``sum``: the bytes are read,
+  nothing is copied) or by ``clone`` (an owned copy, as a loaded cache needs:
+  it is written into and must not change with the file). Each repetition runs ours and
+  the baseline back to back (alternating which goes first); a ratio is the
+  median of the per-repetition ratios, so adjacent runs share the machine's load.
 
 - save: ``cache.save(path)`` (write to a temp file + fsync + atomic rename) against
   ``safetensors.torch.save_file`` of the same tensors (no fsync), and against the
@@ -62,6 +75,82 @@ def fsync_save(tensors, path):
     os.close(fd)
 
 
+def synthetic_cache(model: HookedTransformer, mib: int, batch: int) -> "interpkv.KVCache":
+    """A cache of about ``mib`` MiB of random keys and values for ``model`` (no forward)."""
+    cfg = model.cfg
+    per_position = 2 * cfg.n_layers * batch * cfg.n_key_value_heads * cfg.d_head * 4
+    length = max(1, mib * 2**20 // per_position)
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, cfg.n_key_value_heads, length, cfg.d_head)
+    keys = [torch.randn(shape, generator=gen) for _ in range(cfg.n_layers)]
+    values = [torch.randn(shape, generator=gen) for _ in range(cfg.n_layers)]
+    positions = torch.arange(length).repeat(batch, 1)
+    return interpkv.KVCache.from_state(model, keys, values, positions, torch.full((batch,), length),
+                                       copy=False)
+
+
+def safe_open_read(path, touch):
+    """Every tensor through ``safe_open`` / ``get_tensor`` (a view of the file's mapping), then ``touch``."""
+    with safetensors.safe_open(path, framework="pt") as f:
+        return {name: touch(f.get_tensor(name)) for name in f.keys()}
+
+
+def paired(ours, base, repeats: int):
+    """Median time of each and median of the per-repetition ratios base/ours (alternating order)."""
+    mine, theirs, ratios = [], [], []
+    for rep in range(repeats):
+        pair = []
+        for fn in ((ours, base) if rep % 2 == 0 else (base, ours)):
+            start = time.perf_counter()
+            fn()
+            pair.append(time.perf_counter() - start)
+        a, b = pair if rep % 2 == 0 else pair[::-1]
+        mine.append(a)
+        theirs.append(b)
+        ratios.append(b / a)
+    return statistics.median(mine), statistics.median(theirs), statistics.median(ratios), ratios
+
+
+def sizes_table(args) -> None:
+    """Save and load ratios at each of ``args.sizes`` MiB (see the module docstring)."""
+    cfg = HookedTransformerConfig(
+        n_layers=args.layers, d_model=args.d_model, d_head=args.d_model // args.heads,
+        n_heads=args.heads, n_key_value_heads=args.kv_heads, d_mlp=4 * args.d_model, n_ctx=64,
+        d_vocab=1000, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_dim=args.d_model // args.heads, gated_mlp=True, dtype=torch.float32,
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg).eval()
+    print("| cache | save MiB/s: interpkv / save_file + fsync | save ratio | load MiB/s: interpkv / safe_open + "
+          "one pass / safe_open + clone | load ratio (one pass) | load ratio (clone) |")
+    print("|---|---|---|---|---|---|")
+    for mib in args.sizes:
+        cache = synthetic_cache(model, mib, args.batch)
+        workdir = tempfile.mkdtemp(dir=args.dir)
+        ours, direct = os.path.join(workdir, "ours.safetensors"), os.path.join(workdir, "direct.safetensors")
+        tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
+        for i, layer in enumerate(cache.layers):
+            tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(cache.seq_len)
+        size = cache.nbytes / 2**20
+        cache.save(ours)  # warm-up: the weights fingerprint is memoized, files exist for the loads
+        fsync_save(tensors, direct)
+        s_ours, s_base, s_ratio, s_all = paired(lambda: cache.save(ours), lambda: fsync_save(tensors, direct),
+                                                args.repeats)
+        loads = [paired(lambda: interpkv.KVCache.load(ours, model), lambda: safe_open_read(direct, touch),
+                        args.repeats) for touch in (torch.Tensor.sum, torch.Tensor.clone)]
+        (l_ours, l_pass, p_ratio, p_all), (_, l_clone, c_ratio, c_all) = loads
+        print(f"| {size:.0f} MiB | {size / s_ours:.0f} / {size / s_base:.0f} | {s_ratio:.2f}x "
+              f"[{min(s_all):.2f}-{max(s_all):.2f}] | {size / l_ours:.0f} / {size / l_pass:.0f} / "
+              f"{size / l_clone:.0f} | {p_ratio:.2f}x [{min(p_all):.2f}-{max(p_all):.2f}] | "
+              f"{c_ratio:.2f}x [{min(c_all):.2f}-{max(c_all):.2f}] |", flush=True)
+        del cache, tensors
+        for path in (ours, direct):
+            os.unlink(path)
+        os.rmdir(workdir)
+    print(f"\nratio = baseline time / interpkv time (>= 0.8 is the target), median of {args.repeats} "
+          "paired repetitions [min-max]; fsync on both sides.\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -73,7 +162,14 @@ def main() -> None:
     parser.add_argument("--repeat-n", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dir", default=None, help="where to write files (default: a temp dir)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 1024],
+                        help="cache sizes in MiB for the save/load ratio table (none: skip it)")
+    parser.add_argument("--only-sizes", action="store_true", help="print only the size table")
     args = parser.parse_args()
+    if args.sizes:
+        sizes_table(args)
+    if args.only_sizes:
+        return
 
     model = build(args)
     tokens = torch.randint(0, 1000, (args.batch, args.seq))

@@ -9,7 +9,12 @@ directory, flushes it with ``fsync`` and renames it over the target with
   hex digits of a hash of the host name), so it is recognisably ours;
 - gets the target's permission bits when the target exists, else the umask
   default that ``open()`` would give a new file (never ``mkstemp``'s 0600);
-- is removed when the write fails in any way, ``KeyboardInterrupt`` included.
+- is removed when the write fails in any way, ``KeyboardInterrupt`` included;
+- is written through one file descriptor, which is ``fsync``ed before the rename.
+
+Every ``OSError`` on the way (``ENOSPC``, ``EFBIG`` past ``RLIMIT_FSIZE``,
+``EROFS``, ``EACCES``, a missing directory, ``EIO`` from ``fsync``) becomes one
+:class:`~interpkv.errors.CacheSaveError` naming the path and the cause.
 
 A process killed outright (SIGKILL, power loss) cannot remove its temporary
 file. The next :func:`atomic_write` into that directory removes such leftovers,
@@ -20,6 +25,7 @@ only each host's own leftovers are removed. On non-POSIX systems nothing is
 removed (there is no safe liveness check).
 """
 
+import errno
 import hashlib
 import os
 import re
@@ -28,6 +34,8 @@ import socket
 import stat
 import time
 from typing import Callable, Union
+
+from interpkv.errors import CacheSaveError
 
 __all__ = ["atomic_write", "remove_stale_temps", "temp_name", "TEMP_PATTERN"]
 
@@ -85,52 +93,73 @@ def remove_stale_temps(directory: str, before: float) -> list:
             if stat.S_ISREG(info.st_mode) and info.st_mtime < before:
                 os.unlink(entry.path)
                 removed.append(entry.path)
-        except FileNotFoundError:  # another process cleaned it first
+        except OSError:  # another process cleaned it first, or we may not remove it
             continue
     return removed
 
 
-def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[str], None]) -> str:
-    """Replace the file at ``path`` with what ``write(tmp_path)`` writes, atomically.
+def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[int], None]) -> str:
+    """Replace the file at ``path`` with what ``write(fd)`` writes, atomically.
 
     Args:
         path: the target; a symlink is followed and the file it names replaced.
-        write: writes the complete new file to the path it is given (which
-            exists, empty, with the final permission bits).
+        write: writes the complete new file through ``fd``, a file descriptor
+            open for writing on an empty temporary file that already has the
+            final permission bits. It may raise anything.
 
     Returns:
         The path of the file actually replaced (``path`` with symlinks resolved).
+
+    Raises:
+        CacheSaveError: any ``OSError`` on the way (no space, file size limit,
+            read-only file system, permissions, missing directory, I/O error),
+            naming ``path`` and the cause. Whatever fails, the file at
+            ``path`` is unchanged and the temporary file removed; any other
+            exception ``write`` raises propagates after the same cleanup.
     """
     started = time.time()
     target = os.path.realpath(os.fspath(path))
-    remove_stale_temps(os.path.dirname(target), started)
+    previous, tmp = False, None
     try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = None
-    tmp = temp_name(target)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)  # 0o666: umask applies
-    try:
+        remove_stale_temps(os.path.dirname(target), started)
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+            previous = True
+        except FileNotFoundError:
+            mode = None
+        name = temp_name(target)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(name, flags, 0o600 if mode is not None else 0o666)  # 0o666: umask applies
+        tmp = name  # exists from here on: removed on failure
         try:
             if mode is None:
                 mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what open() gives a new file
-        finally:
-            os.close(fd)
-        write(tmp)
-        os.chmod(tmp, mode)  # the writer may have recreated the file (safetensors does)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
+            else:
+                os.chmod(tmp, mode)
+            write(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as error:
+        leftover = _remove(tmp)
+        if isinstance(error, OSError) and not isinstance(error, CacheSaveError):
+            code = error.errno if error.errno is not None else errno.EIO
+            raise CacheSaveError(os.fspath(path), code, previous, leftover) from error
         raise
     # The directory is not fsynced: after a power loss the rename may be lost and
     # the previous file (complete, loadable) be back, but never a partial one.
     return target
+
+
+def _remove(tmp) -> "str | None":
+    """Remove the temporary file ``tmp`` if it exists; its path if that failed, else None."""
+    if tmp is None:
+        return None
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return tmp
+    return None

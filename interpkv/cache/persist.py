@@ -22,42 +22,53 @@ capacity: the "saved prompt cache kept its zero padding" bug, mlx-examples
 
 Writes are atomic (:mod:`interpkv.cache.atomic`): a temporary file next to the
 target, ``fsync``, ``os.replace``; symlinks are written through and the
-target's permissions kept.
+target's permissions kept. The file is written by
+:mod:`interpkv.cache.st_write` in one pass, each tensor hashed while it is
+written and the weights fingerprint computed meanwhile. Any disk error raises
+:class:`~interpkv.errors.CacheSaveError` (an ``OSError``) naming the path and
+the cause; the previous file is then unchanged and no temporary file is left.
 
 Loading trusts nothing: only regular files are opened (a FIFO or device would
 hang), the safetensors header is parsed and checked here before any byte
 reaches a tensor (:mod:`interpkv.cache.st_format`), then metadata, shapes,
-checksums, finiteness and positions (:mod:`interpkv.cache.file_checks`). Any
-problem raises :class:`CacheFileError` (a ``ValueError``) and no cache is
-returned. Nothing is ever unpickled. Format-1 files (no checksums, full
+checksums, finiteness and positions (:mod:`interpkv.cache.file_checks`). The
+body is read once through the same file descriptor and hashed while it is read
+(:mod:`interpkv.cache.st_read`); a file changed underneath is detected. Any
+problem raises :class:`CacheFileError` (a ``ValueError``; an ``OSError`` too
+when the file cannot be read) and no cache is returned. Nothing is ever unpickled. Format-1 files (no checksums, full
 weights hash) still load.
 """
 
+import contextlib
+import errno
 import json
 import os
 import struct
-from typing import TYPE_CHECKING, Optional, Union
-
-import safetensors.torch
-import torch
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Union
 
 from interpkv.cache.atomic import atomic_write
 from interpkv.cache.file_checks import (
     DTYPE_NAMES,
     FORMAT,
     FORMAT_VERSION,
+    all_finite,
     check_checksums,
     check_finite,
     check_metadata,
     check_next_tokens,
     check_positions,
     check_tensors,
+    check_weights,
     header_digest,
+    model_fingerprint,
 )
 from interpkv.cache.fingerprint import weights_fingerprint
 from interpkv.cache.st_format import MAX_HEADER_BYTES, CacheFileError, decode, open_regular, parse_header
-from interpkv.cache.st_format import sha256_hex, tensor_bytes
+from interpkv.cache.st_read import check_unchanged, read_body, read_exactly
+from interpkv.cache.st_write import PLACEHOLDER_SHA256, write_file
 from interpkv.core import tl as _tl
+from interpkv.errors import CacheFileNotFoundError, CacheReadError
 
 if TYPE_CHECKING:  # annotations only: no import cycle with kvcache
     from interpkv.cache.kvcache import KVCache
@@ -107,55 +118,96 @@ def encode_user_metadata(metadata: Optional[dict]) -> Optional[str]:
     return text
 
 
+# ------------------------------------------------------- background work
+#: From this size on, the weights fingerprint is computed in a thread while the
+#: file is written or read (a thread costs ~0.1-5 ms to start on a busy machine).
+_BACKGROUND_BYTES = 4 * 2**20
+
+
+class _Done:
+    """A finished computation, with the ``result()`` of a ``Future``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+@contextlib.contextmanager
+def _background(worth_it: bool) -> Iterator[Optional[ThreadPoolExecutor]]:
+    """One worker thread if ``worth_it``, else None (work then runs at once)."""
+    if not worth_it:
+        yield None
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="interpkv-fingerprint") as pool:
+        yield pool
+
+
+def _submit(pool: Optional[ThreadPoolExecutor], fn, *args):
+    return _Done(fn(*args)) if pool is None else pool.submit(fn, *args)
+
+
 # ----------------------------------------------------------------------- save
+#: Stands for the weights fingerprint in the reserved header (at least as long as one).
+_FINGERPRINT_PLACEHOLDER = "0" * 160
+
+
 def save_cache(
     cache: "KVCache", path: Union[str, "os.PathLike[str]"], metadata: Optional[dict] = None
 ) -> None:
     """Write ``cache`` (and the caller's ``metadata``) to ``path`` atomically.
 
-    See the module docstring for the format; errors are raised before the
-    file system is touched.
+    See the module docstring for the format. Errors in the arguments are raised
+    before the file system is touched; a disk error raises
+    :class:`~interpkv.errors.CacheSaveError` and leaves the previous file.
     """
     user = encode_user_metadata(metadata)
     model = cache.model
     if model is None:
         raise ValueError("the model this cache was made for no longer exists; nothing to fingerprint")
     length = cache.seq_len
-    tensors = {
-        "positions": cache.positions.contiguous().cpu(),
-        "next_positions": cache.next_positions.contiguous().cpu(),
-    }
+    tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
     if cache.next_tokens is not None:  # the token generate held back, to continue from
-        tensors["next_tokens"] = cache.next_tokens.contiguous().cpu()
-        tensors["next_tokens_at"] = cache.next_tokens_at.contiguous().cpu()
+        tensors["next_tokens"] = cache.next_tokens
+        tensors["next_tokens_at"] = cache.next_tokens_at
     for i, layer in enumerate(cache.layers):
-        keys, values = layer.view(length)
-        tensors[f"layers.{i}.keys"] = keys.contiguous().cpu()  # only stored slots
-        tensors[f"layers.{i}.values"] = values.contiguous().cpu()
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(
-                f"refusing to save: {name} holds NaN or infinite values, which load would "
-                "reject as corruption; find where the forward pass overflowed (e.g. float16)"
+        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(length)  # stored slots
+    with _background(cache.nbytes > _BACKGROUND_BYTES) as pool:
+        fingerprint = _submit(pool, weights_fingerprint, model)  # overlaps the checks and the writing
+        for name, tensor in tensors.items():
+            if not all_finite(tensor):
+                raise ValueError(
+                    f"refusing to save: {name} holds NaN or infinite values, which load would "
+                    "reject as corruption; find where the forward pass overflowed (e.g. float16)"
+                )
+        header = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "model": json.dumps(cache.signature, sort_keys=True),
+            "weights_fingerprint": _FINGERPRINT_PLACEHOLDER,
+            "dtype": DTYPE_NAMES[cache.dtype],
+            "batch_size": str(cache.batch_size),
+            "seq_len": str(length),
+            "window": "none" if cache.window is None else str(cache.window),
+            "sinks": str(cache.sinks),
+        }
+
+        def complete(sums: Optional[Dict[str, str]]) -> Dict[str, str]:
+            """The metadata for the tensors' SHA-256 ``sums`` (None: placeholders of equal length)."""
+            final = dict(header)
+            if sums is not None:
+                final["weights_fingerprint"] = fingerprint.result()
+            final["tensor_sha256"] = json.dumps(
+                {name: PLACEHOLDER_SHA256 if sums is None else sums[name] for name in sorted(tensors)},
+                sort_keys=True,
             )
-    header = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "model": json.dumps(cache.signature, sort_keys=True),
-        "weights_fingerprint": weights_fingerprint(model),
-        "dtype": DTYPE_NAMES[cache.dtype],
-        "batch_size": str(cache.batch_size),
-        "seq_len": str(length),
-        "window": "none" if cache.window is None else str(cache.window),
-        "sinks": str(cache.sinks),
-        "tensor_sha256": json.dumps(
-            {name: sha256_hex(tensor_bytes(t)) for name, t in sorted(tensors.items())}, sort_keys=True
-        ),
-    }
-    if user is not None:
-        header["user_metadata"] = user
-    header["header_sha256"] = header_digest(header)
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
+            if user is not None:
+                final["user_metadata"] = user
+            final["header_sha256"] = PLACEHOLDER_SHA256 if sums is None else header_digest(final)
+            return final
+
+        atomic_write(path, lambda fd: write_file(fd, tensors, complete))
 
 
 # ----------------------------------------------------------------------- load
@@ -168,22 +220,49 @@ def load_cache(
         path: a file written by :meth:`KVCache.save`.
         model: the model it was saved from (or an identical one).
         cache_type: the class to build (default :class:`KVCache`).
+
+    Raises:
+        CacheFileError: for every reason the file cannot become a cache:
+            :class:`~interpkv.errors.CacheFileNotFoundError` (also a
+            ``FileNotFoundError``) when nothing is there,
+            :class:`~interpkv.errors.CacheReadError` (also an ``OSError``) when
+            it cannot be read, plain ``CacheFileError`` when its contents are
+            wrong or changed while it was read. Only ``MemoryError`` passes as is.
     """
     if cache_type is None:
         from interpkv.cache.kvcache import KVCache as cache_type
     path = os.fspath(path)
+    try:
+        return _load(path, model, cache_type)
+    except (CacheFileError, MemoryError):
+        raise
+    except FileNotFoundError as error:
+        raise CacheFileNotFoundError(path, errno.ENOENT) from error
+    except OSError as error:
+        raise CacheReadError(path, error.errno if error.errno is not None else errno.EIO) from error
+    except Exception as error:  # a file changing underneath can break any step (struct.error, ...)
+        raise CacheFileError(
+            f"{path}: could not be loaded ({type(error).__name__}: {str(error)[:200]}); the file is "
+            "corrupted or was changed while it was read: load it again"
+        ) from error
+
+
+def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> "KVCache":
     with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
+        before = os.fstat(f.fileno())
+        prefix = read_exactly(f, 8)
         if len(prefix) == 8:
-            prefix += f.read(min(struct.unpack("<Q", prefix)[0], MAX_HEADER_BYTES))
-        header = parse_header(prefix, size, path)
-        metadata = check_metadata(header, model, path)
+            prefix += read_exactly(f, min(struct.unpack("<Q", prefix)[0], MAX_HEADER_BYTES))
+        header = parse_header(prefix, before.st_size, path)
+        metadata = check_metadata(header, model, path, weights=False)
         expected = check_tensors(header, metadata, model, path)
-        body = bytearray(size - len(prefix))
-        if f.readinto(body) != len(body) or f.read(1):
-            raise CacheFileError(f"{path} changed size while it was being loaded; load it again")
-    check_checksums(body, header, metadata, path)
+        with _background(before.st_size > _BACKGROUND_BYTES) as pool:
+            mine = _submit(pool, model_fingerprint, metadata["version"], model)  # overlaps the read
+            body, digests = read_body(f, before.st_size - len(prefix), header, path,
+                                      hashing=metadata["tensor_sha256"] is not None)
+            check_unchanged(f, before, path)
+            check_weights(header, metadata, mine.result(), path)
+    check_checksums(digests, header, metadata, path)
     tensors = decode(body, header, expected)
     check_finite(tensors, path)
     device = next(iter(model.parameters())).device

@@ -106,9 +106,9 @@ def parse_header(prefix: bytes, size: int, path: str) -> dict:
             f"{path} looks like {kind}, not safetensors; interpkv never unpickles files. "
             "Save caches with cache.save(path)."
         )
-    if size < 8:
+    if size < 8 or len(data) < 8:  # len(data) < size: the file shrank while it was read
         raise CacheFileError(
-            f"{path} is {size} bytes: too short for a safetensors header (truncated?)"
+            f"{path} is {min(size, len(data))} bytes: too short for a safetensors header (truncated?)"
         )
     (n_header,) = struct.unpack("<Q", data[:8])
     if n_header > size - 8 or n_header > MAX_HEADER_BYTES or len(data) < 8 + n_header:
@@ -194,8 +194,8 @@ def entry_span(name: str, entry, path: str) -> Tuple[int, int]:
     return offsets[0], offsets[1]
 
 
-def decode(body: bytearray, header: dict, expected: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
-    """Tensors viewing ``body`` (the bytes after the header), by the validated header.
+def decode(body, header: dict, expected: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+    """Tensors viewing ``body`` (the bytes after the header, a writable buffer), by the validated header.
 
     safetensors stores each tensor little-endian, C-contiguous, at ``data_offsets``
     within the body; every one of those numbers has been checked against the

@@ -4,6 +4,7 @@ Each test here failed before the fix it names (see the commit history).
 """
 
 import ast
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import safetensors.torch
 import torch
 
 import interpkv
-from interpkv.cache import atomic, fingerprint
+from interpkv.cache import atomic, file_checks, fingerprint
 
 from .lifecycle_helpers import padded_batch, tiny_model
 from .test_persist import REPO, rewrite, rewrite_header
@@ -53,16 +54,16 @@ def alarm():
 
 # ------------------------------------------------------------------- atomic
 KILLED_SAVE = textwrap.dedent("""
-    import os, signal, sys, torch, safetensors.torch, interpkv
+    import os, signal, sys, torch, interpkv
+    from interpkv.cache import persist
     from tests.integration.lifecycle_helpers import tiny_model
     model = tiny_model("neox")
     cache = interpkv.KVCache.for_model(model)
     interpkv.forward(model, torch.tensor([[1, 2, 3]]), cache=cache)
-    def killed(tensors, tmp, metadata=None):
-        with open(tmp, "wb") as f:
-            f.write(b"half a file")
+    def killed(fd, tensors, metadata):
+        os.write(fd, b"half a file")
         os.kill(os.getpid(), signal.SIGKILL)
-    safetensors.torch.save_file = killed
+    persist.write_file = killed
     cache.save(sys.argv[1])
 """)
 
@@ -251,6 +252,32 @@ def test_format_1_file_without_metadata_still_loads(filled, tmp_path):
     safetensors.torch.save_file(tensors, tmp_path / "v1.safetensors", metadata=meta)
     loaded = interpkv.KVCache.load(tmp_path / "v1.safetensors", model)
     assert loaded.metadata is None and torch.equal(loaded.positions, cache.positions)
+
+
+def test_format_2_file_written_by_safetensors_still_loads(filled, tmp_path):
+    """A version-2 file as the previous release wrote it: ``safetensors.torch.save_file``'s layout."""
+    model, cache = filled
+    cache.metadata = None
+    tensors = {"positions": cache.positions.contiguous(), "next_positions": cache.next_positions}
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.view(cache.seq_len)
+        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = k.contiguous(), v.contiguous()
+    tensors = {n: t.detach() for n, t in tensors.items()}
+    sums = {n: hashlib.sha256(t.numpy().tobytes()).hexdigest() for n, t in tensors.items()}
+    meta = {"format": "interpkv.KVCache", "format_version": "2", "model": json.dumps(cache.signature, sort_keys=True),
+            "weights_fingerprint": fingerprint.weights_fingerprint(model), "dtype": "float64", "batch_size": "2",
+            "seq_len": str(cache.seq_len), "window": "none", "sinks": "0",
+            "tensor_sha256": json.dumps(sums, sort_keys=True), "user_metadata": json.dumps({"v": 2})}
+    meta["header_sha256"] = file_checks.header_digest(meta)
+    safetensors.torch.save_file(tensors, tmp_path / "v2.safetensors", metadata=meta)
+    loaded = interpkv.KVCache.load(tmp_path / "v2.safetensors", model)
+    assert loaded.metadata == {"v": 2} and torch.equal(loaded.positions, cache.positions)
+    for a, b in zip(loaded.layers, cache.layers):
+        assert all(torch.equal(x, y) for x, y in zip(a.view(loaded.seq_len), b.view(cache.seq_len)))
+    data = (tmp_path / "v2.safetensors").read_bytes()  # and its checksums are still checked
+    (tmp_path / "v2.safetensors").write_bytes(data[:-20] + bytes([data[-20] ^ 1]) + data[-19:])
+    with pytest.raises(interpkv.CacheFileError, match="does not match its SHA-256 checksum"):
+        interpkv.KVCache.load(tmp_path / "v2.safetensors", model)
 
 
 # ------------------------------------------------------- public state only
