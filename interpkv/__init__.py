@@ -23,7 +23,13 @@ from interpkv.diagnostics.compare import compare
 from interpkv.diagnostics.diff import diff
 from interpkv.diagnostics.record import Record
 from interpkv.diagnostics.report import DivergenceReport, Site
-from interpkv.errors import CacheFileError, CacheGraphWarning, CacheMismatchError, UnsupportedModelError
+from interpkv.errors import (
+    CacheFileError,
+    CacheGraphWarning,
+    CacheMismatchError,
+    CacheSaveError,
+    UnsupportedModelError,
+)
 from interpkv.generation.compare import compare_generation
 from interpkv.generation.generate import generate
 from interpkv.generation.result import Generation, GenerationDiff
@@ -35,6 +41,7 @@ __all__ = [
     "KVCache",
     "CacheMismatchError",
     "CacheFileError",
+    "CacheSaveError",
     "UnsupportedModelError",
     "CacheGraphWarning",
     "forward",
