@@ -63,13 +63,20 @@ def attention_rows(
         queries ``[n]`` and ``[head_index, n, n_positions]`` values, ``fill``
         for keys not stored (padding, evicted) and for keys after their query.
     """
-    q_index = (q_pos[row] >= 0).nonzero(as_tuple=True)[0]
-    k_index = (k_pos[row] >= 0).nonzero(as_tuple=True)[0]
-    q_abs, k_abs = q_pos[row, q_index], k_pos[row, k_index]
-    src = act[row][:, q_index][:, :, k_index]  # (H, nq, nk)
+    q_abs, k_abs = q_pos[row], k_pos[row]
+    if bool((q_abs >= 0).all()) and bool((k_abs >= 0).all()):
+        src = act[row]  # no padding, nothing evicted: no gathers (an uncached run at 1,024 tokens)
+    else:
+        q_index = (q_abs >= 0).nonzero(as_tuple=True)[0]
+        k_index = (k_abs >= 0).nonzero(as_tuple=True)[0]
+        q_abs, k_abs = q_abs[q_index], k_abs[k_index]
+        src = act[row][:, q_index][:, :, k_index]  # (H, nq, nk)
     future = k_abs[None, None, :] > q_abs[None, :, None]
     src = src.masked_fill(future, fill)
-    rows = src.new_full((src.shape[0], len(q_index), n_positions), fill)
+    n_k = k_abs.shape[0]
+    if n_k == n_positions and bool((k_abs == torch.arange(n_k, device=k_abs.device)).all()):
+        return q_abs, src  # keys already at their absolute positions (H, nq, P)
+    rows = src.new_full((src.shape[0], src.shape[1], n_positions), fill)
     rows[:, :, k_abs] = src  # (H, nq, P)
     return q_abs, rows
 
