@@ -18,4 +18,16 @@ padding precedes it. Padding is marked with position ``-1``.
 
 PAD_POSITION = -1
 
-__all__ = ["PAD_POSITION"]
+ATTENTION_HOOKS = ("hook_attn_scores", "hook_pattern")
+"""Hook suffixes shaped ``[batch, head_index, pos, kv_pos]`` (the query axis is 2)."""
+
+__all__ = ["PAD_POSITION", "ATTENTION_HOOKS", "is_attention_hook"]
+
+
+def is_attention_hook(name: str) -> bool:
+    """Whether hook ``name`` is shaped ``[batch, head_index, pos, kv_pos]``.
+
+    >>> is_attention_hook("blocks.0.attn.hook_pattern"), is_attention_hook("blocks.0.hook_resid_post")
+    (True, False)
+    """
+    return name.rsplit(".", 1)[-1] in ATTENTION_HOOKS

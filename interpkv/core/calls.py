@@ -123,13 +123,18 @@ def hooks(model: torch.nn.Module, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def positions(q_pos: Int[Tensor, "batch pos"]) -> Iterator[None]:
-    """Make ``q_pos`` the positions of the forward running in this context."""
-    token = _POSITIONS.set(q_pos)
+def _holding(var: contextvars.ContextVar, value) -> Iterator[None]:
+    """``var`` holds ``value`` in this context for the block, then what it held before."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _POSITIONS.reset(token)
+        var.reset(token)
+
+
+def positions(q_pos: Int[Tensor, "batch pos"]):
+    """Make ``q_pos`` the positions of the forward running in this context (a context manager)."""
+    return _holding(_POSITIONS, q_pos)
 
 
 def current_positions() -> Optional[Int[Tensor, "batch pos"]]:
@@ -137,18 +142,14 @@ def current_positions() -> Optional[Int[Tensor, "batch pos"]]:
     return _POSITIONS.get()
 
 
-@contextlib.contextmanager
-def generation(first_generated: Int[Tensor, "batch"]) -> Iterator[None]:
+def generation(first_generated: Int[Tensor, "batch"]):
     """Mark this context as a generation whose tokens start at ``first_generated`` (per row).
 
     Set by :func:`interpkv.generate` and by ``compare_generation``'s uncached
     reference, read by ``interpkv.steering``'s ``region="prompt" | "generated"``.
+    A context manager.
     """
-    token = _GENERATED_FROM.set(first_generated)
-    try:
-        yield
-    finally:
-        _GENERATED_FROM.reset(token)
+    return _holding(_GENERATED_FROM, first_generated)
 
 
 def generation_start() -> Optional[Int[Tensor, "batch"]]:

@@ -14,16 +14,13 @@ from torch import Tensor
 
 from interpkv.core import calls
 from interpkv.core import tl as _tl
+from interpkv.core.axes import is_attention_hook
 
 __all__ = ["hook_positions"]
 
-# Hooks whose activation is [batch, head_index, pos, kv_pos]: the query axis is 2.
-_QUERY_AXIS_2 = ("hook_attn_scores", "hook_pattern")
-
-
 def _pos_axis(hook) -> int:
-    name = getattr(hook, "name", None) or ""
-    return 2 if name.endswith(_QUERY_AXIS_2) else 1
+    """1, or 2 for ``[batch, head_index, pos, kv_pos]`` hooks (their query axis)."""
+    return 2 if is_attention_hook(getattr(hook, "name", None) or "") else 1
 
 
 def hook_positions(hook, act: Optional[Tensor] = None) -> Int[Tensor, "batch pos"]:

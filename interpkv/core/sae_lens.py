@@ -41,10 +41,8 @@ def _routed(wrapper: torch.nn.Module, mask: Optional[Tensor]) -> Callable[[Tenso
     def routed(original_output: Tensor) -> Tensor:
         # Read the wrapper now: a transcoder's input hook has just captured its input on it.
         sae = wrapper.__dict__["_sae"]
-        state = {"_sae": _private(sae), "_token_mask": mask}
-        state.pop("forward", None)
         try:
-            return forward(_private(wrapper, **state), original_output)
+            return forward(_private(wrapper, _sae=_private(sae), _token_mask=mask), original_output)
         finally:
             wrapper.__dict__["_captured_input"] = None  # as the wrapper's own forward leaves it
 

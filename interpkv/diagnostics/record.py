@@ -47,21 +47,14 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interpkv.core import tl as _tl
+from interpkv.core.axes import ATTENTION_HOOKS, is_attention_hook
 
 __all__ = ["Record", "ATTENTION_HOOKS", "LOGITS", "is_attention_hook", "split_hook_name"]
-
-ATTENTION_HOOKS = ("hook_attn_scores", "hook_pattern")
-"""Hook suffixes shaped ``[batch, head_index, query pos, key pos]``."""
 
 LOGITS = "logits"
 """Name under which a Record and a report list the model's output."""
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def is_attention_hook(name: str) -> bool:
-    """Whether hook ``name`` is shaped ``[batch, head_index, pos, kv_pos]``."""
-    return name.rsplit(".", 1)[-1] in ATTENTION_HOOKS
 
 
 def split_hook_name(name: str) -> Tuple[Optional[int], str]:

@@ -40,6 +40,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interpkv.core import calls
+from interpkv.core.axes import is_attention_hook
 from interpkv.core.hookpos import hook_positions
 
 __all__ = ["add", "replace", "positions_mask"]
@@ -99,7 +100,7 @@ def positions_mask(
 
 
 def _checked(hook, act: Tensor, value: Tensor) -> Tensor:
-    if hook.name.endswith(("hook_attn_scores", "hook_pattern")):
+    if is_attention_hook(hook.name):
         raise ValueError(
             f"{hook.name} is [batch, head_index, pos, kv_pos]: steer a [batch, pos, ...] hook point "
             "(resid, attn_out, mlp_out, z, ...) instead"
