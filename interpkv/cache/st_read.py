@@ -16,10 +16,11 @@ write) ends in :class:`CacheFileError`, never in a half-old, half-new cache
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, Optional, Tuple
 
 import torch
 
+from interpkv.cache.st_format import hash_pieces
 from interpkv.errors import CacheFileError
 
 __all__ = ["read_exactly", "read_body", "check_unchanged", "CHUNK_BYTES"]
@@ -45,11 +46,6 @@ def _changed(path: str, detail: str) -> CacheFileError:
         f"{path} changed while it was being loaded ({detail}): another program is writing it; "
         "load it again once it is complete (cache.save replaces files atomically)"
     )
-
-
-def _hash(pieces: List[Tuple["hashlib._Hash", memoryview]]) -> None:
-    for digest, piece in pieces:
-        digest.update(piece)
 
 
 def read_body(
@@ -88,9 +84,9 @@ def read_body(
                     pieces.append((digests[name], view[max(begin, position):min(stop, end)]))
                     i += 1
                 if pool is None:
-                    _hash(pieces)
+                    hash_pieces(pieces)
                 else:
-                    hashed.append(pool.submit(_hash, pieces))  # while the next step is read
+                    hashed.append(pool.submit(hash_pieces, pieces))  # while the next step is read
             position += n
         if f.read(1):
             raise _changed(path, f"it holds more than the {size} bytes of tensor data its header describes")

@@ -27,6 +27,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from interpkv.cache.st_format import hash_pieces
+
 __all__ = ["write_file", "runs", "PLACEHOLDER_SHA256", "CHUNK_BYTES", "HASH_WORKERS"]
 
 #: Bytes written (and hashed) per step; the hash of one step overlaps the write of the next.
@@ -104,11 +106,6 @@ def _steps(tensors: Dict[str, torch.Tensor], order: List[str], digests: dict) ->
         yield step
 
 
-def _hash(step: list) -> None:
-    for digest, piece in step:
-        digest.update(piece)
-
-
 def write_file(
     fd: int,
     tensors: Dict[str, torch.Tensor],
@@ -146,11 +143,11 @@ def write_file(
         hashed = []
         for step in _steps(tensors, order, digests):
             if not pools:
-                _hash(step)
+                hash_pieces(step)
             for i, pool in enumerate(pools):  # a tensor's pieces all go to one worker, in order
                 mine = [(digest, piece) for digest, piece in step if worker[id(digest)] == i]
                 if mine:
-                    hashed.append(pool.submit(_hash, mine))  # hashed while this step is written
+                    hashed.append(pool.submit(hash_pieces, mine))  # hashed while this step is written
             _write_all(fd, [piece for _, piece in step])
         for future in hashed:
             future.result()
