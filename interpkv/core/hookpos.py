@@ -15,6 +15,7 @@ from torch import Tensor
 from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.axes import is_attention_hook
+from interpkv.core.positions import absolute_positions
 
 __all__ = ["hook_positions"]
 
@@ -103,6 +104,4 @@ def _tl_positions(found: dict, batch: int, n_new: int, device) -> Tensor:
     if mask is None or mask.shape[0] != batch or mask.shape[1] < n_new:
         return torch.arange(n_new, device=device).expand(batch, n_new)
     mask = mask.to(device)
-    counted = mask.long().cumsum(dim=1) - 1
-    counted = counted.masked_fill(mask == 0, -1)
-    return counted[:, -n_new:]
+    return absolute_positions(mask, mask.new_zeros(batch))[:, -n_new:]
