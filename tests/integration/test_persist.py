@@ -5,7 +5,6 @@ message naming the problem, before anything is unpickled or any cache returned.
 """
 
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -20,7 +19,7 @@ from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
 from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
-from interpkv.cache import file_checks, persist
+from interpkv.cache import checksums, file_checks, persist
 
 HELPERS = os.path.join(os.path.dirname(__file__), "lifecycle_helpers.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,8 +135,8 @@ def rewrite(path, *, tensors=None, metadata=None):
     meta = json.loads(data[8 : 8 + n_header])["__metadata__"]
     current = safetensors.torch.load(data)
     current.update(tensors or {})
-    meta["tensor_sha256"] = json.dumps(
-        {n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    meta[checksums.WRITTEN.key] = json.dumps(
+        {n: checksums.WRITTEN.new(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
          for n, t in current.items()})
     meta.update(metadata or {})
     meta["header_sha256"] = file_checks.header_digest(meta)

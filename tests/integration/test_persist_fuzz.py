@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import file_checks
-from interpkv.cache.st_format import sha256_hex, tensor_bytes
+from interpkv.cache import checksums, file_checks
+from interpkv.cache.st_format import tensor_bytes
 
 from .lifecycle_helpers import padded_batch, tiny_model
 
@@ -79,10 +79,10 @@ def resign(header, body):
         if name != "__metadata__" and isinstance(entry, dict):
             try:
                 begin, end = entry["data_offsets"]
-                sums[name] = sha256_hex(body[begin:end])
+                sums[name] = checksums.WRITTEN.new(body[begin:end]).hexdigest()
             except (KeyError, TypeError, ValueError):
                 pass
-    meta["tensor_sha256"] = json.dumps(sums)
+    meta[checksums.WRITTEN.key] = json.dumps(sums)
     if all(isinstance(v, str) for v in meta.values()):
         meta["header_sha256"] = file_checks.header_digest(meta)
 

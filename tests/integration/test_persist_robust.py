@@ -17,9 +17,10 @@ import textwrap
 import pytest
 import safetensors.torch
 import torch
+import xxhash
 
 import interpkv
-from interpkv.cache import atomic, file_checks, fingerprint
+from interpkv.cache import atomic, checksums, file_checks, fingerprint
 
 from .lifecycle_helpers import padded_batch, tiny_model
 from .test_persist import REPO, rewrite, rewrite_header
@@ -60,7 +61,7 @@ KILLED_SAVE = textwrap.dedent("""
     model = tiny_model("neox")
     cache = interpkv.KVCache.for_model(model)
     interpkv.forward(model, torch.tensor([[1, 2, 3]]), cache=cache)
-    def killed(fd, tensors, metadata):
+    def killed(fd, tensors, metadata, checksum, inspect):
         os.write(fd, b"half a file")
         os.kill(os.getpid(), signal.SIGKILL)
     persist.write_file = killed
@@ -163,7 +164,7 @@ HOSTILE = {
         lambda p: rewrite_header(p, lambda h: h["__metadata__"].update(seq_len="9" * 5000)),
         "corrupted cache metadata|does not match its checksum"),
     "checksums-not-an-object": (
-        lambda p: rewrite(p, metadata={"tensor_sha256": "[1]"}), r"corrupted tensor checksums"),
+        lambda p: rewrite(p, metadata={checksums.WRITTEN.key: "[1]"}), r"corrupted tensor checksums"),
     "user-metadata-not-an-object": (
         lambda p: rewrite(p, metadata={"user_metadata": "[1]"}), r"corrupted user metadata \(JSON list"),
     "huge-next-positions": (
@@ -179,10 +180,10 @@ HOSTILE = {
         lambda p: rewrite_header(p, lambda h: h.update({
             "layers.0.keys": dict(h["layers.0.keys"], data_offsets=h["layers.1.keys"]["data_offsets"]),
             "layers.1.keys": dict(h["layers.1.keys"], data_offsets=h["layers.0.keys"]["data_offsets"])})),
-        r"tensor 'layers.0.keys' does not match its SHA-256 checksum"),
+        r"tensor 'layers.0.keys' does not match its XXH3-128 checksum"),
     "flipped-byte-in-values": (
         lambda p: p.write_bytes((lambda d: d[:-100] + bytes([d[-100] ^ 1]) + d[-99:])(p.read_bytes())),
-        r"does not match its SHA-256 checksum"),
+        r"does not match its XXH3-128 checksum"),
     "edited-metadata-without-checksum": (
         lambda p: rewrite_header(p, lambda h: h["__metadata__"].update(sinks="0 ")),
         r"the header's metadata does not match its checksum"),
@@ -278,6 +279,20 @@ def test_format_2_file_written_by_safetensors_still_loads(filled, tmp_path):
     (tmp_path / "v2.safetensors").write_bytes(data[:-20] + bytes([data[-20] ^ 1]) + data[-19:])
     with pytest.raises(interpkv.CacheFileError, match="does not match its SHA-256 checksum"):
         interpkv.KVCache.load(tmp_path / "v2.safetensors", model)
+
+
+def test_saves_write_format_3_with_an_xxh3_128_checksum_per_tensor(filled, tmp_path):
+    """Format 3 records XXH3-128 (``tensor_xxh3_128``), not SHA-256, for every tensor's bytes."""
+    _, cache = filled
+    cache.save(tmp_path / "c.safetensors")
+    with safetensors.safe_open(tmp_path / "c.safetensors", framework="pt") as f:
+        meta = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    assert meta["format_version"] == "3" and "tensor_sha256" not in meta
+    sums = json.loads(meta["tensor_xxh3_128"])
+    assert sums == {n: xxhash.xxh3_128(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                    for n, t in tensors.items()}
+    assert meta["header_sha256"] == file_checks.header_digest(meta)
 
 
 # ------------------------------------------------------- public state only

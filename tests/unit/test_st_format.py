@@ -37,14 +37,14 @@ def test_pickles_and_zips_are_named(data, kind):
 
 # ------------------------------------------------------- writing by hand
 import hashlib  # noqa: E402
-import io  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 
 import safetensors  # noqa: E402
 import torch  # noqa: E402
+import xxhash  # noqa: E402
 
-from interpkv.cache import st_read, st_write  # noqa: E402
+from interpkv.cache import checksums, st_read, st_write  # noqa: E402
 from interpkv.cache.file_checks import all_finite  # noqa: E402
 
 
@@ -76,21 +76,22 @@ def test_prefix_view_is_written_without_a_copy():
     assert bytes(runs[0][:4]) == torch.tensor([1.0]).numpy().tobytes()
 
 
+@pytest.mark.parametrize("checksum", [checksums.XXH3_128, checksums.SHA256], ids=["xxh3-128", "sha256"])
 @pytest.mark.parametrize("chunk", [8, 100, 2**20], ids=["tiny-steps", "odd-steps", "one-step"])
-def test_write_file_is_safetensors_with_the_sha256_of_each_tensor(chunk, monkeypatch):
+def test_write_file_is_safetensors_with_the_checksum_of_each_tensor(chunk, checksum, monkeypatch):
     monkeypatch.setattr(st_write, "CHUNK_BYTES", chunk)
     tensors = {k: v for k, v in _views().items() if k != "scalar"}
     seen = []
 
     def metadata(sums):
         seen.append(sums)
-        return {"sums": json.dumps(sums if sums else {k: st_write.PLACEHOLDER_SHA256 for k in tensors})}
+        return {"sums": json.dumps(sums if sums else {k: checksum.placeholder for k in tensors})}
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "t.safetensors")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT)
         try:
-            st_write.write_file(fd, tensors, metadata)
+            st_write.write_file(fd, tensors, metadata, checksum)
         finally:
             os.close(fd)
         data = open(path, "rb").read()
@@ -101,10 +102,12 @@ def test_write_file_is_safetensors_with_the_sha256_of_each_tensor(chunk, monkeyp
     (n,) = struct.unpack("<Q", data[:8])
     assert n % 8 == 0  # padded, as safetensors pads: every tensor starts aligned
     header = parse_header(data[: 8 + n], len(data), "t")
+    reference = hashlib.sha256 if checksum is checksums.SHA256 else xxhash.xxh3_128  # the libraries themselves
     for name, t in tensors.items():
         begin, end = header[name]["data_offsets"]
         assert begin % t.element_size() == 0
-        assert seen[-1][name] == hashlib.sha256(data[8 + n + begin: 8 + n + end]).hexdigest()
+        assert seen[-1][name] == reference(data[8 + n + begin: 8 + n + end]).hexdigest()
+        assert checksum.is_digest(seen[-1][name])
 
 
 def test_a_final_header_longer_than_the_reserved_one_is_refused():
@@ -116,20 +119,40 @@ def test_a_final_header_longer_than_the_reserved_one_is_refused():
         os.close(fd)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("chunk", [8, 24, 2**20], ids=["tiny-steps", "odd-steps", "one-step"])
-def test_read_body_hashes_what_it_reads(chunk, monkeypatch):
+def test_read_body_hashes_what_it_reads(chunk, workers, monkeypatch, tmp_path):
     monkeypatch.setattr(st_read, "CHUNK_BYTES", chunk)
-    body = bytes(range(256)) * 3
+    monkeypatch.setattr(st_read, "READ_WORKERS", workers)
+    prefix, body = b"H" * 13, bytes(range(256)) * 3  # the body starts where the file is positioned
     header = {"__metadata__": {}, "a": {"data_offsets": [0, 100]}, "e": {"data_offsets": [100, 100]},
-              "b": {"data_offsets": [100, 768]}}
-    got, sums = st_read.read_body(io.BytesIO(body), len(body), header, "p")
-    assert bytes(got) == body
-    assert sums == {"a": hashlib.sha256(body[:100]).hexdigest(), "e": hashlib.sha256(b"").hexdigest(),
-                    "b": hashlib.sha256(body[100:]).hexdigest()}
-    with pytest.raises(CacheFileError, match="it ended after 700 of 768 bytes"):
-        st_read.read_body(io.BytesIO(body[:700]), len(body), header, "p")
+              "b": {"data_offsets": [100, 700]}, "c": {"data_offsets": [700, 768]}}
+
+    def read(data, checksum):
+        (tmp_path / "f").write_bytes(prefix + data)
+        with open(tmp_path / "f", "rb") as f:
+            f.read(len(prefix))
+            return st_read.read_body(f, len(body), header, "p", checksum)
+
+    for checksum, reference in ((checksums.XXH3_128, xxhash.xxh3_128), (checksums.SHA256, hashlib.sha256)):
+        got, sums = read(body, checksum)
+        assert bytes(got) == body
+        assert sums == {"a": reference(body[:100]).hexdigest(), "e": reference(b"").hexdigest(),
+                        "b": reference(body[100:700]).hexdigest(), "c": reference(body[700:]).hexdigest()}
+    got, sums = read(body, None)
+    assert bytes(got) == body and sums is None
+    with pytest.raises(CacheFileError, match="it ended after 650 of 768 bytes"):
+        read(body[:650], checksums.WRITTEN)
     with pytest.raises(CacheFileError, match="more than the 768 bytes"):
-        st_read.read_body(io.BytesIO(body + b"x"), len(body), header, "p")
+        read(body + b"x", checksums.WRITTEN)
+
+
+def test_read_body_shares_tensors_between_workers_by_size():
+    spans = [(0, 10, "a"), (10, 110, "b"), (110, 160, "c"), (160, 210, "d")]
+    # largest first to the least loaded: b (100) | c (50), d (50) | then a to the first of two equals
+    assert st_read._share(spans, 2) == [[(0, 10, "a"), (10, 110, "b")], [(110, 160, "c"), (160, 210, "d")]]
+    assert st_read._share(spans, 1) == [sorted(spans)]
+    assert st_read._share(spans[:1], 3) == [[(0, 10, "a")]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
