@@ -187,6 +187,12 @@ def test_transformer_lens_stale_alibi_is_reported():
     assert site.max_abs == pytest.approx(0.25 * (sum(STEPS) - STEPS[0]))
 
 
+def test_stale_alibi_moves_the_raw_scores_a_hook_reads_even_in_float64():
+    """What a researcher reading ``hook_attn_scores`` sees: shifted by slope * (64 - 14), steepest slope 1/4."""
+    tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
+    assert findings._scores_shift("bloom", tokens, 64) == pytest.approx(0.25 * (64 - 14))
+
+
 @pytest.mark.parametrize("name,broken", [("gpt2", True), ("llama", False)], ids=["learned", "rotary"])
 def test_transformer_lens_generate_positions(name, broken):
     model = zoo.load(name, dtype=torch.float64)
