@@ -203,9 +203,8 @@ class KVCache(CacheLifecycle):
         """Write the stored slots to a safetensors file, atomically; returns None.
 
         Only stored slots are written (never the preallocated capacity), with
-        the positions, window, dtype, a fingerprint of the model (its
-        architecture and a hash of the weights it computes with), a SHA-256 of
-        every tensor, and ``metadata``. See :mod:`interpkv.cache.persist`.
+        the positions, window, dtype, a fingerprint of the model, a checksum
+        of every tensor and ``metadata`` (:mod:`interpkv.cache.persist`).
 
         Args:
             path: the file; a symlink is followed (the file it points to is
@@ -219,6 +218,7 @@ class KVCache(CacheLifecycle):
             TypeError: ``metadata`` is not a dict or does not survive a JSON
                 round trip unchanged (tuples, non-string keys, objects).
             ValueError: ``metadata`` over 1 MiB, or non-finite keys/values.
+            CacheSaveError: a disk error (an ``OSError``); the old file stays.
 
         >>> cache.save("prompt.safetensors", metadata={"prompt": "Once upon a time"})
         """
