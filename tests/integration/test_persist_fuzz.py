@@ -195,6 +195,16 @@ def test_fuzz_fast(original, tmp_path):
     assert {"flip", "truncate", "json", "json-raw", "swap", "meta", "tensor"} <= set(kinds), kinds
 
 
+def test_fuzz_threaded_reads(original, tmp_path, monkeypatch):
+    """The same mutations through the threaded read (64-byte steps, two readers, a huge-page body)."""
+    from interpkv.cache import st_read
+
+    monkeypatch.setattr(st_read, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(st_read, "HUGE_PAGES_FROM", 0)
+    kinds = run_fuzz(original, tmp_path, n=300, seed=100)
+    assert {"flip", "truncate", "swap", "tensor"} <= set(kinds), kinds
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(1, 11))
 def test_fuzz_slow(original, tmp_path, seed):
