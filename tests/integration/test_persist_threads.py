@@ -146,3 +146,28 @@ def test_large_bodies_go_in_anonymous_memory_advised_for_huge_pages(monkeypatch)
     assert not isinstance(owner(small), mmap.mmap) and isinstance(owner(large), mmap.mmap)
     large[:] = 7  # writable, private
     assert large.flags.writeable and int(large.sum()) == 7 * 4096
+
+
+def test_a_17_mib_cache_round_trips_through_the_default_threaded_path(tmp_path):
+    """No monkeypatching: big enough for two readers, several 8 MiB steps and a huge-page body."""
+    model = tiny_model("neox", n_ctx=8192)
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, model.cfg.n_heads, 8192, model.cfg.d_head)
+    keys = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(model.cfg.n_layers)]
+    values = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(model.cfg.n_layers)]
+    positions = torch.arange(8192).repeat(2, 1)
+    cache = interpkv.KVCache.from_state(model, keys, values, positions, torch.full((2,), 8192), copy=False)
+    assert cache.nbytes > 2 * st_read.CHUNK_BYTES and cache.nbytes > st_read.HUGE_PAGES_FROM
+    path = tmp_path / "big.safetensors"
+    cache.save(path)
+    loaded = interpkv.KVCache.load(path, model)
+    for a, b in zip(loaded.layers, cache.layers):
+        assert all(torch.equal(x, y) for x, y in zip(a.view(loaded.seq_len), b.view(cache.seq_len)))
+    step = torch.tensor([[3], [4]])
+    with torch.no_grad():
+        assert torch.equal(interpkv.forward(model, step, cache=loaded), interpkv.forward(model, step, cache=cache))
+    data = bytearray(path.read_bytes())
+    data[-5000] ^= 1  # in `positions`, the last tensor of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(interpkv.CacheFileError, match="does not match its XXH3-128 checksum"):
+        interpkv.KVCache.load(path, model)
