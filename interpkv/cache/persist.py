@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Union
 import torch
 
 from interpkv.cache.atomic import atomic_write
-from interpkv.cache.checksums import WRITTEN, header_digest
+from interpkv.cache.checksums import SHA256, WRITTEN, header_digest
 from interpkv.cache.file_checks import (
     DTYPE_NAMES,
     FORMAT,
@@ -207,9 +207,10 @@ def save_cache(
             )
 
         inspect = _nonfinite_finder({name: t.dtype for name, t in tensors.items()}, refuse)
-        for name, tensor in tensors.items() if inspect is None else ():
-            if not all_finite(tensor):
-                refuse(name)
+        if inspect is None:  # no check while hashing (big-endian): whole tensors, before writing
+            for name, tensor in tensors.items():
+                if not all_finite(tensor):
+                    refuse(name)
         header = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -233,7 +234,7 @@ def save_cache(
             )
             if user is not None:
                 final["user_metadata"] = user
-            final["header_sha256"] = "0" * 64 if sums is None else header_digest(final)
+            final["header_sha256"] = SHA256.placeholder if sums is None else header_digest(final)
             return final
 
         atomic_write(path, lambda fd: write_file(fd, tensors, complete, WRITTEN, inspect))

@@ -9,7 +9,6 @@ the body is touched; :func:`decode` then views the tensors in one buffer.
 Nothing here unpickles anything.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import torch
 from interpkv.errors import CacheFileError
 
 __all__ = ["CacheFileError", "DTYPES", "MAX_HEADER_BYTES", "open_regular", "parse_header", "decode",
-           "sha256_hex", "tensor_bytes"]
+           "tensor_bytes"]
 
 # A cache header lists 2 tensors per layer plus 2; even 1,000 layers fit in far less.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -81,11 +80,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if sys.byteorder == "big" and tensor.element_size() > 1:
         data = tensor.detach().contiguous().numpy().byteswap().view("uint8").reshape(-1)
     return memoryview(data)
-
-
-def sha256_hex(data) -> str:
-    """SHA-256 hex digest of a bytes-like object (hashlib releases the GIL on big ones)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def parse_header(prefix: bytes, size: int, path: str) -> dict:
