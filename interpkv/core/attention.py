@@ -30,7 +30,7 @@ from interpkv.core import tl as _tl
 
 from interpkv.core import prepared
 from interpkv.cache.kvcache import KVCache
-from interpkv.cache.slots import Slots
+from interpkv.cache.kvcache import Slots
 from interpkv.cache.window import in_window
 from interpkv.core.stephooks import StepHooks
 from interpkv.core.schemes import PositionalScheme
