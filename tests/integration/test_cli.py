@@ -201,7 +201,7 @@ def _untouched(model, fresh) -> list:
 
 
 def test_demo_sections_leave_the_models_they_share_as_they_found_them():
-    # interpkv demo builds each zoo model once and hands it to every section (cli/runtime.Models):
+    # interpkv demo builds each zoo model once and hands it to every section (verify/models.Models):
     # safe only because no section changes a model it is handed.
     from interpkv.verify.engine_checks import check_engine, engine_faults
     from interpkv.verify.models import Models
