@@ -18,6 +18,12 @@ Prints markdown tables (numbers go to docs/performance.md, section "Cache persis
   the baseline back to back (alternating which goes first); a ratio is the
   median of the per-repetition ratios, so adjacent runs share the machine's load.
 
+- ``--candidate`` (with ``--sizes``): the persistence decision of issue 23.
+  The safetensors library as the container (:mod:`persist_safetensors`: same
+  format, XXH3 checksums and checks kept) and today's engine, each against
+  ``save_file`` + ``fsync`` and ``safe_open`` + ``clone``, in interleaved pairs;
+  the load average is printed before and after each size.
+
 - save: ``cache.save(path)`` (write to a temp file + fsync + atomic rename) against
   ``safetensors.torch.save_file`` of the same tensors (no fsync), and against the
   same plus an fsync (what a durable write costs anyway).
@@ -41,6 +47,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import interpkv
+import persist_safetensors
 from interpkv.cache.persist import cachefile as persist
 
 
@@ -151,6 +158,54 @@ def sizes_table(args) -> None:
           "paired repetitions [min-max]; fsync on both sides.\n")
 
 
+def candidate_table(args) -> None:
+    """Today's engine and the safetensors-container candidate, each against the library's own save and load."""
+    cfg = HookedTransformerConfig(
+        n_layers=args.layers, d_model=args.d_model, d_head=args.d_model // args.heads,
+        n_heads=args.heads, n_key_value_heads=args.kv_heads, d_mlp=4 * args.d_model, n_ctx=64,
+        d_vocab=1000, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_dim=args.d_model // args.heads, gated_mlp=True, dtype=torch.float32,
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg).eval()
+    print("| cache | load avg (1 min) before/after | save vs save_file + fsync: engine / candidate | "
+          "validated load vs safe_open + clone: engine / candidate |")
+    print("|---|---|---|---|")
+    for mib in args.sizes:
+        before = os.getloadavg()[0]
+        cache = synthetic_cache(model, mib, args.batch)
+        workdir = tempfile.mkdtemp(dir=args.dir)
+        ours, cand, direct = (os.path.join(workdir, f"{n}.safetensors") for n in ("ours", "cand", "direct"))
+        tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
+        for i, layer in enumerate(cache.layers):
+            tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(cache.seq_len)
+        cache.save(ours)  # warm-up: the weights fingerprint is memoized, files exist for the loads
+        persist_safetensors.save(cache, cand)
+        fsync_save(tensors, direct)
+        base_save = lambda: fsync_save(tensors, direct)  # noqa: E731
+        base_load = lambda: safe_open_read(direct, torch.Tensor.clone)  # noqa: E731
+        rows = {}
+        rows["save engine"] = paired(lambda: cache.save(ours), base_save, args.repeats)
+        rows["save candidate"] = paired(lambda: persist_safetensors.save(cache, cand), base_save, args.repeats)
+        rows["load engine"] = paired(lambda: interpkv.KVCache.load(ours, model), base_load, args.repeats)
+        rows["load candidate"] = paired(lambda: persist_safetensors.load(cand, model, interpkv.KVCache),
+                                        base_load, args.repeats)
+        after = os.getloadavg()[0]
+
+        def cell(key):
+            _, _, ratio, all_ratios = rows[key]
+            return f"{ratio:.2f}x [{min(all_ratios):.2f}-{max(all_ratios):.2f}]"
+
+        print(f"| {cache.nbytes / 2**20:.0f} MiB | {before:.1f} / {after:.1f} | {cell('save engine')} / "
+              f"{cell('save candidate')} | {cell('load engine')} / {cell('load candidate')} |", flush=True)
+        del cache, tensors
+        for path in (ours, cand, direct):
+            os.unlink(path)
+        os.rmdir(workdir)
+    print(f"\nratio = library time / our time (>= 0.8 is the bar), median of {args.repeats} interleaved "
+          "pairs [min-max]; fsync on every save.\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -165,7 +220,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[64, 1024],
                         help="cache sizes in MiB for the save/load ratio table (none: skip it)")
     parser.add_argument("--only-sizes", action="store_true", help="print only the size table")
+    parser.add_argument("--candidate", action="store_true",
+                        help="with --sizes: the safetensors-container candidate against today's engine (only that)")
     args = parser.parse_args()
+    if args.candidate:
+        candidate_table(args)
+        return
     if args.sizes:
         sizes_table(args)
     if args.only_sizes:

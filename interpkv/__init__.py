@@ -10,10 +10,12 @@ docs/performance.md) load only when a command needs them. The submodules
 ``zoo`` (which imports transformers), ``faults``, ``plot`` and ``patching``
 are imported on their own first access.
 
-Layout (see docs/architecture.md): ``cache/`` (storage, window, persistence),
-``core/`` (forward, attention, positional schemes, the TransformerLens seam),
-``diagnostics/`` (record, capture, diff, compare), ``generation/``, ``cli/``,
-``zoo/``, plus ``errors``, ``tolerances``, ``faults``, ``patching`` and ``plot``.
+Layout (see docs/architecture.md), lower layers first: ``errors``,
+``tolerances`` and ``_repr`` (notebook summaries); ``core/`` (forward,
+attention, positional schemes, per-call routing, the TransformerLens seam) and
+``cache/`` (storage, window, persistence); ``diagnostics/`` (record, capture,
+diff, compare, engines); ``generation/``, ``patching``, ``faults`` and
+``plot``; ``zoo/``; ``verify/`` (the checks behind the CLI); ``cli/``.
 No module shares its name with a function exported here.
 """
 

@@ -10,6 +10,7 @@ offline) is a complete record.
 import math
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from interpkv.diagnostics.report import DivergenceReport
@@ -108,8 +109,7 @@ def divergence_heatmap(report: DivergenceReport):
         A ``plotly.graph_objects.Figure`` with one heatmap trace per family
         (trace ``name`` = family, ``customdata[..., 0:3]`` = max_abs, rel, cos).
     """
-    import numpy as np
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # deferred: plotly (importing interpkv never imports it)
 
     cells = heatmap_cells(report)
     shown = _initial_family(report, list(cells))
@@ -186,7 +186,7 @@ def first_divergence(
         = those values as drawn), red for the first divergent hook, orange for
         later divergent ones.
     """
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # deferred: plotly (importing interpkv never imports it)
 
     per_hook = report.hook_max_abs()
     hooks = list(per_hook)
@@ -249,8 +249,8 @@ def generation(gen_diff: GenerationDiff):
         ``logits_max_abs``, ``kl``, ``top1_agree``; ``x`` = step) and a
         vertical line at ``first_divergent_step`` when there is one.
     """
-    from plotly.subplots import make_subplots
-    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots  # deferred: plotly
+    import plotly.graph_objects as go  # deferred: plotly (importing interpkv never imports it)
 
     steps = list(range(gen_diff.n_steps))
     fig = make_subplots(

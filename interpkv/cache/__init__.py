@@ -1,12 +1,16 @@
 """The KV cache: per-layer storage, the multi-layer container, window policy, persistence.
 
+- :mod:`~interpkv.cache.kvcache`: :class:`KVCache`, whole: positions, offsets, the
+  forward protocol (:meth:`KVCache.begin` / :meth:`KVCache.commit`), lifecycle,
+  ``from_state``, and the two calls into persistence.
 - :mod:`~interpkv.cache.layer`: one layer's preallocated key/value buffers.
-- :mod:`~interpkv.cache.kvcache`: :class:`KVCache`, positions, offsets, the
-  forward protocol (:meth:`KVCache.begin` / :meth:`KVCache.commit`) and lifecycle.
 - :mod:`~interpkv.cache.window`: the window rule (which slots a query may attend,
   which slots are evicted), written once.
-- :mod:`~interpkv.cache.persist` and :mod:`~interpkv.cache.st_format`: safetensors
-  files, working from the cache's public state.
+- :mod:`~interpkv.cache.signature`: what a cache is bound to (a model's architecture fields).
+- :mod:`~interpkv.cache.fingerprint`: a model's weights fingerprint (what a saved cache was
+  computed with).
+- :mod:`~interpkv.cache.persist`: persistence, one subpackage behind
+  ``save_cache`` / ``load_cache``.
 """
 
 from interpkv.cache.kvcache import KVCache

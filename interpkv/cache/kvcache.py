@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interpkv._repr import kvcache_html
 from interpkv.core import tl as _tl
 from interpkv.core.axes import PAD_POSITION
 from interpkv.cache import persist
@@ -327,8 +328,6 @@ class KVCache:
         )
 
     def _repr_html_(self) -> str:
-        from interpkv._repr import kvcache_html
-
         return kvcache_html(self)
 
     @classmethod

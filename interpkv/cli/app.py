@@ -10,8 +10,12 @@ on one stderr line; ``--debug`` shows the traceback instead).
 """
 
 import argparse
+import shlex
 import sys
 from typing import Callable, List, Optional, Sequence
+
+from interpkv import __version__
+from interpkv.cli.inputs import check_model_dir, check_writable, load_error, one_line, quiet_hf
 
 __all__ = ["main"]
 
@@ -26,7 +30,7 @@ GENERATION_PROMPT = "    def __init__(self"
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich, only when a table is printed
 
     stream = sys.stderr if stderr else sys.stdout
     probe = Console(file=stream)
@@ -38,7 +42,7 @@ def _pass(ok: bool, yes: str = "PASS", no: str = "FAIL") -> str:
 
 
 def _check_table(results, title: str):
-    from rich.table import Table
+    from rich.table import Table  # deferred: rich, only when a table is printed
 
     table = Table(title=title)
     table.add_column("model", no_wrap=True)
@@ -55,7 +59,7 @@ def _check_table(results, title: str):
 
 
 def _fault_table(results, title: str = "bug zoo: known cache bugs, injected and localized (float64)"):
-    from rich.table import Table
+    from rich.table import Table  # deferred: rich, only when a table is printed
 
     table = Table(title=title)
     table.add_column("fault", no_wrap=True)
@@ -70,7 +74,7 @@ def _fault_table(results, title: str = "bug zoo: known cache bugs, injected and 
 
 def _progress(items: Sequence, run: Callable, description: str) -> list:
     """``[run(item) for item in items]`` with a progress bar on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # deferred: rich, only when a table is printed
 
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -86,11 +90,9 @@ def _progress(items: Sequence, run: Callable, description: str) -> list:
 class _Failure(Exception):
     """An error already worded as the one line the user sees (exit 2)."""
 
-
 def _resolve(models: Sequence[str]) -> List[str]:
     """Zoo names and HF directories as given; raises ValueError (one line) on anything else."""
-    from interpkv import zoo
-    from interpkv.cli.inputs import check_model_dir
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
     for model in models:
         if model not in zoo.names():
@@ -100,13 +102,12 @@ def _resolve(models: Sequence[str]) -> List[str]:
 
 def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv", built=None) -> list:
     """Each model's check; ``built``: the run's :class:`~interpkv.verify.models.Models` (default: fresh loads)."""
-    from interpkv import zoo
-    from interpkv.verify.checks import check_hf_dir, check_zoo
-    from interpkv.cli.inputs import load_error, quiet_hf
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv.verify.checks import check_hf_dir, check_zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
     def one(model: str):
         if engine != "interpkv":
-            from interpkv.verify.engine_checks import check_engine
+            from interpkv.verify.engine_checks import check_engine  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
             return check_engine(model, engine, dtype=dtype, models=built)
         if model in zoo.names():
@@ -142,9 +143,8 @@ def _hf_notes(console, results) -> None:
 def _check(
     models: Sequence[str], dtype_name: str, html: Optional[str], debug: bool = False, engine: str = "interpkv"
 ) -> int:
-    import torch
+    import torch  # deferred: torch (--version, --help and argument errors answer without it)
 
-    from interpkv.cli.inputs import check_writable
 
     models = _resolve(models)  # ValueError: one line, exit 2 (see main)
     if html:
@@ -156,7 +156,7 @@ def _check(
     console.print(_check_table(results, f"{title}: cached vs uncached vs HuggingFace ({dtype_name})"))
     _hf_notes(console, results)
     if html:
-        from interpkv.cli import html as report
+        from interpkv.cli import html as report  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
         report.write(html, checks=results, title="interpkv check", command=_command(), dtype=dtype_name)
         console.print(f"report: {html}")
@@ -167,12 +167,11 @@ def _check(
 
 
 def _demo(html: Optional[str]) -> int:
-    import torch
+    import torch  # deferred: torch (--version, --help and argument errors answer without it)
 
-    from interpkv import zoo
-    from interpkv.verify.checks import BUG_ZOO, check_fault, check_generation
-    from interpkv.cli.inputs import check_writable
-    from interpkv.verify.models import Models
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv.verify.checks import BUG_ZOO, check_fault, check_generation  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv.verify.models import Models  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
     if html:
         check_writable(html)
@@ -197,7 +196,7 @@ def _demo(html: Optional[str]) -> int:
     other = _demo_other_implementations(console, built)
 
     if html:
-        from interpkv.cli import html as report
+        from interpkv.cli import html as report  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
         report.write(
             html, checks=checks, faults=faults, generation=generation, other=other, title="interpkv demo",
@@ -224,17 +223,16 @@ _ARGV: List[str] = []
 
 def _command() -> str:
     """The command line as typed, for the report."""
-    import shlex
 
     return "interpkv " + " ".join(shlex.quote(a) for a in _ARGV)
 
 
 def _demo_other_implementations(console, built):
     """Demo section "other implementations": TransformerLens's and HF's own caches, audited on the run's models."""
-    from interpkv.verify.engine_checks import OtherImplementations, check_engine, engine_faults
-    from interpkv.verify import findings as tl_findings
+    from interpkv.verify.engine_checks import OtherImplementations, check_engine, engine_faults  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv.verify import findings as tl_findings  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
-    from interpkv import zoo
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
 
     other = OtherImplementations()
     other.known_mismatch = {f"{n} (transformer_lens)" for n in zoo.names() if zoo.info(n)["tl_pair_note"]}
@@ -245,7 +243,7 @@ def _demo_other_implementations(console, built):
     other.faults = _progress(["engine faults"], lambda _: engine_faults(models=built), "engine faults")[0]
     console.print(_fault_table(other.faults, "engine faults: a stored key corrupted in each engine's cache update"))
     other.findings = tl_findings.all_findings(load_pair=built.pair)
-    from rich.table import Table
+    from rich.table import Table  # deferred: rich, only when a table is printed
 
     table = Table(title="TransformerLens 3.x cache findings, checked against HF (teacher forcing)")
     for column in ("finding", "model", "first divergence", "evidence", "verified"):
@@ -268,7 +266,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         bad arguments or an error (one line on stderr; ``--debug`` raises
         instead, showing the traceback).
     """
-    from interpkv import __version__
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _ARGV[:] = argv
@@ -290,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report", parents=[debug])
     demo.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
     args = parser.parse_args(argv)
-    from interpkv.cli.runtime import torch_threads, zoo_only
+    from interpkv.cli.runtime import torch_threads, zoo_only  # deferred: runtime imports torch
 
     # Zoo models are tiny: one intra-op thread (see interpkv.cli.runtime); a user's HF directory keeps the caller's.
     threads = 1 if args.command == "demo" or zoo_only(args.models) else None
@@ -306,7 +303,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # a bug: still one line, the traceback with --debug
         if args.debug:
             raise
-        from interpkv.cli.inputs import one_line
 
         return _error(f"{one_line(exc)} (run again with --debug for the traceback)")
 

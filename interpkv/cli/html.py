@@ -15,7 +15,14 @@ consumes results that :mod:`interpkv.verify.checks` computed.
 import datetime
 import html
 import os
+from importlib import metadata
 from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+import interpkv
+from interpkv import plot
+from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, HF_TOL
 
 __all__ = ["render", "write"]
 
@@ -77,10 +84,6 @@ class _Figures:
 
 def versions() -> List[Tuple[str, str]]:
     """``(package, version)`` of everything that decides the report's numbers."""
-    from importlib import metadata
-
-    import interpkv
-
     found = [("interpkv", interpkv.__version__)]
     for package in ("torch", "transformer-lens", "transformers", "plotly"):
         try:
@@ -92,10 +95,6 @@ def versions() -> List[Tuple[str, str]]:
 
 def _provenance(command: Optional[str], dtypes: Sequence[str], with_faults: bool) -> str:
     """Versions, command, dtype and the tolerances every verdict below used."""
-    import torch
-
-    from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, HF_TOL
-
     items = [("command", command or "-"), ("dtype", ", ".join(dtypes) or "-")]
     items += [(name, version) for name, version in versions()]
     rows = [[("", k), ("site", v)] for k, v in items]
@@ -153,9 +152,7 @@ def render(
     Returns:
         The HTML document.
     """
-    from plotly.offline import get_plotlyjs
-
-    from interpkv import plot
+    from plotly.offline import get_plotlyjs  # deferred: plotly, only when a report is written
 
     figure = _Figures()
     parts: List[str] = [f"<h1>{_esc(title)}</h1>"]
@@ -257,8 +254,6 @@ def render(
 
 def _other_section(other, figure) -> List[str]:
     """The "other implementations" section: engine checks, engine faults, TransformerLens findings."""
-    from interpkv import plot
-
     parts = ["<h2>Other implementations: TransformerLens's and HuggingFace's own caches</h2>"]
     parts.append(
         "<p>The same ragged, left-padded batch fed chunk by chunk through TransformerLens's "

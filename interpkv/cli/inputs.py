@@ -62,7 +62,7 @@ def check_model_dir(path: str, zoo_names: Sequence[str]) -> None:
         raise ValueError(f"{config}: broken config.json, not valid JSON ({exc})") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{config}: broken config.json, no 'model_type' (what save_pretrained writes names one)")
-    import transformers
+    import transformers  # deferred: transformers (argument errors answer without it)
 
     if data["model_type"] not in transformers.CONFIG_MAPPING:
         raise ValueError(f"{path}: unsupported architecture, model_type {data['model_type']!r} is unknown to transformers")
@@ -99,7 +99,7 @@ def check_writable(path: str) -> None:
 @contextlib.contextmanager
 def quiet_hf() -> Iterator[None]:
     """No transformers progress bars ("Loading weights") on stderr inside the block."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

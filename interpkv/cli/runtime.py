@@ -30,7 +30,7 @@ def zoo_only(models: Sequence[str]) -> bool:
     >>> zoo_only(["gpt2", "llama"]), zoo_only(["gpt2", "./my-model"]), zoo_only([])
     (True, False, True)
     """
-    from interpkv import zoo
+    from interpkv import zoo  # deferred: the zoo imports torch and transformers
 
     return all(m in zoo.names() for m in models)
 

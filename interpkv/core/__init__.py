@@ -1,12 +1,22 @@
-"""One forward pass: inputs, absolute positions, positional schemes, attention.
+"""One forward pass: inputs, absolute positions, positional schemes, attention, per-call routing.
 
-- :mod:`~interpkv.core.tl`: the one seam to TransformerLens (every import of it).
+- :mod:`~interpkv.core.tl`: the one seam to TransformerLens (every import of it, and the
+  adapters that read its internals).
+- :mod:`~interpkv.core.axes`: axis names and the padding marker.
 - :mod:`~interpkv.core.inputs`: the input normalisation every entry point uses.
 - :mod:`~interpkv.core.positions`: attention mask + offsets -> absolute positions.
 - :mod:`~interpkv.core.schemes`: the one factory that reads the positional scheme.
 - :mod:`~interpkv.core.attention`: position-aware attention over a cache.
 - :mod:`~interpkv.core.forward`: :func:`interpkv.forward`.
-- :mod:`~interpkv.core.prepared`: TransformerLens's linear maps without per-call weight copies.
+- :mod:`~interpkv.core.returns`: its ``return_type`` (logits, TransformerLens's loss).
+- :mod:`~interpkv.core.routing`: per-call routing, which module runs which forward in one call
+  (attention, the fast modules, SAE wrappers).
+- :mod:`~interpkv.core.overlay`: the per-call view of the model a call's routes run through.
 - :mod:`~interpkv.core.fused`: single-kernel norms and GELU while their inner hooks are idle.
+- :mod:`~interpkv.core.prepared`: TransformerLens's linear maps without per-call weight copies.
+- :mod:`~interpkv.core.sae_lens`: SAELens SAE wrappers routed per call.
+- :mod:`~interpkv.core.calls`: per-call state in context variables (gated ``fwd_hooks``,
+  positions, generation start; "is this hook point hooked for this call").
+- :mod:`~interpkv.core.hookpos`: :func:`interpkv.hook_positions`.
 - :mod:`~interpkv.core.stephooks`: the seam where fault objects plug in.
 """

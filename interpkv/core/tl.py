@@ -11,6 +11,7 @@ slopes, local layers, the frames of a running TransformerLens forward). What
 a call routes where is policy, and lives in :mod:`interpkv.core.routing`.
 """
 
+import sys
 from typing import Tuple
 
 import torch
@@ -115,8 +116,6 @@ def forward_locals(max_depth: int = 64):
     call, what TransformerLens itself was given (``past_kv_cache``,
     ``attention_mask``): the hook function is called with neither.
     """
-    import sys
-
     frame = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:

@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from interpkv.diagnostics.record import Record
+
 __all__ = ["Assembler", "MASKED_SCORE", "fill_value", "attention_rows"]
 
 MASKED_SCORE = float("-inf")
@@ -156,8 +158,6 @@ class Assembler:
 
     def record(self, valid: Bool[Tensor, "batch pos"], meta: dict, skipped: Dict[str, str]):
         """The buffers as a :class:`~interpkv.diagnostics.record.Record` (shared, not copied)."""
-        from interpkv.diagnostics.record import Record
-
         logits = self.logits
         if logits is None:
             logits = torch.zeros(self.batch, self.n_positions, 0, device=valid.device)

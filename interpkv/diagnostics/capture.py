@@ -111,7 +111,7 @@ class Sink:
         """Called once after the last chunk."""
 
 
-class _RecordBuilder(Sink):
+class RecordBuilder(Sink):
     """The default sink: every activation into an :class:`Assembler` over the run's positions."""
 
     copies = True  # the Assembler copies each activation into its buffers at once
@@ -287,7 +287,7 @@ def capture(
     sink = run(
         model,
         tokens,
-        _RecordBuilder,
+        RecordBuilder,
         cache=cache,
         steps=steps,
         attention_mask=attention_mask,

@@ -46,6 +46,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from interpkv._repr import html_summary, short_list
 from interpkv.core import tl as _tl
 from interpkv.core.axes import ATTENTION_HOOKS, is_attention_hook
 
@@ -222,8 +223,6 @@ class Record:
         )
 
     def _repr_html_(self) -> str:
-        from interpkv._repr import html_summary, short_list
-
         families: Dict[str, List] = {}
         for name, tensor in self.activations.items():
             layer, family = split_hook_name(name)

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from interpkv._repr import html_summary
 from interpkv.diagnostics.record import LOGITS, split_hook_name
 from interpkv.diagnostics.stats import STAT_NAMES, nanmax
 from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
@@ -151,7 +152,7 @@ class DivergenceReport:
         >>> frame = report.to_frame()                                  # doctest: +SKIP
         >>> frame[frame.family == "attn.hook_z"].groupby("layer").max_abs.max()  # doctest: +SKIP
         """
-        import pandas as pd
+        import pandas as pd  # deferred: pandas, only for to_frame
 
         parts = []
         for order, hook in enumerate(self.hooks):
@@ -210,8 +211,6 @@ class DivergenceReport:
         return [tuple(r) for r in rows.values()]
 
     def _repr_html_(self) -> str:
-        from interpkv._repr import html_summary
-
         first = self.first_divergence()
         where = "none" if first is None else f"{first.hook} at pos {first.pos}, row {first.batch}"
         batch, positions = self.stats[LOGITS]["max_abs"].shape

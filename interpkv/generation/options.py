@@ -144,7 +144,7 @@ def progress(steps: int, verbose: bool) -> Callable:
     """A tqdm bar over ``steps`` when ``verbose`` (TransformerLens's), else a plain range."""
     if not verbose:
         return iter(range(steps))
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # deferred: tqdm, only with verbose=True
 
     return iter(tqdm(range(steps), desc="generate", unit="token"))
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interpkv._repr import html_summary, short_list
 from interpkv.diagnostics.record import Record
 from interpkv.tolerances import DEFAULT_ATOL
 
@@ -120,8 +121,6 @@ class Generation:
         )
 
     def _repr_html_(self) -> str:
-        from interpkv._repr import html_summary, short_list
-
         batch, total = self.tokens.shape
         new_mask = self.attention_mask[:, self.prompt_length :]
         prompt_mask = self.attention_mask[:, : self.prompt_length]
@@ -208,7 +207,7 @@ class GenerationDiff:
         >>> GenerationDiff([0.0, 0.5], [0.0, 0.1], [True, False], 1).to_frame().divergent.tolist()
         [False, True]
         """
-        import pandas as pd
+        import pandas as pd  # deferred: pandas, only for to_frame
 
         return pd.DataFrame(
             {
@@ -231,8 +230,6 @@ class GenerationDiff:
         )
 
     def _repr_html_(self) -> str:
-        from interpkv._repr import html_summary
-
         limit = 20
         divergent = self.divergent()
         rows = [

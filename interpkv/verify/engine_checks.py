@@ -16,13 +16,14 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import transformers
 
 from interpkv.diagnostics.hf_reference import hf_difference
 from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, check_hf_dir, check_zoo
 from interpkv.verify.models import Models
 from interpkv.diagnostics import engines
-from interpkv.diagnostics.capture import _RecordBuilder
+from interpkv.diagnostics.capture import RecordBuilder
 from interpkv.tolerances import DEFAULT_ATOL
 from interpkv import zoo
 from interpkv.core.schemes import scheme_for
@@ -58,7 +59,7 @@ class OtherImplementations:
         )
 
 
-class _Logits(_RecordBuilder):
+class _Logits(RecordBuilder):
     """A record of a run's logits only (activations are not kept)."""
 
     def activation(self, name, act, q_pos, k_pos) -> None:
@@ -81,8 +82,6 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
             f"{model!r} is not a HuggingFace model directory (no config.json); pass a zoo name "
             f"({', '.join(zoo.names())}) or a directory written by model.save_pretrained(dir)"
         )
-    import transformers
-
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         model, local_files_only=True, attn_implementation="eager", dtype=dtype
     ).eval()

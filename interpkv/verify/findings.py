@@ -32,7 +32,7 @@ from interpkv import zoo
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.engines import transformer_lens as tle
 from interpkv.diagnostics.hf_reference import hf_logits
-from interpkv.diagnostics.capture import _RecordBuilder
+from interpkv.diagnostics.capture import RecordBuilder
 from interpkv.diagnostics.diff import diff
 from interpkv.diagnostics.record import LOGITS
 from interpkv.diagnostics.report import DivergenceReport, Site
@@ -142,7 +142,7 @@ def generate_learned_positions(
 
     tl, hf = load_pair(name, torch.float64)
     tokens = torch.randint(0, 97, (1, prompt), generator=torch.Generator().manual_seed(0))
-    sink, generated = tle.run_generate(tl, tokens, _RecordBuilder, max_new_tokens=new)
+    sink, generated = tle.run_generate(tl, tokens, RecordBuilder, max_new_tokens=new)
     fed = generated[:, :-1]  # the last generated token is never fed back
     stepped = sink.record({"engine": "transformer_lens.generate"})
     reference = engines.capture(tl, fed, engine="transformer_lens")

@@ -8,17 +8,31 @@ same weights, so TransformerLens behaviour can be checked against HF::
     model = zoo.load("llama", dtype=torch.float64)
     tl, hf = zoo.load_pair("mistral")
     sae_model = zoo.load_sae("gpt2", "blocks.0.hook_resid_post")  # needs sae-lens
+
+Modules:
+
+- :mod:`~interpkv.zoo._specs`: one small spec per built-in model.
+- :mod:`~interpkv.zoo._build`: HF construction and HF -> TransformerLens conversion, memoized.
+- :mod:`~interpkv.zoo._handbuilt`: TransformerLens configs for HF classes TL maps only by hub name.
+- :mod:`~interpkv.zoo._fidelity`: what the converter drops, and the conversion check.
+- :mod:`~interpkv.zoo._trained`: the shipped character-level models.
+- :mod:`~interpkv.zoo._corpus`: their training text (standard-library docstrings).
+- :mod:`~interpkv.zoo.charvocab`: their 97-character vocabulary.
+- :mod:`~interpkv.zoo._sae`: the same as SAELens ``HookedSAETransformer`` s (the one module
+  that imports ``sae_lens``, lazily).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Sequence, Union
 
 import torch
+import transformers
 
 from interpkv.core.tl import HookedTransformer
-from interpkv.zoo import _build, _trained, charvocab
-from interpkv.zoo._sae import as_sae_transformer, load_sae, random_sae
+from interpkv.zoo import _build, _sae, _trained, charvocab
+from interpkv.zoo._sae import as_sae_transformer, random_sae
 from interpkv.zoo._specs import SPECS
 
 __all__ = [
@@ -290,10 +304,6 @@ def load_hf_dir(
     >>> model.to_string(model.to_tokens("def f():"))
     ['def f():']
     """
-    import os
-
-    import transformers
-
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
@@ -313,8 +323,6 @@ def load_hf_dir(
 
 
 def _has_tokenizer(path: str) -> bool:
-    import os
-
     files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     return any(os.path.isfile(os.path.join(path, f)) for f in files)
 
@@ -334,3 +342,58 @@ def from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
         A HookedTransformer in eval mode on CPU, without a tokenizer.
     """
     return _build.model_from_hf(hf, label=label)
+
+
+def load_sae(
+    name: str,
+    hooks: Union[str, Sequence[str]] = "blocks.0.hook_resid_post",
+    *,
+    d_sae: int = 64,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    trained: bool = False,
+    use_error_term: bool = False,
+    architecture: str = "standard",
+    **config: Any,
+) -> Any:
+    """A zoo model as a ``sae_lens.HookedSAETransformer`` with a random SAE on each hook.
+
+    The model is :func:`interpkv.zoo.load` ``(name, dtype=dtype, seed=seed,
+    trained=trained)`` converted by :func:`as_sae_transformer`; the SAE of the
+    ``i``-th hook is :func:`random_sae` ``(model, hook, seed=seed + i, ...)``,
+    attached with ``model.add_sae(sae, use_error_term=use_error_term)``. The
+    SAEs are ``model.acts_to_saes[hook]``. No network is used.
+
+    Args:
+        name: zoo model name (see :func:`interpkv.zoo.names`).
+        hooks: one hook point name, or several.
+        d_sae: features per SAE.
+        dtype: dtype of the model and SAEs.
+        seed: seed of the model's and the SAEs' weights.
+        trained: the shipped trained character-level weights (and tokenizer).
+        use_error_term: SAELens's error term: the SAE's reconstruction error is
+            added back, so the model computes what it computes without SAEs
+            (``hook_sae_error`` fires).
+        architecture, config: passed to :func:`random_sae`.
+
+    Returns:
+        The ``HookedSAETransformer``.
+
+    Raises:
+        ImportError: SAELens is not installed.
+        ValueError: an unknown model, or a name that is not a hook point.
+
+    >>> import interpkv, torch
+    >>> model = interpkv.zoo.load_sae("llama", "blocks.0.hook_resid_post", d_sae=32)
+    >>> model.acts_to_saes["blocks.0.hook_resid_post"].cfg.d_sae
+    32
+    >>> tokens = torch.arange(6)[None]
+    >>> bool(torch.allclose(interpkv.forward(model, tokens), model(tokens), atol=1e-4))
+    True
+    """
+    _sae.require_sae_lens()  # fail before building the model
+    model = as_sae_transformer(load(name, dtype=dtype, seed=seed, trained=trained))
+    for i, hook in enumerate([hooks] if isinstance(hooks, str) else list(hooks)):
+        sae = random_sae(model, hook, d_sae=d_sae, seed=seed + i, architecture=architecture, **config)
+        model.add_sae(sae, use_error_term=use_error_term)
+    return model

@@ -12,28 +12,29 @@ such models offline:
   in a ``HookedSAETransformer``, checked to compute the same logits;
 - :func:`random_sae`: a ``sae_lens.SAE`` with random weights for one hook of a
   model, ``d_in`` read from the activation the hook sees;
-- :func:`load_sae`: a zoo model converted, with one random SAE per hook attached.
+- :func:`interpkv.zoo.load_sae` (in the zoo's ``__init__``, which has ``load``) puts
+  the two together: a zoo model converted, with one random SAE per hook attached.
 
 SAELens is optional: it is imported only when one of these is called, and a
 missing install raises an ImportError naming ``pip install sae-lens``.
 """
 
 import copy
-from typing import Any, Sequence, Union
+from typing import Any
 
 import torch
 
 from interpkv.core.tl import HookedTransformer
 
-__all__ = ["as_sae_transformer", "random_sae", "load_sae"]
+__all__ = ["as_sae_transformer", "random_sae", "require_sae_lens"]
 
 _INSTALL = 'pip install "sae-lens>=6,<7"'
 
 
-def _sae_lens():
+def require_sae_lens():
     """The ``sae_lens`` module, or an ImportError saying how to install it."""
     try:
-        import sae_lens
+        import sae_lens  # deferred: SAELens is an optional install
     except ImportError as exc:
         raise ImportError(
             f"this needs SAELens (sae_lens.HookedSAETransformer), which is not installed: {_INSTALL} "
@@ -60,7 +61,7 @@ def as_sae_transformer(model: HookedTransformer) -> Any:
         ImportError: SAELens is not installed.
         RuntimeError: the converted model's logits differ from ``model``'s.
     """
-    sae_lens = _sae_lens()
+    sae_lens = require_sae_lens()
     cfg = copy.deepcopy(model.cfg)
     cfg.init_weights = False
     with torch.random.fork_rng(devices=[]):  # its init is overwritten: keep the caller's RNG
@@ -152,7 +153,7 @@ def random_sae(
         ValueError: ``hook`` is not a hook point of ``model``, or fires with an
             activation an SAE cannot read.
     """
-    sae_lens = _sae_lens()
+    sae_lens = require_sae_lens()
     d_in, reshape = _sae_input(model, hook)
     cfg = {
         "architecture": architecture,
@@ -170,60 +171,3 @@ def random_sae(
     for param in sae.parameters():
         param.requires_grad_(False)
     return sae.eval()
-
-
-def load_sae(
-    name: str,
-    hooks: Union[str, Sequence[str]] = "blocks.0.hook_resid_post",
-    *,
-    d_sae: int = 64,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    trained: bool = False,
-    use_error_term: bool = False,
-    architecture: str = "standard",
-    **config: Any,
-) -> Any:
-    """A zoo model as a ``sae_lens.HookedSAETransformer`` with a random SAE on each hook.
-
-    The model is :func:`interpkv.zoo.load` ``(name, dtype=dtype, seed=seed,
-    trained=trained)`` converted by :func:`as_sae_transformer`; the SAE of the
-    ``i``-th hook is :func:`random_sae` ``(model, hook, seed=seed + i, ...)``,
-    attached with ``model.add_sae(sae, use_error_term=use_error_term)``. The
-    SAEs are ``model.acts_to_saes[hook]``. No network is used.
-
-    Args:
-        name: zoo model name (see :func:`interpkv.zoo.names`).
-        hooks: one hook point name, or several.
-        d_sae: features per SAE.
-        dtype: dtype of the model and SAEs.
-        seed: seed of the model's and the SAEs' weights.
-        trained: the shipped trained character-level weights (and tokenizer).
-        use_error_term: SAELens's error term: the SAE's reconstruction error is
-            added back, so the model computes what it computes without SAEs
-            (``hook_sae_error`` fires).
-        architecture, config: passed to :func:`random_sae`.
-
-    Returns:
-        The ``HookedSAETransformer``.
-
-    Raises:
-        ImportError: SAELens is not installed.
-        ValueError: an unknown model, or a name that is not a hook point.
-
-    >>> import interpkv, torch
-    >>> model = interpkv.zoo.load_sae("llama", "blocks.0.hook_resid_post", d_sae=32)
-    >>> model.acts_to_saes["blocks.0.hook_resid_post"].cfg.d_sae
-    32
-    >>> tokens = torch.arange(6)[None]
-    >>> bool(torch.allclose(interpkv.forward(model, tokens), model(tokens), atol=1e-4))
-    True
-    """
-    from interpkv import zoo
-
-    _sae_lens()  # fail before building the model
-    model = as_sae_transformer(zoo.load(name, dtype=dtype, seed=seed, trained=trained))
-    for i, hook in enumerate([hooks] if isinstance(hooks, str) else list(hooks)):
-        sae = random_sae(model, hook, d_sae=d_sae, seed=seed + i, architecture=architecture, **config)
-        model.add_sae(sae, use_error_term=use_error_term)
-    return model

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from interpkv.zoo import _build, charvocab
 from interpkv.zoo._build import WEIGHTS_DIR, HookedTransformer
@@ -61,8 +62,6 @@ def hf_model(name: str, dtype: torch.dtype = torch.float32) -> transformers.PreT
     Returns:
         A fresh ``transformers`` causal-LM model.
     """
-    from safetensors.torch import load_file
-
     meta = metadata(name)
     config = getattr(transformers, meta["hf_config_class"]).from_dict(meta["hf_config"])
     config._attn_implementation = "eager"

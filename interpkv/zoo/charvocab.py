@@ -141,8 +141,8 @@ def hf_tokenizer():
     >>> tok.decode(tok("a , b")["input_ids"])
     'a , b'
     """
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models  # deferred: tokenizers, only for hf_tokenizer
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers, only for hf_tokenizer
 
     vocab = {c: i for i, c in enumerate(CHARS)}
     vocab[UNK_CHAR] = UNK

@@ -5,7 +5,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.diagnostics.compare import _Comparator
+from interpkv.diagnostics.comparator import Comparator
 
 
 # float64 parity: cached and uncached runs differ only by summation order (~1e-14).
@@ -184,17 +184,17 @@ def test_compare_keeps_only_a_bounded_buffer(models, monkeypatch):
     """compare holds one Record plus <= FLUSH_SITES positions per hook of the cached run."""
     model = models("gpt2")
     peak = {"sites": 0}
-    push = _Comparator._push
+    push = Comparator._push
 
     def watched(self, name, entry):
         push(self, name, entry)
         peak["sites"] = max(peak["sites"], max(self.pending_sites.values(), default=0))
 
-    monkeypatch.setattr(_Comparator, "_push", watched)
+    monkeypatch.setattr(Comparator, "_push", watched)
     tokens = tokens_for(model, batch=1, n=160)
     report = interpkv.compare(model, tokens, steps=[32] + [1] * 128)
     assert report.ok(**TOL64)
-    assert 0 < peak["sites"] < _Comparator.FLUSH_SITES
+    assert 0 < peak["sites"] < Comparator.FLUSH_SITES
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mistral"], ids=["gpt2", "mistral-local-window"])
@@ -204,7 +204,7 @@ def test_compare_attention_rows_fast_path_equals_by_row(models, monkeypatch, nam
     tokens = tokens_for(model, batch=2, n=24)
     steps = [9, 1, 1, 13]
     fast = interpkv.compare(model, tokens, steps=steps)
-    monkeypatch.setattr(_Comparator, "_keys", lambda self, q_pos, k_pos: False)
+    monkeypatch.setattr(Comparator, "_keys", lambda self, q_pos, k_pos: False)
     by_row = interpkv.compare(model, tokens, steps=steps)
     assert fast.hooks == by_row.hooks
     for hook in fast.hooks:
@@ -227,17 +227,17 @@ def test_one_chunk_capture_writes_activations_as_they_fire(models, monkeypatch, 
     held until the call returns: the reference of a compare at 512 tokens held ~750 MB twice).
     Chunked: activations are handed over after each call, a hook firing twice keeping its last value."""
     from interpkv.core import calls
-    from interpkv.diagnostics.capture import _RecordBuilder
+    from interpkv.diagnostics.capture import RecordBuilder
 
     model = models("gpt2")
     seen = []
-    activation = _RecordBuilder.activation
+    activation = RecordBuilder.activation
 
     def watched(self, name, act, q_pos, k_pos):
         seen.append(calls.current_positions() is not None)  # set only while a forward runs
         activation(self, name, act, q_pos, k_pos)
 
-    monkeypatch.setattr(_RecordBuilder, "activation", watched)
+    monkeypatch.setattr(RecordBuilder, "activation", watched)
     record = interpkv.capture(model, tokens_for(model, batch=1, n=8), steps=steps)
     assert seen and all(s == during_forward for s in seen)
     assert record["blocks.0.hook_resid_pre"].shape[1] == 8

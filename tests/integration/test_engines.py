@@ -9,7 +9,7 @@ from interpkv.diagnostics import engines
 from interpkv.diagnostics.engines import hf as hf_engine
 from interpkv.verify import engine_faults as faults, findings
 from interpkv.diagnostics.engines import transformer_lens as tl_engine
-from interpkv.diagnostics.capture import _RecordBuilder
+from interpkv.diagnostics.capture import RecordBuilder
 
 STEPS = [8, 1, 1, 4]  # first cached position 8
 FIRST_CACHED = STEPS[0]
@@ -216,7 +216,7 @@ def test_stale_alibi_moves_the_raw_scores_a_hook_reads_even_in_float64():
 @pytest.mark.parametrize("name,broken", [("gpt2", True), ("llama", False)], ids=["learned", "rotary"])
 def test_transformer_lens_generate_positions(name, broken):
     model = zoo.load(name, dtype=torch.float64)
-    sink, generated = tl_engine.run_generate(model, _tokens(length=8), _RecordBuilder, max_new_tokens=4)
+    sink, generated = tl_engine.run_generate(model, _tokens(length=8), RecordBuilder, max_new_tokens=4)
     reference = engines.capture(model, generated[:, :-1], engine="transformer_lens")
     site = interpkv.diff(sink.record({}), reference).first_divergence(atol=TIGHT, rtol=TIGHT)
     if broken:
@@ -280,7 +280,7 @@ def test_compare_also_sees_the_cached_run_it_compares(engine):
     kept = []
     report = engines.compare(
         model, tokens, steps=STEPS, attention_mask=mask, engine=engine,
-        also=lambda valid: kept.append(_RecordBuilder(valid)) or kept[0],
+        also=lambda valid: kept.append(RecordBuilder(valid)) or kept[0],
     )
     seen = kept[0].record({})
     again = engines.capture(model, tokens, steps=STEPS, attention_mask=mask, engine=engine)

@@ -31,6 +31,7 @@ import torch
 
 from interpkv.cache.persist.checksums import WRITTEN, Checksum
 from interpkv.cache.persist.atomic import start_writeback
+from interpkv.cache.persist.st_format import DTYPES  # the one table of safetensors dtype names
 
 __all__ = ["write_file", "runs", "CHUNK_BYTES", "HASH_WORKERS"]
 
@@ -70,8 +71,6 @@ def runs(tensor: torch.Tensor) -> Iterator[memoryview]:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    from interpkv.cache.persist.st_format import DTYPES  # the one table of safetensors dtype names
-
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 

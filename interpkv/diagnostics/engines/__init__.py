@@ -7,15 +7,17 @@ describes any of them:
 
 - ``"interpkv"`` (:func:`interpkv.diagnostics.capture.run`): interpkv's own
   :class:`~interpkv.KVCache`; the default for a HookedTransformer.
-- ``"transformer_lens"`` (:mod:`.transformer_lens`): TransformerLens's own
+- ``"transformer_lens"`` (:mod:`interpkv.diagnostics.engines.transformer_lens`): TransformerLens's own
   ``past_kv_cache`` path on the same HookedTransformer.
-- ``"hf"`` (:mod:`.hf`): a ``transformers`` causal LM with its own cache
+- ``"hf"`` (:mod:`interpkv.diagnostics.engines.hf`): a ``transformers`` causal LM with its own cache
   (``DynamicCache`` by default); the default for a ``PreTrainedModel``.
 
 In every case the reference is the same model, same engine, run once on all
-tokens without a cache. :mod:`.faults` plants a corruption in each engine's
-cache update; :mod:`.findings` holds the TransformerLens 3.x cache bugs
-the demo shows.
+tokens without a cache. :mod:`interpkv.diagnostics.engines._common` holds what
+the runners share (positions, the valid grid, chunk bounds). Nothing here
+changes a model or another library's classes: the fault injectors that patch
+TransformerLens's and HF's caches, and the TransformerLens findings, are
+:mod:`interpkv.verify.engine_faults` and :mod:`interpkv.verify.findings`.
 """
 
 from typing import Callable, Optional, Sequence
@@ -23,7 +25,9 @@ from typing import Callable, Optional, Sequence
 from torch import Tensor
 
 from interpkv.core import tl as _tl
-from interpkv.diagnostics.capture import NamesFilter, Sink, _RecordBuilder
+from interpkv.diagnostics.capture import NamesFilter, RecordBuilder, Sink
+from interpkv.diagnostics.comparator import Comparator
+from interpkv.diagnostics.engines import hf, transformer_lens
 from interpkv.diagnostics.capture import run as _run_interpkv
 from interpkv.diagnostics.record import Record
 from interpkv.diagnostics.report import DivergenceReport
@@ -45,7 +49,7 @@ def resolve(model, engine: Optional[str] = None) -> str:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "hf":
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # deferred: transformers, only for engine='hf'
 
         if not isinstance(model, PreTrainedModel):
             raise ValueError(
@@ -87,12 +91,8 @@ def run(
             f"fwd_hooks apply to engine='interpkv' only, got engine={engine!r}; add the hooks to the model instead"
         )
     if engine == "hf":
-        from interpkv.diagnostics.engines import hf
-
         return hf.run(model, tokens, sink_factory, steps=steps, attention_mask=attention_mask, names=names, cache=cache)
     if engine == "transformer_lens":
-        from interpkv.diagnostics.engines import transformer_lens
-
         if cache is not None:
             raise ValueError("engine='transformer_lens' builds its own TransformerLensKeyValueCache; pass cache=None")
         return transformer_lens.run(model, tokens, sink_factory, steps=steps, attention_mask=attention_mask, names=names)
@@ -122,7 +122,7 @@ def capture(
     against HF on ``hook_resid_post`` and the logits).
     """
     sink = run(
-        model, tokens, _RecordBuilder, engine=engine, steps=steps, attention_mask=attention_mask, names=names,
+        model, tokens, RecordBuilder, engine=engine, steps=steps, attention_mask=attention_mask, names=names,
         cache=cache, fwd_hooks=fwd_hooks,
     )
     meta = {"steps": list(steps) if steps is not None else None, "engine": resolve(model, engine)}
@@ -177,8 +177,6 @@ def compare(
     too (:class:`Tee`), for a caller that needs more of that run than the
     report (e.g. its logits) without running it again.
     """
-    from interpkv.diagnostics.compare import _Comparator
-
     if steps is None:
         raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
     reference = capture(
@@ -186,7 +184,7 @@ def compare(
     )
 
     def sinks(valid: Tensor) -> Sink:
-        comparator = _Comparator(reference, valid)
+        comparator = Comparator(reference, valid)
         return comparator if also is None else Tee(comparator, also(valid))
 
     sink = run(

@@ -55,14 +55,14 @@ POSITION_TABLES = ("wpe", "embed_positions")
 
 def dynamic_cache(model: nn.Module, batch_size: int, max_len: int):
     """``DynamicCache(config=model.config)`` (sliding-window layers where the config has them)."""
-    import transformers
+    import transformers  # deferred: transformers, only when an HF model runs
 
     return transformers.DynamicCache(config=model.config)
 
 
 def static_cache(model: nn.Module, batch_size: int, max_len: int):
     """``StaticCache(config=model.config, max_cache_len=max_len)``."""
-    import transformers
+    import transformers  # deferred: transformers, only when an HF model runs
 
     return transformers.StaticCache(config=model.config, max_cache_len=max_len)
 
