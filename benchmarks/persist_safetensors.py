@@ -20,6 +20,7 @@ Files written here load with :meth:`KVCache.load` and the other way round.
 
 import json
 import os
+import struct
 
 import safetensors
 import safetensors.torch
@@ -36,11 +37,11 @@ from interpkv.cache.persist.file_checks import (
     check_checksums,
     check_finite,
     check_metadata,
-    check_next_tokens,
     check_positions,
     check_tensors,
     check_weights,
     model_fingerprint,
+    row_state_names,
 )
 from interpkv.cache.persist.st_format import tensor_bytes
 
@@ -52,11 +53,11 @@ def save(cache, path: str, metadata=None) -> None:
     user = encode_user_metadata(metadata)
     model = cache.model
     tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
-    if cache.next_tokens is not None:
-        tensors["next_tokens"], tensors["next_tokens_at"] = cache.next_tokens, cache.next_tokens_at
+    tensors.update(cache.row_state)
     for i, layer in enumerate(cache.layers):
         keys, values = layer.view(cache.seq_len)
-        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = keys.contiguous(), values.contiguous()
+        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = keys, values
+    tensors = {name: t.contiguous() for name, t in tensors.items()}  # the library refuses strided views
     sums = {}
     for name, tensor in tensors.items():
         if not all_finite(tensor):
@@ -88,13 +89,22 @@ def save(cache, path: str, metadata=None) -> None:
     os.replace(tmp, path)
 
 
+def _offsets(path: str) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = json.loads(f.read(n))
+    return {name: entry["data_offsets"] for name, entry in raw.items() if name != "__metadata__"}
+
+
 def load(path: str, model, cache_type):
     """``KVCache.load(path, model)`` with the safetensors library reading the file."""
-    with safetensors.safe_open(path, framework="pt") as f:
+    with safetensors.safe_open(path, framework="pt") as f:  # the library parses and validates the container
         header = {"__metadata__": f.metadata()}
+        offsets = _offsets(path)  # only for error messages naming a tensor's bytes
         for name in f.keys():
             piece = f.get_slice(name)
-            header[name] = {"dtype": piece.get_dtype(), "shape": list(piece.get_shape())}
+            header[name] = {"dtype": piece.get_dtype(), "shape": list(piece.get_shape()),
+                            "data_offsets": offsets[name]}
         metadata = check_metadata(header, model, path, weights=False)
         expected = check_tensors(header, metadata, model, path)
         tensors = {name: f.get_tensor(name).clone() for name in expected}  # owned: the cache writes into them
@@ -103,7 +113,6 @@ def load(path: str, model, cache_type):
     check_checksums(digests, header, metadata, path)
     check_finite(tensors, path)
     check_positions(tensors["positions"], tensors["next_positions"], metadata, model, path)
-    check_next_tokens(tensors, model, path)
     n_layers = model.cfg.n_layers
     cache = cache_type.from_state(
         model,
@@ -113,8 +122,7 @@ def load(path: str, model, cache_type):
         window=metadata["window"], sinks=metadata["sinks"], copy=False,
     )
     cache.metadata = metadata["user"]
-    if "next_tokens" in tensors:
-        cache.next_tokens, cache.next_tokens_at = tensors["next_tokens"], tensors["next_tokens_at"]
+    cache.row_state = {name: tensors[name] for name in row_state_names(tensors)}
     return cache
 
 

@@ -23,7 +23,7 @@ import copy
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -188,11 +188,12 @@ class KVCache:
         next_positions: ``Int[Tensor, "batch"]``, position of each row's next token.
         window, sinks: a windowed cache keeps the first ``sinks`` and the last
             ``window`` positions of each row.
-        next_tokens, next_tokens_at: ``Int[Tensor, "batch"]`` or None: the
-            token :func:`interpkv.generate` chose last and held back (-1: none)
-            and the ``next_positions`` it was held back at; ``generate(model,
-            cache=cache, max_new_tokens=n)`` continues from it. Written only by
-            ``generate``; forks, selections and saves carry it.
+        row_state: ``{name: Int[Tensor, "batch"]}``, per-row tensors that code
+            above the cache attaches to its rows (generation's held-back token,
+            :mod:`interpkv.generation.resume`). The cache never reads them: it
+            keeps their rows aligned with its own through :meth:`fork`,
+            :meth:`select` and :meth:`repeat`, and :meth:`save` / :meth:`load`
+            carry them.
 
     >>> import interpkv
     >>> model = interpkv.zoo.load("gpt2")
@@ -238,8 +239,7 @@ class KVCache:
         self._slot_ids = torch.full_like(self._positions, PAD_POSITION)
         self._appended = 0  # slots ever appended: the next slot id
         self._next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.next_tokens: Optional[Tensor] = None  # see the class docstring
-        self.next_tokens_at: Optional[Tensor] = None
+        self.row_state: Dict[str, Tensor] = {}  # see the class docstring
 
     @classmethod
     def for_model(
@@ -552,8 +552,7 @@ class KVCache:
         new = self._with_storage(
             layers, self.positions[rows], self._next_position[rows], self.slot_ids[rows]
         )
-        if self.next_tokens is not None:
-            new.next_tokens, new.next_tokens_at = self.next_tokens[rows], self.next_tokens_at[rows]
+        new.row_state = {name: tensor[rows] for name, tensor in self.row_state.items()}
         return new
 
     def _with_storage(self, layers, positions, next_positions, slot_ids=None) -> "KVCache":

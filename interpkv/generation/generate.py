@@ -94,8 +94,8 @@ def generate(
             the last is held back, ready to continue from.
         cache: continue from this cache (its stored tokens come before
             ``tokens``); a fresh one is made if None. Afterwards it holds every
-            token of ``Generation.tokens`` but the last, which it holds back in
-            ``cache.next_tokens``: ``generate(model, cache=cache,
+            token of ``Generation.tokens`` but the last, which it holds back
+            (:func:`interpkv.generation.resume.held_tokens`): ``generate(model, cache=cache,
             max_new_tokens=n)`` then continues exactly where this call
             stopped, as one uninterrupted call would (the held-back token is
             the new call's one-column prompt; rows that had stopped stay

@@ -131,7 +131,7 @@ def settle(cache: KVCache, start, loop: Loop, error: BaseException) -> None:
                 raise ValueError("evicted")  # slots moved: crop cannot find the step's start
             cache.crop(loop.length_before)
         except ValueError:
-            cache.next_tokens = cache.next_tokens_at = None
+            resume.forget(cache)
             _note(error, "interpkv.generate: the windowed cache evicted keys during the failed step and "
                   "cannot be rolled back; it holds that step and nothing to continue from (fork() it "
                   "before generating to keep a restart point)")

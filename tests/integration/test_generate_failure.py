@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import interpkv
+from interpkv.generation.resume import held_tokens
 from interpkv import zoo
 from interpkv.generation import loop as loop_module
 
@@ -57,7 +58,7 @@ def test_a_hook_failing_at_step_3_leaves_the_completed_steps_and_the_next_token(
     # State after the failure: the prompt and the first FAIL_AT - 1 new tokens are stored, the
     # token step FAIL_AT was feeding is held back at the position it is due.
     assert cache.next_positions.tolist() == (mask.sum(1) + FAIL_AT - 1).tolist()
-    assert torch.equal(cache.next_tokens, full.new_tokens[:, FAIL_AT - 1])
+    assert torch.equal(held_tokens(cache)[0], full.new_tokens[:, FAIL_AT - 1])
     assert any("continues as the uninterrupted call" in note for note in info.value.__notes__)
     assert torch.equal(info.value.interpkv_generation.new_tokens, full.new_tokens[:, :FAIL_AT])
     # Continuing equals the uninterrupted run.
@@ -93,12 +94,12 @@ def test_a_failure_in_the_first_step_leaves_the_cache_as_it_was():
     m, tokens, mask = _setup()
     cache = interpkv.KVCache.for_model(m, 3)
     first = interpkv.generate(m, tokens, attention_mask=mask, cache=cache, max_new_tokens=2)
-    held, at, length = cache.next_tokens.clone(), cache.next_tokens_at.clone(), cache.seq_len
+    held, at, length = held_tokens(cache)[0].clone(), held_tokens(cache)[1].clone(), cache.seq_len
     hooks = [("blocks.0.hook_resid_pre", _raising_on_call(1, RuntimeError("boom")))]
     with pytest.raises(RuntimeError, match="boom") as info:
         interpkv.generate(m, cache=cache, max_new_tokens=4, fwd_hooks=hooks)
     assert any("as it was" in note for note in info.value.__notes__)
-    assert cache.seq_len == length and torch.equal(cache.next_tokens, held) and torch.equal(cache.next_tokens_at, at)
+    assert cache.seq_len == length and torch.equal(held_tokens(cache)[0], held) and torch.equal(held_tokens(cache)[1], at)
     more = interpkv.generate(m, cache=cache, max_new_tokens=4)
     full = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=6)
     assert torch.equal(torch.cat([first.new_tokens, more.new_tokens], 1), full.new_tokens)

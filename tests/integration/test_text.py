@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import interpkv
+from interpkv.generation.resume import held_tokens
 from interpkv import zoo
 from interpkv.zoo import charvocab
 
@@ -107,7 +108,7 @@ def test_continuing_from_a_cache_equals_one_call(window):
     prompt = ["def add(a, b):", "Return the"]
     cache = interpkv.KVCache.for_model(m, 2, window=window)
     first = interpkv.generate(m, prompt, cache=cache, max_new_tokens=5)
-    assert cache.next_tokens.tolist() == first.tokens[:, -1].tolist()
+    assert held_tokens(cache)[0].tolist() == first.tokens[:, -1].tolist()
     more = interpkv.generate(m, cache=cache, max_new_tokens=7)
     assert more.prompt_length == 1 and torch.equal(more.tokens[:, 0], first.tokens[:, -1])
     one_call = interpkv.generate(m, prompt, max_new_tokens=12, cache=interpkv.KVCache.for_model(m, 2, window=window))
@@ -194,6 +195,6 @@ def test_a_saved_prompt_cache_continues_after_load_with_no_tokens(tmp_path):
     cache.save(path, metadata={"prompt": "Return the "})
     loaded = interpkv.KVCache.load(path, m)
     assert loaded.metadata == {"prompt": "Return the "}
-    assert torch.equal(loaded.next_tokens, cache.next_tokens)
+    assert torch.equal(held_tokens(loaded)[0], held_tokens(cache)[0])
     resumed = interpkv.generate(m, cache=loaded, max_new_tokens=8)
     assert resumed.text == " " + interpkv.generate(m, "Return the ", max_new_tokens=8).new_text

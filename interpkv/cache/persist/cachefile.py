@@ -13,6 +13,9 @@ capacity: the "saved prompt cache kept its zero padding" bug, mlx-examples
 - tensors ``layers.{i}.keys`` / ``layers.{i}.values``
   ``[batch, kv_head, kv_pos, d_head]`` (keys after rotary), ``positions``
   ``[batch, kv_pos]`` (int64, ``-1`` = padding) and ``next_positions`` ``[batch]``;
+  optionally the cache's per-row state (:attr:`KVCache.row_state`: int64
+  ``[batch]`` tensors under lowercase names, e.g. generation's held-back
+  ``next_tokens`` / ``next_tokens_at``), carried without being interpreted;
 - string metadata: ``format`` / ``format_version`` (3), ``model`` (the
   architecture fields of :func:`interpkv.cache.signature.model_signature`,
   JSON), ``weights_fingerprint`` (:mod:`interpkv.cache.fingerprint`),
@@ -58,15 +61,16 @@ from interpkv.cache.persist.file_checks import (
     DTYPE_NAMES,
     FORMAT,
     FORMAT_VERSION,
+    ROW_STATE_NAME,
     all_finite,
     check_checksums,
     check_finite,
     check_metadata,
-    check_next_tokens,
     check_positions,
     check_tensors,
     check_weights,
     model_fingerprint,
+    row_state_names,
 )
 from interpkv.cache.fingerprint import weights_fingerprint
 from interpkv.cache.persist.st_format import DTYPES, MAX_HEADER_BYTES, CacheFileError, decode, open_regular, parse_header
@@ -190,9 +194,14 @@ def save_cache(
         raise ValueError("the model this cache was made for no longer exists; nothing to fingerprint")
     length = cache.seq_len
     tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
-    if cache.next_tokens is not None:  # the token generate held back, to continue from
-        tensors["next_tokens"] = cache.next_tokens
-        tensors["next_tokens_at"] = cache.next_tokens_at
+    for name, tensor in cache.row_state.items():  # per-row state attached above the cache (generation's)
+        if name in tensors or not ROW_STATE_NAME.fullmatch(name):
+            raise ValueError(f"cannot save row state {name!r}: the name is not a lowercase identifier or "
+                             "is one of the cache's own tensors")
+        if tensor.dtype != torch.long or tuple(tensor.shape) != (cache.batch_size,):
+            raise ValueError(f"cannot save row state {name!r}: it is {tensor.dtype} {list(tensor.shape)}, "
+                             f"row state is int64 [{cache.batch_size}] (one value per row)")
+        tensors[name] = tensor
     for i, layer in enumerate(cache.layers):
         tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(length)  # stored slots
     with _background(cache.nbytes > _BACKGROUND_BYTES) as pool:
@@ -295,7 +304,6 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
     device = next(iter(model.parameters())).device
     tensors = {name: t.to(device) for name, t in tensors.items()}
     check_positions(tensors["positions"], tensors["next_positions"], metadata, model, path)
-    check_next_tokens(tensors, model, path)
     n_layers = model.cfg.n_layers
     cache = cache_type.from_state(
         model,
@@ -308,6 +316,5 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
         copy=False,  # the tensors view a buffer nothing else holds
     )
     cache.metadata = metadata["user"]
-    if "next_tokens" in tensors:
-        cache.next_tokens, cache.next_tokens_at = tensors["next_tokens"], tensors["next_tokens_at"]
+    cache.row_state = {name: tensors[name] for name in row_state_names(tensors)}
     return cache

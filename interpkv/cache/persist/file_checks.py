@@ -9,6 +9,7 @@ read), tensor checksums, finite keys and values, positions against
 """
 
 import json
+import re
 from typing import Dict, Optional
 
 import numpy
@@ -25,7 +26,7 @@ from interpkv.core.schemes import scheme_for
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPE_NAMES", "header_digest", "all_finite", "check_metadata",
            "check_tensors", "check_weights", "model_fingerprint", "check_checksums", "check_finite",
-           "check_positions", "check_next_tokens"]
+           "check_positions", "ROW_STATE_NAME", "row_state_names"]
 
 FORMAT = "interpkv.KVCache"
 #: 2: tensor and header SHA-256, sampled weights fingerprint, user metadata; 3: XXH3-128 tensor checksums
@@ -149,6 +150,17 @@ def check_weights(header: dict, metadata: dict, mine: str, path: str) -> None:
         )
 
 
+#: Names a file may carry per-row state under (:attr:`KVCache.row_state`; generation's held-back
+#: token has always been ``next_tokens`` / ``next_tokens_at``, so older files load unchanged).
+ROW_STATE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def row_state_names(names) -> list:
+    """The names among ``names`` that are row state rather than the cache's own tensors."""
+    own = {"positions", "next_positions"}
+    return sorted(n for n in names if n not in own and ROW_STATE_NAME.fullmatch(n))
+
+
 def check_tensors(header: dict, metadata: dict, model, path: str) -> Dict[str, tuple]:
     """Each expected tensor is present, with the dtype and shape the metadata implies.
 
@@ -164,8 +176,8 @@ def check_tensors(header: dict, metadata: dict, model, path: str) -> Dict[str, t
         expected[f"layers.{i}.keys"] = (float_name, kv_shape)
         expected[f"layers.{i}.values"] = (float_name, kv_shape)
     names = set(header) - {"__metadata__"}
-    if {"next_tokens", "next_tokens_at"} & names:  # optional: a token generate held back
-        expected["next_tokens"] = expected["next_tokens_at"] = ("I64", [batch])
+    for name in row_state_names(names - set(expected)):  # optional per-row state (KVCache.row_state)
+        expected[name] = ("I64", [batch])
     if names != set(expected):
         raise CacheFileError(
             f"{path}: tensors {sorted(names ^ set(expected))[:6]} are missing or unexpected "
@@ -296,16 +308,3 @@ def check_positions(positions, next_positions, metadata: dict, model, path: str)
                 f"{'...' if real.numel() > 8 else ''} but next_positions says it has seen {m} "
                 f"tokens (window={window}, sinks={sinks}); positions and next_positions disagree"
             )
-
-
-def check_next_tokens(tensors: dict, model, path: str) -> None:
-    """The optional held-back tokens are ids of this model's vocabulary (or -1: none)."""
-    if "next_tokens" not in tensors:
-        return
-    tokens, at = tensors["next_tokens"], tensors["next_tokens_at"]
-    d_vocab = int(model.cfg.d_vocab)
-    if bool(((tokens < -1) | (tokens >= d_vocab)).any()) or bool((at < 0).any()):
-        raise CacheFileError(
-            f"{path}: next_tokens {tokens.tolist()[:8]} are not ids in [0, d_vocab={d_vocab}) "
-            "(or -1), or next_tokens_at is negative; corrupted file"
-        )
