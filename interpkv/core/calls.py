@@ -36,6 +36,7 @@ from torch import Tensor
 from interpkv.core.tl import HookPoint
 
 __all__ = [
+    "Hook",
     "hooks",
     "positions",
     "current_positions",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
+"""A TransformerLens ``fwd_hooks`` entry: ``(name or filter on names, hook function)``; defined once, here."""
 
 # The gates open in this context, innermost last (a capture's hooks stay open
 # for the forwards it makes inside them).

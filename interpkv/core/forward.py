@@ -1,11 +1,12 @@
 """``interpkv.forward``: one forward pass, through a cache or not, with hooks."""
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.core import calls, routing, stephooks
+from interpkv.core.calls import Hook
 
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
@@ -16,9 +17,7 @@ from interpkv.core import returns
 from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import scheme_for
 
-__all__ = ["forward"]
-
-Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
+__all__ = ["forward", "Hook"]
 
 
 def forward(
