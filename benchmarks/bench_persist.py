@@ -192,9 +192,12 @@ def candidate_table(args) -> None:
                                         base_load, args.repeats)
         after = os.getloadavg()[0]
 
+        size = cache.nbytes / 2**20
+
         def cell(key):
-            _, _, ratio, all_ratios = rows[key]
-            return f"{ratio:.2f}x [{min(all_ratios):.2f}-{max(all_ratios):.2f}]"
+            mine, theirs, ratio, all_ratios = rows[key]
+            return (f"{ratio:.2f}x [{min(all_ratios):.2f}-{max(all_ratios):.2f}] "
+                    f"({size / mine:,.0f} vs {size / theirs:,.0f} MiB/s)")
 
         print(f"| {cache.nbytes / 2**20:.0f} MiB | {before:.1f} / {after:.1f} | {cell('save engine')} / "
               f"{cell('save candidate')} | {cell('load engine')} / {cell('load candidate')} |", flush=True)
