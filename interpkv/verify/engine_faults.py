@@ -31,6 +31,7 @@ from typing import Iterator, List, Tuple
 
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import tl as _tl
+from interpkv.core.schemes import Rotary, scheme_for
 from interpkv.diagnostics.engines import resolve
 
 __all__ = ["names", "inject", "EngineFault"]
@@ -169,7 +170,7 @@ def _corrupt_transformer_lens(layer: int, delta: float = 1.0) -> Iterator[None]:
 
 def _expected_transformer_lens(model, layer: int) -> str:
     """The hook where :func:`_corrupt_transformer_lens` first shows on ``model``."""
-    if model.cfg.positional_embedding_type == "rotary":
+    if isinstance(scheme_for(model), Rotary):  # TransformerLens caches keys before rotary
         return f"blocks.{layer}.attn.hook_rot_k"
     return f"blocks.{layer}.attn.hook_attn_scores"
 
