@@ -7,7 +7,8 @@ screenshotted by Chromium to ``OUTDIR/<name>.png`` at the figure's own height.
 kaleido is not needed. Chromium: the Debian package (``make browser``).
 Figures: the bug zoo's first-divergence bars (a zero hook among them), a
 failing model's divergence heatmap, a greedy generation, a TransformerLens
-finding (TL cached vs HF), a failing engine row (the quantity that failed).
+finding (TL cached vs HF), an engine row's cached-vs-uncached bars and its
+failing vs-HF logits per position (the quantity that failed).
 """
 
 import argparse
@@ -41,8 +42,6 @@ def screenshot(fig, path_png: str, width: int = 1000) -> str:
 
 def figures(only=()):
     """``(name, figure)`` of each kind of figure the report draws, on the demo's inputs."""
-    import dataclasses
-
     import torch
 
     from interpkv import plot, zoo
@@ -72,7 +71,8 @@ def figures(only=()):
 
         c = check_engine("bloom6", "transformer_lens")
         yield "engine-bloom6-tl", plot.first_divergence(c.report, atol=1e-5, rtol=1e-5)
-    del dataclasses, torch
+        yield "engine-bloom6-tl-vs-hf", plot.position_error(
+            c.hf_by_position, atol=checks.HF_TOL[torch.float32], runs=("TransformerLens cached", "HF"))
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ td.site, pre { font-family: monospace; }
 .pass { color: #137333; font-weight: bold; }
 .fail { color: #c5221f; font-weight: bold; }
 .known { color: #8a4b00; background: #fff4d6; font-weight: bold; }
-td.why { font-size: 0.85em; max-width: 32em; }
+td.why { font-size: 0.85em; max-width: 32em; overflow-wrap: anywhere; }
 p.inputs { font-size: 0.9em; color: #444; }
 pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
 .figure { margin: 1em 0 2em 0; }
@@ -198,7 +198,7 @@ def _fault_sentence(name: str) -> str:
         fault = faults.get(name)
     except ValueError:
         return ""
-    first = (type(fault).__doc__ or "").strip().split("\n")[0]
+    first = (type(fault).__doc__ or "").strip().split("\n")[0].replace("``", "")
     return f"<b>{_esc(name)}</b>: {_esc(first)} Reproduces {_esc(fault.report)}."
 
 
