@@ -71,17 +71,17 @@ def log_ticks(low: float, high: float, *, zero: Optional[float] = None, most: in
     """Tick values and plain labels (``1e-10``) for a log axis from ``low`` to ``high``.
 
     Decades only, every second or third when there are many; ``zero`` (the
-    floor of :func:`log_series`) is labelled "exact 0". Returns plotly axis
+    floor of :func:`log_series`, below ``low``) is where the axis starts and is
+    labelled "exact 0". Returns plotly axis
     settings: ``type``, ``range`` (log10), ``tickvals``, ``ticktext``.
 
-    >>> log_ticks(1e-12, 5.0, zero=1e-12)["ticktext"][:2]
-    ['exact 0', '1e-10']
+    >>> log_ticks(1e-10, 5.0, zero=1e-12)["ticktext"]
+    ['exact 0', '1e-9', '1e-7', '1e-5', '1e-3', '1e-1', '1e1']
     """
     lo = math.floor(math.log10(low))
     hi = math.ceil(math.log10(high))
-    first = lo + _ZERO_GAP if zero is not None else lo
-    step = max(1, math.ceil((hi - first + 1) / most))
-    decades = list(range(hi, first - 1, -step))[::-1]  # anchored at the top decade
+    step = max(1, math.ceil((hi - lo + 1) / most))
+    decades = list(range(hi, lo - 1, -step))[::-1]  # anchored at the top decade
     vals = [10.0**k for k in decades]
     text = ["1" if k == 0 else f"1e{k}" for k in decades]
     if zero is not None:
@@ -98,7 +98,7 @@ def log_ticks(low: float, high: float, *, zero: Optional[float] = None, most: in
 
 def _log_axis(drawn: dict, tol: Optional[float]) -> dict:
     """Axis settings for a :func:`log_series` (plain ticks, "exact 0" at its floor)."""
-    finite = [v for v in drawn["y"] if v == v and v > 0]
+    finite = [v for v, t in zip(drawn["y"], drawn["text"]) if v == v and v > 0 and t != "exact 0"]
     if not drawn["log"]:
         return {"type": "linear", "exponentformat": "e", "rangemode": "tozero"}
     low = min(finite + ([tol] if tol else []))

@@ -143,7 +143,7 @@ def of_check(result, upstream: Optional[Upstream] = None) -> Verdict:
         if not result.ok:  # the result judges something this function does not know: say so, never PASS
             return Verdict(FAIL, "the check's own verdict is FAIL")
         return Verdict(PASS)
-    if not own and upstream is not None:
+    if not own and upstream is not None and result.max_dlogit_hf == result.max_dlogit_hf:  # a NaN is never "known"
         return Verdict(KNOWN_UPSTREAM, f"{upstream.library}: {upstream.reason}; {hf[0]}", upstream.reference)
     return Verdict(FAIL, "; ".join(own + hf))
 

@@ -194,6 +194,30 @@ def test_demo_prints_every_section_and_writes_the_report(capsys, tmp_path, monke
         assert heading in page, heading
 
 
+def test_an_engine_row_failing_against_hf_says_why_and_plots_that_quantity(capsys, tmp_path, monkeypatch):
+    from interpkv.diagnostics import verdicts
+
+    path = tmp_path / "report.html"
+    argv = ["check", "bloom6", "--engine", "transformer_lens", "--html", str(path)]
+    status, out, _ = run(capsys, *argv)
+    row = [line for line in out.splitlines() if line.startswith("│ bloom6 (transformer_lens)")]
+    assert len(row) == 1 and "TL past_kv_cache: alibi, 6 heads" in row[0]  # the engine's own implementation
+    gap = float(row[0].split("│")[4])
+    if not gap > checks.HF_TOL[torch.float32]:  # TransformerLens fixed its ALiBi slopes: nothing to explain
+        assert "PASS" in row[0] and status == 0
+        return
+    page = path.read_text()
+    assert "KNOWN UPSTREAM [1]" in row[0] and status == 0  # documented upstream: reported, not a failure
+    assert "[1] bloom6 (transformer_lens): KNOWN UPSTREAM: TransformerLens 3.x" in out and "known-bugs.md" in out
+    assert "verdict: PASS: 1 check: 0 PASS, 0 FAIL, 1 KNOWN UPSTREAM" in out
+    assert 'data-figure="vs-hf:bloom6 (transformer_lens)"' in page and 'data-figure="heatmap:' not in page
+    # Without the documented reason the same row is a FAIL (exit 1) that names the number and plots it.
+    monkeypatch.setattr(verdicts, "UPSTREAM", {})
+    status, out, _ = run(capsys, *argv)
+    assert status == 1 and "FAIL [1]" in out and "max |cached - HF| logit" in out
+    assert 'data-figure="vs-hf:bloom6 (transformer_lens)"' in path.read_text()
+
+
 @pytest.mark.skipif(cli.GENERATION_MODEL not in zoo.trained_names(), reason="no trained zoo weights on this branch")
 def test_demo_generation_is_identical_with_and_without_cache():
     result = checks.check_generation(cli.GENERATION_MODEL, cli.GENERATION_PROMPT, max_new_tokens=20)
