@@ -98,6 +98,9 @@ def _fault_table(results, section, title: str):
     notes = _Notes()
     for r, (label, verdict) in zip(results, section.rows):
         table.add_row(r.fault, r.model, r.expected_label, r.found_label, _word(verdict, notes.mark(label, verdict)))
+    from interpkv.cli.checks import FAULT_INPUTS
+
+    notes.lines.insert(0, f"inputs (every row above): {FAULT_INPUTS}")
     return table, notes
 
 
@@ -318,6 +321,8 @@ def _demo_other_implementations(built):
 def _print_other_implementations(console, other, sections) -> None:
     from rich.table import Table
 
+    from interpkv.diagnostics.engines import findings as tl_findings
+
     s = sections.get("other engines' caches")
     if s is not None:
         title = "other implementations: their own caches, cached vs uncached (float32)"
@@ -330,12 +335,13 @@ def _print_other_implementations(console, other, sections) -> None:
     if s is None:
         return
     table = Table(title="TransformerLens 3.x cache findings, checked against HF (teacher forcing)")
-    for column in ("finding", "model", "first divergence", "evidence (inputs in each label)", "verdict"):
+    for column in ("finding", "model", "first divergence", "evidence", "verdict"):
         table.add_column(column, no_wrap=not column.startswith("evidence"))
     notes = _Notes()
     for f, (label, verdict) in zip(other.findings, s.rows):
         evidence = "; ".join(f"{k}: {v:.3g}" for k, v in f.evidence.items())
         table.add_row(f.title, f.model, f.site_label, evidence, _word(verdict, notes.mark(label, verdict)))
+    notes.lines.insert(0, f"inputs: {tl_findings.INPUTS}")
     _print_section(console, (table, notes), s)
 
 

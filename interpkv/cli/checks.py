@@ -50,6 +50,7 @@ __all__ = [
     "HF_TOL",
     "COMPARE_TOL",
     "INPUTS",
+    "FAULT_INPUTS",
 ]
 
 # The defaults and the reason for each number live in interpkv.tolerances.
@@ -292,6 +293,8 @@ stale offset on each positional scheme (learned, rotary, ALiBi), where it
 shows at a different hook."""
 
 _FAULT_STEPS = (8, 1, 1, 4)  # a prefill, two single tokens, a chunk: first cached position 8
+FAULT_INPUTS = "random tokens (seed 0), 1 row x 14, cached run fed in chunks 8, 1, 1, 4; float64, site tolerance 1e-10"
+"""What every bug-zoo (and engine-fault) row's numbers come from."""
 
 
 def check_fault(fault: str, model_name: str, *, seed: int = 0, models: Optional[Models] = None) -> FaultResult:

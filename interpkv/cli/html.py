@@ -237,7 +237,7 @@ def render(
         The HTML document.
     """
     from interpkv import plot
-    from interpkv.cli.checks import INPUTS
+    from interpkv.cli.checks import FAULT_INPUTS, INPUTS
     from interpkv.diagnostics.verdicts import run_tally
 
     if tally is None:
@@ -286,6 +286,7 @@ def render(
             + "".join(f"<li>{_fault_sentence(n)}</li>" for n in dict.fromkeys(f.fault for f in faults))
             + "</ul>"
         )
+        parts.append(f'<p class="inputs">Inputs of every row: {_esc(FAULT_INPUTS)}.</p>')
         rows = [
             [("", f.fault), ("", f.model), ("site", f.expected_label), ("site", f.found_label), _verdict(v), _why(v)]
             for f, (_, v) in zip(faults, section.rows)
@@ -327,7 +328,8 @@ def render(
 def _other_section(other, figure, sections) -> List[str]:
     """The "other implementations" section: engine checks, engine faults, TransformerLens findings."""
     from interpkv import plot
-    from interpkv.cli.checks import INPUTS
+    from interpkv.cli.checks import FAULT_INPUTS, INPUTS
+    from interpkv.diagnostics.engines.findings import INPUTS as findings_inputs
 
     parts = ["<h2>Other implementations: TransformerLens's and HuggingFace's own caches</h2>"]
     section = sections.get("other engines' caches")
@@ -347,11 +349,13 @@ def _other_section(other, figure, sections) -> List[str]:
         rows = [[("", f.fault), ("", f.model), ("site", f.expected_label), ("site", f.found_label), _verdict(v), _why(v)]
                 for f, (_, v) in zip(other.faults, section.rows)]
         parts.append(_section_head("A stored key corrupted in each engine's cache update", section).replace("h2>", "h3>"))
+        parts.append(f'<p class="inputs">Inputs of every row: {_esc(FAULT_INPUTS)}.</p>')
         parts.append(_table(["fault", "model", "expected site", "first divergence", "verdict", "why"], rows))
     section = sections.get("TransformerLens findings")
     if section is not None:
         parts.append(_section_head("TransformerLens 3.x findings, verified against HF with teacher forcing", section)
                      .replace("h2>", "h3>"))
+        parts.append(f'<p class="inputs">Inputs: {_esc(findings_inputs)}.</p>')
         for f, (_, verdict) in zip(other.findings, section.rows):
             parts.append(
                 f"<h4>{_esc(f.title)} ({_esc(f.model)}): {_esc(f.site_label)} "

@@ -35,7 +35,13 @@ from interpkv.diagnostics.record import LOGITS
 from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import HF_LOGITS, SITE
 
-__all__ = ["Finding", "alibi_slopes_not_power_of_two", "generate_learned_positions", "stale_alibi", "all_findings"]
+__all__ = ["INPUTS", "Finding", "alibi_slopes_not_power_of_two", "generate_learned_positions", "stale_alibi", "all_findings"]
+
+INPUTS = (
+    "one row of 14 random tokens (seed 0) fed 8, 1, 1, 4 in float64 (stale ALiBi: bfloat16, after a 512-token "
+    "call); generate: an 8-token prompt and 6 new tokens; HF fed the same tokens (teacher forcing)"
+)
+"""What the findings' numbers come from (each evidence label adds which runs it compares)."""
 
 _CROSS_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 
