@@ -153,7 +153,9 @@ def _runs_label(runs: Tuple[str, str]) -> str:
     return f"|{runs[0]} - {runs[1]}|"
 
 
-def divergence_heatmap(report: DivergenceReport, *, atol: Optional[float] = None, runs: Tuple[str, str] = RUNS):
+def divergence_heatmap(
+    report: DivergenceReport, *, atol: Optional[float] = None, runs: Tuple[str, str] = RUNS, family: Optional[str] = None
+):
     """Layer x position heatmap of ``max_abs`` (log10), one hook family at a time.
 
     A dropdown selects the family (``attn.hook_attn_scores``,
@@ -167,6 +169,8 @@ def divergence_heatmap(report: DivergenceReport, *, atol: Optional[float] = None
         report: a :class:`~interpkv.diagnostics.diff.DivergenceReport`.
         atol: the tolerance the report was judged at, marked on the colour bar.
         runs: names of the report's run ``a`` and reference ``b`` (default cached, uncached).
+        family: the family shown first (default: that of the first divergence), e.g.
+            ``"logits"`` when the logits are what failed.
 
     Returns:
         A ``plotly.graph_objects.Figure`` with one heatmap trace per family
@@ -176,7 +180,7 @@ def divergence_heatmap(report: DivergenceReport, *, atol: Optional[float] = None
     import plotly.graph_objects as go
 
     cells = heatmap_cells(report)
-    shown = _initial_family(report, list(cells))
+    shown = family if family in cells else _initial_family(report, list(cells))
     diff = _runs_label(runs)
     tickvals = [_LOG_FLOOR, -15, -10, -5, 0]
     ticktext = ["exact 0", "1e-15", "1e-10", "1e-5", "1"]

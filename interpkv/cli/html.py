@@ -165,7 +165,8 @@ def _failed_figures(results, rows, figure, runs_hf: Tuple[str, str]) -> List[str
         parts.append(f'<h4>{_esc(c.model)}: <span class="{_CLASS[verdict.word]}">{verdict.word}</span></h4>')
         if own and c.report is not None:
             atol = tolerances.site_tolerance(c.dtype)
-            parts.append(figure(plot.divergence_heatmap(c.report, atol=atol), f"heatmap:{c.model}"))
+            family = None if c.first_divergence is not None else "logits"  # the logits are what failed
+            parts.append(figure(plot.divergence_heatmap(c.report, atol=atol, family=family), f"heatmap:{c.model}"))
         if hf and c.hf_by_position is not None:
             fig = plot.position_error(c.hf_by_position, atol=hf_tol, runs=runs_hf(c) if callable(runs_hf) else runs_hf)
             parts.append(figure(fig, f"vs-hf:{c.model}"))

@@ -233,3 +233,9 @@ def test_position_error_marks_what_is_past_the_tolerance():
     assert list(bar.customdata)[:3] == [0.0, 2e-5, 3.0] and list(bar.marker.color)[:3] == [
         "steelblue", "steelblue", "crimson"]
     assert "1 of 4 positions" in fig.layout.title.text and "HF" in fig.layout.yaxis.title.text
+
+
+def test_heatmap_can_open_on_the_family_that_failed(faulty_report):
+    fig = plot.divergence_heatmap(faulty_report, family="logits")
+    assert [t.name for t in fig.data if t.visible] == ["logits"]
+    assert fig.layout.updatemenus[0].buttons[fig.layout.updatemenus[0].active].label == "logits"
