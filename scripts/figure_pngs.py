@@ -45,7 +45,7 @@ def figures(only=()):
     import torch
 
     from interpkv import plot, zoo
-    from interpkv.cli import checks
+    from interpkv.verify import checks
 
     def want(name):
         return not only or any(o in name for o in only)
@@ -62,12 +62,12 @@ def figures(only=()):
         g = checks.check_generation("llama", "    def __init__(self", max_new_tokens=60)
         yield "generation-llama", plot.generation(g.diff)
     if want("finding"):
-        from interpkv.diagnostics.engines import findings
+        from interpkv.verify import findings
 
         f = findings.alibi_slopes_not_power_of_two()
         yield "finding-alibi", plot.first_divergence(f.report, atol=f.atol, rtol=f.atol, runs=f.runs)
     if want("engine"):
-        from interpkv.cli.engine_checks import check_engine
+        from interpkv.verify.engine_checks import check_engine
 
         c = check_engine("bloom6", "transformer_lens")
         yield "engine-bloom6-tl", plot.first_divergence(c.report, atol=1e-5, rtol=1e-5)

@@ -5,7 +5,7 @@ comparison where a twin exists) on zoo models or on local HF model
 directories. ``demo`` runs the zoo check, the bug zoo (every known cache bug
 injected and localized), when trained weights ship a greedy generation with
 the cache on and off, and the audit of other libraries' caches. Every row
-ends in PASS, FAIL or KNOWN UPSTREAM (:mod:`interpkv.diagnostics.verdicts`);
+ends in PASS, FAIL or KNOWN UPSTREAM (:mod:`interpkv.verify.verdicts`);
 the last line counts them, as the HTML report's header does. Exit 0 when
 nothing FAILed, 1 when a check FAILed, 2 on bad arguments or an error (one
 stderr line; ``--debug`` shows the traceback instead). Arguments are checked
@@ -98,7 +98,7 @@ def _fault_table(results, section, title: str):
     notes = _Notes()
     for r, (label, verdict) in zip(results, section.rows):
         table.add_row(r.fault, r.model, r.expected_label, r.found_label, _word(verdict, notes.mark(label, verdict)))
-    from interpkv.cli.checks import FAULT_INPUTS
+    from interpkv.verify.checks import FAULT_INPUTS
 
     notes.lines.insert(0, f"inputs (every row above): {FAULT_INPUTS}")
     return table, notes
@@ -157,14 +157,14 @@ def _resolve(models: Sequence[str]) -> List[str]:
 
 
 def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv", built=None) -> list:
-    """Each model's check; ``built``: the run's :class:`~interpkv.cli.runtime.Models` (default: fresh loads)."""
+    """Each model's check; ``built``: the run's :class:`~interpkv.verify.models.Models` (default: fresh loads)."""
     from interpkv import zoo
-    from interpkv.cli.checks import check_hf_dir, check_zoo
+    from interpkv.verify.checks import check_hf_dir, check_zoo
     from interpkv.cli.inputs import load_error, quiet_hf
 
     def one(model: str):
         if engine != "interpkv":
-            from interpkv.cli.engine_checks import check_engine
+            from interpkv.verify.engine_checks import check_engine
 
             return check_engine(model, engine, dtype=dtype, models=built)
         if model in zoo.names():
@@ -194,7 +194,7 @@ def _verdict_line(console, tally) -> None:
 
 
 def _check_inputs(dtype_name: str) -> str:
-    from interpkv.cli.checks import INPUTS
+    from interpkv.verify.checks import INPUTS
 
     return f"{INPUTS}; {dtype_name}"
 
@@ -205,7 +205,7 @@ def _check(
     import torch
 
     from interpkv import zoo
-    from interpkv.diagnostics import verdicts
+    from interpkv.verify import verdicts
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
     console = _console()
@@ -243,9 +243,9 @@ def _demo(html: Optional[str]) -> int:
     import torch
 
     from interpkv import zoo
-    from interpkv.cli.checks import BUG_ZOO, check_fault, check_generation
-    from interpkv.cli.runtime import Models
-    from interpkv.diagnostics import verdicts
+    from interpkv.verify import verdicts
+    from interpkv.verify.checks import BUG_ZOO, check_fault, check_generation
+    from interpkv.verify.models import Models
 
     console = _console()
     built = Models()  # each zoo model built once, read by every section below
@@ -297,9 +297,9 @@ def _command() -> str:
 
 def _demo_other_implementations(built):
     """Demo section "other implementations": TransformerLens's and HF's own caches, audited on the run's models."""
-    from interpkv.cli.engine_checks import OtherImplementations, check_engine, engine_faults
-    from interpkv.diagnostics import verdicts
-    from interpkv.diagnostics.engines import findings as tl_findings
+    from interpkv.verify import findings as tl_findings
+    from interpkv.verify import verdicts
+    from interpkv.verify.engine_checks import OtherImplementations, check_engine, engine_faults
 
     from interpkv import zoo
 
@@ -321,7 +321,7 @@ def _demo_other_implementations(built):
 def _print_other_implementations(console, other, sections) -> None:
     from rich.table import Table
 
-    from interpkv.diagnostics.engines import findings as tl_findings
+    from interpkv.verify import findings as tl_findings
 
     s = sections.get("other engines' caches")
     if s is not None:

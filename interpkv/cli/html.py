@@ -3,14 +3,15 @@
 The page embeds plotly.js once, inline, so it opens with no network (no CDN
 script tag, no MathJax), and only when the page has a figure (a one-row
 passing ``check`` report is a few kB, not 4.8 MB). Verdicts and counts come
-from one :class:`~interpkv.diagnostics.verdicts.Tally`, the same the terminal
+from one :class:`~interpkv.verify.verdicts.Tally`, the same the terminal
 prints. Each figure sits in ``<div class="figure"
 data-figure="<name>">``; plotly draws one ``svg.main-svg`` set inside each,
 which is what ``tests/integration/test_report_browser.py`` counts in headless
 Chromium. Like :mod:`interpkv.plot`, nothing here runs a model: the report
-consumes results that :mod:`interpkv.cli.checks` computed.
+consumes results that :mod:`interpkv.verify.checks` computed.
 
->>> from interpkv.cli import checks, html                        # doctest: +SKIP
+>>> from interpkv.cli import html                               # doctest: +SKIP
+>>> from interpkv.verify import checks                          # doctest: +SKIP
 >>> html.write("report.html", checks=checks.check_zoo(["gpt2"]))   # doctest: +SKIP
 """
 
@@ -115,7 +116,7 @@ def _provenance(command: Optional[str], dtypes: Sequence[str], with_faults: bool
     """Versions, command, dtype and the tolerances every verdict below used."""
     import torch
 
-    from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, HF_TOL
+    from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, HF_TOL
 
     items = [("command", command or "-"), ("dtype", ", ".join(dtypes) or "-")]
     items += [(name, version) for name, version in versions()]
@@ -218,19 +219,19 @@ def render(
     """The report as one HTML string (plotly.js inline, once, when there is a figure).
 
     Args:
-        checks: :class:`~interpkv.cli.checks.CheckResult` objects; each row that
+        checks: :class:`~interpkv.verify.checks.CheckResult` objects; each row that
             is not PASS gets a plot of the quantity that failed (a divergence
             heatmap, or the cached-vs-HF logits per position), the passing
             ones share one summary line.
-        faults: :class:`~interpkv.cli.checks.FaultResult` objects; each gets a
+        faults: :class:`~interpkv.verify.checks.FaultResult` objects; each gets a
             first-divergence bar chart.
-        generation: an optional :class:`~interpkv.cli.checks.GenerationResult`.
-        other: an optional :class:`~interpkv.cli.engine_checks.OtherImplementations`
+        generation: an optional :class:`~interpkv.verify.checks.GenerationResult`.
+        other: an optional :class:`~interpkv.verify.engine_checks.OtherImplementations`
             (other engines' caches, engine faults, TransformerLens findings).
         title: page title.
         command: the command line that produced the report (stated at the top).
         dtype: the checks' dtype name (default: taken from ``checks``).
-        tally: the run's :class:`~interpkv.diagnostics.verdicts.Tally` (what the
+        tally: the run's :class:`~interpkv.verify.verdicts.Tally` (what the
             terminal printed); default: computed from the results here.
         engine: whose cache ``checks`` audited (``check --engine``).
 
@@ -238,8 +239,8 @@ def render(
         The HTML document.
     """
     from interpkv import plot
-    from interpkv.cli.checks import FAULT_INPUTS, INPUTS
-    from interpkv.diagnostics.verdicts import run_tally
+    from interpkv.verify.checks import FAULT_INPUTS, INPUTS
+    from interpkv.verify.verdicts import run_tally
 
     if tally is None:
         demo = bool(faults) or generation is not None or other is not None
@@ -329,8 +330,8 @@ def render(
 def _other_section(other, figure, sections) -> List[str]:
     """The "other implementations" section: engine checks, engine faults, TransformerLens findings."""
     from interpkv import plot
-    from interpkv.cli.checks import FAULT_INPUTS, INPUTS
-    from interpkv.diagnostics.engines.findings import INPUTS as findings_inputs
+    from interpkv.verify.checks import FAULT_INPUTS, INPUTS
+    from interpkv.verify.findings import INPUTS as findings_inputs
 
     parts = ["<h2>Other implementations: TransformerLens's and HuggingFace's own caches</h2>"]
     section = sections.get("other engines' caches")

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from interpkv.cli import checks
+from interpkv.verify import checks
 
 from interpkv.cli import app as cli
 
@@ -195,7 +195,7 @@ def test_demo_prints_every_section_and_writes_the_report(capsys, tmp_path, monke
 
 
 def test_an_engine_row_failing_against_hf_says_why_and_plots_that_quantity(capsys, tmp_path, monkeypatch):
-    from interpkv.diagnostics import verdicts
+    from interpkv.verify import verdicts
 
     path = tmp_path / "report.html"
     argv = ["check", "bloom6", "--engine", "transformer_lens", "--html", str(path)]
@@ -266,11 +266,11 @@ def _untouched(model, fresh) -> list:
 
 
 def test_demo_sections_leave_the_models_they_share_as_they_found_them():
-    # interpkv demo builds each zoo model once and hands it to every section (cli/runtime.Models):
+    # interpkv demo builds each zoo model once and hands it to every section (verify/models.Models):
     # safe only because no section changes a model it is handed.
-    from interpkv.cli.engine_checks import check_engine, engine_faults
-    from interpkv.cli.runtime import Models
-    from interpkv.diagnostics.engines import findings
+    from interpkv.verify.engine_checks import check_engine, engine_faults
+    from interpkv.verify.models import Models
+    from interpkv.verify import findings
 
     built = Models()
     first = checks.bug_zoo(models=built)

@@ -6,9 +6,9 @@ from typing import List, Optional
 import pytest
 import torch
 
-from interpkv.diagnostics import verdicts
+from interpkv.verify import verdicts
 from interpkv.diagnostics.report import Site
-from interpkv.diagnostics.verdicts import FAIL, KNOWN_UPSTREAM, PASS, Section, Tally, Verdict
+from interpkv.verify.verdicts import FAIL, KNOWN_UPSTREAM, PASS, Section, Tally, Verdict
 
 TOL = 5e-5  # tolerances.CACHED_LOGITS[float32]
 HF_TOL = 1e-4  # tolerances.HF_LOGITS[float32]

@@ -69,7 +69,7 @@ UPSTREAM: Dict[Tuple[str, str], Upstream] = {
         ),
         reference=(
             "docs/known-bugs.md (report 3); reproduced by the finding 'ALiBi slopes, 6 heads' "
-            "(interpkv.diagnostics.engines.findings.alibi_slopes_not_power_of_two)"
+            "(interpkv.verify.findings.alibi_slopes_not_power_of_two)"
         ),
     ),
 }
@@ -173,7 +173,7 @@ def of_finding(finding) -> Verdict:
         return Verdict(
             KNOWN_UPSTREAM,
             f"TransformerLens 3.x: {finding.claim}",
-            "docs/capture.md (TransformerLens findings); interpkv.diagnostics.engines.findings",
+            "docs/capture.md (TransformerLens findings); interpkv.verify.findings",
         )
     return Verdict(FAIL, f"not reproduced against HF: {finding.title} on {finding.model}")
 

@@ -1,13 +1,13 @@
 """``interpkv check --engine`` and the demo's "other implementations" section.
 
-:func:`check_engine` runs the same inputs as :func:`interpkv.cli.checks.check_model`
+:func:`check_engine` runs the same inputs as :func:`interpkv.verify.checks.check_model`
 (a left-padded ragged batch: a prefill of half, three single tokens, the rest)
 through another engine's own cache and returns a
-:class:`~interpkv.cli.checks.CheckResult`: ``max_dlogit`` is that engine's
+:class:`~interpkv.verify.checks.CheckResult`: ``max_dlogit`` is that engine's
 cached-vs-uncached logit difference, ``first_divergence`` its first divergent
 site, and ``max_dlogit_hf`` (TransformerLens engine, where an HF twin exists)
 its cached logits against the HF model's. :func:`engine_faults` plants
-:mod:`interpkv.diagnostics.engines.faults` in each engine and checks where
+:mod:`interpkv.verify.engine_faults` in each engine and checks where
 :func:`interpkv.compare` lands.
 """
 
@@ -17,12 +17,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from interpkv.cli.hf import hf_difference, hf_difference_by_position
-from interpkv.cli.checks import COMPARE_TOL, CheckResult, FaultResult, _inputs, hf_logits
-from interpkv.cli.runtime import Models
+from interpkv.diagnostics.hf_reference import hf_difference, hf_difference_by_position, hf_logits
+from interpkv.verify.checks import COMPARE_TOL, CheckResult, FaultResult, _inputs, check_hf_dir, check_zoo
+from interpkv.verify.models import Models
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
 from interpkv.tolerances import DEFAULT_ATOL
+from interpkv import zoo
+from interpkv.core.schemes import scheme_for
+from interpkv.verify import engine_faults as faults
 
 __all__ = ["check_engine", "engine_faults", "ENGINE_FAULT_CASES", "OtherImplementations"]
 
@@ -35,17 +38,17 @@ class OtherImplementations:
     faults: list = dataclasses.field(default_factory=list)
     findings: list = dataclasses.field(default_factory=list)
     upstream: dict = dataclasses.field(default_factory=dict)
-    """Check label -> its documented upstream bug (:data:`interpkv.diagnostics.verdicts.UPSTREAM`)."""
+    """Check label -> its documented upstream bug (:data:`interpkv.verify.verdicts.UPSTREAM`)."""
 
     def tally(self):
-        """This section's rows as a :class:`~interpkv.diagnostics.verdicts.Tally`."""
-        from interpkv.diagnostics.verdicts import run_tally
+        """This section's rows as a :class:`~interpkv.verify.verdicts.Tally`."""
+        from interpkv.verify.verdicts import run_tally
 
         return run_tally(other=self)
 
     @property
     def ok(self) -> bool:
-        """No row FAILs (a KNOWN UPSTREAM row does not fail; see :mod:`interpkv.diagnostics.verdicts`)."""
+        """No row FAILs (a KNOWN UPSTREAM row does not fail; see :mod:`interpkv.verify.verdicts`)."""
         return self.tally().ok
 
     @property
@@ -65,7 +68,6 @@ class _Logits(_RecordBuilder):
 
 def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     """``(model to run, HF twin or None, label)`` for a zoo name or an HF directory."""
-    from interpkv import zoo
 
     if model in zoo.names():
         if engine == "hf" and model not in zoo.pairs():
@@ -101,9 +103,8 @@ def check_engine(
         engine: ``"interpkv"``, ``"transformer_lens"`` or ``"hf"``.
         dtype: float32 or float64.
         length: tokens per row.
-        models: the run's :class:`~interpkv.cli.runtime.Models` for zoo names (default: loaded fresh).
+        models: the run's :class:`~interpkv.verify.models.Models` for zoo names (default: loaded fresh).
     """
-    from interpkv.cli.checks import check_hf_dir, check_zoo
 
     models = Models.of(models)
     if engine == "interpkv":
@@ -154,7 +155,6 @@ def _scheme(model, engine: str) -> str:
     if engine == "transformer_lens":
         cfg = model.cfg
         return f"TL past_kv_cache: {cfg.positional_embedding_type}, {cfg.n_heads} heads"
-    from interpkv.core.schemes import scheme_for
 
     return scheme_for(model).describe()
 
@@ -175,10 +175,9 @@ def engine_faults(
 ) -> List[FaultResult]:
     """``corrupt_stored_key`` planted in each engine's cache update (float64), localized by compare.
 
-    ``models``: the run's :class:`~interpkv.cli.runtime.Models` (default: loaded fresh); the
+    ``models``: the run's :class:`~interpkv.verify.models.Models` (default: loaded fresh); the
     fault patches the engine's cache class, not the model, and is undone when its block exits.
     """
-    from interpkv.diagnostics.engines import faults
 
     models = Models.of(models)
     results = []
