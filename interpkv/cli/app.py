@@ -410,7 +410,7 @@ def _parser():
         "demo", help="the whole demo: zoo check, bug zoo, generation, other libraries' caches", parents=[debug],
         formatter_class=raw,
         description=(
-            "Runs, offline on CPU (about 15-30 s on 2 cores):\n"
+            "Runs, offline on CPU (about 12 s of CPU: 15-60 s wall on 2 cores, depending on load):\n"
             "  1. the zoo check of every zoo model (float32), as `interpkv check`;\n"
             "  2. the bug zoo: each known KV-cache bug injected and localized to its hook and position;\n"
             "  3. a greedy generation with the cache on and off (trained character-level llama);\n"
