@@ -366,7 +366,9 @@ def _other_section(other, figure, sections) -> List[str]:
             )
             rows = [[("", k), _num(v)] for k, v in f.evidence.items()]
             parts.append(_table(["measured (the label names its inputs)", "value"], rows))
-            parts.append(f'<p class="inputs">{_esc(verdict.note)}</p>')
+            # The claim is printed above: say only where it is documented (or, for a FAIL, why).
+            said = f"Documented in {verdict.reference}." if verdict.word == "KNOWN UPSTREAM" else verdict.note
+            parts.append(f'<p class="inputs">{_esc(said)}</p>')
             runs = getattr(f, "runs", ("cached", "uncached"))
             parts.append(figure(plot.first_divergence(f.report, atol=f.atol, rtol=f.atol, runs=runs), f"finding:{f.title}"))
     return parts
