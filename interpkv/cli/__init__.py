@@ -7,6 +7,7 @@ nothing outside this package imports it.
 - :mod:`~interpkv.cli.html`: the self-contained HTML report.
 - :mod:`~interpkv.cli.inputs`: one-line errors for bad paths and models.
 - :mod:`~interpkv.cli.runtime`: a run's torch threads (one for the tiny zoo).
+- :mod:`~interpkv.cli.names`: the zoo's model names without importing torch (a typo answers at once).
 - :mod:`~interpkv.cli.checks` and :mod:`~interpkv.cli.hf`: old import paths of
   :mod:`interpkv.verify.checks` and :mod:`interpkv.diagnostics.hf_reference`
   (re-exports only, for notebooks written against 0.2).

@@ -21,6 +21,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from interpkv.cli.names import zoo_names
+
 __all__ = ["torch_threads", "zoo_only"]
 
 
@@ -30,9 +32,7 @@ def zoo_only(models: Sequence[str]) -> bool:
     >>> zoo_only(["gpt2", "llama"]), zoo_only(["gpt2", "./my-model"]), zoo_only([])
     (True, False, True)
     """
-    from interpkv import zoo  # deferred: the zoo imports torch and transformers
-
-    return all(m in zoo.names() for m in models)
+    return all(m in zoo_names() for m in models)
 
 
 @contextlib.contextmanager

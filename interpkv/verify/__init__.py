@@ -16,6 +16,8 @@ directly):
 - :mod:`~interpkv.verify.findings`: TransformerLens 3.x cache bugs,
   demonstrated and checked against HF.
 - :mod:`~interpkv.verify.models`: the zoo models of one run, each built once.
+- :mod:`~interpkv.verify.verdicts`: the one verdict vocabulary (PASS / FAIL / KNOWN UPSTREAM)
+  and the one count every report prints.
 
 The HuggingFace reference logits these compare against are
 :mod:`interpkv.diagnostics.hf_reference`.
