@@ -102,25 +102,30 @@ def required_positions(
 
 
 def compaction_index(
-    keep: Bool[Tensor, "batch kv_pos"],
+    keep: Bool[Tensor, "batch kv_pos"], n_kept: Optional[int] = None
 ) -> Tuple[Int[Tensor, "batch kept"], Bool[Tensor, "batch kept"]]:
     """Slot indices that move each row's kept slots to the right end, in order.
 
     Args:
         keep: which slots of each row survive.
+        n_kept: the new length, at least the largest number of kept slots in
+            any row (None: exactly that, read from ``keep`` on the host).
 
     Returns:
         ``(index, real)``: ``index[b, j]`` is the old slot that becomes new slot
         ``j`` of row ``b``, and ``real[b, j]`` says whether it is a kept slot
         (False: a padding slot at the front of a shorter row). The new length
-        is the largest number of kept slots in any row.
+        is ``n_kept``.
 
     >>> index, real = compaction_index(torch.tensor([[True, False, True], [False, False, True]]))
     >>> index.tolist(), real.tolist()
     ([[0, 2], [1, 2]], [[True, True], [False, True]])
+    >>> compaction_index(torch.tensor([[True, False, True]]), n_kept=3)[1].tolist()
+    [[False, True, True]]
     """
     n_slots = keep.shape[1]
-    n_kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
+    if n_kept is None:
+        n_kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
     # A stable sort on "kept" puts dropped slots first and kept ones last, each
     # group in its original slot order.
     order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # (B, L)

@@ -74,6 +74,10 @@ class Step:
         slots: what :meth:`KVCache.begin` returned for this call.
         hooks: step hooks installed on the model (:mod:`interpkv.core.stephooks`),
             None for the plain path.
+        all_real: whether every new column is a real token, if the caller
+            knows it on the host (no mask, or a mask read on the host); None:
+            unknown. Decode steps read nothing back for it: without it,
+            padding queries are zeroed on the device.
     """
 
     def __init__(
@@ -82,6 +86,8 @@ class Step:
         scheme: PositionalScheme,
         slots: Slots,
         hooks: Optional[StepHooks] = None,
+        *,
+        all_real: Optional[bool] = None,
     ):
         self.cache = cache
         self.scheme = scheme
@@ -94,6 +100,8 @@ class Step:
         self.bias_q_pos = hooks.bias_positions(cache, slots.q_pos) if hooks else slots.q_pos
         self._masks: Dict[Optional[int], Tensor] = {}
         self._empty_rows: Dict[Optional[int], Optional[Tensor]] = {}
+        # Every query real, no step hooks: each query may attend at least its own key.
+        self.no_empty_rows = all_real is True and hooks is None
         self._bias: Dict[torch.dtype, Optional[Tensor]] = {}
         # The whole call is one causal block (empty cache, no padding, no window,
         # no step hooks): the fused kernel needs no mask at all.
@@ -101,7 +109,7 @@ class Step:
             slots.start == 0
             and cache.window is None
             and hooks is None
-            and bool((slots.q_pos >= 0).all())
+            and (all_real if all_real is not None else bool((slots.q_pos >= 0).all()))  # a device mask: one read
         )
 
     def mask(self, local_window: Optional[int]) -> Tensor:
@@ -125,10 +133,14 @@ class Step:
         return self._bias[dtype]
 
     def empty_rows(self, local_window: Optional[int]) -> Optional[Tensor]:
-        """``[batch, 1, pos, 1]``: queries that may attend no key (padding), None if there are none."""
+        """``[batch, 1, pos, 1]``: queries that may attend no key (padding); None when there can be none.
+
+        Decided on the host (:attr:`no_empty_rows`), never by reading the mask back.
+        """
+        if self.no_empty_rows:
+            return None
         if local_window not in self._empty_rows:
-            empty = ~self.mask(local_window).any(dim=-1, keepdim=True)
-            self._empty_rows[local_window] = empty if bool(empty.any()) else None
+            self._empty_rows[local_window] = ~self.mask(local_window).any(dim=-1, keepdim=True)
         return self._empty_rows[local_window]
 
     def attention_for(self, layer: int, attn: torch.nn.Module) -> Callable[..., Tensor]:

@@ -10,6 +10,7 @@ from interpkv.core import calls, sae_lens, stephooks
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
 from interpkv.cache.kvcache import KVCache
+from interpkv.core.hostread import host_array
 from interpkv.core.inputs import as_inputs
 from interpkv.core.overlay import overlay
 from interpkv.core import returns
@@ -104,7 +105,9 @@ def forward(
         hooks.before_step(model, cache)
     q_pos = absolute_positions(mask, offsets)
     limit = scheme.max_positions()
-    if limit is not None and int(q_pos.max()) >= limit:
+    # The limit is checked against the cache's host-side bound (no read of
+    # q_pos); only a call that may reach it reads the positions back.
+    if limit is not None and _may_reach(cache, n_new, limit, hooks) and int(q_pos.max()) >= limit:
         raise ValueError(
             f"position {int(q_pos.max())} is past this model's n_ctx={limit}: its learned "
             f"position embedding has only {limit} rows (the cache already holds up to "
@@ -112,7 +115,8 @@ def forward(
             "windowed cache; positions are never wrapped or clamped."
         )
     slots = cache.begin(q_pos)
-    step = Step(cache, scheme, slots, hooks)
+    all_real = _all_real(tokens, attention_mask)
+    step = Step(cache, scheme, slots, hooks, all_real=all_real)
 
     # The model is shared: this call routes its modules through a view of it
     # and gates its hooks to this context (interpkv.core.calls), never changing
@@ -134,3 +138,23 @@ def forward(
         out = view(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
     cache.commit(slots)
     return returns.finish(return_type, out[:, -1:] if last_only else out, inputs, mask, loss_per_token)
+
+
+def _may_reach(cache: KVCache, n_new: int, limit: int, hooks) -> bool:
+    """Whether this call's positions may reach ``limit``, from the cache's host-side bound.
+
+    Reads the positions back only when the bound says they may (near ``limit``).
+    """
+    if hooks:  # step hooks may move the offsets
+        return True
+    if cache.next_position_bound() + n_new <= limit:
+        return False
+    return cache._tighten_bound() + n_new > limit
+
+
+def _all_real(tokens, attention_mask) -> Optional[bool]:
+    """Whether every new column is a real token, as far as the host knows (None: the mask is on a device)."""
+    if attention_mask is None:
+        return True if isinstance(tokens, Tensor) else None  # text makes its own mask
+    values = host_array(attention_mask)
+    return None if values is None else bool(values.all())

@@ -41,6 +41,7 @@ from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls
 from interpkv.core.forward import Hook, forward
+from interpkv.core.hostread import host_array
 from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
 from interpkv.diagnostics.names import NamesFilter
 from interpkv.generation import options as _options
@@ -184,12 +185,12 @@ def generate(
         single = isinstance(tokens, str) or (isinstance(tokens, Tensor) and tokens.ndim == 1)
         if attention_mask is None and isinstance(tokens, Tensor) and not is_text(tokens):
             refuse_right_padding(model, tokens)
+        text = is_text(tokens)
         tokens, mask = as_inputs(model, tokens, attention_mask)
-        empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")
-        if bool((mask[:, -1] == 0).any()):  # right (or inner) padding: each row ends at its last real token
-            tokens, mask = left_aligned(tokens, mask)
+        if attention_mask is not None or text:  # else every column is real
+            _check_prompt_mask(mask)
+            if _ends_padded(mask):  # right (or inner) padding: each row ends at its last real token
+                tokens, mask = left_aligned(tokens, mask)
     if not opts.cached:
         _options.refuse_uncached(cache, resumed, tokens, opts)
     device = torch.device(model.cfg.device or "cpu")  # forward moves the tokens here
@@ -234,6 +235,23 @@ def generate(
                 recorder.step(model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True)
             record = recorder.record()
     return loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+
+
+def _check_prompt_mask(mask: Tensor) -> None:
+    """Raise for prompt rows with no real token (read on the host when the mask is there)."""
+    values = host_array(mask)
+    counts = values.sum(1).tolist() if values is not None else mask.sum(1).tolist()
+    empty = [row for row, n in enumerate(counts) if n == 0]
+    if empty:
+        raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")
+
+
+def _ends_padded(mask: Tensor) -> bool:
+    """Whether some row's last column is padding (read on the host when the mask is there)."""
+    values = host_array(mask)
+    if values is not None:
+        return bool((values[:, -1] == 0).any())
+    return bool((mask[:, -1] == 0).any())
 
 
 def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Generation:
