@@ -18,13 +18,14 @@ from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv.core.axes import PAD_POSITION
+from interpkv.cache.bound import PositionBound
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.lifecycle import CacheLifecycle
 from interpkv.cache.slots import Slots, grown
 from interpkv.errors import warn_graph_kept
 from interpkv.cache.signature import check_compatible, describe, model_signature
 from interpkv.cache.state import build_from_state
-from interpkv.cache.window import check_window_args, compact_positions, compaction_index, kept_slots
+from interpkv.cache.window import check_window_args, compact_positions, eviction
 
 __all__ = ["KVCache", "Slots", "model_signature"]
 
@@ -103,9 +104,7 @@ class KVCache(CacheLifecycle):
         self._slot_ids = torch.full_like(self._positions, PAD_POSITION)
         self._appended = 0  # slots ever appended: the next slot id
         self._next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        # A host-side upper bound on max(next_positions), valid while the tensor it
-        # was computed for is still the cache's (see next_position_bound).
-        self._bound = (self._next_position, 0)
+        self.bound = PositionBound(self._next_position)
         self.next_tokens: Optional[Tensor] = None  # see the class docstring
         self.next_tokens_at: Optional[Tensor] = None
 
@@ -171,26 +170,6 @@ class KVCache(CacheLifecycle):
     def next_positions(self) -> Int[Tensor, "batch"]:
         """Absolute position the next real token of each row will get."""
         return self._next_position
-
-    def next_position_bound(self) -> int:
-        """An upper bound on ``max(next_positions)``, kept on the host.
-
-        Each commit adds its number of new columns (each row advances by at
-        most that), so forwards need no read of the positions tensor to check
-        limits such as ``n_ctx``. After an operation that replaced the
-        positions (crop, select, load, ...) the bound is recomputed once, with
-        one host read. Exact while every call's columns are all real tokens.
-        """
-        tensor, bound = self._bound
-        if tensor is not self._next_position:
-            bound = int(self._next_position.max()) if self._next_position.numel() else 0
-            self._bound = (self._next_position, bound)
-        return bound
-
-    def _tighten_bound(self) -> int:
-        """Make :meth:`next_position_bound` exact (one host read); returns it."""
-        self._bound = (None, 0)
-        return self.next_position_bound()
 
     @property
     def nbytes(self) -> int:
@@ -303,6 +282,7 @@ class KVCache(CacheLifecycle):
     ) -> None:
         """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""
         self.layers = layers
+        self.bound = PositionBound(None)
         self._positions = positions.clone()
         self._next_position = next_positions.clone()
         self._length = positions.shape[1]
@@ -312,21 +292,12 @@ class KVCache(CacheLifecycle):
         self._appended = int(slot_ids.max()) + 1 if slot_ids.numel() else 0
 
     def _evict(self) -> None:
-        """Drop slots no future query can attend (window), compacting rows in place.
-
-        A row keeps at most ``sinks + window`` slots (positions are distinct:
-        at most ``sinks`` below ``sinks``, ``window`` in the window), so once
-        more slots are stored every row is compacted to exactly that many,
-        the shorter ones padded in front. The length comes from host ints:
-        no read of the positions.
-        """
+        """Drop slots no future query can attend (window), compacting rows in place."""
         length = self._length
-        limit = self.sinks + self.window
-        if length <= limit:  # nothing can be evicted yet: a row holds at most `length` positions
-            return
         positions = self._positions[:, :length]
-        keep = kept_slots(positions, self._next_position, self.window, self.sinks)
-        index, real = compaction_index(keep, n_kept=limit)  # (B, kept)
+        index, real = eviction(positions, self._next_position, self.window, self.sinks)  # (B, kept)
+        if index is None:
+            return
         kept = index.shape[1]
         for layer in self.layers:
             layer.gather_slots_(index, length)
@@ -376,11 +347,8 @@ class KVCache(CacheLifecycle):
             return
         self._length = slots.end
         self._appended += slots.q_pos.shape[1]
-        tracked, bound = self._bound
-        old = self._next_position
-        self._next_position = old + (slots.q_pos >= 0).sum(dim=1)
-        if tracked is old:  # else stale already: recomputed when next asked for
-            self._bound = (self._next_position, bound + slots.q_pos.shape[1])
+        old, n = self._next_position, slots.q_pos.shape[1]
+        self._next_position = self.bound.advance(old, old + (slots.q_pos >= 0).sum(dim=1), n)
         if self.window is not None:
             self._evict()
         if torch.is_grad_enabled() and self.layers[0].holds_graph:

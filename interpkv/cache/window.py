@@ -35,6 +35,7 @@ __all__ = [
     "required_positions",
     "check_holds_required",
     "compaction_index",
+    "eviction",
     "compact_positions",
 ]
 
@@ -123,6 +124,9 @@ def compaction_index(
     >>> compaction_index(torch.tensor([[True, False, True]]), n_kept=3)[1].tolist()
     [[False, True, True]]
     """
+    # A row keeps at most sinks + window slots (its positions are distinct: at most
+    # `sinks` below sinks, `window` inside the window), so a windowed cache passes
+    # n_kept = sinks + window once it stores more, and reads nothing back.
     n_slots = keep.shape[1]
     if n_kept is None:
         n_kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
@@ -131,6 +135,22 @@ def compaction_index(
     order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # (B, L)
     index = order[:, n_slots - n_kept :]  # (B, L')
     return index, keep.gather(1, index)
+
+
+def eviction(
+    positions: Int[Tensor, "batch kv_pos"], next_positions: Int[Tensor, "batch"], window: int, sinks: int
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """What a windowed cache's commit compacts: :func:`compaction_index` of the kept slots.
+
+    Nothing is evicted until more than ``sinks + window`` slots are stored; then
+    every row is compacted to exactly that many (the most a row can keep), so
+    the length comes from host ints and nothing is read back from the device.
+    ``(None, None)``: nothing to evict.
+    """
+    if positions.shape[1] <= sinks + window:
+        return None, None
+    keep = kept_slots(positions, next_positions, window, sinks)
+    return compaction_index(keep, n_kept=sinks + window)
 
 
 def compact_positions(

@@ -147,9 +147,9 @@ def _may_reach(cache: KVCache, n_new: int, limit: int, hooks) -> bool:
     """
     if hooks:  # step hooks may move the offsets
         return True
-    if cache.next_position_bound() + n_new <= limit:
+    if cache.bound.get(cache.next_positions) + n_new <= limit:
         return False
-    return cache._tighten_bound() + n_new > limit
+    return cache.bound.tighten(cache.next_positions) + n_new > limit
 
 
 def _all_real(tokens, attention_mask) -> Optional[bool]:

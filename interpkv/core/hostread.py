@@ -9,7 +9,7 @@ test_syncs.py`` holds the count at zero and runs the step on the ``meta``
 device, where any such read fails). The rules:
 
 - Bookkeeping the host needs (``n_ctx`` limits, capacity, window lengths) is
-  kept in the cache's own Python ints (:meth:`KVCache.next_position_bound`),
+  kept in the cache's own Python ints (:mod:`interpkv.cache.bound`),
   never read back from position tensors.
 - The caller's own inputs are checked (token ids in range, masks of 0/1)
   where they are: a CPU tensor is read on the host with :func:`host_array`
