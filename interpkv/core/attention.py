@@ -103,6 +103,7 @@ class Step:
         # Every query real, no step hooks: each query may attend at least its own key.
         self.no_empty_rows = all_real is True and hooks is None
         self._bias: Dict[torch.dtype, Optional[Tensor]] = {}
+        self._additive: Dict[tuple, Tensor] = {}
         # The whole call is one causal block (empty cache, no padding, no window,
         # no step hooks): the fused kernel needs no mask at all.
         self.causal_only = (
@@ -195,6 +196,18 @@ class Step:
         z = pattern.reshape(batch, kv_heads, group * n_q, n_k) @ values  # (B, kvh, g*T, d)
         return z.view(batch, n_heads, n_q, d_head).transpose(1, 2)  # (B, T, H, d)
 
+    def _fused_mask(self, local_window: Optional[int], bias: Optional[Tensor]) -> Tensor:
+        """The fused kernel's mask: boolean, or with ALiBi the bias where allowed and -inf elsewhere.
+
+        Built once per call (every layer of a call shares it).
+        """
+        if bias is None:
+            return self.mask(local_window)
+        key = (local_window, bias.dtype)
+        if key not in self._additive:
+            self._additive[key] = bias.masked_fill(~self.mask(local_window), float("-inf"))
+        return self._additive[key]
+
     def _fused(self, attn, local_window, q, keys, values) -> Tensor:
         """The same attention through ``F.scaled_dot_product_attention`` (no score tensor kept).
 
@@ -208,9 +221,7 @@ class Step:
         if bias is None and self.causal_only and local_window is None:
             mask, causal = None, True
         else:
-            mask, causal = self.mask(local_window), False  # (B, 1, T, S)
-            if bias is not None:  # ALiBi: the bias where allowed, -inf elsewhere
-                mask = bias.masked_fill(~mask, float("-inf"))
+            mask, causal = self._fused_mask(local_window, bias), False  # (B, 1 or H, T, S)
         q_heads = q.transpose(1, 2)  # (B, H, T, d)
         if n_q == 1 and group > 1 and (mask is None or mask.shape[1] == 1):
             # One query: every head of a group reads the same keys, so a group's
