@@ -70,7 +70,9 @@ def forward(
 
     Raises:
         ValueError: bad shapes or token ids, or a position past ``n_ctx`` for
-            learned position embeddings.
+            learned position embeddings. (Ids and masks already on an
+            accelerator are checked for a prompt but not for a one-position
+            step, which reads nothing back: :mod:`interpkv.core.hostread`.)
         CacheMismatchError: the cache belongs to another model, batch size,
             dtype or device.
 
