@@ -28,7 +28,9 @@ def diff(a: Record, b: Record) -> DivergenceReport:
 
     Returns:
         A :class:`DivergenceReport` over the hooks both captured, in ``b``'s
-        forward order.
+        forward order. Sites are matched by absolute position
+        (:meth:`~interpkv.Record.absolute`), so a ragged batch and its rows
+        run alone, or a chunked and a one-shot run, line up whatever their padding.
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("gpt2", dtype=torch.float64)
@@ -38,6 +40,7 @@ def diff(a: Record, b: Record) -> DivergenceReport:
     >>> report.ok(atol=1e-10, rtol=1e-10)
     True
     """
+    a, b = a.absolute(), b.absolute()
     if a.valid.shape[0] != b.valid.shape[0]:
         raise ValueError(
             f"the records have batch sizes {a.valid.shape[0]} and {b.valid.shape[0]}; "

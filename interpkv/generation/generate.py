@@ -42,11 +42,13 @@ from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
+from interpkv.core.positions import absolute_positions
+from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.names import NamesFilter
 from interpkv.generation import options as _options
 from interpkv.generation import resume
 from interpkv.generation.loop import Loop, attach, settle
-from interpkv.generation.recording import Recorder
+from interpkv.generation.recording import Recorder, StepRecords
 from interpkv.generation.result import Generation
 from interpkv.generation.sampling import sample_next
 
@@ -216,6 +218,7 @@ def generate(
         recorder = Recorder(batch, reach, opts.capture, model.cfg.n_layers)
     loop = Loop(model, cache, tokens, mask, fwd_hooks, opts, recorder, resumed, keep_logits, generator)
     start = resume.snapshot(cache)
+    history = cache.next_positions.clone() if caller_cache else None  # leading record columns
     # Where each row's generated tokens start (interpkv.steering's region="generated").
     generating = calls.generation(cache.next_positions + mask.sum(dim=1))
     with generating:
@@ -233,7 +236,14 @@ def generate(
             with cache.freeze():  # the held-back token's activations, without storing it
                 recorder.step(model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True)
             record = recorder.record()
-    return loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+    out = loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+    if record is not None:  # by columns of out.tokens, as run_with_cache(out.tokens, attention_mask=...)
+        fed = torch.cat([mask, out.attention_mask[:, out.prompt_length :]], dim=1)  # every column fed
+        offsets = history if history is not None else fed.new_zeros(batch)
+        columns = tokenlayout.column_positions(absolute_positions(fed, offsets), history)
+        out.record = tokenlayout.to_columns(record, columns)
+        out.records = StepRecords(out.record, recorder.step_valid)  # not the absolute copy: freed
+    return out
 
 
 def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Generation:

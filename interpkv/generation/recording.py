@@ -110,14 +110,23 @@ def _narrow(record: Record, n: int) -> Record:
 class StepRecords(Sequence):
     """``Generation.records``: step ``s``'s Record, cut from the whole one when read.
 
-    Step ``s``'s Record covers positions ``[0, last position of the step]``;
-    ``valid`` marks the step's tokens and every other entry holds the fill of
-    a position that step did not compute (0; masked attention values).
+    Step ``s``'s Record is in the absolute layout (``record.layout ==
+    "absolute"``: index = absolute position) and covers positions ``[0, last
+    position of the step]``; ``valid`` marks the step's tokens and every other
+    entry holds the fill of a position that step did not compute (0; masked
+    attention values).
     """
 
     def __init__(self, whole: Record, step_valid: List[Tensor]):
-        self.whole = whole
+        self._whole = whole
         self.step_valid = step_valid
+
+    @property
+    def whole(self) -> Record:
+        """The whole Record in the absolute layout (converted once, when a step is first read)."""
+        if self._whole.layout != "absolute":
+            self._whole = self._whole.absolute()
+        return self._whole
 
     def __len__(self) -> int:
         return len(self.step_valid)
