@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv.core import calls, sae_lens, stephooks
+from interpkv.core import calls, heldback, sae_lens, stephooks
 
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
@@ -96,6 +96,8 @@ def forward(
         cache = KVCache.for_model(model, batch, capacity=n_new)
     else:
         cache.check_compatible(model, batch, inputs.device)
+        if cache.next_tokens is not None:  # generate held a token back: not continued without it
+            heldback.refuse_held_back(cache)
         hooks = stephooks.installed(model)
 
     offsets = cache.next_positions

@@ -95,7 +95,11 @@ def generate(
             ``cache`` prefills it: every prompt token but the last is fed and
             the last is held back, ready to continue from.
         cache: continue from this cache (its stored tokens come before
-            ``tokens``); a fresh one is made if None. Afterwards it holds every
+            ``tokens``); a fresh one is made if None. If an earlier
+            ``generate`` left it holding a token back, that token is fed
+            first, as ``tokens``' first column (``Generation.tokens`` starts
+            with it), so a multi-turn conversation keeps every token
+            (:mod:`interpkv.core.heldback`). Afterwards it holds every
             token of ``Generation.tokens`` but the last, which it holds back in
             ``cache.next_tokens``: ``generate(model, cache=cache,
             max_new_tokens=n)`` then continues exactly where this call
@@ -192,6 +196,8 @@ def generate(
             raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")
         if bool((mask[:, -1] == 0).any()):  # right (or inner) padding: each row ends at its last real token
             tokens, mask = left_aligned(tokens, mask)
+        if cache is not None and cache.next_tokens is not None:  # the multi-turn rule (core/heldback.py)
+            tokens, mask = resume.prepend_held_back(cache, tokens, mask, keep=True)
     if not opts.cached:
         _options.refuse_uncached(cache, resumed, tokens, opts)
     device = torch.device(model.cfg.device or "cpu")  # forward moves the tokens here
@@ -218,6 +224,7 @@ def generate(
         recorder = Recorder(batch, reach, opts.capture, model.cfg.n_layers)
     loop = Loop(model, cache, tokens, mask, fwd_hooks, opts, recorder, resumed, keep_logits, generator)
     start = resume.snapshot(cache)
+    resume.release(cache)  # fed as the prompt's first column; put back by settle if the first step fails
     history = cache.next_positions.clone() if caller_cache else None  # leading record columns
     # Where each row's generated tokens start (interpkv.steering's region="generated").
     generating = calls.generation(cache.next_positions + mask.sum(dim=1))
@@ -229,13 +236,13 @@ def generate(
                 settle(cache, start, loop, error)
             attach(error, loop, tokens, mask, single)
             raise
-        if loop.chosen is not None:
-            resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
         record = None
         if recorder is not None and loop.chosen is not None:
             with cache.freeze():  # the held-back token's activations, without storing it
                 recorder.step(model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True)
             record = recorder.record()
+        if loop.chosen is not None:
+            resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
     out = loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
     if record is not None:  # by columns of out.tokens, as run_with_cache(out.tokens, attention_mask=...)
         fed = torch.cat([mask, out.attention_mask[:, out.prompt_length :]], dim=1)  # every column fed
@@ -250,7 +257,13 @@ def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Genera
     """``max_new_tokens=0``: feed all but the last prompt column into ``cache``, hold that one back."""
     if cache is not None and not tokens.is_floating_point():
         if tokens.shape[1] > 1:
-            forward(model, tokens[:, :-1], cache=cache, attention_mask=mask[:, :-1], fwd_hooks=fwd_hooks)
+            start = resume.snapshot(cache)
+            resume.release(cache)  # a pending held-back token is tokens[:, 0] (generate put it there)
+            try:
+                forward(model, tokens[:, :-1], cache=cache, attention_mask=mask[:, :-1], fwd_hooks=fwd_hooks)
+            except BaseException:
+                resume.restore(cache, start)
+                raise
         resume.hold_back(cache, tokens[:, -1], mask[:, -1] == 1)
         out, out_mask = tokens, mask
     elif tokens.is_floating_point():  # an embedding has no token id to hold back
