@@ -60,6 +60,10 @@ class DivergenceReport:
         cause: None, or a short string naming the ``fwd_hooks`` that make the
             runs differ (set by :func:`interpkv.compare` when the comparison
             without them agrees; see :mod:`interpkv.diagnostics.cause`).
+        audited: site families in :attr:`stats` beyond :attr:`hooks` that
+            :meth:`ok` and :meth:`first_divergence` check too, after the hooks:
+            ``"fast_path.logits"``, the unrecorded cached run's logits
+            (:mod:`interpkv.diagnostics.fastpath`).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class DivergenceReport:
         self.only_in_a = list(only_in_a)
         self.only_in_b = list(only_in_b)
         self.skipped = dict(skipped or {})
+        self.audited: List[str] = []
 
     # -------------------------------------------------------------- summary
     @property
@@ -116,7 +121,7 @@ class DivergenceReport:
         Returns:
             A :class:`Site`, or None when every site is within tolerance.
         """
-        for hook in self.hooks:
+        for hook in [*self.hooks, *self.audited]:
             bad = self.diverged(hook, atol=atol, rtol=rtol)
             if not bool(bad.any()):
                 continue
