@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from interpkv.diagnostics.report import DivergenceReport
-from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 from interpkv.generation.result import GenerationDiff
 from interpkv.diagnostics.record import split_hook_name
 
@@ -166,7 +165,7 @@ def divergence_heatmap(report: DivergenceReport):
 
 
 def first_divergence(
-    report: DivergenceReport, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+    report: DivergenceReport, *, atol: Optional[float] = None, rtol: Optional[float] = None
 ):
     """Largest error of each hook in forward order, the first divergent hook marked.
 
@@ -178,7 +177,8 @@ def first_divergence(
 
     Args:
         report: a :class:`~interpkv.diagnostics.diff.DivergenceReport`.
-        atol, rtol: tolerance deciding which hooks diverge.
+        atol, rtol: tolerance deciding which hooks diverge (default: the
+            report's dtype's, ``report.tolerance()``).
 
     Returns:
         A ``plotly.graph_objects.Figure``: one bar (``y`` = hook names in
@@ -191,6 +191,7 @@ def first_divergence(
     per_hook = report.hook_max_abs()
     hooks = list(per_hook)
     values = [per_hook[h] for h in hooks]
+    atol, rtol = report.tolerance(atol, rtol)  # default: the report's dtype's
     site = report.first_divergence(atol=atol, rtol=rtol)
     colors = []
     for hook in hooks:

@@ -15,6 +15,9 @@ from typing import Callable, List, Optional, Sequence
 
 __all__ = ["main"]
 
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+"""``interpkv check --dtype``: every dtype interpkv.tolerances has a tolerance for."""
+
 # Width used when stdout is not a terminal (CI logs): wide enough that no
 # column wraps; a log viewer scrolls instead of breaking hook names.
 _LOG_WIDTH = 130
@@ -149,7 +152,7 @@ def _check(
     models = _resolve(models)  # ValueError: one line, exit 2 (see main)
     if html:
         check_writable(html)  # before the checks run, not after
-    dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
+    dtype = getattr(torch, dtype_name)  # one of DTYPES (argparse checked it)
     console = _console()
     results = _run_checks(models, dtype, debug, engine)
     title = "interpkv" if engine == "interpkv" else f"engine {engine}"
@@ -281,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     check.add_argument(
         "models", nargs="*", metavar="MODEL", help="zoo model names or local HF model directories (default: every zoo model)"
     )
-    check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    check.add_argument("--dtype", choices=DTYPES, default="float32")
     check.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
     check.add_argument(
         "--engine", choices=["interpkv", "transformer_lens", "hf"], default="interpkv",

@@ -81,7 +81,7 @@ def test_generation_diff_table_and_frame():
     text, page = assert_summary(diff, "0.5", "0.25", "2/3")
     assert text.startswith("GenerationDiff(3 steps, first_divergent_step=2, max logits_max_abs=0.5")
     frame = diff.to_frame()
-    assert list(frame.columns) == ["step", "logits_max_abs", "kl", "top1_agree", "divergent"]
+    assert list(frame.columns) == ["step", "logits_max_abs", "kl", "top1_agree", "top1_tied", "divergent"]
     assert frame.step.tolist() == [0, 1, 2] and frame.divergent.tolist() == [False, False, True]
     assert frame.logits_max_abs.tolist() == diff.logits_max_abs
 

@@ -210,6 +210,7 @@ def compare(
         fwd_hooks=fwd_hooks,
     )
     report = sink.report()
+    report.dtype = reference.logits.dtype if reference.logits.is_floating_point() else None
     if fast_cache is not None:
         report = fastpath.audit(
             report, model, tokens, steps=steps, attention_mask=attention_mask, reference=reference,
