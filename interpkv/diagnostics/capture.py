@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
-from interpkv.core import calls
+from interpkv.core import calls, tlkeywords
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
@@ -251,6 +251,7 @@ def capture(
     fwd_hooks: Sequence[Hook] = (),
     names_filter: NamesFilter = None,
     layout: str = "tokens",
+    **tl_kwargs,
 ) -> Record:
     """Record activations at every matching hook point, laid out as ``run_with_cache`` does.
 
@@ -281,6 +282,9 @@ def capture(
             ragged batch out: ``[:, -1]`` is every row's last real token of a
             left-padded batch. ``"absolute"``: index ``p`` is absolute position
             ``p`` in every row (see :mod:`interpkv.diagnostics.tokenlayout`).
+        **tl_kwargs: TransformerLens's ``run_with_cache`` keywords are refused
+            with one line naming the interpkv form (``remove_batch_dim``,
+            ``stop_at_layer``...; :mod:`interpkv.core.tlkeywords`).
 
     Returns:
         A :class:`~interpkv.diagnostics.record.Record`, logits included; its
@@ -295,6 +299,8 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
+    if tl_kwargs:
+        tlkeywords.refuse("interpkv.capture", tl_kwargs, tlkeywords.CAPTURE_REFUSED)
     tokenlayout.check_layout(layout)
     names = resolve_names(names, names_filter)
     history = cache.next_positions.clone() if cache is not None else None

@@ -15,8 +15,9 @@ has the rule, and ``compare_generation(...).cause`` names such hooks.
 No tokenizer is needed: prompts are token ids ``[batch, pos]`` or token
 embeddings ``[batch, pos, d_model]``; with a tokenizer, a string or a list of
 strings (see :func:`interpkv.core.inputs.as_inputs`). Sampling draws from a
-private ``torch.Generator`` (never the global RNG), so ``seed=`` reproduces a
-run. Afterwards the cache holds back the last chosen token, so a later call
+private ``torch.Generator``, so ``seed=`` reproduces a run; without a seed
+that generator is seeded from torch's global one (``torch.manual_seed`` then
+reproduces it, as in TransformerLens). Afterwards the cache holds back the last chosen token, so a later call
 can continue from the cache alone (see :mod:`interpkv.generation.resume`).
 
 TransformerLens's generate keywords (``do_sample``, ``stop_at_eos``,
@@ -132,7 +133,11 @@ def generate(
             Default: greedy, or 1 with ``do_sample=True``.
         top_k, top_p: restrict sampling (need ``temperature > 0``).
         seed: seed of the private ``torch.Generator`` used for sampling; the same
-            seed gives the same tokens. None = a fresh random seed.
+            seed gives the same tokens and leaves torch's global generator
+            alone. None: the private generator is seeded with one draw from
+            torch's global generator, so ``torch.manual_seed(0)`` before the
+            call reproduces it, as with TransformerLens's ``generate``
+            (greedy runs draw nothing).
         stop_tokens: a row that emits one of these is finished: the stop token
             is kept and every later column of that row holds ``pad_token`` with
             attention_mask 0, while other rows continue. Generation ends early
@@ -214,10 +219,10 @@ def generate(
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=prompt_len + max_new_tokens)
     generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()  # fresh entropy; the global RNG is untouched
-    else:
+    if seed is not None:
         generator.manual_seed(int(seed))
+    elif opts.temperature > 0:  # as TransformerLens: torch.manual_seed(...) reproduces the run
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,))))  # one draw from the global generator
     recorder = None
     if opts.capture is not None:
         reach = int((cache.next_positions.to(device) + mask.sum(1)).max()) + max_new_tokens

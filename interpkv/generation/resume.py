@@ -98,8 +98,10 @@ def prepend_held_back(
     """The next turn's ``tokens`` with ``cache``'s pending held-back token in front (the multi-turn rule).
 
     Rows with nothing pending get a padding column (mask 0), so every row
-    continues from its real context. Unless ``keep``, the hold is released:
-    the returned tokens are what to feed next.
+    continues from its real context. ``tokens`` that are exactly the held-back
+    column (one column, ``out.tokens[:, -1:]``, passed explicitly) are that
+    token and are returned as they are, not repeated. Unless ``keep``, the
+    hold is released: the returned tokens are what to feed next.
 
     Args:
         cache: a cache :func:`interpkv.generate` continued (others: returned unchanged).
@@ -137,6 +139,10 @@ def prepend_held_back(
     live = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     live[rows] = True
     held = torch.where(live, cache.next_tokens.to(tokens.device), torch.zeros_like(live, dtype=tokens.dtype))
+    if tokens.shape[1] == 1 and bool(((tokens[:, 0] == held) & (attention_mask[:, 0] == 1) | ~live).all()):
+        if not keep:  # exactly the held-back column, passed explicitly (the older idiom): not repeated
+            release(cache)
+        return tokens, attention_mask
     tokens = torch.cat([held[:, None].to(tokens.dtype), tokens], dim=1)  # (B, 1 + T)
     mask = torch.cat([live.to(attention_mask.dtype)[:, None], attention_mask.to(tokens.device)], dim=1)
     if not keep:

@@ -100,3 +100,15 @@ def test_prefill_and_resume_keep_the_held_back_token():
     more = interpkv.generate(model, cache=cache, max_new_tokens=3)
     alone = interpkv.generate(model, torch.cat([out.tokens, second], 1), max_new_tokens=3)
     assert torch.equal(more.new_tokens, alone.new_tokens)
+
+
+def test_passing_exactly_the_held_back_column_is_not_repeated():
+    """The older idiom generate(model, out.tokens[:, -1:], cache=cache) continues as generate(model, cache=cache)."""
+    model = zoo.load("llama", dtype=torch.float64)
+    first, _, _ = _turns(model.cfg.d_vocab, 2)
+    caches = [interpkv.KVCache.for_model(model, 2) for _ in range(2)]
+    outs = [interpkv.generate(model, first, cache=c, max_new_tokens=3) for c in caches]
+    explicit = interpkv.generate(model, outs[0].tokens[:, -1:], cache=caches[0], max_new_tokens=4)
+    resumed = interpkv.generate(model, cache=caches[1], max_new_tokens=4)
+    assert torch.equal(explicit.tokens, resumed.tokens)
+    assert caches[0].seq_len == caches[1].seq_len
