@@ -117,9 +117,9 @@ class _RecordBuilder(Sink):
 
     copies = True  # the Assembler copies each activation into its buffers at once
 
-    def __init__(self, valid: Tensor):
+    def __init__(self, valid: Tensor, keep_logits: bool = True):
         self.valid = valid
-        self.parts = Assembler(*valid.shape)
+        self.parts = Assembler(*valid.shape, keep_logits=keep_logits)
         self.skipped: dict = {}
 
     def activation(self, name, act, q_pos, k_pos):
@@ -251,6 +251,7 @@ def capture(
     fwd_hooks: Sequence[Hook] = (),
     names_filter: NamesFilter = None,
     layout: str = "tokens",
+    logits: bool = True,
     **tl_kwargs,
 ) -> Record:
     """Record activations at every matching hook point, laid out as ``run_with_cache`` does.
@@ -282,6 +283,9 @@ def capture(
             ragged batch out: ``[:, -1]`` is every row's last real token of a
             left-padded batch. ``"absolute"``: index ``p`` is absolute position
             ``p`` in every row (see :mod:`interpkv.diagnostics.tokenlayout`).
+        logits: False leaves the logits out (``record.logits`` is then
+            ``[batch, pos, 0]``): ``d_vocab`` floats per position, often most
+            of a Record's memory.
         **tl_kwargs: TransformerLens's ``run_with_cache`` keywords are refused
             with one line naming the interpkv form (``remove_batch_dim``,
             ``stop_at_layer``...; :mod:`interpkv.core.tlkeywords`).
@@ -307,7 +311,7 @@ def capture(
     sink = run(
         model,
         tokens,
-        _RecordBuilder,
+        lambda valid: _RecordBuilder(valid, keep_logits=logits),
         cache=cache,
         steps=steps,
         attention_mask=attention_mask,

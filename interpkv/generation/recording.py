@@ -62,10 +62,11 @@ class Recorder:
             (the cache's history, the prompt and ``max_new_tokens``).
         names: which hooks (as ``capture=`` of :func:`interpkv.generate`).
         n_layers: the model's layers (for ``record["q", -1]``).
+        logits: keep every position's logits (``capture_logits`` of generate).
     """
 
-    def __init__(self, batch: int, n_positions: int, names: NamesFilter, n_layers: int):
-        self.parts = Assembler(batch, n_positions)
+    def __init__(self, batch: int, n_positions: int, names: NamesFilter, n_layers: int, logits: bool = True):
+        self.parts = Assembler(batch, n_positions, keep_logits=logits)
         self.names = names
         self.skipped: dict = {}
         self.valid = None  # (B, P) bool, made on the model's device at the first step
