@@ -113,7 +113,9 @@ def _tl_positions(found: dict, batch: int, n_new: int, device, name: str = "") -
     return absolute_positions(mask, mask.new_zeros(batch))[:, -n_new:]
 
 
-_BEFORE_APPEND = re.compile(r"^blocks\.\d+\.(hook_resid_pre|ln1\.|hook_[qkv]_input|attn\.hook_[qkv]$|attn\.[qk]_norm\.)")
+_BEFORE_APPEND = re.compile(
+    r"^blocks\.\d+\.(hook_resid_pre|ln1\.|hook_[qkv]_input|attn\.hook_[qkv]$|attn\.[qk]_norm\.)"
+)
 """Hooks of a block that fire before its attention appends to TransformerLens's cache entry."""
 
 

@@ -46,8 +46,11 @@ def test_steering_through_transformer_lens_cached_generate_equals_uncached():
     runs = []
     for cached in (True, False):
         with model.hooks(fwd_hooks=hooks):
-            runs.append(model.generate(tokens, max_new_tokens=4, use_past_kv_cache=cached, verbose=False,
-                                       do_sample=False, stop_at_eos=False, return_type="tokens"))
+            out = model.generate(
+                tokens, max_new_tokens=4, use_past_kv_cache=cached, verbose=False, do_sample=False,
+                stop_at_eos=False, return_type="tokens",
+            )
+            runs.append(out)
     plain = model.generate(tokens, max_new_tokens=4, verbose=False, do_sample=False, stop_at_eos=False)
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], plain)  # the steering changed the tokens: the check can fail

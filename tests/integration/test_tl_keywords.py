@@ -1,4 +1,7 @@
-"""TransformerLens's forward keywords on interpkv.forward / capture: its meaning, or one line naming the interpkv form."""
+"""TransformerLens's forward keywords on interpkv.forward / capture.
+
+Each keeps TransformerLens's meaning, or is refused in one line naming the interpkv form.
+"""
 
 import pytest
 import torch
