@@ -3,6 +3,8 @@
 - :mod:`~interpkv.cache.kvcache`: :class:`KVCache`, whole: positions, offsets, the
   forward protocol (:meth:`KVCache.begin` / :meth:`KVCache.commit`), lifecycle,
   ``from_state``, and the two calls into persistence.
+- :mod:`~interpkv.cache.bound`: ``PositionBound``, the host-side upper bound on the next
+  positions (no host sync per decode step).
 - :mod:`~interpkv.cache.layer`: one layer's preallocated key/value buffers.
 - :mod:`~interpkv.cache.window`: the window rule (which slots a query may attend,
   which slots are evicted), written once.

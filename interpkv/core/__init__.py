@@ -19,4 +19,9 @@
   positions, generation start; "is this hook point hooked for this call").
 - :mod:`~interpkv.core.hookpos`: :func:`interpkv.hook_positions`.
 - :mod:`~interpkv.core.stephooks`: the seam where fault objects plug in.
+- :mod:`~interpkv.core.heldback`: the multi-turn rule: a forward refuses a cache whose
+  held-back token (from ``generate``) was not fed; the ``row_state`` key names.
+- :mod:`~interpkv.core.hostread`: where interpkv may read tensor values on the host
+  (and where it must not: the per-step decode path).
+- :mod:`~interpkv.core.tlkeywords`: TransformerLens's forward keywords on ``forward`` / ``capture``.
 """

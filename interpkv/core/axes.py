@@ -21,7 +21,19 @@ PAD_POSITION = -1
 ATTENTION_HOOKS = ("hook_attn_scores", "hook_pattern")
 """Hook suffixes shaped ``[batch, head_index, pos, kv_pos]`` (the query axis is 2)."""
 
-__all__ = ["PAD_POSITION", "ATTENTION_HOOKS", "is_attention_hook"]
+__all__ = ["PAD_POSITION", "ATTENTION_HOOKS", "is_attention_hook", "MASKED_SCORE", "fill_value"]
+
+MASKED_SCORE = float("-inf")
+"""``hook_attn_scores`` where a key is masked: TransformerLens's ``attn.IGNORE`` (``-inf``)."""
+
+
+def fill_value(name: str) -> float:
+    """What ``run_with_cache`` holds where hook ``name`` has no value: ``MASKED_SCORE`` for scores, else 0.
+
+    >>> fill_value("blocks.0.attn.hook_attn_scores"), fill_value("blocks.0.attn.hook_pattern")
+    (-inf, 0.0)
+    """
+    return MASKED_SCORE if name.endswith("hook_attn_scores") else 0.0
 
 
 def is_attention_hook(name: str) -> bool:

@@ -1,6 +1,8 @@
 """Activations recorded, diffed and compared, cached against uncached.
 
 - :mod:`~interpkv.diagnostics.record`: :class:`~interpkv.Record`, activations by absolute position.
+- :mod:`~interpkv.diagnostics.tokenlayout`: a Record's two position layouts (token columns,
+  absolute positions).
 - :mod:`~interpkv.diagnostics.assemble`: preallocated buffers filled like ``run_with_cache``.
 - :mod:`~interpkv.diagnostics.names`: ``names_filter=`` next to ``names=``.
 - :mod:`~interpkv.diagnostics.capture`: :func:`interpkv.capture` (chunked runs feeding a sink).
@@ -10,6 +12,8 @@
 - :mod:`~interpkv.diagnostics.report`: :class:`~interpkv.DivergenceReport` and :class:`~interpkv.Site`.
 - :mod:`~interpkv.diagnostics.diff`: :func:`interpkv.diff` of two records.
 - :mod:`~interpkv.diagnostics.comparator`: the sink that compares a cached run as it fires.
+- :mod:`~interpkv.diagnostics.fastpath`: the cached steps run again with nothing recording
+  them, so compare audits the fast path too.
 - :mod:`~interpkv.diagnostics.compare`: :func:`interpkv.compare`, streaming, without storing records.
 - :mod:`~interpkv.diagnostics.cause`: naming the ``fwd_hooks`` that make cached and uncached differ.
 - :mod:`~interpkv.diagnostics.engines`: whose cache a compare audits (interpkv's,

@@ -26,22 +26,10 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from interpkv.core.axes import MASKED_SCORE, fill_value  # defined in core (tokenlayout needs them, below record)
 from interpkv.diagnostics.record import Record
 
 __all__ = ["Assembler", "MASKED_SCORE", "fill_value", "attention_rows"]
-
-MASKED_SCORE = float("-inf")
-"""``hook_attn_scores`` where a key is masked: TransformerLens's ``attn.IGNORE`` (``-inf``)."""
-
-
-def fill_value(name: str) -> float:
-    """What ``run_with_cache`` holds where hook ``name`` has no value: ``MASKED_SCORE`` for scores, else 0.
-
-    >>> fill_value("blocks.0.attn.hook_attn_scores"), fill_value("blocks.0.attn.hook_pattern")
-    (-inf, 0.0)
-    """
-    return MASKED_SCORE if name.endswith("hook_attn_scores") else 0.0
-
 
 def attention_rows(
     act: Tensor,
@@ -90,10 +78,14 @@ class Assembler:
         batch: rows of the run.
         n_positions: length of the absolute position axis (every position
             any call of the run may write).
+        keep_logits: False: logits are not kept (the Record's are
+            ``[batch, pos, 0]``): they are the largest entry of a whole-generation
+            capture (``d_vocab`` floats per position).
     """
 
-    def __init__(self, batch: int, n_positions: int):
+    def __init__(self, batch: int, n_positions: int, keep_logits: bool = True):
         self.batch, self.n_positions = batch, n_positions
+        self.keep_logits = keep_logits
         self.buffers: Dict[str, Tensor] = {}
         self._computed: Dict[str, Tensor] = {}
         self.logits: Optional[Tensor] = None
@@ -141,6 +133,8 @@ class Assembler:
             self._computed[name][b, q_abs] = True
 
     def put_logits(self, logits: Tensor, q_pos: Int[Tensor, "batch pos"]) -> None:
+        if not self.keep_logits:
+            return
         self._check("logits", q_pos)
         if self.logits is None:
             self.logits = logits.new_zeros((self.batch, self.n_positions, logits.shape[-1]))

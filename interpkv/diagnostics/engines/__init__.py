@@ -26,6 +26,7 @@ from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv.diagnostics.capture import NamesFilter, RecordBuilder, Sink
+from interpkv.diagnostics import fastpath
 from interpkv.diagnostics.comparator import Comparator
 from interpkv.diagnostics.engines import hf, transformer_lens
 from interpkv.diagnostics.capture import run as _run_interpkv
@@ -168,6 +169,7 @@ def compare(
     cache=None,
     fwd_hooks: Sequence = (),
     also: Optional[Callable[[Tensor], Sink]] = None,
+    fast_path: bool = True,
 ) -> DivergenceReport:
     """``engine``'s cached run against its uncached run: the one implementation of :func:`interpkv.compare`.
 
@@ -175,7 +177,9 @@ def compare(
     against it hook by hook as it fires (``fwd_hooks`` active in both runs).
     ``also(valid)``, if given, builds a second sink that sees the cached run
     too (:class:`Tee`), for a caller that needs more of that run than the
-    report (e.g. its logits) without running it again.
+    report (e.g. its logits) without running it again. ``fast_path``
+    (``"interpkv"`` only): also run the cached steps with nothing recording
+    them and compare their logits (:mod:`interpkv.diagnostics.fastpath`).
     """
     if steps is None:
         raise ValueError("compare needs steps=[...] for the cached run, e.g. steps=[8, 1, 1]")
@@ -186,6 +190,10 @@ def compare(
     def sinks(valid: Tensor) -> Sink:
         comparator = Comparator(reference, valid)
         return comparator if also is None else Tee(comparator, also(valid))
+
+    fast_cache = None
+    if fast_path and resolve(model, engine) == "interpkv":
+        fast_cache = fastpath.fresh_cache(model, tokens.shape[0] if tokens.ndim > 1 else 1, tokens.shape[-1], cache)
 
     sink = run(
         model,
@@ -198,4 +206,11 @@ def compare(
         cache=cache,
         fwd_hooks=fwd_hooks,
     )
-    return sink.report()
+    report = sink.report()
+    report.dtype = reference.logits.dtype if reference.logits.is_floating_point() else None
+    if fast_cache is not None:
+        report = fastpath.audit(
+            report, model, tokens, steps=steps, attention_mask=attention_mask, reference=reference,
+            cache=fast_cache, fwd_hooks=fwd_hooks,
+        )
+    return report
