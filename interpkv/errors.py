@@ -11,7 +11,7 @@ import os
 import warnings
 
 __all__ = ["CacheMismatchError", "CacheFileError", "CacheReadError", "CacheFileNotFoundError",
-           "CacheSaveError", "UnsupportedModelError", "CacheGraphWarning"]
+           "CacheSaveError", "UnsupportedModelError", "CacheGraphWarning", "ProvenanceWarning"]
 
 
 class CacheMismatchError(ValueError):
@@ -95,6 +95,16 @@ class UnsupportedModelError(NotImplementedError):
 
 class CacheGraphWarning(UserWarning):
     """A cache holds an autograd graph across forward calls (memory grows every step)."""
+
+
+class ProvenanceWarning(UserWarning):
+    """A call continues a cache under other interventions than wrote its stored positions.
+
+    The message names the spans (positions), the hook points and both
+    intervention sets (:mod:`interpkv.cache.provenance`). It is raised before
+    the cache changes, so ``warnings.simplefilter("error", ProvenanceWarning)``
+    stops the call with the cache intact.
+    """
 
 
 def warn_graph_kept(nbytes: int) -> None:

@@ -12,6 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interpkv.core.axes import PAD_POSITION
+from interpkv.cache import provenance
 from interpkv.cache.rows import validated_rows
 from interpkv.cache.window import check_holds_required
 
@@ -77,6 +78,7 @@ class CacheLifecycle:
             next_positions = torch.zeros_like(self._next_position)
         if self.window is not None:
             check_holds_required(kept, next_positions, self.window, self.sinks, f"crop({n})")
+        provenance.crop(self, self._slot_ids[:, :n])
         self._positions[:, n : self._length] = PAD_POSITION
         self._length = n
         self._next_position = next_positions

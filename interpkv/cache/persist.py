@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Union
 
 import torch
 
+from interpkv.cache import provenance
 from interpkv.cache.atomic import atomic_write
 from interpkv.cache.checksums import SHA256, WRITTEN, header_digest
 from interpkv.cache.file_checks import (
@@ -221,6 +222,7 @@ def save_cache(
             "seq_len": str(length),
             "window": "none" if cache.window is None else str(cache.window),
             "sinks": str(cache.sinks),
+            provenance.HEADER_KEY: provenance.describe(cache).to_json(),  # read back without the tensors
         }
 
         def complete(sums: Optional[Dict[str, str]]) -> Dict[str, str]:
@@ -263,7 +265,7 @@ def load_cache(
         from interpkv.cache.kvcache import KVCache as cache_type
     path = os.fspath(path)
     try:
-        return _load(path, model, cache_type)
+        cache = _load(path, model, cache_type)
     except (CacheFileError, MemoryError):
         raise
     except FileNotFoundError as error:
@@ -275,6 +277,9 @@ def load_cache(
             f"{path}: could not be loaded ({type(error).__name__}: {str(error)[:200]}); the file is "
             "corrupted or was changed while it was read: load it again"
         ) from error
+    # The file's SAEs / faults / model hooks against the model's now (a ProvenanceWarning, not a file error).
+    provenance.check_loaded(model, cache, path)
+    return cache
 
 
 def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> "KVCache":
@@ -316,4 +321,11 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> "KVCache":
     cache.metadata = metadata["user"]
     if "next_tokens" in tensors:
         cache.next_tokens, cache.next_tokens_at = tensors["next_tokens"], tensors["next_tokens_at"]
+    raw = header["__metadata__"]
+    if provenance.HEADER_KEY in raw:  # files saved before provenance have none: spans unknown
+        try:
+            saved = provenance.Provenance.from_json(raw[provenance.HEADER_KEY], raw.get("weights_fingerprint"))
+        except (ValueError, KeyError, TypeError) as error:
+            raise CacheFileError(f"{path}: corrupted provenance in the header ({error})") from None
+        provenance.adopt(cache, saved)
     return cache

@@ -40,6 +40,7 @@ __all__ = [
     "generation_start",
     "is_hooked",
     "hook_points",
+    "active_hooks",
 ]
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
@@ -48,6 +49,9 @@ Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 # for the forwards it makes inside them).
 _OPEN: contextvars.ContextVar[Tuple[object, ...]] = contextvars.ContextVar("interpkv_open_hooks", default=())
 _POSITIONS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("interpkv_positions", default=None)
+# The fwd_hooks entries of the interpkv calls open in this context, outermost first
+# (read by interpkv.cache.provenance: what a forward inside them runs under).
+_ACTIVE: contextvars.ContextVar[Tuple[Hook, ...]] = contextvars.ContextVar("interpkv_active_hooks", default=())
 _GENERATED_FROM: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
     "interpkv_generated_from", default=None
 )
@@ -109,6 +113,7 @@ def hooks(model: torch.nn.Module, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
     owner = object()
     handles: list = []
     token = _OPEN.set(_OPEN.get() + (owner,))
+    active = _ACTIVE.set(_ACTIVE.get() + tuple(fwd_hooks))
     try:
         for name, hook in fwd_hooks:
             if not callable(hook):
@@ -119,6 +124,7 @@ def hooks(model: torch.nn.Module, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+        _ACTIVE.reset(active)
         _OPEN.reset(token)
 
 
@@ -135,6 +141,11 @@ def _holding(var: contextvars.ContextVar, value) -> Iterator[None]:
 def positions(q_pos: Int[Tensor, "batch pos"]):
     """Make ``q_pos`` the positions of the forward running in this context (a context manager)."""
     return _holding(_POSITIONS, q_pos)
+
+
+def active_hooks() -> Tuple[Hook, ...]:
+    """The ``fwd_hooks`` entries of the interpkv calls open in this context (outermost first)."""
+    return _ACTIVE.get()
 
 
 def current_positions() -> Optional[Int[Tensor, "batch pos"]]:

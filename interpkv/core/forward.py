@@ -9,6 +9,7 @@ from interpkv.core import calls, sae_lens, stephooks
 
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
+from interpkv.cache import provenance
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.inputs import as_inputs
 from interpkv.core.overlay import overlay
@@ -92,11 +93,15 @@ def forward(
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
     hooks = None  # step hooks (interpkv.faults) only ever touch a caller's cache
+    acting = None  # the interventions this call writes under (a caller's cache only)
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=n_new)
     else:
         cache.check_compatible(model, batch, inputs.device)
         hooks = stephooks.installed(model)
+        # Before anything changes: a ProvenanceWarning raised as an error leaves the cache as it was.
+        acting = provenance.check(model, cache, fwd_hooks, hooks)
+    first_slot_id = cache.appended
 
     offsets = cache.next_positions
     if hooks:
@@ -133,4 +138,6 @@ def forward(
         residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
         out = view(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
     cache.commit(slots)
+    if acting is not None and not cache.frozen:
+        provenance.written(cache, acting, first_slot_id)
     return returns.finish(return_type, out[:, -1:] if last_only else out, inputs, mask, loss_per_token)

@@ -217,6 +217,7 @@ def run(
         else:  # a copy: a later operation may modify the tensor in place before the emit
             latest[name] = (placed.clone(), layouts.positions(name, q_pos), None)
 
+    hook._interpkv_observer = True  # records, never edits: not an intervention (interpkv.cache.provenance)
     # Hooks are registered once for the whole run, not once per chunk.
     start = 0
     observed = lambda name: wanted(name) or is_routing_hook(name)  # noqa: E731
