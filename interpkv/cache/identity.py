@@ -16,8 +16,14 @@ enough; a digest over *what the hook computes* is used instead:
 - another callable object: its class and its ``__dict__``;
 - values: tensors by dtype, shape and content (sampled like the weights
   fingerprint for tensors over 65,536 elements:
-  :func:`interpkv.cache.fingerprint.parameters_fingerprint`), numbers and
-  strings by value, containers element by element.
+  :func:`interpkv.cache.fingerprint.parameters_fingerprint`), numbers,
+  strings and tuples by value. A list, dict or set a hook holds (in a closure
+  cell, a global, an attribute) counts by its type only: that is where a
+  recording hook stores what it sees (``acts.append(x)``), and its growing
+  contents must not make it a new intervention. Keep steering values in
+  tensors, numbers or tuples (or name the hook);
+- a global the code reads that is an ``nn.Module`` (the model itself,
+  typically) by its class and parameter names and shapes, not its weights.
 
 Anything else (a C extension object with hidden state, a generator, a file)
 makes the digest fall back to the object's identity: :func:`digest` then
@@ -28,6 +34,7 @@ version (bytecode), so a file saved under another Python compares equal hooks
 as different (the warning then says so; name the hooks to avoid it).
 """
 
+import collections
 import functools
 import hashlib
 import types
@@ -118,25 +125,24 @@ def _value(h, value, depth: int, seen: set) -> None:
         h.update(b"cycle;")
         return
     seen = seen | {key}
-    if isinstance(value, (tuple, list, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+    if isinstance(value, (list, dict, set, bytearray, collections.deque)):
+        # A mutable container a hook holds is nearly always where it stores what it
+        # records (acts.append(x), cache[name] = x): by type, not by contents.
+        h.update(f"<{type(value).__name__}>".encode())
+        return
+    if isinstance(value, (tuple, list, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, frozenset) else value
         h.update(f"{type(value).__name__}[".encode())
         for item in items:
             _value(h, item, depth + 1, seen)
         h.update(b"]")
-    elif isinstance(value, dict):
-        h.update(b"dict{")
-        for k in sorted(value, key=repr):
-            _value(h, k, depth + 1, seen)
-            _value(h, value[k], depth + 1, seen)
-        h.update(b"}")
     elif isinstance(value, types.FunctionType):
         _function(h, value, depth, seen)
     elif isinstance(value, functools.partial):
         h.update(b"partial(")
         _value(h, value.func, depth + 1, seen)
         _value(h, value.args, depth + 1, seen)
-        _value(h, dict(value.keywords), depth + 1, seen)
+        _mapping(h, value.keywords, depth + 1, seen)
         h.update(b")")
     elif isinstance(value, types.MethodType):
         h.update(b"method(")
@@ -155,9 +161,18 @@ def _value(h, value, depth: int, seen: set) -> None:
         h.update(f"builtin {getattr(value, '__module__', '')}.{value.__qualname__};".encode())
     elif hasattr(value, "__dict__") and type(value).__module__ != "builtins":
         h.update(f"object {type(value).__module__}.{type(value).__qualname__}:".encode())
-        _value(h, dict(vars(value)), depth + 1, seen)
+        _mapping(h, vars(value), depth + 1, seen)
     else:
         raise _Opaque(type(value).__name__)
+
+
+def _mapping(h, mapping, depth: int, seen: set) -> None:
+    """Keyword arguments or an object's attributes: by content (unlike a dict the hook holds)."""
+    h.update(b"{")
+    for k in sorted(mapping, key=repr):
+        _value(h, k, depth, seen)
+        _value(h, mapping[k], depth, seen)
+    h.update(b"}")
 
 
 def value_digest(value) -> str:

@@ -326,25 +326,38 @@ def _points(model, name) -> List[str]:
 _SCANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _model_hooks(model) -> Tuple[Intervention, ...]:
-    """Hooks the model holds on its hook points (not a running interpkv call's gated ones)."""
+def _model_hook_table(model) -> Tuple[Tuple[str, object], ...]:
+    """``(point name, hook)`` the model holds on its hook points (not a running interpkv call's gated ones)."""
     stamp = RemovableHandle.next_id
     memo = _SCANS.get(model)
     if memo is not None and memo[0] == stamp and not memo[1]:
         return NONE  # nothing registered since a scan that found nothing (removals only shrink it)
     found = []
-    for name, point in model.hook_dict.items():
+    hook_dict = getattr(model, "hook_dict", None) or {}
+    for name, point in hook_dict.items():
         for table in (point._forward_pre_hooks, point._forward_hooks):
             if table:
                 for fn in tuple(table.values()):
                     if getattr(fn, "_interpkv_owner", None) is None:
-                        found.append(_hook_intervention("model hook", name, fn))
+                        found.append((name, fn))
     result = tuple(found)
     try:
         _SCANS[model] = (stamp, result)
     except TypeError:
         pass
     return result
+
+
+def model_hook_points(model) -> Tuple[str, ...]:
+    """Hook points where the model holds hooks of its own (``add_hook``, ``model.hooks(...)``)."""
+    table = _model_hook_table(model)
+    return tuple(dict.fromkeys(name for name, _ in table)) if table else NONE
+
+
+def _model_hooks(model, points=None) -> Tuple[Intervention, ...]:
+    table = _model_hook_table(model)
+    return tuple(_hook_intervention("model hook", name, fn) for name, fn in table
+                 if points is None or name in points)
 
 
 _SAE_BASE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -563,13 +576,31 @@ _ADVICE = (
 )
 
 
-def check(model, cache, fwd_hooks: Sequence = (), step_hooks=None, *, what: str = "this call") -> Tuple[Intervention, ...]:
+def _edited(model, edited, step_hooks) -> Tuple[Intervention, ...]:
+    """What a forward ran under: faults, SAEs, then the model's and the calls' hooks that edited."""
+    out = _faults(step_hooks) + _saes(model)
+    hook_edits, point_edits = edited
+    if point_edits:
+        out = out + _model_hooks(model, set(point_edits))
+    if hook_edits:
+        seen = set()
+        hooks = []
+        for point, hook in hook_edits:
+            if (point, id(hook)) not in seen and not getattr(hook, "_interpkv_observer", False):
+                seen.add((point, id(hook)))
+                hooks.append(_hook_intervention("hook", point, hook))
+        out = out + tuple(hooks)
+    return out
+
+
+def check(model, cache, edited, step_hooks=None, *, what: str = "this call") -> Tuple[Intervention, ...]:
     """Warn (:class:`ProvenanceWarning`) if ``cache``'s spans were written under other interventions.
 
-    Called by a forward through ``cache`` before it changes anything. Returns
-    the call's interventions, for :func:`written`.
+    Called by a forward through ``cache`` after running and before its
+    commit, with what edited activations in it (:func:`interpkv.core.calls.edits`).
+    Returns the call's interventions, for :func:`written`.
     """
-    acting = current(model, fwd_hooks, step_hooks)
+    acting = _edited(model, edited, step_hooks)
     spans = cache._provenance
     if spans and not all(wrote is acting or wrote == acting for _, _, wrote in spans):
         lines = mismatches(cache, acting)

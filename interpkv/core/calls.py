@@ -41,6 +41,7 @@ __all__ = [
     "is_hooked",
     "hook_points",
     "active_hooks",
+    "edits",
 ]
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
@@ -52,6 +53,8 @@ _POSITIONS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("i
 # The fwd_hooks entries of the interpkv calls open in this context, outermost first
 # (read by interpkv.cache.provenance: what a forward inside them runs under).
 _ACTIVE: contextvars.ContextVar[Tuple[Hook, ...]] = contextvars.ContextVar("interpkv_active_hooks", default=())
+# Inside a forward through a caller's cache: the (hook point name, hook) pairs that edited an activation.
+_EDITS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("interpkv_edits", default=None)
 _GENERATED_FROM: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
     "interpkv_generated_from", default=None
 )
@@ -90,7 +93,14 @@ def _gated(hook: Callable, owner: object) -> Callable:
         conversion = getattr(point, "hook_conversion", None)  # as HookPoint.add_hook does
         if conversion is not None:
             output = conversion.convert(output)
-        result = hook(output, hook=point)
+        edits = _EDITS.get()
+        if edits is None:
+            result = hook(output, hook=point)
+        else:  # a forward through a caller's cache notes which hooks edit (interpkv.cache.provenance)
+            version = _version(output)
+            result = hook(output, hook=point)
+            if (result is not None and result is not output) or version is None or _version(output) != version:
+                edits.append((point.name, hook))
         if result is not None and conversion is not None:
             result = conversion.revert(result)
         return result
@@ -141,6 +151,59 @@ def _holding(var: contextvars.ContextVar, value) -> Iterator[None]:
 def positions(q_pos: Int[Tensor, "batch pos"]):
     """Make ``q_pos`` the positions of the forward running in this context (a context manager)."""
     return _holding(_POSITIONS, q_pos)
+
+
+def _version(t) -> Optional[int]:
+    """``t._version`` (bumped by every in-place edit), or None where torch keeps none (inference mode)."""
+    try:
+        return t._version
+    except (RuntimeError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def edits(model: torch.nn.Module, points: Sequence[str] = ()) -> Iterator[Tuple[list, list]]:
+    """Note what edits activations in this context's calls: yields ``(hook_edits, point_edits)``.
+
+    ``hook_edits`` gets ``(point name, hook)`` for each gated ``fwd_hooks`` entry
+    that returned a new tensor or edited its input in place. For each of
+    ``points`` (hook points holding the model's own hooks), two probes around
+    those hooks put the point's name in ``point_edits`` when they changed the
+    activation. Enter it before :func:`hooks` (the probes must come before
+    the call's own gated hooks on a point).
+    """
+    found: list = []
+    changed: list = []
+    owner = object()
+    handles: list = []
+    token = _OPEN.set(_OPEN.get() + (owner,))
+    edits_token = _EDITS.set(found)
+    try:
+        for name in points:
+            handles.extend(_probes(model.mod_dict[name], name, owner, changed))
+        yield found, changed
+    finally:
+        for handle in handles:
+            handle.remove()
+        _EDITS.reset(edits_token)
+        _OPEN.reset(token)
+
+
+def _probes(point: torch.nn.Module, name: str, owner: object, changed: list):
+    seen: list = []
+
+    def first(module, inputs, output):
+        if owner in _OPEN.get():
+            seen.append((output, _version(output)))
+
+    def last(module, inputs, output):
+        if owner in _OPEN.get() and seen:
+            before, version = seen.pop()
+            if output is not before or version is None or _version(output) != version:
+                changed.append(name)
+
+    first._interpkv_owner = last._interpkv_owner = owner
+    return [point.register_forward_hook(first, prepend=True), point.register_forward_hook(last)]
 
 
 def active_hooks() -> Tuple[Hook, ...]:

@@ -1,5 +1,6 @@
 """``interpkv.forward``: one forward pass, through a cache or not, with hooks."""
 
+import contextlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 from jaxtyping import Float, Int
@@ -18,6 +19,8 @@ from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import scheme_for
 
 __all__ = ["forward"]
+
+_NOT_NOTING = contextlib.nullcontext((None, None))
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 
@@ -99,8 +102,7 @@ def forward(
     else:
         cache.check_compatible(model, batch, inputs.device)
         hooks = stephooks.installed(model)
-        # Before anything changes: a ProvenanceWarning raised as an error leaves the cache as it was.
-        acting = provenance.check(model, cache, fwd_hooks, hooks)
+        acting = provenance.NONE
     first_slot_id = cache.appended
 
     offsets = cache.next_positions
@@ -128,7 +130,9 @@ def forward(
         + _tl.fast_modules(model, last_logits_only=last_only)
         + sae_lens.wrapper_routes(model, None if inputs.is_floating_point() else inputs),
     )
-    with calls.hooks(model, fwd_hooks), calls.positions(q_pos):
+    # Through a caller's cache, what edits activations is noted (interpkv.cache.provenance).
+    noting = calls.edits(model, provenance.model_hook_points(model)) if acting is not None else _NOT_NOTING
+    with noting as edited, calls.hooks(model, fwd_hooks), calls.positions(q_pos):
         if inputs.is_floating_point():
             embed = inputs
         else:
@@ -137,6 +141,9 @@ def forward(
             embed = view.hook_embed(model.embed(inputs))  # (B, T, d_model)
         residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
         out = view(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
+    if acting is not None:
+        # Before the commit: a ProvenanceWarning raised as an error leaves the stored history as it was.
+        acting = provenance.check(model, cache, edited, hooks)
     cache.commit(slots)
     if acting is not None and not cache.frozen:
         provenance.written(cache, acting, first_slot_id)
