@@ -18,7 +18,6 @@ from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv.core.axes import PAD_POSITION
-from interpkv.cache import provenance
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.lifecycle import CacheLifecycle
 from interpkv.cache.slots import Slots, grown
@@ -106,7 +105,6 @@ class KVCache(CacheLifecycle):
         self._next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.next_tokens: Optional[Tensor] = None  # see the class docstring
         self.next_tokens_at: Optional[Tensor] = None
-        self._provenance: list = []  # (first slot id, end slot id, interventions): interpkv.cache.provenance
 
     @classmethod
     def for_model(
@@ -186,18 +184,6 @@ class KVCache(CacheLifecycle):
     def model(self) -> Optional["_tl.HookedTransformer"]:
         """The model this cache is bound to (None if it was garbage-collected)."""
         return self._model_ref()
-
-    @property
-    def provenance(self) -> "provenance.Provenance":
-        """What wrote each span of the stored slots: hooks, SAEs, faults, model hooks, weights.
-
-        A :class:`~interpkv.cache.provenance.Provenance` (short repr,
-        ``to_frame()``, notebook HTML). Forwards record it; ``fork``, ``crop``,
-        ``select``, ``repeat``, ``save`` and ``load`` carry it; a call that
-        continues the cache under other interventions emits
-        :class:`~interpkv.ProvenanceWarning` (see :mod:`interpkv.cache.provenance`).
-        """
-        return provenance.describe(self)
 
     def __repr__(self) -> str:
         window = "" if self.window is None else f", window={self.window}, sinks={self.sinks}"
@@ -281,8 +267,6 @@ class KVCache(CacheLifecycle):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._frozen = 0
-        new._provenance = list(self._provenance)
-        new.__dict__.pop("_provenance_memo", None)
         new.metadata = copy.deepcopy(self.metadata)
         new._install(layers, positions, next_positions, slot_ids)
         return new

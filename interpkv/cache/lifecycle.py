@@ -22,6 +22,20 @@ __all__ = ["CacheLifecycle"]
 class CacheLifecycle:
     """Mixin: the lifecycle methods of a KV cache (see each method)."""
 
+    #: ``(first slot id, end slot id, interventions)`` per span, a tuple (copies share it safely).
+    _provenance: tuple = ()
+
+    @property
+    def provenance(self) -> "provenance.Provenance":
+        """What wrote each span of the stored slots: hooks, SAEs, faults, model hooks, weights.
+
+        A :class:`~interpkv.cache.provenance.Provenance` (short repr, ``to_frame()``,
+        notebook HTML). Forwards record it; ``fork``, ``crop``, ``select``,
+        ``repeat``, ``save`` and ``load`` carry it; a call continuing the cache
+        under other interventions emits :class:`~interpkv.ProvenanceWarning`.
+        """
+        return provenance.describe(self)
+
     @contextlib.contextmanager
     def freeze(self) -> Iterator["CacheLifecycle"]:
         """Context manager: forwards inside read the cache but append nothing.

@@ -277,8 +277,7 @@ def load_cache(
             f"{path}: could not be loaded ({type(error).__name__}: {str(error)[:200]}); the file is "
             "corrupted or was changed while it was read: load it again"
         ) from error
-    # The file's SAEs / faults / model hooks against the model's now (a ProvenanceWarning, not a file error).
-    provenance.check_loaded(model, cache, path)
+    provenance.check_loaded(model, cache, path)  # a ProvenanceWarning, not a file error
     return cache
 
 
@@ -321,11 +320,5 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> "KVCache":
     cache.metadata = metadata["user"]
     if "next_tokens" in tensors:
         cache.next_tokens, cache.next_tokens_at = tensors["next_tokens"], tensors["next_tokens_at"]
-    raw = header["__metadata__"]
-    if provenance.HEADER_KEY in raw:  # files saved before provenance have none: spans unknown
-        try:
-            saved = provenance.Provenance.from_json(raw[provenance.HEADER_KEY], raw.get("weights_fingerprint"))
-        except (ValueError, KeyError, TypeError) as error:
-            raise CacheFileError(f"{path}: corrupted provenance in the header ({error})") from None
-        provenance.adopt(cache, saved)
+    provenance.adopt(cache, provenance.from_header(header["__metadata__"], path))
     return cache

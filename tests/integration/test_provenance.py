@@ -75,6 +75,7 @@ def test_steered_prefix_continued_unsteered_warns_naming_the_hook_point(model):
     message = str(caught[0].message)
     assert HOOK in message and "steering.add" in message and "positions 0-7" in message
     assert "this call has none" in message
+    assert caught[0].filename == __file__  # attributed to the caller's line, not interpkv's
     # Warranted: it equals neither uncached run.
     assert not close(logits, uncached(model)) and not close(logits, uncached(model, steer))
 
