@@ -161,32 +161,43 @@ def _version(t) -> Optional[int]:
         return None
 
 
-@contextlib.contextmanager
-def edits(model: torch.nn.Module, points: Sequence[str] = ()) -> Iterator[Tuple[list, list]]:
-    """Note what edits activations in this context's calls: yields ``(hook_edits, point_edits)``.
+class edits:
+    """Note what edits activations in this context's calls: ``with edits(model, points) as (hooks, points):``.
 
-    ``hook_edits`` gets ``(point name, hook)`` for each gated ``fwd_hooks`` entry
-    that returned a new tensor or edited its input in place. For each of
+    The first list gets ``(point name, hook)`` for each gated ``fwd_hooks``
+    entry that returned a new tensor or edited its input in place. For each of
     ``points`` (hook points holding the model's own hooks), two probes around
-    those hooks put the point's name in ``point_edits`` when they changed the
-    activation. Enter it before :func:`hooks` (the probes must come before
-    the call's own gated hooks on a point).
+    those hooks put the point's name in the second list when they changed the
+    activation. Enter it before :func:`hooks` (the probes must come before the
+    call's own gated hooks on a point). A class, not a generator: it is
+    entered by every decode step through a caller's cache.
     """
-    found: list = []
-    changed: list = []
-    owner = object()
-    handles: list = []
-    token = _OPEN.set(_OPEN.get() + (owner,))
-    edits_token = _EDITS.set(found)
-    try:
-        for name in points:
-            handles.extend(_probes(model.mod_dict[name], name, owner, changed))
-        yield found, changed
-    finally:
-        for handle in handles:
+
+    __slots__ = ("model", "points", "found", "changed", "handles", "tokens")
+
+    def __init__(self, model: torch.nn.Module, points: Sequence[str] = ()):
+        self.model, self.points = model, points
+
+    def __enter__(self) -> Tuple[list, list]:
+        self.found, self.changed, self.handles = [], [], []
+        self.tokens = [_EDITS.set(self.found)]
+        if self.points:
+            owner = object()
+            self.tokens.append(_OPEN.set(_OPEN.get() + (owner,)))
+            try:
+                for name in self.points:
+                    self.handles.extend(_probes(self.model.mod_dict[name], name, owner, self.changed))
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        return self.found, self.changed
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
             handle.remove()
-        _EDITS.reset(edits_token)
-        _OPEN.reset(token)
+        if len(self.tokens) > 1:
+            _OPEN.reset(self.tokens.pop())
+        _EDITS.reset(self.tokens.pop())
 
 
 def _probes(point: torch.nn.Module, name: str, owner: object, changed: list):

@@ -20,7 +20,7 @@ from interpkv.core.schemes import scheme_for
 
 __all__ = ["forward"]
 
-_NOT_NOTING = contextlib.nullcontext((None, None))
+_NOT_NOTING = contextlib.nullcontext(((), ()))
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 
@@ -131,7 +131,11 @@ def forward(
         + sae_lens.wrapper_routes(model, None if inputs.is_floating_point() else inputs),
     )
     # Through a caller's cache, what edits activations is noted (interpkv.cache.provenance).
-    noting = calls.edits(model, provenance.model_hook_points(model)) if acting is not None else _NOT_NOTING
+    noting = _NOT_NOTING
+    if acting is not None:
+        points = provenance.model_hook_points(model)
+        if fwd_hooks or points or calls.active_hooks():  # else nothing can edit: nothing to note
+            noting = calls.edits(model, points)
     with noting as edited, calls.hooks(model, fwd_hooks), calls.positions(q_pos):
         if inputs.is_floating_point():
             embed = inputs
