@@ -191,6 +191,27 @@ class _Comparator(Sink):
         )
 
 
+def _history(model, cache, tokens, fwd_hooks):
+    """``(stored positions, provenance mismatch text or None)`` of a caller's :class:`~interpkv.KVCache`."""
+    from interpkv.cache import provenance
+    from interpkv.cache.kvcache import KVCache
+
+    if not isinstance(cache, KVCache) or cache.seq_len == 0:
+        return 0, None
+    prefix = cache.seq_len
+    if not bool((cache.positions >= 0).all()) or not bool((cache.next_positions == prefix).all()):
+        raise ValueError(
+            "compare continues a cache holding history only when it holds positions 0..n-1 of every row "
+            "(no padding, no eviction); pass a fresh cache, or tokens and a cache without padding"
+        )
+    if tokens.shape[-1] <= prefix:
+        raise ValueError(
+            f"the cache holds {prefix} positions, so tokens must be the whole sequence (those {prefix} "
+            f"tokens, then the new ones), got {tokens.shape[-1]} tokens"
+        )
+    return prefix, provenance.explain(model, cache, fwd_hooks, now_text="this run has")
+
+
 def compare(
     model,
     tokens: TokensLike,
@@ -226,7 +247,13 @@ def compare(
             The reference is the same model and engine run uncached.
         cache: the cache (or a factory ``(model, batch_size, max_len) -> cache``)
             the cached run uses: a :class:`~interpkv.KVCache` for ``"interpkv"``,
-            a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
+            a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``. A
+            KVCache holding positions ``0..n-1`` (no padding) is continued:
+            ``tokens`` is then the whole sequence, its first ``n`` tokens
+            already in the cache, ``steps`` cover the rest, and sites before
+            ``n`` are not compared; when the run diverges and the cache was
+            written under other interventions (:attr:`KVCache.provenance`),
+            ``report.cause`` says so.
         names_filter: TransformerLens's form of ``names`` (a string is an exact
             name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
 
@@ -248,14 +275,17 @@ def compare(
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
 
+    prefix, why = _history(model, cache, tokens, fwd_hooks)
+
     def run(hooks) -> DivergenceReport:
         return engines.compare(
             model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
-            fwd_hooks=hooks,
+            fwd_hooks=hooks, prefix=prefix,
         )
 
     report = run(fwd_hooks)
     if cache is not None and not callable(cache):  # a caller's cache was consumed: no rerun to blame with
+        report.cause = why if why is not None and not report.ok() else None
         return report
     report.cause = blame(fwd_hooks, not report.ok(), lambda: not run(()).ok())
     return report

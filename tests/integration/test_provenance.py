@@ -406,3 +406,23 @@ def test_identity_digest_reads_code_closures_partials_and_globals():
 
     key, automatic = digest(Opaque())
     assert not automatic and key.startswith("id:")
+
+
+# --------------------------------------------------------------- cause
+def test_compare_and_compare_generation_given_a_cache_name_its_provenance_in_cause(gpt2):
+    steer = [(HOOK, interpkv.steering.add(vector(gpt2)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", interpkv.ProvenanceWarning)
+        clean = interpkv.compare(gpt2, FULL, steps=[1, 1], cache=prefilled(gpt2))
+        report = interpkv.compare(gpt2, FULL, steps=[1, 1], cache=prefilled(gpt2, steer))
+        same = interpkv.compare(gpt2, FULL, steps=[2], cache=prefilled(gpt2, steer), fwd_hooks=steer)
+        gen_clean = interpkv.compare_generation(gpt2, FULL, max_new_tokens=3, cache=prefilled(gpt2))
+        gen = interpkv.compare_generation(gpt2, FULL, max_new_tokens=3, cache=prefilled(gpt2, steer))
+    assert clean.ok(atol=ATOL, rtol=0) and clean.cause is None
+    assert same.ok(atol=ATOL, rtol=0) and same.cause is None
+    assert not report.ok(atol=ATOL, rtol=0)
+    assert report.first_divergence(atol=ATOL, rtol=0).pos == PROMPT.shape[1]
+    assert "positions 0-7 written under" in report.cause and HOOK in report.cause
+    assert "this run has none" in report.cause
+    assert gen_clean.ok and gen_clean.cause is None
+    assert not gen.ok and HOOK in gen.cause

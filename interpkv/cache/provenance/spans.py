@@ -197,12 +197,12 @@ def check(model, cache, noted, step_hooks=None, *, what: str = "this call") -> T
     return acting
 
 
-def explain(model, cache, fwd_hooks: Sequence = ()) -> Optional[str]:
+def explain(model, cache, fwd_hooks: Sequence = (), now_text: str = "this call has") -> Optional[str]:
     """The mismatch text of a run of ``fwd_hooks`` continuing ``cache`` (None if none), for ``.cause``."""
     from interpkv.core import stephooks
 
     acting = current(model, fwd_hooks, stephooks.installed(model))
-    lines = mismatches(cache, acting)
+    lines = mismatches(cache, acting, now_text=now_text)
     if not lines:
         return None
     return "the cache's " + " | ".join(lines) + " (see cache.provenance)"

@@ -168,6 +168,7 @@ def compare(
     cache=None,
     fwd_hooks: Sequence = (),
     also: Optional[Callable[[Tensor], Sink]] = None,
+    prefix: int = 0,
 ) -> DivergenceReport:
     """``engine``'s cached run against its uncached run: the one implementation of :func:`interpkv.compare`.
 
@@ -184,6 +185,12 @@ def compare(
     reference = capture(
         model, tokens, engine=engine, attention_mask=attention_mask, names=names, fwd_hooks=fwd_hooks
     )
+    if prefix:  # the cache holds the first ``prefix`` positions: the cached run feeds the rest
+        reference.valid[:, :prefix] = False
+        for mask in reference.computed_masks.values():
+            mask[:, :prefix] = False
+        tokens = tokens[:, prefix:]
+        attention_mask = None if attention_mask is None else attention_mask[:, prefix:]
 
     def sinks(valid: Tensor) -> Sink:
         comparator = _Comparator(reference, valid)
