@@ -257,6 +257,28 @@ def _demo_other_implementations(console, built):
     return other
 
 
+def _provenance(path: str) -> int:
+    """Print what wrote a saved cache: its provenance, read from the header (no tensor, no model)."""
+    from rich.table import Table
+
+    from interpkv.cache import provenance
+
+    saved = provenance.read(path)  # CacheFileError (a ValueError): one line, exit 2
+    console = _console()
+    if saved is None:
+        console.print(f"{path}: saved without provenance (an earlier interpkv): what wrote it is unknown")
+        return 0
+    table = Table(title=f"{path}: what wrote each span (weights {str(saved.weights)[:31]}...)")
+    for column in ("slots", "positions", "interventions"):
+        table.add_column(column, overflow="fold")
+    for span in saved.spans:
+        positions = "-" if span.positions is None else f"{span.positions[0]}-{span.positions[1]}"
+        what = "unknown" if span.interventions is None else provenance.set_text(span.interventions)
+        table.add_row(f"{span.slots[0]}-{span.slots[1] - 1}", positions, what)
+    console.print(table)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``interpkv`` console script.
 
@@ -289,7 +311,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report", parents=[debug])
     demo.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
+    shown = sub.add_parser("provenance", help="what wrote a saved cache (from its header; no tensors read)",
+                           parents=[debug])
+    shown.add_argument("path", help="a file written by KVCache.save")
     args = parser.parse_args(argv)
+    if args.command == "provenance":
+        try:
+            return _provenance(args.path)
+        except ValueError as exc:
+            if args.debug:
+                raise
+            return _error(str(exc))
     from interpkv.cli.runtime import torch_threads, zoo_only
 
     # Zoo models are tiny: one intra-op thread (see interpkv.cli.runtime); a user's HF directory keeps the caller's.

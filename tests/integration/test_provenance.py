@@ -426,3 +426,15 @@ def test_compare_and_compare_generation_given_a_cache_name_its_provenance_in_cau
     assert "this run has none" in report.cause
     assert gen_clean.ok and gen_clean.cause is None
     assert not gen.ok and HOOK in gen.cause
+
+
+def test_cli_shows_a_saved_caches_provenance_from_the_header(gpt2, tmp_path, capsys):
+    from interpkv.cli.app import main
+
+    path = tmp_path / "c.safetensors"
+    prefilled(gpt2, [(HOOK, interpkv.steering.add(vector(gpt2)))]).save(path)
+    assert main(["provenance", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert HOOK in out and "steering.add" in out and "0-7" in out
+    (tmp_path / "bad").write_bytes(b"abc")
+    assert main(["provenance", str(tmp_path / "bad")]) == 2
