@@ -438,3 +438,13 @@ def test_cli_shows_a_saved_caches_provenance_from_the_header(gpt2, tmp_path, cap
     assert HOOK in out and "steering.add" in out and "0-7" in out
     (tmp_path / "bad").write_bytes(b"abc")
     assert main(["provenance", str(tmp_path / "bad")]) == 2
+
+
+def test_a_windowed_cache_forgets_evicted_spans():
+    model = interpkv.zoo.load("llama", dtype=F64)
+    cache = interpkv.KVCache.for_model(model, window=4)
+    interpkv.forward(model, PROMPT, cache=cache, fwd_hooks=[(HOOK, interpkv.steering.add(vector(model)))])
+    for token in range(6):  # unsteered steps: each warns while steered keys are still stored
+        _, caught = continued(model, cache)
+    assert caught == []  # the window no longer holds any steered position
+    assert all(not s.interventions for s in cache.provenance.spans)

@@ -45,7 +45,8 @@ memo per hook object; hook points are scanned only when a hook was
 registered since the last scan) and compared with the spans' by equality;
 an unhooked decode step adds a few microseconds and no device sync (see
 docs/performance.md). Only a differing set reads positions from the device,
-once per span and set (memoized).
+once per span and set (memoized); a windowed cache continued under other
+interventions also reads its slot ids each call, to forget evicted spans.
 
 Modules: :mod:`.records` (:class:`Intervention`, :class:`Where`, :func:`declare`),
 :mod:`.collect` (what a forward runs under), :mod:`.spans` (recording spans,

@@ -190,6 +190,8 @@ def check(model, cache, noted, step_hooks=None, *, what: str = "this call") -> T
     acting = edited(model, noted, step_hooks)
     spans = cache._provenance
     if spans and not all(wrote is acting or wrote == acting for _, _, wrote in spans):
+        if cache.window is not None:  # a window evicts spans: forget those gone (reads the slot ids)
+            cache._provenance = _restrict(spans, sorted(set(cache.slot_ids.flatten().tolist()) - {-1}))
         lines = mismatches(cache, acting)
         if lines:
             _warn(f"{what} continues a cache under other interventions than wrote it: "
