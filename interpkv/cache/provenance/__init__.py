@@ -60,5 +60,6 @@ from interpkv.cache.provenance.view import HEADER_KEY, Provenance, Span, adopt, 
 from interpkv.errors import ProvenanceWarning
 
 __all__ = ["Intervention", "Where", "Span", "Provenance", "ProvenanceWarning", "declare", "current", "check",
-           "check_loaded", "crop", "explain", "mismatches", "set_text", "written", "describe", "adopt", "from_header", "read",
+           "check_loaded", "crop", "explain", "mismatches", "set_text", "written", "describe", "adopt",
+           "from_header", "read",
            "model_hook_points", "HEADER_KEY", "NONE"]

@@ -34,7 +34,8 @@ class Where:
     anchor: Optional[Tensor] = None
 
     def _key(self):
-        return (self.start, self.stop, self.positions, self.region, id(self.anchor) if self.anchor is not None else None)
+        anchor = id(self.anchor) if self.anchor is not None else None
+        return (self.start, self.stop, self.positions, self.region, anchor)
 
     def __eq__(self, other):
         return isinstance(other, Where) and self._key() == other._key() and (self.anchor is other.anchor)
