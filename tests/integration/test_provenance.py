@@ -448,3 +448,13 @@ def test_a_windowed_cache_forgets_evicted_spans():
         _, caught = continued(model, cache)
     assert caught == []  # the window no longer holds any steered position
     assert all(not s.interventions for s in cache.provenance.spans)
+
+
+def test_model_hooks_that_only_record_are_not_interventions(gpt2):
+    seen = []
+    with gpt2.hooks(fwd_hooks=[(HOOK, lambda act, hook: seen.append(act.shape))]):
+        cache = prefilled(gpt2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", interpkv.ProvenanceWarning)
+            interpkv.generate(gpt2, NEXT, cache=cache, max_new_tokens=3)
+    assert seen and cache.provenance.interventions == ()
