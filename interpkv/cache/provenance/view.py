@@ -179,7 +179,7 @@ HEADER_KEY = "provenance"
 
 def from_header(raw: dict, path: str) -> Optional[Provenance]:
     """The provenance in a cache file's header metadata ``raw`` (None if it has none)."""
-    from interpkv.cache.st_format import CacheFileError
+    from interpkv.errors import CacheFileError
 
     if HEADER_KEY not in raw:
         return None
@@ -201,8 +201,8 @@ def read(path: Union[str, "os.PathLike[str]"]) -> Optional[Provenance]:
     """
     import struct
 
-    from interpkv.cache.st_format import MAX_HEADER_BYTES, open_regular, parse_header
-    from interpkv.cache.st_read import read_exactly
+    from interpkv.cache.persist.st_format import MAX_HEADER_BYTES, open_regular, parse_header
+    from interpkv.cache.persist.st_read import read_exactly
 
     path = os.fspath(path)
     with open_regular(path) as f:
