@@ -259,11 +259,11 @@ def _demo_other_implementations(console, built):
 
 def _provenance(path: str) -> int:
     """Print what wrote a saved cache: its provenance, read from the header (no tensor, no model)."""
-    from rich.table import Table
+    from rich.table import Table  # deferred: rich, only when a table is printed
 
-    from interpkv.cache import provenance
+    from interpkv.cache import persist, provenance  # deferred: torch (--help answers without it)
 
-    saved = provenance.read(path)  # CacheFileError (a ValueError): one line, exit 2
+    saved = persist.read_provenance(path)  # CacheFileError (a ValueError): one line, exit 2
     console = _console()
     if saved is None:
         console.print(f"{path}: saved without provenance (an earlier interpkv): what wrote it is unknown")

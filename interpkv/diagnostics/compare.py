@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from interpkv.cache import provenance
+from interpkv.cache.kvcache import KVCache
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
@@ -191,27 +193,6 @@ class _Comparator(Sink):
         )
 
 
-def _history(model, cache, tokens, fwd_hooks):
-    """``(stored positions, provenance mismatch text or None)`` of a caller's :class:`~interpkv.KVCache`."""
-    from interpkv.cache import provenance
-    from interpkv.cache.kvcache import KVCache
-
-    if not isinstance(cache, KVCache) or cache.seq_len == 0:
-        return 0, None
-    prefix = cache.seq_len
-    if not bool((cache.positions >= 0).all()) or not bool((cache.next_positions == prefix).all()):
-        raise ValueError(
-            "compare continues a cache holding history only when it holds positions 0..n-1 of every row "
-            "(no padding, no eviction); pass a fresh cache, or tokens and a cache without padding"
-        )
-    if tokens.shape[-1] <= prefix:
-        raise ValueError(
-            f"the cache holds {prefix} positions, so tokens must be the whole sequence (those {prefix} "
-            f"tokens, then the new ones), got {tokens.shape[-1]} tokens"
-        )
-    return prefix, provenance.explain(model, cache, fwd_hooks, now_text="this run has")
-
-
 def compare(
     model,
     tokens: TokensLike,
@@ -275,7 +256,7 @@ def compare(
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
 
-    prefix, why = _history(model, cache, tokens, fwd_hooks)
+    prefix, why = provenance.history(model, cache, tokens, fwd_hooks) if isinstance(cache, KVCache) else (0, None)
 
     def run(hooks) -> DivergenceReport:
         return engines.compare(

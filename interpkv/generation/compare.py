@@ -18,6 +18,7 @@ from torch import Tensor
 
 from interpkv.tolerances import generation_atol
 
+from interpkv.cache import provenance
 from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
@@ -81,9 +82,7 @@ def compare_generation(
     atol = default_atol(model.cfg.dtype) if atol is None else atol
 
     if cache is not None:
-        from interpkv.diagnostics.compare import _history
-
-        prefix, why = _history(model, cache, tokens, fwd_hooks)
+        prefix, why = provenance.history(model, cache, tokens, fwd_hooks)
         diff = _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks, cache, prefix)
         diff.cause = why if why is not None and not diff.ok else None  # the cache is consumed: no rerun
         return diff

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import provenance
+from interpkv.cache import persist
 
 F64 = torch.float64
 HOOK = "blocks.0.hook_resid_post"
@@ -293,7 +293,7 @@ def test_save_carries_provenance_readable_without_tensors(gpt2, tmp_path):
     cache = prefilled(gpt2, steer)
     path = tmp_path / "c.safetensors"
     cache.save(path)
-    header_only = provenance.read(path)
+    header_only = persist.read_provenance(path)
     assert [s.positions for s in header_only.spans] == [(0, 7)]
     assert header_only.spans[0].interventions == cache.provenance.spans[0].interventions
     assert header_only.weights == cache.provenance.weights

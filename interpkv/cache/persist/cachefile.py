@@ -76,7 +76,7 @@ from interpkv.cache.persist.st_write import write_file
 from interpkv.core import tl as _tl
 from interpkv.errors import CacheFileNotFoundError, CacheReadError
 
-__all__ = ["CacheFileError", "save_cache", "load_cache", "weights_fingerprint", "FORMAT",
+__all__ = ["CacheFileError", "save_cache", "load_cache", "read_provenance", "weights_fingerprint", "FORMAT",
            "FORMAT_VERSION", "MAX_USER_METADATA_BYTES"]
 
 #: Largest caller metadata accepted by ``save`` (UTF-8 JSON bytes).
@@ -316,3 +316,24 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
         cache.next_tokens, cache.next_tokens_at = tensors["next_tokens"], tensors["next_tokens_at"]
     provenance.adopt(cache, provenance.from_header(header["__metadata__"], path))
     return cache
+
+
+def read_provenance(path: Union[str, "os.PathLike[str]"]) -> Optional["provenance.Provenance"]:
+    """The provenance saved in a cache file, read from its header only (no tensor is read, no model needed).
+
+    Returns:
+        A :class:`~interpkv.cache.provenance.Provenance` (``weights``: the file's
+        weights fingerprint), or None for a file saved without one (by an
+        interpkv before provenance).
+
+    Raises:
+        CacheFileError: not a cache file, or a corrupted header.
+    """
+    path = os.fspath(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = read_exactly(f, 8)
+        if len(prefix) == 8:
+            prefix += read_exactly(f, min(struct.unpack("<Q", prefix)[0], MAX_HEADER_BYTES))
+        header = parse_header(prefix, size, path)
+    return provenance.from_header(header.get("__metadata__") or {}, path)

@@ -55,11 +55,11 @@ the comparison, the warning), :mod:`.view` (:class:`Provenance`, files).
 
 from interpkv.cache.provenance.collect import current, model_hook_points
 from interpkv.cache.provenance.records import NONE, Intervention, Where, declare
-from interpkv.cache.provenance.spans import check, check_loaded, crop, explain, mismatches, set_text, written
-from interpkv.cache.provenance.view import HEADER_KEY, Provenance, Span, adopt, describe, from_header, read
+from interpkv.cache.provenance.spans import check, check_loaded, crop, explain, history, mismatches, set_text, written
+from interpkv.cache.provenance.view import HEADER_KEY, Provenance, Span, adopt, describe, from_header
 from interpkv.errors import ProvenanceWarning
 
 __all__ = ["Intervention", "Where", "Span", "Provenance", "ProvenanceWarning", "declare", "current", "check",
-           "check_loaded", "crop", "explain", "mismatches", "set_text", "written", "describe", "adopt",
-           "from_header", "read",
+           "check_loaded", "crop", "explain", "history", "mismatches", "set_text", "written", "describe",
+           "adopt", "from_header",
            "model_hook_points", "HEADER_KEY", "NONE"]

@@ -17,10 +17,11 @@ from typing import List, Optional, Sequence, Tuple
 from torch import Tensor
 
 from interpkv.cache.provenance.collect import current, edited
+from interpkv.core import stephooks
 from interpkv.cache.provenance.records import Intervention
 from interpkv.errors import ProvenanceWarning
 
-__all__ = ["written", "crop", "mismatches", "check", "explain", "check_loaded", "set_text"]
+__all__ = ["written", "crop", "mismatches", "check", "explain", "check_loaded", "set_text", "history"]
 
 # A cache holds ``_provenance``: a list of (first slot id, end slot id, interventions),
 # slot ids as in KVCache.slot_ids (they follow slots through eviction, rows and copies).
@@ -201,8 +202,6 @@ def check(model, cache, noted, step_hooks=None, *, what: str = "this call") -> T
 
 def explain(model, cache, fwd_hooks: Sequence = (), now_text: str = "this call has") -> Optional[str]:
     """The mismatch text of a run of ``fwd_hooks`` continuing ``cache`` (None if none), for ``.cause``."""
-    from interpkv.core import stephooks
-
     acting = current(model, fwd_hooks, stephooks.installed(model))
     lines = mismatches(cache, acting, now_text=now_text)
     if not lines:
@@ -231,3 +230,29 @@ def check_loaded(model, cache, path: str) -> None:
     if lines:
         _warn(f"{path}: the loaded cache was written under other model interventions (SAEs, faults, hooks "
               "on the model) than the model has now: " + " | ".join(lines) + ". " + _ADVICE)
+
+
+def history(model, cache, tokens: Tensor, fwd_hooks: Sequence = ()) -> Tuple[int, Optional[str]]:
+    """``(stored positions, mismatch text or None)`` for ``compare`` / ``compare_generation`` continuing ``cache``.
+
+    ``cache`` is a :class:`~interpkv.KVCache`; ``tokens`` the whole sequence,
+    its first ``cache.seq_len`` tokens already in the cache.
+
+    Raises:
+        ValueError: the cache holds padding or evicted positions, or ``tokens``
+            is not longer than what it holds.
+    """
+    prefix = cache.seq_len
+    if prefix == 0:
+        return 0, None
+    if not bool((cache.positions >= 0).all()) or not bool((cache.next_positions == prefix).all()):
+        raise ValueError(
+            "compare continues a cache holding history only when it holds positions 0..n-1 of every row "
+            "(no padding, no eviction); pass a fresh cache, or tokens and a cache without padding"
+        )
+    if tokens.shape[-1] <= prefix:
+        raise ValueError(
+            f"the cache holds {prefix} positions, so tokens must be the whole sequence (those {prefix} "
+            f"tokens, then the new ones), got {tokens.shape[-1]} tokens"
+        )
+    return prefix, explain(model, cache, fwd_hooks, now_text="this run has")

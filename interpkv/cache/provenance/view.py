@@ -2,16 +2,18 @@
 
 import dataclasses
 import json
-import os
 import weakref
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from interpkv._repr import html_summary
+from interpkv.cache.fingerprint import weights_fingerprint
 from interpkv.cache.provenance.records import Intervention
 from interpkv.cache.provenance.spans import set_text
+from interpkv.errors import CacheFileError
 
-__all__ = ["Span", "Provenance", "describe", "adopt", "from_header", "read", "HEADER_KEY"]
+__all__ = ["Span", "Provenance", "describe", "adopt", "from_header", "HEADER_KEY"]
 
 @dataclasses.dataclass(frozen=True)
 class Span:
@@ -46,8 +48,6 @@ class Provenance:
     @property
     def weights(self) -> Optional[str]:
         if self._weights is None and self._model is not None and self._model() is not None:
-            from interpkv.cache.fingerprint import weights_fingerprint
-
             self._weights = weights_fingerprint(self._model())
         return self._weights
 
@@ -76,7 +76,7 @@ class Provenance:
 
     def to_frame(self):
         """A pandas DataFrame: a row per span and intervention (one row with none for a clean span)."""
-        import pandas
+        import pandas  # deferred: pandas, only when a frame is asked for
 
         rows = []
         for n, span in enumerate(self.spans):
@@ -98,8 +98,6 @@ class Provenance:
         return frame
 
     def _repr_html_(self) -> str:
-        from interpkv._repr import html_summary
-
         rows = [(f"{s.slots[0]}-{s.slots[1] - 1}" if s.slots[1] > s.slots[0] else "-",
                  "-" if s.positions is None else f"{s.positions[0]}-{s.positions[1]}",
                  "unknown" if s.interventions is None else set_text(s.interventions)) for s in self.spans]
@@ -179,37 +177,9 @@ HEADER_KEY = "provenance"
 
 def from_header(raw: dict, path: str) -> Optional[Provenance]:
     """The provenance in a cache file's header metadata ``raw`` (None if it has none)."""
-    from interpkv.errors import CacheFileError
-
     if HEADER_KEY not in raw:
         return None
     try:
         return Provenance.from_json(raw[HEADER_KEY], raw.get("weights_fingerprint"))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CacheFileError(f"{path}: corrupted provenance in the header ({error})") from None
-
-
-def read(path: Union[str, "os.PathLike[str]"]) -> Optional[Provenance]:
-    """The provenance saved in a cache file, read from its header only (no tensor is read).
-
-    Returns:
-        A :class:`Provenance` (``weights``: the file's weights fingerprint), or
-        None for a file saved without one (before interpkv 0.2 provenance).
-
-    Raises:
-        CacheFileError: not a cache file, or a corrupted header.
-    """
-    import struct
-
-    from interpkv.cache.persist.st_format import MAX_HEADER_BYTES, open_regular, parse_header
-    from interpkv.cache.persist.st_read import read_exactly
-
-    path = os.fspath(path)
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = read_exactly(f, 8)
-        if len(prefix) == 8:
-            prefix += read_exactly(f, min(struct.unpack("<Q", prefix)[0], MAX_HEADER_BYTES))
-        header = parse_header(prefix, size, path)
-    return from_header(header.get("__metadata__") or {}, path)
-
