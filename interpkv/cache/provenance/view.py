@@ -94,14 +94,15 @@ class Provenance:
         frame = pandas.DataFrame(rows, columns=["span", "first_slot", "end_slot", "first_position",
                                                 "last_position", "kind", "point", "intervention", "digest",
                                                 "declared_positions", "acts"])
-        frame.attrs["weights"] = self._weights
+        frame.attrs["weights"] = self.weights  # the fingerprint, computed now if not yet known
         return frame
 
     def _repr_html_(self) -> str:
         rows = [(f"{s.slots[0]}-{s.slots[1] - 1}" if s.slots[1] > s.slots[0] else "-",
                  "-" if s.positions is None else f"{s.positions[0]}-{s.positions[1]}",
                  "unknown" if s.interventions is None else set_text(s.interventions)) for s in self.spans]
-        return html_summary("Provenance", [("spans", len(self.spans)), ("weights", self._weights or "(not computed)")],
+        weights = self._weights or "(not computed yet: read .weights)"
+        return html_summary("Provenance", [("spans", len(self.spans)), ("weights", weights)],
                             (["slots", "positions", "interventions"], rows))
 
     def to_json(self) -> str:
