@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import persist
+from interpkv.cache import persist, provenance
 
 F64 = torch.float64
 HOOK = "blocks.0.hook_resid_post"
@@ -458,3 +458,18 @@ def test_model_hooks_that_only_record_are_not_interventions(gpt2):
             warnings.simplefilter("error", interpkv.ProvenanceWarning)
             interpkv.generate(gpt2, NEXT, cache=cache, max_new_tokens=3)
     assert seen and cache.provenance.interventions == ()
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000,  # json.loads recurses: RecursionError (found by tests/integration/test_persist_fuzz.py)
+    '{"version": 1, "spans": [{"slots": [0, 1e999], "interventions": null}]}',
+    '{"version": 1, "spans": [{"slots": [3, 2], "interventions": null}]}',
+    '{"version": 1, "spans": [{"slots": [0, 2], "interventions": [{"kind": "hook", "point": "p", "label": "l", '
+    '"digest": "d", "where": {"start": 99999999999999999999}}]}]}',
+    '{"version": 1, "spans": [{"slots": [0, 2], "interventions": [{"kind": "hook", "point": "p", "label": "l", '
+    '"digest": "d", "where": {"region": "elsewhere"}}]}]}',
+    '{"version": 2, "spans": []}',
+])
+def test_a_corrupted_provenance_header_is_a_file_error(text):
+    with pytest.raises(interpkv.CacheFileError, match="corrupted provenance"):
+        provenance.from_header({"provenance": text}, "f.safetensors")

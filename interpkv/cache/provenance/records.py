@@ -89,13 +89,19 @@ class Where:
 
     @classmethod
     def from_json(cls, data: dict) -> "Where":
-        def bound(v):
-            return tuple(int(x) for x in v) if isinstance(v, list) else (None if v is None else int(v))
+        def number(x) -> int:
+            if isinstance(x, bool) or not isinstance(x, int) or abs(x) >= 2**62:
+                raise ValueError(f"a declared position {x!r} is not an int64 position")
+            return x
 
-        positions = data.get("positions")
+        def bound(v):
+            return tuple(number(x) for x in v) if isinstance(v, list) else (None if v is None else number(v))
+
+        positions, region = data.get("positions"), data.get("region")
+        if region not in (None, "prompt", "generated"):
+            raise ValueError(f"unknown region {region!r}")
         return cls(start=bound(data.get("start")), stop=bound(data.get("stop")),
-                   positions=None if positions is None else tuple(int(x) for x in positions),
-                   region=data.get("region"))
+                   positions=None if positions is None else tuple(number(x) for x in positions), region=region)
 
 
 def _tighter(a, b, pick):

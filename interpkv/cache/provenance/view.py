@@ -119,8 +119,13 @@ class Provenance:
         spans = []
         for s in data["spans"]:
             items = s.get("interventions")
-            spans.append(Span(tuple(int(x) for x in s["slots"]),
-                              None if s.get("positions") is None else tuple(int(x) for x in s["positions"]),
+            slots = tuple(int(x) for x in s["slots"])
+            positions = None if s.get("positions") is None else tuple(int(x) for x in s["positions"])
+            if len(slots) != 2 or not 0 <= slots[0] < slots[1] or (positions is not None and len(positions) != 2):
+                raise ValueError(f"a span's slots {slots} / positions {positions} are not [first, end] pairs")
+            if items is not None and not isinstance(items, list):
+                raise ValueError("a span's interventions are not a list")
+            spans.append(Span(slots, positions,
                               None if items is None else tuple(Intervention.from_json(i) for i in items)))
         return cls(spans, weights)
 
@@ -182,5 +187,7 @@ def from_header(raw: dict, path: str) -> Optional[Provenance]:
         return None
     try:
         return Provenance.from_json(raw[HEADER_KEY], raw.get("weights_fingerprint"))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CacheFileError(f"{path}: corrupted provenance in the header ({error})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError) as error:
+        # RecursionError: JSON nested too deeply (json.loads recurses)
+        raise CacheFileError(f"{path}: corrupted provenance in the header ({type(error).__name__}: "
+                             f"{str(error)[:200]})") from None
