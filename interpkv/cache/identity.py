@@ -25,6 +25,10 @@ enough; a digest over *what the hook computes* is used instead:
 - a global the code reads that is an ``nn.Module`` (the model itself,
   typically) by its class and parameter names and shapes, not its weights.
 
+A tensor on an accelerator is copied to the host for its digest once per
+hook object (the digest is memoized per object); a tensor on the meta device
+has no content and counts by identity.
+
 Anything else (a C extension object with hidden state, a generator, a file)
 makes the digest fall back to the object's identity: :func:`digest` then
 returns ``automatic=False``, and two such hooks are the same only if they are
@@ -111,6 +115,8 @@ def _value(h, value, depth: int, seen: set) -> None:
         h.update(f"{value};".encode())
         return
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":  # no data to digest: identity only
+            raise _Opaque("a meta tensor")
         h.update(parameters_fingerprint([("t", value.detach())]).encode())
         return
     if isinstance(value, numpy.ndarray):

@@ -128,7 +128,10 @@ def _saes(model) -> Tuple[Intervention, ...]:
             except Exception:
                 cfg_data = {}
             cfg_text = json.dumps(cfg_data, sort_keys=True, default=str)
-            weights = parameters_fingerprint(sorted(sae.state_dict().items()))
+            try:
+                weights = parameters_fingerprint(sorted(sae.state_dict().items()))
+            except (NotImplementedError, RuntimeError):  # a meta-device SAE has no data: its identity
+                weights = f"id:{id(sae):x}"
             d = identity.value_digest((type(sae).__qualname__, cfg_text, weights))
             arch = cfg_data.get("architecture", type(sae).__name__)
             base = (f"SAE {arch} d_sae={cfg_data.get('d_sae', '?')}#{d[:4]}", d)
