@@ -284,8 +284,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     check.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
     check.add_argument(
-        "--engine", choices=["interpkv", "transformer_lens", "hf"], default="interpkv",
-        help="whose cache to check: interpkv's, TransformerLens's own past_kv_cache, or the HF model's",
+        "--engine", choices=["interpkv", "transformer_lens", "hf", "transformer_bridge"], default="interpkv",
+        help=(
+            "whose cache to check: interpkv's, TransformerLens's own past_kv_cache (both need transformer-lens 3), "
+            "the HF model's, or a TransformerBridge's own HF cache (transformer-lens 4 or 3.9)"
+        ),
     )
     demo = sub.add_parser("demo", help="zoo check, bug zoo and cached generation, with a report", parents=[debug])
     demo.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")

@@ -20,6 +20,7 @@ import torch
 from interpkv.cli.hf import hf_difference
 from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, hf_logits
 from interpkv.cli.runtime import Models
+from interpkv.core import tl as _tl
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
 from interpkv.tolerances import DEFAULT_ATOL
@@ -69,8 +70,12 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     from interpkv import zoo
 
     if model in zoo.names():
-        if engine == "hf" and model not in zoo.pairs():
-            raise ValueError(f"zoo model {model!r} has no HF twin; engine='hf' needs one of {', '.join(zoo.pairs())}")
+        if engine in ("hf", "transformer_bridge") and model not in zoo.pairs():
+            raise ValueError(f"zoo model {model!r} has no HF twin; engine={engine!r} needs one of {', '.join(zoo.pairs())}")
+        if engine == "transformer_bridge":
+            return zoo.load_bridge(model, dtype=dtype), None, model
+        if engine == "hf" and not _tl.AVAILABLE:  # no HookedTransformer to pair it with (TransformerLens 4)
+            return zoo.load_hf(model, dtype=dtype), None, model
         tl, hf = models.with_twin(model, dtype)
         return (hf, None, model) if engine == "hf" else (tl, hf, model)
     if not os.path.isfile(os.path.join(model, "config.json")):
@@ -84,6 +89,10 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
         model, local_files_only=True, attn_implementation="eager", dtype=dtype
     ).eval()
     label = os.path.basename(os.path.normpath(model))
+    if engine == "transformer_bridge":
+        from interpkv.diagnostics.engines.transformer_bridge import bridge_from_hf
+
+        return bridge_from_hf(hf, label=label, copy_model=False), None, label
     return (hf, None, label) if engine == "hf" else (zoo.from_hf(hf, label=label), hf, label)
 
 
@@ -99,7 +108,7 @@ def check_engine(
 
     Args:
         model: zoo name or ``save_pretrained`` directory.
-        engine: ``"interpkv"``, ``"transformer_lens"`` or ``"hf"``.
+        engine: ``"interpkv"``, ``"transformer_lens"``, ``"hf"`` or ``"transformer_bridge"``.
         dtype: float32 or float64.
         length: tokens per row.
         models: the run's :class:`~interpkv.cli.runtime.Models` for zoo names (default: loaded fresh).
@@ -143,9 +152,10 @@ def check_engine(
 
 
 def _scheme(model, engine: str) -> str:
-    if engine == "hf":
-        cache = type(engines.hf.dynamic_cache(model, 1, 1)).__name__
-        return f"{type(model).__name__} ({cache})"
+    if engine in ("hf", "transformer_bridge"):
+        hf = model.original_model if engine == "transformer_bridge" else model
+        cache = type(engines.hf.dynamic_cache(hf, 1, 1)).__name__
+        return f"{type(model).__name__} of {type(hf).__name__} ({cache})" if hf is not model else f"{type(model).__name__} ({cache})"
     from interpkv.core.schemes import scheme_for
 
     return scheme_for(model).describe()

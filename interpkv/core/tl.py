@@ -4,36 +4,177 @@ Every TransformerLens import in the package goes through this module.
 TransformerLens renamed its cache classes between 2.x and 3.x and removed
 ``HookedTransformer`` in 4.0; when it moves again, this file is what changes.
 
+Which TransformerLens each feature needs (docs/transformerlens-versions.md):
+everything built on ``HookedTransformer`` (``KVCache``, ``forward``,
+``generate``, ``engine="interpkv"`` / ``"transformer_lens"``, the zoo's
+HookedTransformers, patching) needs transformer-lens 3.x. ``engine="hf"``,
+``Record``, ``diff``, reports and plots need no TransformerLens at all, and
+``engine="transformer_bridge"`` needs a ``TransformerBridge`` (3.x or 4.x).
+So this module imports under any TransformerLens, or none: when
+``HookedTransformer`` cannot be imported, each TransformerLens 3 name here is
+a stand-in (:class:`_Missing`) that no object is an instance of, and whose
+use (calling it, reading an attribute) raises
+:class:`~interpkv.errors.TransformerLensVersionError` naming the version
+needed, the one installed and the fix (:func:`require`).
+
 Besides re-exporting names, it knows where TransformerLens keeps the modules a
 call routes (:func:`attention_pairs`, :func:`fast_modules`: paths such as
 ``blocks.3.attn`` for :func:`interpkv.core.overlay.overlay`, which routes them
 for one call without changing the model).
 """
 
-from typing import Callable, List, Tuple
+from importlib import metadata as _metadata
+from typing import Callable, List, Optional, Tuple
 
 import torch
-from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.components.abstract_attention import AbstractAttention
-from transformer_lens.components.layer_norm_pre import LayerNormPre
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
-from transformer_lens.components.mlps.mlp import MLP
-from transformer_lens.components.rms_norm_pre import RMSNormPre
-from transformer_lens.components.unembed import Unembed
-from transformer_lens.utilities import get_act_name
-from transformer_lens.hook_points import HookPoint
-from transformer_lens.loading_from_pretrained import (
-    get_pretrained_model_config,
-    get_pretrained_state_dict,
-)
-from transformer_lens.weight_processing import ProcessWeights
-from transformer_lens.utilities.activation_functions import apply_softcap
+
+from interpkv.errors import TransformerLensVersionError
+
+NEEDED = "transformer-lens>=3,<4"
+"""The TransformerLens that HookedTransformer features need (the ``interpkv[tl3]`` extra)."""
+
+
+def installed_version() -> Optional[str]:
+    """The installed transformer-lens version string, or None when it is not installed."""
+    try:
+        return _metadata.version("transformer-lens")
+    except _metadata.PackageNotFoundError:
+        return None
+
+
+def missing_message(feature: str) -> str:
+    """Why ``feature`` cannot run here, and what to do (the text of every TransformerLens version error)."""
+    version = installed_version()
+    if version is None:
+        found = "transformer-lens is not installed (plain `pip install interpkv` does not install it)"
+    elif _IMPORT_ERROR is not None and not version.startswith(("0.", "1.", "2.", "3.")):
+        found = f"transformer-lens {version} is installed, which has no HookedTransformer (removed in 4.0)"
+    else:
+        found = f"transformer-lens {version} is installed but its HookedTransformer failed to import ({_IMPORT_ERROR})"
+    return (
+        f"{feature} needs a TransformerLens HookedTransformer, from {NEEDED}; {found}. "
+        "Install it with `pip install 'interpkv[tl3]'` (in its own environment if you use TransformerLens 4). "
+        "Without it interpkv runs engine='hf' (a transformers model) and engine='transformer_bridge' "
+        "(a TransformerLens 4 TransformerBridge), and Record, diff, reports and plots work"
+    )
+
+
+def require(feature: str) -> None:
+    """Raise :class:`~interpkv.errors.TransformerLensVersionError` unless HookedTransformer imports.
+
+    Args:
+        feature: what the caller was about to do (``"interpkv.forward"``), named in the message.
+    """
+    if _IMPORT_ERROR is not None:
+        raise TransformerLensVersionError(missing_message(feature), name="transformer_lens")
+
+
+class _MissingMeta(type):
+    """Metaclass of the stand-ins: nothing is an instance, every use raises the version error."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return False
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return sub is cls
+
+    def __call__(cls, *args, **kwargs):
+        require(cls.__name__)
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__") and name.endswith("__"):  # typing / inspect probing: a plain miss
+            raise AttributeError(name)
+        require(f"{cls.__name__}.{name}")
+
+
+class _Missing(metaclass=_MissingMeta):
+    """Stand-in for a TransformerLens 3 name that could not be imported."""
+
+
+def _missing(name: str, kind: str = "class"):
+    if kind == "class":
+        return _MissingMeta(name, (_Missing,), {"__module__": "transformer_lens", "__qualname__": name})
+
+    def function(*args, **kwargs):
+        require(f"transformer_lens {name}")
+
+    function.__name__ = function.__qualname__ = name
+    return function
+
+
+_IMPORT_ERROR: Optional[ImportError] = None
+try:
+    from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformer_lens.components.layer_norm_pre import LayerNormPre
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.components.mlps.mlp import MLP
+    from transformer_lens.components.rms_norm_pre import RMSNormPre
+    from transformer_lens.components.unembed import Unembed
+    from transformer_lens.utilities import get_act_name
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+    from transformer_lens.weight_processing import ProcessWeights
+    from transformer_lens.utilities.activation_functions import apply_softcap
+except ImportError as exc:  # TransformerLens 4 (no HookedTransformer) or none at all
+    _IMPORT_ERROR = exc
+    ActivationCache, HookedTransformer, HookedTransformerConfig = (
+        _missing(n) for n in ("ActivationCache", "HookedTransformer", "HookedTransformerConfig")
+    )
+    TransformerLensKeyValueCache = _missing("TransformerLensKeyValueCache")
+    TransformerLensKeyValueCacheEntry = _missing("TransformerLensKeyValueCacheEntry")
+    AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, HookPoint, ProcessWeights = (
+        _missing(n) for n in (
+            "AbstractAttention", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "HookPoint",
+            "ProcessWeights",
+        )
+    )
+    get_act_name, get_pretrained_model_config, get_pretrained_state_dict, apply_softcap = (
+        _missing(n, "function")
+        for n in ("get_act_name", "get_pretrained_model_config", "get_pretrained_state_dict", "apply_softcap")
+    )
+
+AVAILABLE = _IMPORT_ERROR is None
+"""Whether TransformerLens 3's HookedTransformer (and every name above) imported."""
+
+
+def transformer_bridge_class():
+    """TransformerLens's ``TransformerBridge`` class (3.x or 4.x), or None when it cannot be imported."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+def is_transformer_bridge(model) -> bool:
+    """Whether ``model`` is a TransformerLens ``TransformerBridge`` (never imports TransformerLens for it).
+
+    A bridge's class lives in ``transformer_lens.model_bridge``; a process that
+    never imported that cannot hold one, so the check costs nothing otherwise.
+    """
+    import sys
+
+    if "transformer_lens.model_bridge" not in sys.modules:
+        return False
+    cls = transformer_bridge_class()
+    return cls is not None and isinstance(model, cls)
 
 from interpkv.core.calls import is_hooked
 
 __all__ = [
+    "AVAILABLE",
+    "NEEDED",
+    "require",
+    "missing_message",
+    "installed_version",
+    "transformer_bridge_class",
+    "is_transformer_bridge",
     "ActivationCache",
     "get_act_name",
     "HookedTransformer",
@@ -169,7 +310,7 @@ def attention_pairs(
     ]
 
 
-_TL_FRAMES = (HookedTransformer.forward.__code__, HookedTransformer.input_to_embed.__code__)
+_TL_FRAMES = (HookedTransformer.forward.__code__, HookedTransformer.input_to_embed.__code__) if AVAILABLE else ()
 
 
 def forward_locals(max_depth: int = 64):

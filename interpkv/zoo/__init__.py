@@ -7,6 +7,8 @@ same weights, so TransformerLens behaviour can be checked against HF::
     from interpkv import zoo
     model = zoo.load("llama", dtype=torch.float64)
     tl, hf = zoo.load_pair("mistral")
+    hf = zoo.load_hf("bloom")  # the HF twin alone: no TransformerLens needed
+    bridge = zoo.load_bridge("bloom")  # a TransformerLens TransformerBridge around it
     sae_model = zoo.load_sae("gpt2", "blocks.0.hook_resid_post")  # needs sae-lens
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from interpkv.core import tl as _tl
 from interpkv.core.tl import HookedTransformer
 from interpkv.zoo import _build, _trained, charvocab
 from interpkv.zoo._sae import as_sae_transformer, load_sae, random_sae
@@ -30,6 +33,8 @@ __all__ = [
     "info",
     "load",
     "load_pair",
+    "load_hf",
+    "load_bridge",
     "load_hf_dir",
     "from_hf",
     "load_sae",
@@ -197,6 +202,7 @@ def load(
     """
     _check_name(name)
     _check_dtype(dtype)
+    _tl.require("interpkv.zoo.load (a HookedTransformer)")
     if trained:
         _check_trained(name)
         return _trained.load(name, dtype)
@@ -235,6 +241,17 @@ def load_pair(
     >>> bool((tl(ids) - hf(ids).logits).abs().max() < 1e-4)
     True
     """
+    _check_pair(name, dtype)
+    _tl.require("interpkv.zoo.load_pair (a HookedTransformer and its HF twin; zoo.load_hf gives the HF model alone)")
+    if trained:
+        _check_trained(name)
+        return _trained.load(name, dtype), _trained.hf_model(name, dtype)
+    tl = _build.tl_model(name, int(seed), dtype)
+    hf = _build.hf_model(name, int(seed), dtype)
+    return tl, hf
+
+
+def _check_pair(name: str, dtype: torch.dtype) -> None:
     _check_name(name)
     _check_dtype(dtype)
     if SPECS[name].hf_config_class is None:
@@ -242,12 +259,72 @@ def load_pair(
             f"zoo model {name!r} has no HuggingFace class (it exists only in "
             f"TransformerLens); models with an HF pair: {', '.join(pairs())}"
         )
+
+
+def load_hf(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    trained: bool = False,
+) -> Any:
+    """The HF twin of a zoo model alone: ``load_pair(name, ...)[1]`` without building the HookedTransformer.
+
+    Needs no TransformerLens, so it works under transformer-lens 4 (or none),
+    e.g. for ``interpkv.compare(hf, tokens, steps=..., engine="hf")``.
+
+    Args:
+        name: Zoo model name with an HF class (see :func:`pairs`).
+        dtype: Parameter dtype.
+        seed: Initialisation seed (ignored with ``trained=True``).
+        trained: The shipped trained character-level weights instead of random ones.
+
+    Returns:
+        A fresh ``transformers`` causal LM (eager attention, eval mode), the
+        same weights as ``load_pair(name, dtype=dtype, seed=seed, trained=trained)[1]``.
+
+    Raises:
+        ValueError: Unknown name, bad dtype, a model without an HF class, or
+            ``trained=True`` for a model without trained weights.
+
+    >>> from interpkv import zoo
+    >>> type(zoo.load_hf("llama")).__name__
+    'LlamaForCausalLM'
+    """
+    _check_pair(name, dtype)
     if trained:
         _check_trained(name)
-        return _trained.load(name, dtype), _trained.hf_model(name, dtype)
-    tl = _build.tl_model(name, int(seed), dtype)
-    hf = _build.hf_model(name, int(seed), dtype)
-    return tl, hf
+        return _trained.hf_model(name, dtype)
+    return _build.hf_model(name, int(seed), dtype)
+
+
+def load_bridge(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    trained: bool = False,
+) -> Any:
+    """A TransformerLens ``TransformerBridge`` around the HF twin of a zoo model (offline).
+
+    Built with :func:`interpkv.diagnostics.engines.transformer_bridge.bridge_from_hf`
+    (``TransformerBridge.boot_transformers(..., hf_model=..., tokenizer=...)``
+    with the zoo's character tokenizer, so nothing is fetched). Needs a
+    TransformerLens with ``transformer_lens.model_bridge`` (4.x; 3.9 has one
+    too). The bridge computes what :func:`load_hf` computes (raw HF weights).
+
+    Args:
+        name: Zoo model name with an HF class (see :func:`pairs`).
+        dtype: Parameter dtype.
+        seed: Initialisation seed (ignored with ``trained=True``).
+        trained: The shipped trained character-level weights instead of random ones.
+
+    Returns:
+        A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode on CPU.
+    """
+    from interpkv.diagnostics.engines.transformer_bridge import bridge_from_hf
+
+    return bridge_from_hf(load_hf(name, dtype=dtype, seed=seed, trained=trained), label=name)
 
 
 def load_hf_dir(
@@ -294,6 +371,7 @@ def load_hf_dir(
 
     import transformers
 
+    _tl.require("interpkv.zoo.load_hf_dir (a HookedTransformer)")
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
@@ -333,4 +411,5 @@ def from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
     Returns:
         A HookedTransformer in eval mode on CPU, without a tokenizer.
     """
+    _tl.require("interpkv.zoo.from_hf (a HookedTransformer)")
     return _build.model_from_hf(hf, label=label)
