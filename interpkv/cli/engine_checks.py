@@ -90,9 +90,7 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     ).eval()
     label = os.path.basename(os.path.normpath(model))
     if engine == "transformer_bridge":
-        from interpkv.diagnostics.engines.transformer_bridge import bridge_from_hf
-
-        return bridge_from_hf(hf, label=label, copy_model=False), None, label
+        return zoo.bridge_from_hf(hf, label=label, copy_model=False), None, label
     return (hf, None, label) if engine == "hf" else (zoo.from_hf(hf, label=label), hf, label)
 
 

@@ -84,6 +84,7 @@ def forward(
     >>> float(interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]), return_type="loss")) > 0
     True
     """
+    _tl.require_hooked(model, "interpkv.forward")
     if logits not in ("all", "last"):
         raise ValueError(f'logits must be "all" or "last", got {logits!r}')
     inputs, mask = as_inputs(model, tokens, attention_mask)

@@ -69,6 +69,33 @@ def require(feature: str) -> None:
         raise TransformerLensVersionError(missing_message(feature), name="transformer_lens")
 
 
+def require_hooked(model, feature: str) -> None:
+    """Raise a clear error unless ``model`` can be a HookedTransformer here.
+
+    Under a TransformerLens without HookedTransformer (4.x, or none):
+    :class:`~interpkv.errors.TransformerLensVersionError` (:func:`require`).
+    With TransformerLens 3: ``ValueError`` for the two models people hand
+    over by mistake, a ``TransformerBridge`` and a ``transformers`` model,
+    naming the engine that runs them. Anything else is left to the caller.
+    """
+    require(feature)
+    if isinstance(model, HookedTransformer):
+        return
+    if is_transformer_bridge(model):
+        raise ValueError(
+            f"{feature} runs a TransformerLens HookedTransformer, got a TransformerBridge; audit the bridge's own "
+            "cache with interpkv.compare(bridge, tokens, steps=[...], engine='transformer_bridge')"
+        )
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        raise ValueError(
+            f"{feature} runs a TransformerLens HookedTransformer, got {type(model).__name__}; audit its own cache "
+            "with interpkv.compare(model, tokens, steps=[...], engine='hf'), or convert it with interpkv.zoo.from_hf(model)"
+        )
+
+
 class _MissingMeta(type):
     """Metaclass of the stand-ins: nothing is an instance, every use raises the version error."""
 
@@ -152,6 +179,28 @@ def transformer_bridge_class():
     return TransformerBridge
 
 
+def bridge_from_hf(hf_model: torch.nn.Module, tokenizer, label: str):
+    """A ``TransformerBridge`` around an in-memory HF causal LM and tokenizer: nothing is fetched.
+
+    ``TransformerBridge.boot_transformers(label, hf_model=..., tokenizer=...)``;
+    the bridge inserts its wrappers into ``hf_model``'s module tree.
+
+    Raises:
+        TransformerLensVersionError: the installed TransformerLens has no ``TransformerBridge``.
+    """
+    bridge_class = transformer_bridge_class()
+    if bridge_class is None:
+        found = installed_version()
+        has = "transformer-lens is not installed" if found is None else f"transformer-lens {found} has none"
+        raise TransformerLensVersionError(
+            "a TransformerBridge needs transformer-lens>=4 (3.9 has one too); "
+            f"{has}. Install it with `pip install 'interpkv[tl4]'`",
+            name="transformer_lens",
+        )
+    device = next(hf_model.parameters()).device
+    return bridge_class.boot_transformers(label, hf_model=hf_model, tokenizer=tokenizer, device=device).eval()
+
+
 def is_transformer_bridge(model) -> bool:
     """Whether ``model`` is a TransformerLens ``TransformerBridge`` (never imports TransformerLens for it).
 
@@ -171,10 +220,12 @@ __all__ = [
     "AVAILABLE",
     "NEEDED",
     "require",
+    "require_hooked",
     "missing_message",
     "installed_version",
     "transformer_bridge_class",
     "is_transformer_bridge",
+    "bridge_from_hf",
     "ActivationCache",
     "get_act_name",
     "HookedTransformer",

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls
+from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
@@ -283,6 +284,7 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
+    _tl.require_hooked(model, "interpkv.capture")
     names = resolve_names(names, names_filter)
     sink = run(
         model,

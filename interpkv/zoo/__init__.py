@@ -35,6 +35,7 @@ __all__ = [
     "load_pair",
     "load_hf",
     "load_bridge",
+    "bridge_from_hf",
     "load_hf_dir",
     "from_hf",
     "load_sae",
@@ -307,7 +308,7 @@ def load_bridge(
 ) -> Any:
     """A TransformerLens ``TransformerBridge`` around the HF twin of a zoo model (offline).
 
-    Built with :func:`interpkv.diagnostics.engines.transformer_bridge.bridge_from_hf`
+    Built with :func:`bridge_from_hf`
     (``TransformerBridge.boot_transformers(..., hf_model=..., tokenizer=...)``
     with the zoo's character tokenizer, so nothing is fetched). Needs a
     TransformerLens with ``transformer_lens.model_bridge`` (4.x; 3.9 has one
@@ -322,9 +323,34 @@ def load_bridge(
     Returns:
         A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode on CPU.
     """
-    from interpkv.diagnostics.engines.transformer_bridge import bridge_from_hf
+    return bridge_from_hf(load_hf(name, dtype=dtype, seed=seed, trained=trained), label=name, copy_model=False)
 
-    return bridge_from_hf(load_hf(name, dtype=dtype, seed=seed, trained=trained), label=name)
+
+def bridge_from_hf(hf: Any, *, tokenizer: Any = None, label: str = "hf", copy_model: bool = True) -> Any:
+    """A TransformerLens ``TransformerBridge`` around an in-memory HF causal LM, built offline.
+
+    ``TransformerBridge.boot_transformers(label, hf_model=..., tokenizer=...)``:
+    with a model and a tokenizer in hand the bridge fetches nothing. Needs a
+    TransformerLens with ``transformer_lens.model_bridge`` (4.x; 3.9 has one too).
+
+    Args:
+        hf: a ``transformers`` causal LM of an architecture TransformerLens bridges.
+        tokenizer: an HF tokenizer (default: the zoo's character tokenizer,
+            :func:`interpkv.zoo.charvocab.hf_tokenizer`).
+        label: the model name the bridge records.
+        copy_model: bridge a deep copy (the bridge inserts its wrappers into
+            the module tree of the model it gets); False bridges ``hf`` itself.
+
+    Returns:
+        A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode.
+
+    Raises:
+        TransformerLensVersionError: the installed TransformerLens has no ``TransformerBridge``.
+    """
+    import copy
+
+    model = copy.deepcopy(hf) if copy_model else hf
+    return _tl.bridge_from_hf(model, charvocab.hf_tokenizer() if tokenizer is None else tokenizer, label)
 
 
 def load_hf_dir(

@@ -25,13 +25,13 @@ ignored), or only the call's own tokens (a bridge that did not use its cache;
 those keys are then recorded where the call put them, and the missing
 history shows as a divergence).
 
-Bridges are built offline from an HF model with :func:`bridge_from_hf`
-(``interpkv.zoo.load_bridge(name)`` for a zoo model). Which TransformerLens:
+Bridges are built offline from an HF model with
+:func:`interpkv.zoo.bridge_from_hf` (``interpkv.zoo.load_bridge(name)`` for a
+zoo model). Which TransformerLens:
 ``TransformerBridge`` exists in transformer-lens 3.9 and 4.x; this engine
 needs no ``HookedTransformer``, so it runs under either.
 """
 
-import copy
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -44,50 +44,7 @@ from interpkv.diagnostics.engines.hf import CacheFactory, dynamic_cache, static_
 from interpkv.diagnostics.layouts import Layouts
 from interpkv.diagnostics.record import is_attention_hook
 
-__all__ = ["run", "bridge_from_hf", "hook_names", "dynamic_cache", "static_cache", "CacheFactory"]
-
-
-def bridge_from_hf(hf_model: nn.Module, *, tokenizer=None, label: str = "hf", copy_model: bool = True):
-    """A ``TransformerBridge`` around an in-memory HF causal LM, built without the network.
-
-    ``TransformerBridge.boot_transformers(label, hf_model=..., tokenizer=...)``
-    with the zoo's character tokenizer (:func:`interpkv.zoo.charvocab.hf_tokenizer`)
-    unless ``tokenizer`` is given: with a model and a tokenizer in hand the
-    bridge fetches nothing. ``label`` names the model (the bridge reads its
-    architecture from ``hf_model.config``).
-
-    Args:
-        hf_model: a ``transformers`` causal LM of an architecture TransformerLens bridges.
-        tokenizer: an HF tokenizer (default: the zoo's character tokenizer).
-        label: model name the bridge records.
-        copy_model: bridge a deep copy (the bridge inserts its wrappers into
-            the module tree of the model it gets); False bridges ``hf_model`` itself.
-
-    Returns:
-        A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode.
-
-    Raises:
-        TransformerLensVersionError: the installed TransformerLens has no ``TransformerBridge``.
-    """
-    bridge_class = _tl.transformer_bridge_class()
-    if bridge_class is None:
-        from interpkv.errors import TransformerLensVersionError
-
-        found = _tl.installed_version()
-        raise TransformerLensVersionError(
-            "engine='transformer_bridge' needs TransformerLens's TransformerBridge (transformer-lens>=4, "
-            f"or 3.9); {'transformer-lens is not installed' if found is None else f'transformer-lens {found} has none'}. "
-            "Install it with `pip install 'interpkv[tl4]'`",
-            name="transformer_lens",
-        )
-    if tokenizer is None:
-        from interpkv.zoo import charvocab
-
-        tokenizer = charvocab.hf_tokenizer()
-    model = copy.deepcopy(hf_model) if copy_model else hf_model
-    device = next(model.parameters()).device
-    bridge = bridge_class.boot_transformers(label, hf_model=model, tokenizer=tokenizer, device=device)
-    return bridge.eval()
+__all__ = ["run", "hook_names", "dynamic_cache", "static_cache", "CacheFactory"]
 
 
 def hook_names(bridge) -> Dict[int, List[str]]:
