@@ -130,8 +130,26 @@ def _missing(name: str, kind: str = "class"):
 
 
 _IMPORT_ERROR: Optional[ImportError] = None
-try:
-    from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
+try:  # in TransformerLens 3 and 4 alike
+    from transformer_lens import ActivationCache
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.utilities import get_act_name
+    from transformer_lens.utilities.activation_functions import apply_softcap
+except ImportError:  # no TransformerLens at all
+    ActivationCache, HookPoint = _missing("ActivationCache"), _missing("HookPoint")
+    apply_softcap = _missing("apply_softcap", "function")
+
+    def get_act_name(name: str, layer=None, layer_type=None) -> str:
+        """Full hook names only (short names are TransformerLens's to resolve, and it is not installed)."""
+        if layer is None and layer_type is None and "hook_" in name:
+            return name
+        raise KeyError(
+            f"{(name, layer) if layer is not None else name!r}: short hook names are resolved by TransformerLens's "
+            "get_act_name, and transformer-lens is not installed; use the full hook name (e.g. 'blocks.0.hook_resid_pre')"
+        )
+
+try:  # TransformerLens 3 only: HookedTransformer and its parts
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
     from transformer_lens.components.abstract_attention import AbstractAttention
@@ -140,34 +158,31 @@ try:
     from transformer_lens.components.mlps.mlp import MLP
     from transformer_lens.components.rms_norm_pre import RMSNormPre
     from transformer_lens.components.unembed import Unembed
-    from transformer_lens.utilities import get_act_name
-    from transformer_lens.hook_points import HookPoint
     from transformer_lens.loading_from_pretrained import (
         get_pretrained_model_config,
         get_pretrained_state_dict,
     )
     from transformer_lens.weight_processing import ProcessWeights
-    from transformer_lens.utilities.activation_functions import apply_softcap
 except ImportError as exc:  # TransformerLens 4 (no HookedTransformer) or none at all
     _IMPORT_ERROR = exc
-    ActivationCache, HookedTransformer, HookedTransformerConfig = (
-        _missing(n) for n in ("ActivationCache", "HookedTransformer", "HookedTransformerConfig")
-    )
+    HookedTransformer, HookedTransformerConfig = _missing("HookedTransformer"), _missing("HookedTransformerConfig")
     TransformerLensKeyValueCache = _missing("TransformerLensKeyValueCache")
     TransformerLensKeyValueCacheEntry = _missing("TransformerLensKeyValueCacheEntry")
-    AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, HookPoint, ProcessWeights = (
-        _missing(n) for n in (
-            "AbstractAttention", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "HookPoint",
-            "ProcessWeights",
-        )
+    AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, ProcessWeights = (
+        _missing(n)
+        for n in ("AbstractAttention", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "ProcessWeights")
     )
-    get_act_name, get_pretrained_model_config, get_pretrained_state_dict, apply_softcap = (
-        _missing(n, "function")
-        for n in ("get_act_name", "get_pretrained_model_config", "get_pretrained_state_dict", "apply_softcap")
+    get_pretrained_model_config, get_pretrained_state_dict = (
+        _missing(n, "function") for n in ("get_pretrained_model_config", "get_pretrained_state_dict")
     )
 
 AVAILABLE = _IMPORT_ERROR is None
-"""Whether TransformerLens 3's HookedTransformer (and every name above) imported."""
+"""Whether TransformerLens 3's HookedTransformer (and every name above) imported.
+
+``ActivationCache``, ``HookPoint``, ``get_act_name`` and ``apply_softcap`` exist in
+TransformerLens 4 too; without any TransformerLens, ``get_act_name`` passes full
+hook names through and the rest are stand-ins.
+"""
 
 
 def transformer_bridge_class():

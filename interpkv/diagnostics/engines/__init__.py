@@ -63,10 +63,13 @@ def resolve(model, engine: Optional[str] = None) -> str:
         from transformers import PreTrainedModel
 
         if not isinstance(model, PreTrainedModel):
-            raise ValueError(
-                f"engine='hf' runs a transformers PreTrainedModel, got {type(model).__name__}; "
-                "for a HookedTransformer use engine='interpkv' or 'transformer_lens' "
+            instead = (
+                "for a TransformerBridge use engine='transformer_bridge' (bridge.original_model is its HF model)"
+                if bridge else "for a HookedTransformer use engine='interpkv' or 'transformer_lens' "
                 "(interpkv.zoo.load_pair(name) gives both models)"
+            )
+            raise ValueError(
+                f"engine='hf' runs a transformers PreTrainedModel, got {type(model).__name__}; {instead}"
             )
     elif not hooked:
         _tl.require(f"engine={engine!r}")  # under TransformerLens 4 (or none) no model can be one: say why
