@@ -132,7 +132,7 @@ class KVCache(CacheLifecycle):
         Returns:
             An empty :class:`KVCache`.
         """
-        _tl.require_hooked(model, "KVCache.for_model")
+        _tl.require_hooked(model, "KVCache")
         return cls(
             model, batch_size, window=window, sinks=sinks, capacity=capacity, keep_graph=keep_graph
         )

@@ -12,8 +12,8 @@ HookedTransformers, patching) needs transformer-lens 3.x. ``engine="hf"``,
 ``engine="transformer_bridge"`` needs a ``TransformerBridge`` (3.x or 4.x).
 So this module imports under any TransformerLens, or none: when
 ``HookedTransformer`` cannot be imported, each TransformerLens 3 name here is
-a stand-in (:class:`_Missing`) that no object is an instance of, and whose
-use (calling it, reading an attribute) raises
+a stand-in (:mod:`interpkv.core.tl_versions`) that no object is an instance
+of, and whose use (calling it, reading an attribute) raises
 :class:`~interpkv.errors.TransformerLensVersionError` naming the version
 needed, the one installed and the fix (:func:`require`).
 
@@ -23,40 +23,12 @@ call routes (:func:`attention_pairs`, :func:`fast_modules`: paths such as
 for one call without changing the model).
 """
 
-from importlib import metadata as _metadata
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from interpkv.core.tl_versions import NEEDED, fail, full_names_only, installed_version, stand_in
 from interpkv.errors import TransformerLensVersionError
-
-NEEDED = "transformer-lens>=3,<4"
-"""The TransformerLens that HookedTransformer features need (the ``interpkv[tl3]`` extra)."""
-
-
-def installed_version() -> Optional[str]:
-    """The installed transformer-lens version string, or None when it is not installed."""
-    try:
-        return _metadata.version("transformer-lens")
-    except _metadata.PackageNotFoundError:
-        return None
-
-
-def missing_message(feature: str) -> str:
-    """Why ``feature`` cannot run here, and what to do (the text of every TransformerLens version error)."""
-    version = installed_version()
-    if version is None:
-        found = "transformer-lens is not installed (plain `pip install interpkv` does not install it)"
-    elif _IMPORT_ERROR is not None and not version.startswith(("0.", "1.", "2.", "3.")):
-        found = f"transformer-lens {version} is installed, which has no HookedTransformer (removed in 4.0)"
-    else:
-        found = f"transformer-lens {version} is installed but its HookedTransformer failed to import ({_IMPORT_ERROR})"
-    return (
-        f"{feature} needs a TransformerLens HookedTransformer, from {NEEDED}; {found}. "
-        "Install it with `pip install 'interpkv[tl3]'` (in its own environment if you use TransformerLens 4). "
-        "Without it interpkv runs engine='hf' (a transformers model) and engine='transformer_bridge' "
-        "(a TransformerLens 4 TransformerBridge), and Record, diff, reports and plots work"
-    )
 
 
 def require(feature: str) -> None:
@@ -66,7 +38,7 @@ def require(feature: str) -> None:
         feature: what the caller was about to do (``"interpkv.forward"``), named in the message.
     """
     if _IMPORT_ERROR is not None:
-        raise TransformerLensVersionError(missing_message(feature), name="transformer_lens")
+        fail(feature, _IMPORT_ERROR)
 
 
 def require_hooked(model, feature: str) -> None:
@@ -96,57 +68,16 @@ def require_hooked(model, feature: str) -> None:
         )
 
 
-class _MissingMeta(type):
-    """Metaclass of the stand-ins: nothing is an instance, every use raises the version error."""
-
-    def __instancecheck__(cls, obj) -> bool:
-        return False
-
-    def __subclasscheck__(cls, sub) -> bool:
-        return sub is cls
-
-    def __call__(cls, *args, **kwargs):
-        require(cls.__name__)
-
-    def __getattr__(cls, name: str):
-        if name.startswith("__") and name.endswith("__"):  # typing / inspect probing: a plain miss
-            raise AttributeError(name)
-        require(f"{cls.__name__}.{name}")
-
-
-class _Missing(metaclass=_MissingMeta):
-    """Stand-in for a TransformerLens 3 name that could not be imported."""
-
-
-def _missing(name: str, kind: str = "class"):
-    if kind == "class":
-        return _MissingMeta(name, (_Missing,), {"__module__": "transformer_lens", "__qualname__": name})
-
-    def function(*args, **kwargs):
-        require(f"transformer_lens {name}")
-
-    function.__name__ = function.__qualname__ = name
-    return function
-
-
 _IMPORT_ERROR: Optional[ImportError] = None
 try:  # in TransformerLens 3 and 4 alike
     from transformer_lens import ActivationCache
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.utilities import get_act_name
     from transformer_lens.utilities.activation_functions import apply_softcap
-except ImportError:  # no TransformerLens at all
-    ActivationCache, HookPoint = _missing("ActivationCache"), _missing("HookPoint")
-    apply_softcap = _missing("apply_softcap", "function")
-
-    def get_act_name(name: str, layer=None, layer_type=None) -> str:
-        """Full hook names only (short names are TransformerLens's to resolve, and it is not installed)."""
-        if layer is None and layer_type is None and "hook_" in name:
-            return name
-        raise KeyError(
-            f"{(name, layer) if layer is not None else name!r}: short hook names are resolved by TransformerLens's "
-            "get_act_name, and transformer-lens is not installed; use the full hook name (e.g. 'blocks.0.hook_resid_pre')"
-        )
+except ImportError as exc:  # no TransformerLens at all
+    ActivationCache, HookPoint = stand_in("ActivationCache", exc), stand_in("HookPoint", exc)
+    apply_softcap = stand_in("apply_softcap", exc, "function")
+    get_act_name = full_names_only
 
 try:  # TransformerLens 3 only: HookedTransformer and its parts
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -165,15 +96,15 @@ try:  # TransformerLens 3 only: HookedTransformer and its parts
     from transformer_lens.weight_processing import ProcessWeights
 except ImportError as exc:  # TransformerLens 4 (no HookedTransformer) or none at all
     _IMPORT_ERROR = exc
-    HookedTransformer, HookedTransformerConfig = _missing("HookedTransformer"), _missing("HookedTransformerConfig")
-    TransformerLensKeyValueCache = _missing("TransformerLensKeyValueCache")
-    TransformerLensKeyValueCacheEntry = _missing("TransformerLensKeyValueCacheEntry")
+    HookedTransformer, HookedTransformerConfig = stand_in("HookedTransformer", exc), stand_in("HookedTransformerConfig", exc)
+    TransformerLensKeyValueCache = stand_in("TransformerLensKeyValueCache", exc)
+    TransformerLensKeyValueCacheEntry = stand_in("TransformerLensKeyValueCacheEntry", exc)
     AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, ProcessWeights = (
-        _missing(n)
+        stand_in(n, exc)
         for n in ("AbstractAttention", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "ProcessWeights")
     )
     get_pretrained_model_config, get_pretrained_state_dict = (
-        _missing(n, "function") for n in ("get_pretrained_model_config", "get_pretrained_state_dict")
+        stand_in(n, exc, "function") for n in ("get_pretrained_model_config", "get_pretrained_state_dict")
     )
 
 AVAILABLE = _IMPORT_ERROR is None
@@ -236,7 +167,6 @@ __all__ = [
     "NEEDED",
     "require",
     "require_hooked",
-    "missing_message",
     "installed_version",
     "transformer_bridge_class",
     "is_transformer_bridge",

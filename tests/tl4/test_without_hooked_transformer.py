@@ -105,7 +105,7 @@ def test_tl4_hooked_transformer_features_name_the_version():
         "interpkv.zoo.load": lambda: zoo.load("gpt2"),
         "interpkv.zoo.load_pair": lambda: zoo.load_pair("gpt2"),
         "interpkv.forward": lambda: interpkv.forward(hf, tokens),
-        "KVCache.for_model": lambda: interpkv.KVCache.for_model(hf),
+        "KVCache": lambda: interpkv.KVCache.for_model(hf),
         "interpkv.generate": lambda: interpkv.generate(hf, tokens, max_new_tokens=1),
         "engine='interpkv'": lambda: interpkv.compare(hf, tokens, steps=STEPS, engine="interpkv"),
         "engine='transformer_lens'": lambda: interpkv.compare(hf, tokens, steps=STEPS, engine="transformer_lens"),
