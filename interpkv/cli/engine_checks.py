@@ -72,8 +72,8 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     if model in zoo.names():
         if engine in ("hf", "transformer_bridge") and model not in zoo.pairs():
             raise ValueError(f"zoo model {model!r} has no HF twin; engine={engine!r} needs one of {', '.join(zoo.pairs())}")
-        if engine == "transformer_bridge":
-            return zoo.load_bridge(model, dtype=dtype), None, model
+        if engine == "transformer_bridge":  # its HF twin for the vs-HF column: the bridge computes HF's function
+            return zoo.load_bridge(model, dtype=dtype), zoo.load_hf(model, dtype=dtype), model
         if engine == "hf" and not _tl.AVAILABLE:  # no HookedTransformer to pair it with (TransformerLens 4)
             return zoo.load_hf(model, dtype=dtype), None, model
         tl, hf = models.with_twin(model, dtype)
@@ -90,7 +90,7 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     ).eval()
     label = os.path.basename(os.path.normpath(model))
     if engine == "transformer_bridge":
-        return zoo.bridge_from_hf(hf, label=label, copy_model=False), None, label
+        return zoo.bridge_from_hf(hf, label=label), hf, label
     return (hf, None, label) if engine == "hf" else (zoo.from_hf(hf, label=label), hf, label)
 
 
