@@ -153,7 +153,8 @@ def _scheme(model, engine: str) -> str:
     if engine in ("hf", "transformer_bridge"):
         hf = model.original_model if engine == "transformer_bridge" else model
         cache = type(engines.hf.dynamic_cache(hf, 1, 1)).__name__
-        return f"{type(model).__name__} of {type(hf).__name__} ({cache})" if hf is not model else f"{type(model).__name__} ({cache})"
+        wrapped = f" of {type(hf).__name__}" if hf is not model else ""
+        return f"{type(model).__name__}{wrapped} ({cache})"
     from interpkv.core.schemes import scheme_for
 
     return scheme_for(model).describe()

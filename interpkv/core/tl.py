@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from interpkv.core.calls import is_hooked
 from interpkv.core.tl_versions import NEEDED, fail, full_names_only, installed_version, stand_in
 from interpkv.errors import TransformerLensVersionError
 
@@ -75,7 +76,7 @@ try:  # in TransformerLens 3 and 4 alike
     from transformer_lens.utilities import get_act_name
     from transformer_lens.utilities.activation_functions import apply_softcap
 except ImportError as exc:  # no TransformerLens at all
-    ActivationCache, HookPoint = stand_in("ActivationCache", exc), stand_in("HookPoint", exc)
+    ActivationCache, HookPoint = stand_in("ActivationCache", exc), stand_in("HookPoint", exc)  # type: ignore[misc]  # a stand-in for the class
     apply_softcap = stand_in("apply_softcap", exc, "function")
     get_act_name = full_names_only
 
@@ -96,10 +97,10 @@ try:  # TransformerLens 3 only: HookedTransformer and its parts
     from transformer_lens.weight_processing import ProcessWeights
 except ImportError as exc:  # TransformerLens 4 (no HookedTransformer) or none at all
     _IMPORT_ERROR = exc
-    HookedTransformer, HookedTransformerConfig = stand_in("HookedTransformer", exc), stand_in("HookedTransformerConfig", exc)
-    TransformerLensKeyValueCache = stand_in("TransformerLensKeyValueCache", exc)
-    TransformerLensKeyValueCacheEntry = stand_in("TransformerLensKeyValueCacheEntry", exc)
-    AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, ProcessWeights = (
+    HookedTransformer, HookedTransformerConfig = stand_in("HookedTransformer", exc), stand_in("HookedTransformerConfig", exc)  # type: ignore[misc]  # a stand-in for the class
+    TransformerLensKeyValueCache = stand_in("TransformerLensKeyValueCache", exc)  # type: ignore[misc]  # a stand-in for the class
+    TransformerLensKeyValueCacheEntry = stand_in("TransformerLensKeyValueCacheEntry", exc)  # type: ignore[misc]  # a stand-in for the class
+    AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, ProcessWeights = (  # type: ignore[misc]  # a stand-in for the class
         stand_in(n, exc)
         for n in ("AbstractAttention", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "ProcessWeights")
     )
@@ -160,7 +161,6 @@ def is_transformer_bridge(model) -> bool:
     cls = transformer_bridge_class()
     return cls is not None and isinstance(model, cls)
 
-from interpkv.core.calls import is_hooked
 
 __all__ = [
     "AVAILABLE",

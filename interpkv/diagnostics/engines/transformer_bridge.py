@@ -35,9 +35,8 @@ needs no ``HookedTransformer``, so it runs under either.
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from interpkv.core import tl as _tl
 from interpkv.diagnostics.capture import NamesFilter, Sink, names_filter
 from interpkv.diagnostics.engines._common import chunk_bounds, layout
 from interpkv.diagnostics.engines.hf import CacheFactory, dynamic_cache, static_cache
