@@ -18,8 +18,8 @@ import interpkv
 from interpkv import zoo
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.diff import diff
-from interpkv.diagnostics.engines import hf as hf_engine
 from interpkv.diagnostics.engines import transformer_bridge as tb
+from interpkv.verify import engine_faults
 
 from ._env import needs_bridge
 
@@ -145,10 +145,10 @@ def test_planted_cache_fault_is_localized():
     tokens, mask = _inputs(padded=True)
     if _measure(bridge, tokens, mask, tb.dynamic_cache).kept == 0:
         pytest.skip("this bridge does not use its DynamicCache, so a fault planted in the cache cannot show")
-    with hf_engine.corrupt_stored_key(layer=1):
+    with engine_faults.inject(bridge, engine="transformer_bridge", layer=1) as fault:
         report = interpkv.compare(bridge, tokens, steps=STEPS, attention_mask=mask)
     site = report.first_divergence(atol=TOL, rtol=TOL)
-    assert site is not None and site.layer == 1 and site.pos == _first_cached(mask), site
+    assert site is not None and (site.hook, site.layer, site.pos) == fault.expected_site(_first_cached(mask)), site
 
 
 def test_default_engine_and_errors():

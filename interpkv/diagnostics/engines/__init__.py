@@ -21,9 +21,9 @@ describes any of them:
 (4.x, or 3.9), so both run under TransformerLens 4.
 
 In every case the reference is the same model, same engine, run once on all
-tokens without a cache. :mod:`.faults` plants a corruption in each engine's
-cache update; :mod:`.findings` holds the TransformerLens 3.x cache bugs
-the demo shows.
+tokens without a cache. :mod:`interpkv.verify.engine_faults` plants a
+corruption in each engine's cache update; :mod:`interpkv.verify.findings`
+holds the TransformerLens 3.x cache bugs the demo shows.
 """
 
 from typing import Callable, Optional, Sequence
