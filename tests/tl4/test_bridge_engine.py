@@ -164,3 +164,17 @@ def test_default_engine_and_errors():
     for call in (lambda: interpkv.forward(bridge, tokens), lambda: interpkv.KVCache.for_model(bridge)):
         with pytest.raises((ValueError, ImportError), match="HookedTransformer"):
             call()
+
+
+def test_nan_at_real_tokens_is_an_error_not_a_report():
+    """float64 under left padding: where the bridge itself returns NaN at a real token, compare refuses to report."""
+    bridge = zoo.load_bridge("llama", dtype=torch.float64)
+    tokens, mask = _inputs(padded=True)
+    with torch.no_grad():
+        nan_upstream = bool(torch.isnan(bridge(tokens, attention_mask=mask)[mask.bool()]).any())
+    if not nan_upstream:
+        report = interpkv.compare(bridge, tokens, steps=STEPS, attention_mask=mask)
+        assert torch.isfinite(torch.tensor(report.logits_max_abs))
+        return
+    with pytest.raises(ValueError, match="NaN at a real token"):
+        interpkv.compare(bridge, tokens, steps=STEPS, attention_mask=mask)

@@ -62,6 +62,7 @@ class _Feeder:
         self.batch = batch
         self.layouts = Layouts(batch)
         self.skipped: set = set()
+        self.nonfinite: Optional[tuple] = None  # (hook, row, position) of the first NaN at a real token
         self.q_pos: Tensor = torch.empty(0)
         self.k_pos: Tensor = torch.empty(0)
         wanted = names_filter(names)
@@ -97,7 +98,21 @@ class _Feeder:
             self.skipped.add(name)
             self.sink.skip(name, placed)
             return
+        real = self.q_pos >= 0
+        if self.nonfinite is None and placed.is_floating_point() and bool(torch.isnan(placed[real]).any()):
+            row, col = torch.isnan(placed.flatten(2).sum(-1)).logical_and(real).nonzero()[0].tolist()
+            self.nonfinite = (name, row, int(self.q_pos[row, col]))
         self.sink.activation(name, placed, self.q_pos, None)
+
+    def check_finite(self) -> None:
+        """Raise when the bridge produced NaN at a real token: NaN compares to nothing, so no report can pass it."""
+        if self.nonfinite is not None:
+            name, row, pos = self.nonfinite
+            raise ValueError(
+                f"the TransformerBridge produced NaN at a real token ({name}, batch row {row}, position {pos}); "
+                "NaN compares to nothing, so this run cannot be compared. HF's eager attention in float64 under "
+                "left padding does this (its float32 softmax turns fully masked rows NaN): run in float32, or without padding"
+            )
 
     def _key_positions(self, name: str, act: Tensor) -> Tensor:
         """Absolute positions of the key axis of ``act`` (see the module docstring)."""
@@ -171,5 +186,6 @@ def run(
                 sink.logits(logits.detach(), q_pos)
     finally:
         feeder.remove()
+    feeder.check_finite()
     sink.finish()
     return sink
