@@ -76,8 +76,19 @@ def _first_cached(mask):
     return int(mask[:, : STEPS[0]].sum(-1).min())
 
 
-@pytest.mark.parametrize("cache", list(CACHES))
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bloom"])
+# One case per behaviour in the fast suite (a cache not used; Bloom's StaticCache under left padding,
+# also in the test below); the rest run with -m slow and in `make test-tl4` (-m tl4 selects them all).
+FAST_CASES = {("llama", "dynamic"), ("bloom", "static")}
+
+
+@pytest.mark.parametrize(
+    "name, cache",
+    [
+        pytest.param(n, c, id=f"{n}-{c}", marks=() if (n, c) in FAST_CASES else (pytest.mark.slow,))
+        for n in ("gpt2", "llama", "bloom")
+        for c in CACHES
+    ],
+)
 def test_report_says_what_the_bridge_cache_does(name, cache):
     bridge = zoo.load_bridge(name)
     tokens, mask = _inputs(padded=True)
