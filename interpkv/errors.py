@@ -1,7 +1,7 @@
 """Every public error class of interpkv, in one place.
 
 Each is a subclass of the built-in error a caller would otherwise catch
-(``ValueError``, ``OSError`` or ``NotImplementedError``), so ``except
+(``ValueError``, ``OSError``, ``NotImplementedError`` or ``ImportError``), so ``except
 ValueError`` / ``except OSError`` keep working; the message always names what
 was wrong and how to fix it.
 """
@@ -11,7 +11,8 @@ import os
 import warnings
 
 __all__ = ["CacheMismatchError", "CacheFileError", "CacheReadError", "CacheFileNotFoundError",
-           "CacheSaveError", "UnsupportedModelError", "CacheGraphWarning", "ProvenanceWarning"]
+           "CacheSaveError", "UnsupportedModelError", "CacheGraphWarning", "ProvenanceWarning",
+           "TransformerLensVersionError"]
 
 
 class CacheMismatchError(ValueError):
@@ -91,6 +92,16 @@ class CacheSaveError(OSError):
 
 class UnsupportedModelError(NotImplementedError):
     """The model uses an attention feature interpkv does not implement."""
+
+
+class TransformerLensVersionError(ImportError):
+    """A feature needs a TransformerLens version other than the one installed (also an ``ImportError``).
+
+    ``HookedTransformer`` features need transformer-lens 3.x; under
+    transformer-lens 4 (or none) interpkv runs ``engine="hf"`` and
+    ``engine="transformer_bridge"``. The message names the version needed,
+    the one installed and the fix (see :mod:`interpkv.core.tl`).
+    """
 
 
 class CacheGraphWarning(UserWarning):

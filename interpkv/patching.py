@@ -235,6 +235,7 @@ def patch(
     >>> out.shape
     torch.Size([2, 6])
     """
+    _tl.require_hooked(model, "interpkv.patching.patch")
     kind = _resolve(model, hook)
     clean_tokens, corrupt_tokens, mask = as_pair(model, clean_tokens, corrupt_tokens, attention_mask)
     device = corrupt_tokens.device

@@ -269,6 +269,7 @@ class KVCache:
         Returns:
             An empty :class:`KVCache`.
         """
+        _tl.require_hooked(model, "KVCache")
         return cls(
             model, batch_size, window=window, sinks=sinks, capacity=capacity, keep_graph=keep_graph
         )

@@ -407,8 +407,11 @@ def _parser():
     )
     check.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (opens offline)")
     check.add_argument(
-        "--engine", choices=["interpkv", "transformer_lens", "hf"], default="interpkv",
-        help="whose cache to check: interpkv's (default), TransformerLens's own past_kv_cache, or the HF model's",
+        "--engine", choices=["interpkv", "transformer_lens", "hf", "transformer_bridge"], default="interpkv",
+        help=(
+            "whose cache to check: interpkv's (default), TransformerLens's own past_kv_cache (both need "
+            "transformer-lens 3), the HF model's, or a TransformerBridge's own HF cache (transformer-lens 4 or 3.9)"
+        ),
     )
     demo = sub.add_parser(
         "demo", help="the whole demo: zoo check, bug zoo, generation, other libraries' caches", parents=[debug],

@@ -102,6 +102,7 @@ def forward(
     >>> float(interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]), return_type="loss")) > 0
     True
     """
+    _tl.require_hooked(model, "interpkv.forward")
     if tl_kwargs:
         tlkeywords.refuse("interpkv.forward", tl_kwargs, tlkeywords.REFUSED)
     if logits not in ("all", "last"):

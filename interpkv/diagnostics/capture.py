@@ -27,6 +27,7 @@ from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls, tlkeywords
+from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
@@ -304,6 +305,7 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
+    _tl.require_hooked(model, "interpkv.capture")
     if tl_kwargs:
         tlkeywords.refuse("interpkv.capture", tl_kwargs, tlkeywords.CAPTURE_REFUSED)
     tokenlayout.check_layout(layout)

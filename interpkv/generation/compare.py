@@ -75,6 +75,7 @@ def compare_generation(
     >>> diff.first_divergent_step is None, len(diff.kl)
     (True, 4)
     """
+    _tl.require_hooked(model, "interpkv.compare_generation")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 to compare anything, got {max_new_tokens}")
     # Ids only: the uncached reference re-reads the prompt with the generated tokens appended.
