@@ -13,6 +13,11 @@
   computed with).
 - :mod:`~interpkv.cache.persist`: persistence, one subpackage behind
   ``save_cache`` / ``load_cache``.
+- :mod:`~interpkv.cache.provenance`: which interventions wrote each span of a
+  cache's slots, and the :class:`~interpkv.ProvenanceWarning` check
+  (subpackage: records, collect, spans, view).
+- :mod:`~interpkv.cache.identity`: the content digest that makes two hooks the
+  same intervention.
 """
 
 from interpkv.cache.kvcache import KVCache

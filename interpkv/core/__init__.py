@@ -2,6 +2,8 @@
 
 - :mod:`~interpkv.core.tl`: the one seam to TransformerLens (every import of it, and the
   adapters that read its internals).
+- :mod:`~interpkv.core.tl_versions`: the stand-ins and error when the installed TransformerLens
+  lacks a name (TransformerLens 4, or none); imports no TransformerLens.
 - :mod:`~interpkv.core.axes`: axis names and the padding marker.
 - :mod:`~interpkv.core.inputs`: the input normalisation every entry point uses.
 - :mod:`~interpkv.core.positions`: attention mask + offsets -> absolute positions.
