@@ -255,6 +255,7 @@ def compare(
         )
 
     report = run(fwd_hooks)
+    report.run_names = ("the cached run", "the uncached run")
     if cache is not None and not callable(cache):  # a caller's cache was consumed: no rerun to blame with
         return report
     report.cause = blame(fwd_hooks, not report.ok(), lambda: not run(()).ok())

@@ -15,7 +15,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from interpkv.diagnostics.record import LOGITS, split_hook_name
-from interpkv.diagnostics.stats import STAT_NAMES, nanmax
+from interpkv.diagnostics.stats import STAT_NAMES, nanmax, nonfinite_note
 from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["Site", "DivergenceReport"]
@@ -32,6 +32,9 @@ class Site:
         pos: absolute position (the query position for attention hooks).
         batch: batch row.
         max_abs, rel, cos: the site's statistics (see module docstring).
+        nonfinite: ``""`` for a finite site, else which run has the NaN or
+            unmatched infinity that makes it fail (``"NaN/inf in a only"``...;
+            :func:`~interpkv.diagnostics.stats.nonfinite_note`).
     """
 
     hook: str
@@ -41,6 +44,7 @@ class Site:
     max_abs: float
     rel: float
     cos: float = float("nan")
+    nonfinite: str = ""
 
 
 class DivergenceReport:
@@ -79,6 +83,7 @@ class DivergenceReport:
         self.only_in_a = list(only_in_a)
         self.only_in_b = list(only_in_b)
         self.skipped = dict(skipped or {})
+        self.run_names = ("a", "b")  # what a and b are, for messages (compare: cached, uncached)
 
     # -------------------------------------------------------------- summary
     @property
@@ -138,6 +143,7 @@ class DivergenceReport:
             max_abs=float(s["max_abs"][batch, pos]),
             rel=float(s["rel"][batch, pos]),
             cos=float(s["cos"][batch, pos]),
+            nonfinite=nonfinite_note(float(s["nonfinite"][batch, pos]), *self.run_names) if "nonfinite" in s else "",
         )
 
     def to_frame(self):
@@ -168,7 +174,8 @@ class DivergenceReport:
                 "batch": rows.numpy(),
             }
             for name in STAT_NAMES:
-                columns[name] = s[name][rows, positions].numpy()
+                if name in s:
+                    columns[name] = s[name][rows, positions].numpy()
             if hook == LOGITS:
                 columns["kl"] = self.kl_per_position[rows, positions].numpy()
             parts.append(pd.DataFrame(columns))
@@ -178,6 +185,8 @@ class DivergenceReport:
     def __repr__(self) -> str:
         first = self.first_divergence()
         where = "none" if first is None else f"{first.hook} pos {first.pos} (max_abs {first.max_abs:.3g})"
+        if first is not None and first.nonfinite:
+            where = f"{first.hook} pos {first.pos} ({first.nonfinite})"
         skipped = ""
         if self.skipped:
             names = ", ".join(list(self.skipped)[:2]) + (", ..." if len(self.skipped) > 2 else "")
@@ -214,6 +223,8 @@ class DivergenceReport:
 
         first = self.first_divergence()
         where = "none" if first is None else f"{first.hook} at pos {first.pos}, row {first.batch}"
+        if first is not None and first.nonfinite:
+            where += f" ({first.nonfinite})"
         batch, positions = self.stats[LOGITS]["max_abs"].shape
         fields = [
             ("hooks compared", len(self.hooks)),

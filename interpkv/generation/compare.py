@@ -102,4 +102,5 @@ def _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks) -> Generation
         atol=atol,
         tokens_a=cached.new_tokens,  # what the cached run generated
         tokens_b=reference.argmax(-1),  # what uncached greedy picks from the same history
+        names=("the cached run", "the uncached run"),
     )

@@ -167,6 +167,9 @@ class GenerationDiff:
         cause: None, or a short string naming the ``fwd_hooks`` that make the
             runs differ (set by :func:`interpkv.compare_generation` when the
             same comparison without them agrees).
+        nonfinite: None, or where the first NaN (or an infinity the other run
+            does not have) is: which run, step and row. Such a step is
+            divergent whatever ``atol`` (its ``logits_max_abs`` and ``kl`` are inf).
     """
 
     logits_max_abs: List[float]
@@ -177,6 +180,7 @@ class GenerationDiff:
     tokens_a: Optional[Tensor] = field(default=None, repr=False)
     tokens_b: Optional[Tensor] = field(default=None, repr=False)
     cause: Optional[str] = None
+    nonfinite: Optional[str] = None
 
     def __post_init__(self):
         n = len(self.logits_max_abs)
@@ -228,6 +232,7 @@ class GenerationDiff:
             f"max logits_max_abs={worst:.3g}, max kl={worst_kl:.3g}, "
             f"top1 agree {sum(self.top1_agree)}/{self.n_steps}, atol={self.atol:g})"
             + (f"\ncause: {self.cause}" if self.cause else "")
+            + (f"\nnot finite: {self.nonfinite}" if self.nonfinite else "")
         )
 
     def _repr_html_(self) -> str:
@@ -252,6 +257,8 @@ class GenerationDiff:
         ]
         if self.cause:
             fields.append(("cause", self.cause))
+        if self.nonfinite:
+            fields.append(("not finite", self.nonfinite))
         note = f"first {limit} of {self.n_steps} steps shown; to_frame() has all" if self.n_steps > limit else ""
         header = ["step", "logits max |a-b|", "KL", "top-1 agrees", "divergent"]
         return html_summary("GenerationDiff", fields, (header, rows), note)
@@ -265,13 +272,19 @@ class GenerationDiff:
         atol: float = DEFAULT_ATOL,
         tokens_a: Optional[Tensor] = None,
         tokens_b: Optional[Tensor] = None,
+        names: Sequence[str] = ("a", "b"),
     ) -> "GenerationDiff":
         """Build from the next-token logits of each step of both runs.
+
+        A step where either run's logits hold a NaN, or an infinity the other
+        run does not have, is divergent with ``logits_max_abs`` and ``kl`` inf,
+        and :attr:`nonfinite` names the first such run, step and row.
 
         Args:
             a: one ``[batch, d_vocab]`` tensor per step (the run under test).
             b: the same for the reference run.
             atol: logit tolerance for ``first_divergent_step``.
+            names: what ``a`` and ``b`` are, for :attr:`nonfinite`.
 
         >>> d = GenerationDiff.from_step_logits([torch.zeros(1, 3)], [torch.zeros(1, 3)])
         >>> d.logits_max_abs, d.top1_agree, d.first_divergent_step
@@ -280,13 +293,28 @@ class GenerationDiff:
         if len(a) != len(b):
             raise ValueError(f"runs have {len(a)} and {len(b)} steps; compare equal lengths")
         max_abs, kl, agree = [], [], []
-        first = None
+        first, nonfinite = None, None
         for step, (x, y) in enumerate(zip(a, b)):
             x, y = x.double(), y.double()
-            max_abs.append(float((x - y).abs().max()))
+            err = (x - y).abs()
+            # A NaN, or an infinity the other run does not have (equal infinities are no error).
+            bad_x = torch.isnan(x) | (torch.isinf(x) & (x != y) & ~torch.isnan(y))
+            bad_y = torch.isnan(y) | (torch.isinf(y) & (x != y) & ~torch.isnan(x))
             log_x, log_y = F.log_softmax(x, dim=-1), F.log_softmax(y, dim=-1)
-            kl.append(float((log_y.exp() * (log_y - log_x)).sum(-1).max()))
-            agree.append(bool((x.argmax(-1) == y.argmax(-1)).all()))
+            if bool(bad_x.any() or bad_y.any()):
+                max_abs.append(float("inf"))
+                kl.append(float("inf"))
+                agree.append(False)
+                if nonfinite is None:
+                    side = names[0] if bool(bad_x.any()) else names[1]
+                    if bool(bad_x.any()) and bool(bad_y.any()):
+                        side = f"both {names[0]} and {names[1]}"
+                    row = int((bad_x | bad_y).any(-1).nonzero()[0, 0]) if x.dim() > 1 else 0
+                    nonfinite = f"NaN/inf logits in {side} at step {step} (row {row})"
+            else:
+                max_abs.append(float(err.max()))
+                kl.append(float((log_y.exp() * (log_y - log_x)).sum(-1).max()))
+                agree.append(bool((x.argmax(-1) == y.argmax(-1)).all()))
             if first is None and (max_abs[-1] > atol or not agree[-1]):
                 first = step
-        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b)
+        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b, nonfinite=nonfinite)
