@@ -262,13 +262,15 @@ def capture(
             ``steps=None`` feeds all tokens in one call.
         attention_mask: ``[batch, pos]``, 1 = real, 0 = padding; chunked
             with the tokens. Padding has no position and is not recorded.
-        names: which hooks to record: None (all), a substring, a list of exact
-            names, or a predicate on names.
+        names: which hooks to record: None (all), a hook name, a short name
+            (``"resid_post"``: every layer), a part of hook names, a list of
+            those, or a predicate on names (:mod:`interpkv.diagnostics.selection`);
+            matching no hook point is an error.
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active for
             the whole run (every chunk), as in :func:`interpkv.forward`. They
             run before recording, so an edited activation is recorded edited.
-        names_filter: TransformerLens's form of ``names`` (a string is an exact
-            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
+        names_filter: TransformerLens's spelling of ``names`` (same meaning;
+            see :mod:`interpkv.diagnostics.names`). Not with ``names``.
 
     Returns:
         A :class:`~interpkv.diagnostics.record.Record`, logits included; its
@@ -283,7 +285,7 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
-    names = resolve_names(names, names_filter)
+    names = resolve_names(names, names_filter, model=model)
     sink = run(
         model,
         tokens,

@@ -227,8 +227,8 @@ def compare(
         cache: the cache (or a factory ``(model, batch_size, max_len) -> cache``)
             the cached run uses: a :class:`~interpkv.KVCache` for ``"interpkv"``,
             a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
-        names_filter: TransformerLens's form of ``names`` (a string is an exact
-            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
+        names_filter: TransformerLens's spelling of ``names`` (same meaning;
+            see :mod:`interpkv.diagnostics.names`). Not with ``names``.
 
     Returns:
         A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``). When it
@@ -244,7 +244,7 @@ def compare(
     """
     from interpkv.diagnostics import engines
 
-    names = resolve_names(names, names_filter)
+    names = resolve_names(names, names_filter, model=model)
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
 

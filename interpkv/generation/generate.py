@@ -118,8 +118,9 @@ def generate(
             positions with :func:`interpkv.hook_positions` (or
             :mod:`interpkv.steering`), not by index into ``act``'s ``pos`` axis.
         capture: which hook points to record, as ``names`` of
-            :func:`interpkv.capture`: a substring, a list of exact names, or a
-            predicate on names. ``Generation.record`` is then one Record over
+            :func:`interpkv.capture` (a hook name, a short name such as
+            ``"resid_post"`` at every layer, a part of hook names, a list of
+            those, or a predicate; matching no hook is an error). ``Generation.record`` is then one Record over
             every position of ``Generation.tokens`` (``to_activation_cache``
             like ``run_with_cache`` on them), ``Generation.records`` one per step.
         temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
@@ -134,8 +135,8 @@ def generate(
         pad_token: value written after a row stopped. Default: the first of
             ``stop_tokens`` (as TransformerLens pads with the EOS token).
         keep_logits: also return the logits each new token was chosen from.
-        names_filter: ``capture`` in TransformerLens's form (a string is an
-            exact name); not with ``capture``.
+        names_filter: TransformerLens's spelling of ``capture`` (same meaning);
+            not with ``capture``.
         do_sample, stop_at_eos, eos_token_id, use_past_kv_cache, verbose:
             TransformerLens's keywords with its meanings (see
             :mod:`interpkv.generation.options`); the defaults keep interpkv's

@@ -107,7 +107,7 @@ def resolve(
         temperature = 0.0
     stops = [int(t) for t in (stop_tokens or ())] + _eos_ids(model, stop_at_eos, eos_token_id)
     _check(model, max_new_tokens, temperature, top_k, top_p, stops, pad_token)
-    names = resolve_names(capture, names_filter, names_kw="capture")
+    names = resolve_names(capture, names_filter, names_kw="capture", model=model)
     if not isinstance(use_past_kv_cache, bool) or not isinstance(verbose, bool):
         raise TypeError(
             f"use_past_kv_cache and verbose are bools, got {use_past_kv_cache!r} and {verbose!r}"
