@@ -86,7 +86,8 @@ def forward(
     """
     if logits not in ("all", "last"):
         raise ValueError(f'logits must be "all" or "last", got {logits!r}')
-    inputs, mask = as_inputs(model, tokens, attention_mask)
+    # Pads are inferred only where a computation starts (interpkv.core.padding).
+    inputs, mask = as_inputs(model, tokens, attention_mask, infer_padding=cache is None or cache.seq_len == 0)
     returns.check_return_type(return_type, loss_per_token, logits, inputs)
     last_only = logits == "last" or return_type is None
     scheme = scheme_for(model)

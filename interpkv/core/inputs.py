@@ -56,8 +56,13 @@ def as_inputs(
     *,
     embeddings: bool = True,
     what: str = "tokens",
+    infer_padding: bool = True,
 ) -> Tuple[Tensor, Int[Tensor, "batch pos"]]:
     """Normalise ``tokens`` and ``attention_mask`` for ``model``.
+
+    Token ids with pad runs and no mask get the mask TransformerLens would
+    infer from the model's tokenizer (:mod:`interpkv.core.padding`), unless
+    ``infer_padding`` is False (a chunk continuing a cache).
 
     Args:
         model: a HookedTransformer.
@@ -67,6 +72,7 @@ def as_inputs(
         attention_mask: ``[batch, pos]`` or ``[pos]``, 1 = real, 0 = padding.
         embeddings: whether float embeddings are accepted.
         what: the argument's name, for error messages.
+        infer_padding: infer a mask from the tokenizer's pad id when none is given.
 
     Returns:
         ``(inputs, mask)``: ids as int64 ``[batch, pos]`` (or embeddings) on the
@@ -117,6 +123,10 @@ def as_inputs(
             )
     if attention_mask is not None and attention_mask.ndim == 1:
         attention_mask = attention_mask[None]
+    if attention_mask is None and infer_padding and not inputs.is_floating_point():
+        from interpkv.core.padding import inferred_mask
+
+        attention_mask = inferred_mask(model, inputs)
     return inputs, validate_mask(inputs, attention_mask)
 
 
@@ -194,9 +204,12 @@ def refuse_right_padding(model, tokens: Tensor) -> None:
     Raises:
         ValueError: the rows end differently with the pad id.
     """
-    pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None or tokens.is_floating_point() or tokens.ndim != 2 or tokens.shape[0] < 2:
         return
+    if getattr(tokenizer, "padding_side", "left") == "right":
+        return  # trailing pads are the padding TransformerLens infers (interpkv.core.padding)
     ends = tokens[:, -1] == pad_id
     if bool(ends.any()) and not bool(ends.all()):
         raise ValueError(

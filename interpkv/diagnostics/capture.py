@@ -157,7 +157,7 @@ def run(
     edits an activation is recorded edited (as ``run_with_cache`` inside
     ``model.hooks(...)`` would).
     """
-    tokens, mask = as_inputs(model, tokens, attention_mask)
+    tokens, mask = as_inputs(model, tokens, attention_mask, infer_padding=cache is None or cache.seq_len == 0)
     batch, n_tokens = tokens.shape[:2]
     chunks = split_steps(n_tokens, steps)
     if cache is None and steps is not None:

@@ -185,7 +185,7 @@ def generate(
         single = isinstance(tokens, str) or (isinstance(tokens, Tensor) and tokens.ndim == 1)
         if attention_mask is None and isinstance(tokens, Tensor) and not is_text(tokens):
             refuse_right_padding(model, tokens)
-        tokens, mask = as_inputs(model, tokens, attention_mask)
+        tokens, mask = as_inputs(model, tokens, attention_mask, infer_padding=cache is None or cache.seq_len == 0)
         empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")
