@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.forward import forward
@@ -155,6 +156,7 @@ def _positions(positions: Optional[Sequence[int]], n_pos: int) -> List[int]:
     return out
 
 
+@calls.entry
 @torch.no_grad()
 def patch(
     model: "_tl.HookedTransformer",

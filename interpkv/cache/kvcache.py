@@ -90,7 +90,7 @@ class KVCache(CacheLifecycle):
         self.sinks = sinks
         self.keep_graph = keep_graph
         self._graph_calls = 0  # commits that left an autograd graph in the cache
-        self._frozen = 0
+        self._frozen: set = set()  # one token per open freeze() block (see CacheLifecycle.freeze)
         self._length = 0
         capacity = max(1, capacity)
         self.layers: List[LayerCache] = [
@@ -178,7 +178,7 @@ class KVCache(CacheLifecycle):
 
     @property
     def frozen(self) -> bool:
-        return self._frozen > 0
+        return bool(self._frozen)
 
     @property
     def model(self) -> Optional["_tl.HookedTransformer"]:
@@ -266,7 +266,7 @@ class KVCache(CacheLifecycle):
         """A new cache sharing this one's binding and window, with the given storage."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new._frozen = 0
+        new._frozen = set()
         new.metadata = copy.deepcopy(self.metadata)
         new._install(layers, positions, next_positions, slot_ids)
         return new
@@ -343,9 +343,10 @@ class KVCache(CacheLifecycle):
         """Count the slots of :meth:`begin` as stored (unless frozen); a windowed cache evicts."""
         if self.frozen:
             return
-        self._length = slots.end
-        self._appended += slots.q_pos.shape[1]
-        self._next_position = self._next_position + (slots.q_pos >= 0).sum(dim=1)
+        next_position = self._next_position + (slots.q_pos >= 0).sum(dim=1)
+        appended = self._appended + slots.q_pos.shape[1]
+        # One statement, no call between the stores: an interrupt sees the step stored or not.
+        self._length, self._appended, self._next_position = slots.end, appended, next_position
         if self.window is not None:
             self._evict()
         if torch.is_grad_enabled() and self.layers[0].holds_graph:

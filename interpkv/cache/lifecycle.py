@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interpkv.core import calls
 from interpkv.core.axes import PAD_POSITION
 from interpkv.cache.rows import validated_rows
 from interpkv.cache.window import check_holds_required
@@ -38,11 +39,15 @@ class CacheLifecycle:
         ...     a = interpkv.forward(model, torch.tensor([[4]]), cache=cache)
         ...     b = interpkv.forward(model, torch.tensor([[4]]), cache=cache)  # same as a
         """
-        self._frozen += 1
+        token = object()
+        # Undone by the running call's cleanup too (set.discard: no interpkv line), so an
+        # interrupt in this block's own exit never leaves a caller's cache frozen.
+        calls.on_exit(self._frozen.discard, token)
         try:
+            self._frozen.add(token)
             yield self
         finally:
-            self._frozen -= 1
+            self._frozen.discard(token)
 
     def crop(self, n: int) -> None:
         """Keep the first ``n`` stored slots of every row, in place; returns None.

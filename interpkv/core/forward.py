@@ -21,6 +21,7 @@ __all__ = ["forward"]
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 
 
+@calls.entry
 def forward(
     model: "_tl.HookedTransformer",
     tokens: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],

@@ -236,6 +236,7 @@ def run(
     return sink
 
 
+@calls.entry
 def capture(
     model,
     tokens: TokensLike,

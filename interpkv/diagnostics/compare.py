@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
@@ -191,6 +192,7 @@ class _Comparator(Sink):
         )
 
 
+@calls.entry
 def compare(
     model,
     tokens: TokensLike,

@@ -31,6 +31,7 @@ __all__ = ["compare_generation", "default_atol"]
 default_atol = generation_atol  # the name tests and docs know
 
 
+@calls.entry
 @torch.no_grad()
 def compare_generation(
     model: "_tl.HookedTransformer",

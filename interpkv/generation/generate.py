@@ -55,6 +55,7 @@ __all__ = ["generate", "sample_next"]
 HookNames = NamesFilter  # as interpkv.capture's names
 
 
+@calls.entry
 @torch.no_grad()
 def generate(
     model: "_tl.HookedTransformer",
@@ -218,23 +219,25 @@ def generate(
     loop = Loop(model, cache, tokens, mask, fwd_hooks, opts, recorder, resumed, keep_logits, generator)
     start = resume.snapshot(cache)
     # Where each row's generated tokens start (interpkv.steering's region="generated").
-    generating = calls.generation(cache.next_positions + mask.sum(dim=1))
-    with generating:
-        try:
+    first_generated = cache.next_positions + mask.sum(dim=1)
+    try:  # around the with too: an interrupt in its exit still settles the cache and names the tokens
+        with calls.generation(first_generated):
+            record = None
             loop.run(max_new_tokens)
-        except BaseException as error:
-            if caller_cache:
-                settle(cache, start, loop, error)
-            attach(error, loop, tokens, mask, single)
-            raise
-        if loop.chosen is not None:
-            resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
-        record = None
-        if recorder is not None and loop.chosen is not None:
-            with cache.freeze():  # the held-back token's activations, without storing it
-                recorder.step(model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True)
-            record = recorder.record()
-    return loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+            if loop.chosen is not None:
+                resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
+            if recorder is not None and loop.chosen is not None:
+                with cache.freeze():  # the held-back token's activations, without storing it
+                    recorder.step(
+                        model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True
+                    )
+                record = recorder.record()
+            return loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+    except BaseException as error:
+        if caller_cache:
+            settle(cache, start, loop, error)
+        attach(error, loop, tokens, mask, single)
+        raise
 
 
 def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Generation:

@@ -72,8 +72,9 @@ def held_back(cache: KVCache) -> Tuple[Int[Tensor, "batch 1"], Int[Tensor, "batc
 
 def hold_back(cache: KVCache, tokens: Int[Tensor, "batch"], real: Bool[Tensor, "batch"]) -> None:
     """Record ``tokens`` (where ``real``) as chosen but not fed, due at ``cache.next_positions``."""
-    cache.next_tokens = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
-    cache.next_tokens_at = cache.next_positions.clone()
+    ids = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
+    due = cache.next_positions.clone()
+    cache.next_tokens, cache.next_tokens_at = ids, due  # one statement: both or neither
 
 
 

@@ -42,6 +42,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from interpkv.core import calls
 from interpkv.diagnostics.capture import NamesFilter, Sink, names_filter
 from interpkv.diagnostics.engines._common import chunk_bounds, layout
 
@@ -137,8 +138,10 @@ class _Hooks:
                 continue
             if kind == "input":
                 self.handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+                calls.track(self.handles[-1])
             else:
                 self.handles.append(module.register_forward_hook(self._post(name, kind), with_kwargs=True))
+                calls.track(self.handles[-1])
 
     def _feed(self, name: str, act: Tensor) -> None:
         act = act.detach()
