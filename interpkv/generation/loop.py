@@ -10,7 +10,7 @@ uninterrupted call would have. A failure in the first step leaves the cache as
 it was before the call.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -25,6 +25,19 @@ from interpkv.generation.result import Generation
 from interpkv.generation.sampling import sample_next
 
 __all__ = ["Loop", "settle", "attach"]
+
+
+class _Published(NamedTuple):
+    """What a failure handler may read: the state after the last completed step."""
+
+    count: int  # tokens chosen so far
+    chosen: Optional[Tensor]  # the last step's choice per row
+    running: Tensor  # rows that were still running in that step
+    finished: Tensor  # rows that have stopped
+    step_input: Tensor  # what the next step feeds
+    step_mask: Tensor
+    appended_before: int  # cache.appended / seq_len before the next step feeds step_input
+    length_before: int
 
 
 class Loop:
@@ -53,15 +66,18 @@ class Loop:
         self._tokens = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=device)
         self._mask = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=device)
         self._logits: Optional[Tensor] = None
-        # Published state (one statement each time).
-        appended, length = cache.appended, cache.seq_len
-        (self.count, self.chosen, self.running, self.finished, self.step_input, self.step_mask,
-         self.appended_before, self.length_before) = (0, None, ~finished, finished, tokens, mask, appended, length)
+        # Published state: one object, replaced in one store.
+        self.published = _Published(0, None, ~finished, finished, tokens, mask, cache.appended, cache.seq_len)
 
-    @property
-    def step(self) -> int:
-        """The step running (or that failed): the number of tokens chosen before it."""
-        return self.count
+    count = property(lambda self: self.published.count, doc="Tokens chosen so far (published steps).")
+    step = count  # the step running (or that failed) = the tokens chosen before it
+    chosen = property(lambda self: self.published.chosen)
+    running = property(lambda self: self.published.running)
+    finished = property(lambda self: self.published.finished)
+    step_input = property(lambda self: self.published.step_input)
+    step_mask = property(lambda self: self.published.step_mask)
+    appended_before = property(lambda self: self.published.appended_before)
+    length_before = property(lambda self: self.published.length_before)
 
     def _last_logits(self) -> Tensor:
         """Logits of each row's last column after feeding the step's input: ``[batch, d_vocab]``."""
@@ -98,10 +114,10 @@ class Loop:
                 self._logits = _put(self._logits, step, last, max_new_tokens)
             # A row's stop token is still fed (it is real); after that, padding only.
             next_input, next_mask = chosen[:, None], running.long()[:, None]
-            appended, length = self.cache.appended, self.cache.seq_len
-            (self.count, self.chosen, self.running, self.finished, self.step_input, self.step_mask,
-             self.appended_before, self.length_before) = (
-                step + 1, chosen, running, finished, next_input, next_mask, appended, length)
+            published = _Published(
+                step + 1, chosen, running, finished, next_input, next_mask, self.cache.appended, self.cache.seq_len
+            )
+            self.published = published  # the step counts from here on, all of it at once
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
 

@@ -2,7 +2,8 @@
 
 A ``sys.settrace`` line hook counts the lines interpkv executes during one
 call, then reruns the call raising ``KeyboardInterrupt`` at the k-th of them
-(every ``stride``-th k; every k under ``@pytest.mark.slow``). After each
+(every ``stride``-th k: about ``FAST_POINTS`` points per call in the fast suite,
+``DENSE_POINTS`` under ``@pytest.mark.slow``). After each
 interrupted call:
 
 - no hook of the call is on the model (every module's forward hooks are the
@@ -32,6 +33,7 @@ PACKAGE = os.path.dirname(interpkv.__file__) + os.sep
 PROMPT = torch.tensor([[3, 1, 4, 1, 5, 9]])
 NEW = 3
 FAST_POINTS = 12  # injection points per entry point in the fast suite (spread over the whole call)
+DENSE_POINTS = 600  # make test-all: 3,600-19,000 traced lines per call, so a stride of 6-32 lines
 
 
 class _Injector:
@@ -164,7 +166,7 @@ def _inject_everywhere(model, name, dense):
     counter.run(lambda: call(state))
     total = counter.lines
     assert total > 50, f"{name}: only {total} interpkv lines traced"
-    stride = 1 if dense else max(1, total // FAST_POINTS)
+    stride = max(1, total // (DENSE_POINTS if dense else FAST_POINTS))
     interrupted = 0
     for at in range(1, total + 1, stride):
         state = make_state()
@@ -180,7 +182,7 @@ def _inject_everywhere(model, name, dense):
                 check(state, error)
         else:
             assert not injector.fired  # the call swallowed an interrupt: never
-    assert interrupted >= min(total, FAST_POINTS) - 1
+    assert interrupted >= min(total, DENSE_POINTS if dense else FAST_POINTS) - 1
     return total, interrupted
 
 
