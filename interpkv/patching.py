@@ -151,7 +151,7 @@ def _positions(positions: Optional[Sequence[int]], n_pos: int) -> List[int]:
             )
         p = int(p)
         if not -n_pos <= p < n_pos:
-            raise ValueError(f"position {p} is outside the {n_pos} columns of the tokens")
+            raise ValueError(f"positions: {p} is outside the {n_pos} columns of the tokens (pass -{n_pos}..{n_pos - 1})")
         out.append(p % n_pos)
     return out
 
@@ -218,6 +218,8 @@ def patch(
     torch.Size([2, 6])
     """
     kind = _resolve(model, hook)
+    if not callable(metric):
+        raise TypeError(f"metric must be a function logits [batch, pos, d_vocab] -> scalar, got {type(metric).__name__}")
     clean_tokens, corrupt_tokens, mask = as_pair(model, clean_tokens, corrupt_tokens, attention_mask)
     device = corrupt_tokens.device
     batch, n_pos = corrupt_tokens.shape

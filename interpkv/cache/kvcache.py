@@ -82,6 +82,10 @@ class KVCache(CacheLifecycle):
     ):
         check_window_args(batch_size, window, sinks)
         cfg = model.cfg
+        from interpkv.core.arguments import check_memory
+
+        per_slot = 2 * cfg.n_layers * _tl.kv_head_count(cfg) * cfg.d_head * cfg.dtype.itemsize + 16
+        check_memory("batch_size", batch_size, batch_size * max(1, capacity) * per_slot, "its first cache slots")
         self._model_ref = weakref.ref(model)
         self.signature = model_signature(model)
         self.dtype: torch.dtype = cfg.dtype

@@ -136,5 +136,8 @@ class CacheLifecycle:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"repeat(n) needs an int n >= 1 (copies per row), got {n!r}")
+        from interpkv.core.arguments import check_memory
+
+        check_memory("n", n, self.nbytes * n, f"{n} copies of this cache's {self.nbytes} bytes")
         rows = torch.arange(self.batch_size, device=self.device).repeat_interleave(n)
         return self._take_rows(rows)

@@ -160,7 +160,13 @@ def check_holds_required(
 
 
 def check_window_args(batch_size: int, window: Optional[int], sinks: int) -> None:
-    """Raise ``ValueError`` naming the bad argument of a new cache."""
+    """Raise ``ValueError`` / ``TypeError`` naming the bad argument of a new cache."""
+    from interpkv.core.arguments import count
+
+    count("batch_size", batch_size)
+    if window is not None:
+        count("window", window)
+    count("sinks", sinks)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if window is not None and window < 1:

@@ -85,6 +85,8 @@ def forward(
     >>> float(interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]), return_type="loss")) > 0
     True
     """
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an interpkv.KVCache (KVCache.for_model(model, batch_size)), got {type(cache).__name__}")
     if logits not in ("all", "last"):
         raise ValueError(f'logits must be "all" or "last", got {logits!r}')
     # Pads are inferred only where a computation starts (interpkv.core.padding).

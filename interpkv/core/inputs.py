@@ -31,7 +31,7 @@ def is_text(tokens) -> bool:
 def _from_text(model, text: Union[str, Sequence[str]]) -> Tuple[Tensor, Tensor]:
     if getattr(model, "tokenizer", None) is None:
         raise TypeError(
-            "got text but this model has no tokenizer; pass token ids [batch, pos] "
+            "tokens is text but this model has no tokenizer; pass token ids [batch, pos] "
             "(or set model.tokenizer, e.g. interpkv.zoo.load(name, trained=True) carries one)"
         )
     texts = [text] if isinstance(text, str) else list(text)
@@ -85,6 +85,11 @@ def as_inputs(
     (torch.int64, torch.Size([1, 3]), [[1, 1, 1]])
     """
     device = model.cfg.device
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor [batch, pos] of 0/1, got {type(attention_mask).__name__}; "
+            "e.g. torch.tensor(mask)"
+        )
     if is_text(tokens):
         ids, text_mask = _from_text(model, tokens)
         if attention_mask is None:
@@ -118,8 +123,8 @@ def as_inputs(
         inputs = tokens.to(device=device, dtype=torch.long)
         if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= model.cfg.d_vocab):
             raise ValueError(
-                f"token ids must lie in [0, d_vocab={model.cfg.d_vocab}), got min {int(inputs.min())} "
-                f"and max {int(inputs.max())}"
+                f"{what} holds ids outside [0, d_vocab={model.cfg.d_vocab}): min {int(inputs.min())}, "
+                f"max {int(inputs.max())}"
             )
     if attention_mask is not None and attention_mask.ndim == 1:
         attention_mask = attention_mask[None]

@@ -69,7 +69,9 @@ def split_steps(n_tokens: int, steps: Optional[Iterable[int]]) -> List[int]:
     """
     if steps is None:
         return [n_tokens]
-    steps = [int(s) for s in steps]
+    from interpkv.core.arguments import int_list
+
+    steps = int_list("steps", steps)
     if any(s < 1 for s in steps):
         raise ValueError(f"every step must be at least 1 token, got steps={steps}")
     if sum(steps) != n_tokens:
@@ -157,8 +159,12 @@ def run(
     edits an activation is recorded edited (as ``run_with_cache`` inside
     ``model.hooks(...)`` would).
     """
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an interpkv.KVCache (KVCache.for_model(model, batch_size)), got {type(cache).__name__}")
     tokens, mask = as_inputs(model, tokens, attention_mask, infer_padding=cache is None or cache.seq_len == 0)
     batch, n_tokens = tokens.shape[:2]
+    if cache is not None:  # before its positions are read: a cache of another batch or model says so
+        cache.check_compatible(model, batch, tokens.device)
     chunks = split_steps(n_tokens, steps)
     if cache is None and steps is not None:
         cache = KVCache.for_model(model, batch)

@@ -246,6 +246,20 @@ def compare(
     """
     from interpkv.diagnostics import engines
 
+    from interpkv.cache.kvcache import KVCache
+
+    if isinstance(model, _tl.HookedTransformer) and cache is not None and not callable(cache):
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                f"cache must be an interpkv.KVCache or a factory (model, batch_size, max_len) -> cache, "
+                f"got {type(cache).__name__}"
+            )
+        if cache.seq_len:
+            raise ValueError(
+                f"cache already holds {cache.seq_len} positions; compare runs the same tokens cached and "
+                "uncached, so its cache must start empty: pass KVCache.for_model(model, batch_size) (or fork() "
+                "before filling it)"
+            )
     names = resolve_names(names, names_filter, model=model)
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from interpkv.diagnostics.record import LOGITS, split_hook_name
 from interpkv.diagnostics.stats import STAT_NAMES, nanmax, nonfinite_note
+from interpkv.core.arguments import tolerance
 from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["Site", "DivergenceReport"]
@@ -104,6 +105,7 @@ class DivergenceReport:
         self, hook: str, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
     ) -> Bool[Tensor, "batch pos"]:
         """``[batch, pos]``: True where ``hook``'s site fails the tolerance."""
+        atol, rtol = tolerance("atol", atol), tolerance("rtol", rtol)
         s = self.stats[hook]
         return s["max_abs"] > atol + rtol * torch.nan_to_num(s["scale"], nan=0.0)
 
@@ -121,6 +123,7 @@ class DivergenceReport:
         Returns:
             A :class:`Site`, or None when every site is within tolerance.
         """
+        atol, rtol = tolerance("atol", atol), tolerance("rtol", rtol)  # even with no hook to compare
         for hook in self.hooks:
             bad = self.diverged(hook, atol=atol, rtol=rtol)
             if not bool(bad.any()):

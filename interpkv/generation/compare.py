@@ -69,8 +69,11 @@ def compare_generation(
     >>> diff.first_divergent_step is None, len(diff.kl)
     (True, 4)
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 to compare anything, got {max_new_tokens}")
+    from interpkv.core.arguments import count, tolerance
+
+    count("max_new_tokens", max_new_tokens, minimum=1)  # >= 1: nothing to compare otherwise
+    if atol is not None:
+        atol = tolerance("atol", atol)
     # Ids only: the uncached reference re-reads the prompt with the generated tokens appended.
     tokens, mask = as_inputs(model, tokens, attention_mask, embeddings=False)
     atol = default_atol(model.cfg.dtype) if atol is None else atol
