@@ -80,12 +80,8 @@ class KVCache(CacheLifecycle):
         capacity: int = _INITIAL_CAPACITY,
         keep_graph: bool = False,
     ):
-        check_window_args(batch_size, window, sinks)
+        check_window_args(batch_size, window, sinks, model, capacity)
         cfg = model.cfg
-        from interpkv.core.arguments import check_memory
-
-        per_slot = 2 * cfg.n_layers * _tl.kv_head_count(cfg) * cfg.d_head * cfg.dtype.itemsize + 16
-        check_memory("batch_size", batch_size, batch_size * max(1, capacity) * per_slot, "its first cache slots")
         self._model_ref = weakref.ref(model)
         self.signature = model_signature(model)
         self.dtype: torch.dtype = cfg.dtype
@@ -94,7 +90,7 @@ class KVCache(CacheLifecycle):
         self.sinks = sinks
         self.keep_graph = keep_graph
         self._graph_calls = 0  # commits that left an autograd graph in the cache
-        self._frozen: set = set()  # one token per open freeze() block (see CacheLifecycle.freeze)
+        self._frozen: set = set()
         self._length = 0
         capacity = max(1, capacity)
         self.layers: List[LayerCache] = [
@@ -347,10 +343,8 @@ class KVCache(CacheLifecycle):
         """Count the slots of :meth:`begin` as stored (unless frozen); a windowed cache evicts."""
         if self.frozen:
             return
-        next_position = self._next_position + (slots.q_pos >= 0).sum(dim=1)
-        appended = self._appended + slots.q_pos.shape[1]
-        # One statement, no call between the stores: an interrupt sees the step stored or not.
-        self._length, self._appended, self._next_position = slots.end, appended, next_position
+        q, nxt = slots.q_pos, self._next_position
+        self._length, self._appended, self._next_position = slots.end, self._appended + q.shape[1], nxt + (q >= 0).sum(1)
         if self.window is not None:
             self._evict()
         if torch.is_grad_enabled() and self.layers[0].holds_graph:

@@ -24,7 +24,9 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-__all__ = ["count", "tolerance", "real", "token_ids", "int_list", "check_memory", "physical_memory"]
+__all__ = [
+    "count", "tolerance", "real", "token_ids", "int_list", "check_memory", "check_cache_memory", "physical_memory",
+]
 
 
 def count(name: str, value: Any, minimum: int = 0) -> int:
@@ -90,6 +92,15 @@ def physical_memory() -> Optional[int]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_cache_memory(name: str, value: Any, model, batch: int, positions: int, what: str) -> None:
+    """:func:`check_memory` for a KV cache of ``batch`` rows x ``positions`` slots of ``model``."""
+    from interpkv.core import tl as _tl
+
+    cfg = model.cfg
+    per_slot = 2 * cfg.n_layers * _tl.kv_head_count(cfg) * cfg.d_head * cfg.dtype.itemsize + 16  # + positions, ids
+    check_memory(name, value, batch * positions * per_slot, what)
 
 
 def check_memory(name: str, value: Any, nbytes: int, what: str) -> None:

@@ -40,6 +40,7 @@ from torch import Tensor
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import arguments, calls
+from interpkv.generation import budget
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
 from interpkv.diagnostics.names import NamesFilter
@@ -209,10 +210,10 @@ def generate(
         return _prefill(cache, model, tokens, mask, fwd_hooks, getattr(model, "tokenizer", None), single)
     caller_cache = cache is not None
     batch, prompt_len = tokens.shape[:2]
-    _check_reach(model, cache, mask, max_new_tokens)  # before anything is allocated for the steps
+    budget.check_reach(model, cache, mask, max_new_tokens)  # before anything is allocated for the steps
     if cache is None:
         # Grown as it fills: a large max_new_tokens with early stops costs no memory up front.
-        cache = KVCache.for_model(model, batch, capacity=prompt_len + min(max_new_tokens, _FIRST_CAPACITY))
+        cache = KVCache.for_model(model, batch, capacity=prompt_len + min(max_new_tokens, budget.FIRST_CAPACITY))
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # fresh entropy; the global RNG is untouched
@@ -244,38 +245,6 @@ def generate(
             settle(cache, start, loop, error)
         attach(error, loop, tokens, mask, single)
         raise
-
-
-_FIRST_CAPACITY = 256
-"""New-token slots a fresh generation cache reserves up front; it doubles as it fills."""
-
-
-def _check_reach(model, cache, mask, max_new_tokens: int) -> None:
-    """Refuse, before allocating, a generation whose positions pass ``n_ctx`` (unless a window bounds it).
-
-    Learned position embeddings have ``n_ctx`` rows: a later position fails at
-    that step anyway, after everything was allocated. Other schemes compute any
-    position, but an unwindowed cache then grows past the context the model was
-    built for; a windowed cache is the way to go on (its memory stays flat).
-    """
-    from interpkv.core.schemes import scheme_for
-
-    start = int(mask.sum(1).max()) + (0 if cache is None else int(cache.next_positions.max()))
-    last = start + max_new_tokens - 1  # the last position a step feeds (the final choice is held back)
-    limit = scheme_for(model).max_positions()
-    windowed = cache is not None and cache.window is not None
-    if limit is not None and last > limit:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} would feed positions up to {last - 1}, past this model's "
-            f"n_ctx={limit} (learned position embeddings have {limit} rows); pass max_new_tokens <= "
-            f"{max(0, limit - start + 1)}"
-        )
-    if limit is None and not windowed and last > model.cfg.n_ctx:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} would feed positions up to {last - 1}, past this model's "
-            f"n_ctx={model.cfg.n_ctx}; pass max_new_tokens <= {max(0, model.cfg.n_ctx - start + 1)}, or a "
-            "windowed cache (KVCache.for_model(model, window=...)) to generate on with flat memory"
-        )
 
 
 def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Generation:

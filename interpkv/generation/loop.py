@@ -138,7 +138,7 @@ class Loop:
             prompt_length=prompt_tokens.shape[1],
             finished=self.finished,
             logits=logits,
-            records=StepRecords(record, recorder.step_valid) if record is not None else None,
+            records=StepRecords(record, recorder.step_of, recorder.n_steps) if record is not None else None,
             tokenizer=tokenizer,
             single=single,
             record=record,

@@ -112,7 +112,9 @@ def _cases(models):
     # generation options
     add("generate", "max_new_tokens", "count", lambda v: interpkv.generate(m, TOKENS, max_new_tokens=v))
     add("generate", "max_new_tokens", None, lambda v: interpkv.generate(rot, TOKENS, max_new_tokens=v),
-        values={"huge-rotary": 10**9, "huge-learned": 10**4})
+        values={"huge-rotary": 10**9})  # an unwindowed cache larger than RAM
+    add("generate", "max_new_tokens", None, lambda v: interpkv.generate(m, TOKENS, max_new_tokens=v),
+        values={"past-n_ctx-learned": 300})  # gpt2: 256 learned positions
     add("generate", "temperature", "tol", lambda v: interpkv.generate(m, TOKENS, max_new_tokens=2, temperature=v))
     add("generate", "top_k", "count", lambda v: interpkv.generate(m, TOKENS, max_new_tokens=2, temperature=1.0, top_k=v))
     add("generate", "top_p", "prob", lambda v: interpkv.generate(m, TOKENS, max_new_tokens=2, temperature=1.0, top_p=v))
