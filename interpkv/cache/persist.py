@@ -68,6 +68,7 @@ from interpkv.cache.file_checks import (
     model_fingerprint,
 )
 from interpkv.cache.fingerprint import weights_fingerprint
+from interpkv.cache import st_format
 from interpkv.cache.st_format import DTYPES, MAX_HEADER_BYTES, CacheFileError, decode, open_regular, parse_header
 from interpkv.cache.st_read import check_unchanged, read_body, read_exactly
 from interpkv.cache.st_write import write_file
@@ -81,7 +82,7 @@ __all__ = ["CacheFileError", "save_cache", "load_cache", "weights_fingerprint", 
            "FORMAT_VERSION", "MAX_USER_METADATA_BYTES"]
 
 #: Largest caller metadata accepted by ``save`` (UTF-8 JSON bytes).
-MAX_USER_METADATA_BYTES = 1024 * 1024
+MAX_USER_METADATA_BYTES = st_format.MAX_USER_METADATA_BYTES  # load refuses more, too
 
 
 def encode_user_metadata(metadata: Optional[dict]) -> Optional[str]:
@@ -261,6 +262,12 @@ def load_cache(
     """
     if cache_type is None:
         from interpkv.cache.kvcache import KVCache as cache_type
+    # A wrong model is the caller's error, never "a corrupted file".
+    if not isinstance(model, _tl.HookedTransformer):
+        raise TypeError(
+            f"KVCache.load(path, model) needs the HookedTransformer the cache was saved from, got "
+            f"{type(model).__name__}; e.g. KVCache.load(path, interpkv.zoo.load(name))"
+        )
     path = os.fspath(path)
     try:
         return _load(path, model, cache_type)
