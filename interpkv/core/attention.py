@@ -28,9 +28,9 @@ from torch import Tensor
 
 from interpkv.core import tl as _tl
 
-from interpkv.core import prepared
+from interpkv.core import calls, prepared
 from interpkv.cache.kvcache import KVCache
-from interpkv.cache.slots import Slots
+from interpkv.cache.kvcache import Slots
 from interpkv.cache.window import in_window
 from interpkv.core.stephooks import StepHooks
 from interpkv.core.schemes import PositionalScheme
@@ -150,7 +150,7 @@ class Step:
             layer_cache.write(step.start, k, v)
             keys, values = layer_cache.view(step.end)  # (B, kvh, S, d)
             # Scores and pattern are only materialised when something reads them.
-            if softcap or _tl.has_hooks(attn.hook_attn_scores) or _tl.has_hooks(attn.hook_pattern):
+            if softcap or calls.has_hooks(attn.hook_attn_scores) or calls.has_hooks(attn.hook_pattern):
                 z = step._explicit(attn, layer, local_window, q, keys, values)
             else:
                 z = step._fused(attn, local_window, q, keys, values)

@@ -7,7 +7,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.cli.checks import hf_logits
+from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.zoo._specs import SPECS
 
 # float64 leaves only summation-order noise (~1e-14): 1e-10 would catch any real

@@ -12,7 +12,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.cli.checks import check_model
+from interpkv.verify.checks import check_model
 from interpkv.core.tl import HookPoint
 
 from ._parity import batch

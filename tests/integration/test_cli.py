@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from interpkv.cli import checks
+from interpkv.verify import checks
 
 from interpkv.cli import app as cli
 
@@ -201,11 +201,11 @@ def _untouched(model, fresh) -> list:
 
 
 def test_demo_sections_leave_the_models_they_share_as_they_found_them():
-    # interpkv demo builds each zoo model once and hands it to every section (cli/runtime.Models):
+    # interpkv demo builds each zoo model once and hands it to every section (verify/models.Models):
     # safe only because no section changes a model it is handed.
-    from interpkv.cli.engine_checks import check_engine, engine_faults
-    from interpkv.cli.runtime import Models
-    from interpkv.diagnostics.engines import findings
+    from interpkv.verify.engine_checks import check_engine, engine_faults
+    from interpkv.verify.models import Models
+    from interpkv.verify import findings
 
     built = Models()
     first = checks.bug_zoo(models=built)

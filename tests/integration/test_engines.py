@@ -6,7 +6,8 @@ import torch
 import interpkv
 from interpkv import zoo
 from interpkv.diagnostics import engines
-from interpkv.diagnostics.engines import faults, findings, hf as hf_engine
+from interpkv.diagnostics.engines import hf as hf_engine
+from interpkv.verify import engine_faults as faults, findings
 from interpkv.diagnostics.engines import transformer_lens as tl_engine
 from interpkv.diagnostics.capture import _RecordBuilder
 

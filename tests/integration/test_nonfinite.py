@@ -12,7 +12,7 @@ import torch
 
 import interpkv
 from interpkv.cli import app as cli
-from interpkv.cli import checks
+from interpkv.verify import checks
 from interpkv.diagnostics.stats import NONFINITE_A, NONFINITE_B, site_stats
 from interpkv.generation.result import GenerationDiff
 

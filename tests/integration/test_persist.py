@@ -19,7 +19,7 @@ from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
 from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
-from interpkv.cache import checksums, file_checks, persist
+from interpkv.cache.persist import cachefile as persist, checksums, file_checks
 
 HELPERS = os.path.join(os.path.dirname(__file__), "lifecycle_helpers.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import atomic, persist
+from interpkv.cache.persist import atomic
+from interpkv.cache.persist import cachefile as persist
 from interpkv.errors import CacheFileError
 
 

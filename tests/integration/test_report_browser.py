@@ -20,7 +20,7 @@ import subprocess
 import pytest
 import torch
 
-from interpkv.cli import checks
+from interpkv.verify import checks
 
 from interpkv.cli import html as report
 
