@@ -43,8 +43,11 @@ def resolve_names(
     if model is not None:
         from interpkv.diagnostics.selection import select_hooks
 
-        chosen = resolve_names(names, names_filter, names_kw=names_kw)
-        return select_hooks(model, chosen, kw=names_kw if names_filter is None else "names_filter")
+        if names_filter is None:
+            return select_hooks(model, names, kw=names_kw)
+        if names is not None:
+            resolve_names(names, names_filter, names_kw=names_kw)  # raises: one selection, said once
+        return select_hooks(model, names_filter, kw="names_filter")
     if names_filter is None:
         return names
     if names is not None:

@@ -11,7 +11,9 @@ HookedTransformer's ``hook_dict``; for a ``transformers`` model, the sites the
    ``"scale"`` (``ln_final.hook_scale``)...;
 3. otherwise every hook whose name contains it (``"blocks.1"``, ``"hook_resid"``).
 
-A list is the union of its strings (each resolved as above), a callable
+A ``(name, layer[, layer_type])`` tuple is a key as ``Record[name, layer]``
+reads it (a negative layer counts from the last). A list is the union of its
+entries (each resolved as above), a callable
 ``name -> bool`` is used as is, None is every hook. ``"logits"`` selects no
 hook (the logits are always recorded). A selection that matches no hook point
 of the model is a ``ValueError`` naming the closest hooks: never an empty
@@ -23,6 +25,8 @@ Record or an empty report that says "no divergence".
 ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
 >>> select_hooks(model, ["embed", "k1"])
 ['hook_embed', 'blocks.1.attn.hook_k']
+>>> select_hooks(model, ("resid_post", -1))
+['blocks.1.hook_resid_post']
 >>> select_hooks(model, "resid_pots")
 Traceback (most recent call last):
 ...
@@ -77,10 +81,13 @@ def select_hooks(model, selection: Selection, *, kw: str = "names") -> Union[Non
                 f"its hooks are e.g. {', '.join(universe[:4])}, ... (see model.hook_dict)"
             )
         return selection
+    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
+    if _is_key(selection):
+        selection = [selection]
     if isinstance(selection, str):
         entries = [selection]
     elif isinstance(selection, (list, tuple, set, frozenset)):
-        entries = list(selection)
+        entries = [_key_name(e, n_layers) if _is_key(e) else e for e in selection]
         bad = [e for e in entries if not isinstance(e, str)]
         if bad:
             raise TypeError(
@@ -99,7 +106,7 @@ def select_hooks(model, selection: Selection, *, kw: str = "names") -> Union[Non
         )
     wanted = set()
     for entry in entries:
-        matched = _match(entry, universe, getattr(getattr(model, "cfg", None), "n_layers", None))
+        matched = _match(entry, universe, n_layers)
         if matched is None:
             raise ValueError(
                 f"{kw}={entry!r} matches no hook point of this model ({type(model).__name__}); "
@@ -124,6 +131,25 @@ def _match(entry: str, universe: List[str], n_layers: Optional[int]) -> Optional
         return sorted(short, key=universe.index)
     found = [name for name in universe if entry in name]
     return found or None
+
+
+def _is_key(entry) -> bool:
+    """A Record key tuple: ``(name, layer)`` or ``(name, layer, layer_type)``."""
+    return (
+        isinstance(entry, tuple) and len(entry) in (2, 3) and isinstance(entry[0], str)
+        and isinstance(entry[1], int) and not isinstance(entry[1], bool)
+    )
+
+
+def _key_name(key: tuple, n_layers: Optional[int]) -> str:
+    from interpkv.core import tl as _tl
+
+    name, layer, *rest = key
+    if layer < 0 and n_layers is not None:
+        layer += n_layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _tl.get_act_name(name, layer, *rest)
 
 
 def _short_forms(entry: str, n_layers: Optional[int]) -> List[str]:

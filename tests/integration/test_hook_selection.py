@@ -37,6 +37,8 @@ SELECTIONS = [
     ("short outside the blocks", "embed", ["hook_embed"]),
     ("part of names", "blocks.1.ln2", ["blocks.1.ln2.hook_scale", "blocks.1.ln2.hook_normalized"]),
     ("list mixes forms", ["embed", "resid_post"], ["hook_embed", *RESID_POST]),
+    ("Record key tuple", ("resid_post", -1), ["blocks.1.hook_resid_post"]),
+    ("list of Record keys", [("pattern", 0), ("scale", 1, "ln2")], ["blocks.0.attn.hook_pattern", "blocks.1.ln2.hook_scale"]),
     ("callable", lambda n: n.endswith("mlp_out"), ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]),
 ]
 
