@@ -34,14 +34,14 @@ from interpkv.core import tl as _tl
 from interpkv.core.arguments import check_memory
 from interpkv.core.axes import PAD_POSITION
 from interpkv.cache import persist
+from interpkv.cache.bound import PositionBound
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.signature import describe, model_signature
 from interpkv.cache.window import (
     check_holds_required,
     check_window_args,
     compact_positions,
-    compaction_index,
-    kept_slots,
+    eviction,
 )
 from interpkv.errors import CacheMismatchError, warn_graph_kept
 
@@ -241,6 +241,7 @@ class KVCache:
         self._slot_ids = torch.full_like(self._positions, PAD_POSITION)
         self._appended = 0  # slots ever appended: the next slot id
         self._next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.bound = PositionBound(self._next_position)
         self.next_tokens: Optional[Tensor] = None  # see the class docstring
         self.next_tokens_at: Optional[Tensor] = None
 
@@ -584,6 +585,7 @@ class KVCache:
     ) -> None:
         """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""
         self.layers = layers
+        self.bound = PositionBound(None)
         self._positions = positions.clone()
         self._next_position = next_positions.clone()
         self._length = positions.shape[1]
@@ -596,10 +598,9 @@ class KVCache:
         """Drop slots no future query can attend (window), compacting rows in place."""
         length = self._length
         positions = self._positions[:, :length]
-        keep = kept_slots(positions, self._next_position, self.window, self.sinks)
-        if bool(keep.all()):
+        index, real = eviction(positions, self._next_position, self.window, self.sinks)  # (B, kept)
+        if index is None:
             return
-        index, real = compaction_index(keep)  # (B, kept)
         kept = index.shape[1]
         for layer in self.layers:
             layer.gather_slots_(index, length)
@@ -676,8 +677,9 @@ class KVCache:
         """Count the slots of :meth:`begin` as stored (unless frozen); a windowed cache evicts."""
         if self.frozen:
             return
-        q, nxt = slots.q_pos, self._next_position
-        self._length, self._appended, self._next_position = slots.end, self._appended + q.shape[1], nxt + (q >= 0).sum(1)
+        old, n = self._next_position, slots.q_pos.shape[1]
+        nxt = self.bound.advance(old, old + (slots.q_pos >= 0).sum(dim=1), n)
+        self._length, self._appended, self._next_position = slots.end, self._appended + n, nxt  # one statement
         if self.window is not None:
             self._evict()
         if torch.is_grad_enabled() and self.layers[0].holds_graph:

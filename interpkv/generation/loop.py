@@ -34,8 +34,10 @@ class _Published(NamedTuple):
     chosen: Optional[Tensor]  # the last step's choice per row
     running: Tensor  # rows that were still running in that step
     finished: Tensor  # rows that have stopped
+    n_finished: int  # how many (on the host: decode steps read nothing back without stop tokens)
     step_input: Tensor  # what the next step feeds
     step_mask: Tensor
+    step_all_real: bool  # the next step's mask is all ones (known on the host): not passed
     appended_before: int  # cache.appended / seq_len before the next step feeds step_input
     length_before: int
 
@@ -44,11 +46,12 @@ class Loop:
     """The decode loop's state, kept where a failure handler can read it.
 
     Each step's outcome is written into preallocated columns first (invisible
-    until counted) and then *published* in one statement: the count of
-    chosen tokens, the next step's input and the cache length it starts from.
-    An interrupt at any instant sees the previous step's state or the new
-    one, never half of each: :func:`settle` and ``error.interpkv_generation``
-    read only published state. No per-token Python list is kept.
+    until counted) and then *published* in one store of a :class:`_Published`:
+    the count of chosen tokens, the next step's input and the cache length it
+    starts from. An interrupt at any instant sees the previous step's state or
+    the new one, never half of each: :func:`settle` and
+    ``error.interpkv_generation`` read only published state. No per-token
+    Python list is kept.
     """
 
     def __init__(self, model, cache, tokens, mask, fwd_hooks, opts, recorder, resumed, keep_logits, generator):
@@ -59,23 +62,28 @@ class Loop:
         pad = opts.pad_token if opts.pad_token is not None else (opts.stop_tokens[0] if opts.stop_tokens else 0)
         self.pad = int(pad)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+        n_finished = 0
         if resumed:  # rows with nothing held back had stopped; so had rows holding back a stop token
             finished = (mask[:, -1] == 0) | torch.isin(tokens[:, -1], self.stop)
+            n_finished = int(finished.sum())  # one read per continued call
         self.history = (tokens, mask)  # the uncached loop reruns all of it
         # Written ahead of the count, grown by doubling (see _put).
         self._tokens = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=device)
         self._mask = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=device)
         self._logits: Optional[Tensor] = None
-        # Published state: one object, replaced in one store.
-        self.published = _Published(0, None, ~finished, finished, tokens, mask, cache.appended, cache.seq_len)
+        self.published = _Published(
+            0, None, ~finished, finished, n_finished, tokens, mask, False, cache.appended, cache.seq_len
+        )
 
     count = property(lambda self: self.published.count, doc="Tokens chosen so far (published steps).")
     step = count  # the step running (or that failed) = the tokens chosen before it
     chosen = property(lambda self: self.published.chosen)
     running = property(lambda self: self.published.running)
     finished = property(lambda self: self.published.finished)
+    n_finished = property(lambda self: self.published.n_finished)
     step_input = property(lambda self: self.published.step_input)
     step_mask = property(lambda self: self.published.step_mask)
+    step_all_real = property(lambda self: self.published.step_all_real)
     appended_before = property(lambda self: self.published.appended_before)
     length_before = property(lambda self: self.published.length_before)
 
@@ -92,12 +100,14 @@ class Loop:
             logits = self.recorder.step(self.model, self.step_input, self.cache, self.step_mask, self.fwd_hooks)
             return logits[:, -1]
         return forward(
-            self.model, self.step_input, cache=self.cache, attention_mask=self.step_mask,
+            self.model, self.step_input, cache=self.cache,
+            attention_mask=None if self.step_all_real else self.step_mask,
             fwd_hooks=self.fwd_hooks, logits="last",
         )[:, -1]
 
     def run(self, max_new_tokens: int) -> None:
-        if bool(self.finished.all()):  # resumed: an uninterrupted call would have ended already
+        batch = self.finished.shape[0]
+        if self.n_finished == batch:  # resumed: an uninterrupted call would have ended already
             return
         opts = self.opts
         for step in _options.progress(max_new_tokens, opts.verbose):
@@ -107,18 +117,22 @@ class Loop:
             )
             running = ~self.finished
             chosen = torch.where(running, chosen, torch.full_like(chosen, self.pad))
-            finished = self.finished | (running & torch.isin(chosen, self.stop)) if self.stop.numel() else self.finished
+            fed_all = self.n_finished == 0  # every row running in this step (host)
+            finished, n_finished = self.finished, self.n_finished
+            if self.stop.numel():
+                finished = finished | (running & torch.isin(chosen, self.stop))
+                n_finished = int(finished.sum())  # the step's one host read
             self._tokens = _put(self._tokens, step, chosen, max_new_tokens)
             self._mask = _put(self._mask, step, running.long(), max_new_tokens)
             if self.keep_logits:
                 self._logits = _put(self._logits, step, last, max_new_tokens)
             # A row's stop token is still fed (it is real); after that, padding only.
-            next_input, next_mask = chosen[:, None], running.long()[:, None]
             published = _Published(
-                step + 1, chosen, running, finished, next_input, next_mask, self.cache.appended, self.cache.seq_len
+                step + 1, chosen, running, finished, n_finished, chosen[:, None], running.long()[:, None], fed_all,
+                self.cache.appended, self.cache.seq_len,
             )
             self.published = published  # the step counts from here on, all of it at once
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            if n_finished == batch or step == max_new_tokens - 1:
                 break
 
     def result(self, tokens, mask, tokenizer, single, record, recorder) -> Generation:

@@ -161,12 +161,18 @@ class GenerationDiff:
             distribution (largest over rows).
         top1_agree: True when every row's argmax token is the same in both.
         first_divergent_step: first step whose ``logits_max_abs`` exceeds
-            ``atol`` or whose top-1 tokens differ; None if there is none.
+            ``atol`` or whose top-1 tokens differ on more than a tie; None if
+            there is none.
         atol: the tolerance ``first_divergent_step`` was computed with.
         tokens_a, tokens_b: optional generated tokens ``[batch, steps]``.
         cause: None, or a short string naming the ``fwd_hooks`` that make the
             runs differ (set by :func:`interpkv.compare_generation` when the
             same comparison without them agrees).
+        top1_tied: per step, True when the top-1 tokens differ only on a tie:
+            in every differing row the reference scores ``a``'s token within
+            ``atol`` of its own top-1 (an exact tie, or one the dtype's
+            rounding decides). Such a flip is not a divergence. None: every
+            flip counts (a diff built without logits).
         nonfinite: None, or where the first NaN (or an infinity the other run
             does not have) is: which run, step and row. Such a step is
             divergent whatever ``atol`` (its ``logits_max_abs`` and ``kl`` are inf).
@@ -180,6 +186,7 @@ class GenerationDiff:
     tokens_a: Optional[Tensor] = field(default=None, repr=False)
     tokens_b: Optional[Tensor] = field(default=None, repr=False)
     cause: Optional[str] = None
+    top1_tied: Optional[List[bool]] = None
     nonfinite: Optional[str] = None
 
     def __post_init__(self):
@@ -200,14 +207,19 @@ class GenerationDiff:
         return self.first_divergent_step is None
 
     def divergent(self) -> List[bool]:
-        """Per step: ``logits_max_abs > atol`` or the top-1 tokens differ."""
-        return [err > self.atol or not agree for err, agree in zip(self.logits_max_abs, self.top1_agree)]
+        """Per step: ``logits_max_abs > atol``, or the top-1 tokens differ on more than a tie (:attr:`top1_tied`)."""
+        tied = self.top1_tied or [False] * self.n_steps
+        return [
+            err > self.atol or not (agree or tie)
+            for err, agree, tie in zip(self.logits_max_abs, self.top1_agree, tied)
+        ]
 
     def to_frame(self):
         """A pandas DataFrame with one row per generated step.
 
-        Columns: ``step``, ``logits_max_abs``, ``kl``, ``top1_agree`` and
-        ``divergent`` (the step fails ``atol`` or its top-1 tokens differ).
+        Columns: ``step``, ``logits_max_abs``, ``kl``, ``top1_agree``,
+        ``top1_tied`` and ``divergent`` (the step fails ``atol`` or its top-1
+        tokens differ on more than a tie).
 
         >>> GenerationDiff([0.0, 0.5], [0.0, 0.1], [True, False], 1).to_frame().divergent.tolist()
         [False, True]
@@ -220,6 +232,7 @@ class GenerationDiff:
                 "logits_max_abs": self.logits_max_abs,
                 "kl": self.kl,
                 "top1_agree": self.top1_agree,
+                "top1_tied": self.top1_tied or [False] * self.n_steps,
                 "divergent": self.divergent(),
             }
         )
@@ -283,16 +296,21 @@ class GenerationDiff:
         Args:
             a: one ``[batch, d_vocab]`` tensor per step (the run under test).
             b: the same for the reference run.
-            atol: logit tolerance for ``first_divergent_step``.
+            atol: logit tolerance for ``first_divergent_step``; a top-1 flip
+                where the reference scores ``a``'s token within ``atol`` of its
+                own top-1 is a tie, not a divergence (:attr:`top1_tied`).
             names: what ``a`` and ``b`` are, for :attr:`nonfinite`.
 
         >>> d = GenerationDiff.from_step_logits([torch.zeros(1, 3)], [torch.zeros(1, 3)])
         >>> d.logits_max_abs, d.top1_agree, d.first_divergent_step
         ([0.0], [True], None)
+        >>> tie = GenerationDiff.from_step_logits([torch.tensor([[1.0, 1.01]])], [torch.tensor([[1.01, 1.0]])], atol=0.05)
+        >>> tie.top1_agree, tie.top1_tied, tie.first_divergent_step
+        ([False], [True], None)
         """
         if len(a) != len(b):
             raise ValueError(f"runs have {len(a)} and {len(b)} steps; compare equal lengths")
-        max_abs, kl, agree = [], [], []
+        max_abs, kl, agree, tied = [], [], [], []
         first, nonfinite = None, None
         for step, (x, y) in enumerate(zip(a, b)):
             x, y = x.double(), y.double()
@@ -305,6 +323,7 @@ class GenerationDiff:
                 max_abs.append(float("inf"))
                 kl.append(float("inf"))
                 agree.append(False)
+                tied.append(False)
                 if nonfinite is None:
                     side = names[0] if bool(bad_x.any()) else names[1]
                     if bool(bad_x.any()) and bool(bad_y.any()):
@@ -314,7 +333,11 @@ class GenerationDiff:
             else:
                 max_abs.append(float(err.max()))
                 kl.append(float((log_y.exp() * (log_y - log_x)).sum(-1).max()))
-                agree.append(bool((x.argmax(-1) == y.argmax(-1)).all()))
-            if first is None and (max_abs[-1] > atol or not agree[-1]):
+                chosen = x.argmax(-1)  # (B,)
+                same = chosen == y.argmax(-1)
+                agree.append(bool(same.all()))
+                margin = y.max(-1).values - y.gather(-1, chosen[:, None])[:, 0]  # reference's regret, >= 0
+                tied.append(not agree[-1] and bool((same | (margin <= atol)).all()))
+            if first is None and (max_abs[-1] > atol or not (agree[-1] or tied[-1])):
                 first = step
-        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b, nonfinite=nonfinite)
+        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b, top1_tied=tied, nonfinite=nonfinite)
