@@ -436,6 +436,11 @@ class KVCache:
         >>> cache.metadata
         {'prompt': 'Once upon a time'}
         """
+        if not isinstance(model, _tl.HookedTransformer):  # the caller's error, never "a corrupted file"
+            raise TypeError(
+                f"KVCache.load(path, model) needs the HookedTransformer the cache was saved from, got "
+                f"{type(model).__name__}; e.g. KVCache.load(path, interpkv.zoo.load(name))"
+            )
         return persist.load_cache(path, model, cls)
 
     # -------------------------------------------------------------- lifecycle

@@ -24,7 +24,11 @@ def check_reach(model, cache, mask, max_new_tokens: int) -> None:
     compute any position, but an unwindowed cache holds every one of them: one
     that would outgrow the machine's RAM is refused now (a windowed cache stays flat).
     """
-    start = int(mask.sum(1).max()) + (0 if cache is None else int(cache.next_positions.max()))
+    # An upper bound known on the host first (columns, slots ever appended): the exact
+    # start is read back only when the bound does not fit, so a generation that fits syncs nothing.
+    start = mask.shape[1] + (0 if cache is None else cache.appended)
+    if not _fits(model, cache, mask, start + max_new_tokens - 1):
+        start = int(mask.sum(1).max()) + (0 if cache is None else int(cache.next_positions.max()))
     last = start + max_new_tokens - 1  # the last position a step feeds is last - 1 (the final choice is held back)
     limit = scheme_for(model).max_positions()
     if limit is not None and last > limit:
@@ -35,3 +39,18 @@ def check_reach(model, cache, mask, max_new_tokens: int) -> None:
         )
     if cache is None or cache.window is None:
         check_cache_memory("max_new_tokens", max_new_tokens, model, mask.shape[0], last, "the cache it fills")
+
+
+def _fits(model, cache, mask, last: int) -> bool:
+    """Whether positions up to ``last`` pass both limits of :func:`check_reach` (no error, no read)."""
+    from interpkv.core.arguments import physical_memory
+    from interpkv.core import tl as _tl
+
+    limit = scheme_for(model).max_positions()
+    if limit is not None and last > limit:
+        return False
+    if cache is not None and cache.window is not None:
+        return True
+    cfg, ram = model.cfg, physical_memory()
+    per_slot = 2 * cfg.n_layers * _tl.kv_head_count(cfg) * cfg.d_head * cfg.dtype.itemsize + 16
+    return ram is None or mask.shape[0] * last * per_slot <= ram

@@ -256,12 +256,6 @@ def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransform
             it cannot be read, plain ``CacheFileError`` when its contents are
             wrong or changed while it was read. Only ``MemoryError`` passes as is.
     """
-    # A wrong model is the caller's error, never "a corrupted file".
-    if not isinstance(model, _tl.HookedTransformer):
-        raise TypeError(
-            f"KVCache.load(path, model) needs the HookedTransformer the cache was saved from, got "
-            f"{type(model).__name__}; e.g. KVCache.load(path, interpkv.zoo.load(name))"
-        )
     path = os.fspath(path)
     try:
         return _load(path, model, cache_type)
