@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-all bench docs clean
+.PHONY: install browser demo test test-all test-tl4 bench docs clean
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,26 @@ test: install browser
 test-all: install browser
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
+# TransformerLens 4 in its own venv: the tests under tests/tl4 (marker tl4; `make test` runs
+# them on TransformerLens 3 too). Same pins as constraints.txt but transformer-lens; the package
+# is installed as a user next to TL 4 would (`pip install -e ".[tl4]"`), and the target fails if
+# that moved transformer-lens off 4.x.
+VENV_TL4 := .venv-tl4
+TL4 := transformer-lens==4.3.0
+$(VENV_TL4)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV_TL4)
+	$(VENV_TL4)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TL4)/bin/python -m pip install -q $(TORCH)
+	grep -vi '^transformer-lens==' $(CONSTRAINTS) > $(VENV_TL4)/constraints.txt
+	echo '$(TL4)' >> $(VENV_TL4)/constraints.txt
+	$(VENV_TL4)/bin/python -m pip install -q -c $(VENV_TL4)/constraints.txt "$(TL4)"
+	$(VENV_TL4)/bin/python -m pip install -q -c $(VENV_TL4)/constraints.txt -e ".[tl4]" pytest pytest-xdist hypothesis
+	$(VENV_TL4)/bin/python -c "import importlib.metadata as m; v = m.version('transformer-lens'); assert v.startswith('4.'), v"
+	touch $@
+
+test-tl4: $(VENV_TL4)/.installed
+	$(VENV_TL4)/bin/python -m pytest -q -m tl4 -n 2 -p no:cacheprovider tests/tl4
+
 bench: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
@@ -48,4 +68,4 @@ docs: install
 	$(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) site reports .pytest_cache
+	rm -rf $(VENV) $(VENV_TL4) site reports .pytest_cache

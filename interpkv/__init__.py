@@ -38,11 +38,13 @@ if TYPE_CHECKING:  # what _load imports, spelled out for type checkers and the A
         CacheMismatchError,
         CacheSaveError,
         UnsupportedModelError,
+        ProvenanceWarning,
     )
     from interpkv.generation.compare import compare_generation
     from interpkv.generation.generate import generate
     from interpkv.generation.result import Generation, GenerationDiff
     from interpkv.generation import steering
+    from interpkv.generation.steering import intervention
 
 _LAZY_SUBMODULES = ("zoo", "faults", "plot", "patching")
 
@@ -64,11 +66,13 @@ _NAMES = {
     "CacheMismatchError": "interpkv.errors",
     "CacheSaveError": "interpkv.errors",
     "UnsupportedModelError": "interpkv.errors",
+    "ProvenanceWarning": "interpkv.errors",
     "compare_generation": "interpkv.generation.compare",
     "generate": "interpkv.generation.generate",
     "Generation": "interpkv.generation.result",
     "GenerationDiff": "interpkv.generation.result",
     "steering": "interpkv.generation",
+    "intervention": "interpkv.generation.steering",
 }
 
 __all__ = [
@@ -78,7 +82,9 @@ __all__ = [
     "CacheSaveError",
     "UnsupportedModelError",
     "CacheGraphWarning",
+    "ProvenanceWarning",
     "forward",
+    "intervention",
     "hook_positions",
     "steering",
     "capture",

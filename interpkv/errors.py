@@ -1,7 +1,7 @@
 """Every public error class of interpkv, in one place.
 
 Each is a subclass of the built-in error a caller would otherwise catch
-(``ValueError``, ``OSError`` or ``NotImplementedError``), so ``except
+(``ValueError``, ``OSError``, ``NotImplementedError`` or ``ImportError``), so ``except
 ValueError`` / ``except OSError`` keep working; the message always names what
 was wrong and how to fix it.
 """
@@ -11,7 +11,8 @@ import os
 import warnings
 
 __all__ = ["CacheMismatchError", "CacheFileError", "CacheReadError", "CacheFileNotFoundError",
-           "CacheSaveError", "UnsupportedModelError", "CacheGraphWarning"]
+           "CacheSaveError", "UnsupportedModelError", "CacheGraphWarning", "ProvenanceWarning",
+           "TransformerLensVersionError"]
 
 
 class CacheMismatchError(ValueError):
@@ -95,8 +96,28 @@ class UnsupportedModelError(NotImplementedError):
     """The model uses an attention feature interpkv does not implement."""
 
 
+class TransformerLensVersionError(ImportError):
+    """A feature needs a TransformerLens version other than the one installed (also an ``ImportError``).
+
+    ``HookedTransformer`` features need transformer-lens 3.x; under
+    transformer-lens 4 (or none) interpkv runs ``engine="hf"`` and
+    ``engine="transformer_bridge"``. The message names the version needed,
+    the one installed and the fix (see :mod:`interpkv.core.tl`).
+    """
+
+
 class CacheGraphWarning(UserWarning):
     """A cache holds an autograd graph across forward calls (memory grows every step)."""
+
+
+class ProvenanceWarning(UserWarning):
+    """A call continues a cache under other interventions than wrote its stored positions.
+
+    The message names the spans (positions), the hook points and both
+    intervention sets (:mod:`interpkv.cache.provenance`). It is raised before
+    the cache changes, so ``warnings.simplefilter("error", ProvenanceWarning)``
+    stops the call with the cache intact.
+    """
 
 
 def warn_graph_kept(nbytes: int) -> None:

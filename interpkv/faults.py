@@ -312,6 +312,7 @@ def inject(model: "_tl.HookedTransformer", name: str) -> Iterator[Fault]:
     >>> site.hook, site.pos
     ('blocks.0.attn.hook_attn_scores', 8)
     """
+    _tl.require_hooked(model, "interpkv.faults.inject")
     fault = get(name)
     reason = fault.skip_reason(model)
     if reason is not None:

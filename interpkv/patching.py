@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
+from interpkv.cache.provenance import declare
 from interpkv.core.forward import forward
 from interpkv.core.inputs import TokensLike, as_pair
 from interpkv.core.positions import validate_mask
@@ -254,6 +255,7 @@ def patch(
     >>> out.shape
     torch.Size([2, 6])
     """
+    _tl.require_hooked(model, "interpkv.patching.patch")
     kind = _resolve(model, hook)
     if not callable(metric):
         raise TypeError(f"metric must be a function logits [batch, pos, d_vocab] -> scalar, got {type(metric).__name__}")
@@ -296,7 +298,14 @@ def patch(
 
     names = [kind.hook_name.format(layer=layer) for layer in layers]
     clean: Dict[str, Tensor] = {}
-    run(clean_tokens, [(name, lambda x, hook: clean.__setitem__(hook.name, x.clone())) for name in names])
+
+    def keep_clean(x: Tensor, hook) -> None:
+        clean[hook.name] = x.clone()
+
+    keep_clean._interpkv_observer = True  # records only: not an intervention on the shared prefix
+    run(clean_tokens, [(name, keep_clean) for name in names])
+    # Patches act on suffix columns only: positions from each row's next position on (provenance).
+    suffix_start = cache.next_positions.tolist()
     baseline = float(metric(run(corrupt_tokens, [])))
 
     # Every site: (index into the result, layer, suffix columns, head or None).
@@ -330,5 +339,7 @@ def patch(
                 activation[:, cols, head] = source[:, cols, head]
             return activation
 
+        declare(set_clean, "patching.patch", name=f"patch {names[layer]} cols {suffix_cols} head {head}",
+                start=suffix_start)
         result[index] = float(metric(run(corrupt_tokens, [(names[layer], set_clean)])))
     return result

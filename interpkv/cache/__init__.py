@@ -7,6 +7,11 @@
   which slots are evicted), written once.
 - :mod:`~interpkv.cache.persist` and :mod:`~interpkv.cache.st_format`: safetensors
   files, working from the cache's public state.
+- :mod:`~interpkv.cache.provenance`: which interventions wrote each span of a
+  cache's slots, and the :class:`~interpkv.ProvenanceWarning` check
+  (subpackage: records, collect, spans, view).
+- :mod:`~interpkv.cache.identity`: the content digest that makes two hooks the
+  same intervention.
 """
 
 from interpkv.cache.kvcache import KVCache

@@ -33,7 +33,7 @@ from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.arguments import check_memory
 from interpkv.core.axes import PAD_POSITION
-from interpkv.cache import persist
+from interpkv.cache import persist, provenance
 from interpkv.cache.bound import PositionBound
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.signature import describe, model_signature
@@ -207,6 +207,8 @@ class KVCache:
 
     #: The caller's metadata of a loaded cache (:meth:`save`'s ``metadata``), else None.
     metadata: Optional[dict] = None
+    #: ``(first slot id, end slot id, interventions)`` per span, a tuple (copies share it safely).
+    _provenance: tuple = ()
 
     def __init__(
         self,
@@ -271,6 +273,7 @@ class KVCache:
         Returns:
             An empty :class:`KVCache`.
         """
+        _tl.require_hooked(model, "KVCache")
         return cls(
             model, batch_size, window=window, sinks=sinks, capacity=capacity, keep_graph=keep_graph
         )
@@ -323,6 +326,17 @@ class KVCache:
     def model(self) -> Optional["_tl.HookedTransformer"]:
         """The model this cache is bound to (None if it was garbage-collected)."""
         return self._model_ref()
+
+    @property
+    def provenance(self) -> "provenance.Provenance":
+        """What wrote each span of the stored slots: hooks, SAEs, faults, model hooks, weights.
+
+        A :class:`~interpkv.cache.provenance.Provenance` (short repr, ``to_frame()``,
+        notebook HTML). Forwards record it; ``fork``, ``crop``, ``select``,
+        ``repeat``, ``save`` and ``load`` carry it; a call continuing the cache
+        under other interventions emits :class:`~interpkv.ProvenanceWarning`.
+        """
+        return provenance.describe(self)
 
     def __repr__(self) -> str:
         window = "" if self.window is None else f", window={self.window}, sinks={self.sinks}"
@@ -504,6 +518,7 @@ class KVCache:
             next_positions = torch.zeros_like(self._next_position)
         if self.window is not None:
             check_holds_required(kept, next_positions, self.window, self.sinks, f"crop({n})")
+        provenance.crop(self, self._slot_ids[:, :n])
         self._positions[:, n : self._length] = PAD_POSITION
         self._length = n
         self._next_position = next_positions

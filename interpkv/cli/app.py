@@ -379,7 +379,7 @@ def _parser():
     parser.add_argument("--version", action="version", version=f"interpkv {__version__}")
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,demo,provenance}")
     check = sub.add_parser(
         "check", help="check models: cached vs uncached vs HuggingFace", parents=[debug], formatter_class=raw,
         description=(
@@ -407,8 +407,11 @@ def _parser():
     )
     check.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (opens offline)")
     check.add_argument(
-        "--engine", choices=["interpkv", "transformer_lens", "hf"], default="interpkv",
-        help="whose cache to check: interpkv's (default), TransformerLens's own past_kv_cache, or the HF model's",
+        "--engine", choices=["interpkv", "transformer_lens", "hf", "transformer_bridge"], default="interpkv",
+        help=(
+            "whose cache to check: interpkv's (default), TransformerLens's own past_kv_cache (both need "
+            "transformer-lens 3), the HF model's, or a TransformerBridge's own HF cache (transformer-lens 4 or 3.9)"
+        ),
     )
     demo = sub.add_parser(
         "demo", help="the whole demo: zoo check, bug zoo, generation, other libraries' caches", parents=[debug],
@@ -424,6 +427,11 @@ def _parser():
         epilog="example:\n  interpkv demo --html reports/interpkv-report.html\n\n" + _EXAMPLES.split("\n\n")[1],
     )
     demo.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (opens offline)")
+    shown = sub.add_parser(
+        "provenance", help="what wrote a saved KV cache: its provenance, read from the file header (no tensors)",
+        parents=[debug],
+    )
+    shown.add_argument("path", help="a file written by KVCache.save")
     return parser
 
 
@@ -433,6 +441,28 @@ def _quiet_upstream_logs() -> None:
 
     for name in ("kernels",):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _provenance(path: str) -> int:
+    """Print what wrote a saved cache: its provenance, read from the header (no tensor, no model)."""
+    from rich.table import Table  # deferred: rich, only when a table is printed
+
+    from interpkv.cache import persist, provenance  # deferred: torch (--help answers without it)
+
+    saved = persist.read_provenance(path)  # CacheFileError (a ValueError): one line, exit 2
+    console = _console()
+    if saved is None:
+        console.print(f"{path}: saved without provenance (an earlier interpkv): what wrote it is unknown")
+        return 0
+    table = Table(title=f"{path}: what wrote each span (weights {str(saved.weights)[:31]}...)")
+    for column in ("slots", "positions", "interventions"):
+        table.add_column(column, overflow="fold")
+    for span in saved.spans:
+        positions = "-" if span.positions is None else f"{span.positions[0]}-{span.positions[1]}"
+        what = "unknown" if span.interventions is None else provenance.set_text(span.interventions)
+        table.add_row(f"{span.slots[0]}-{span.slots[1] - 1}", positions, what)
+    console.print(table)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -449,6 +479,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _ARGV[:] = argv
     args = _parser().parse_args(argv)
+    if args.command == "provenance":
+        try:
+            return _provenance(args.path)
+        except ValueError as exc:  # CacheFileError: one line, exit 2
+            if args.debug:
+                raise
+            return _error(str(exc))
     try:
         # Arguments first, before torch/transformers/TransformerLens load: a typo answers at once.
         if args.command == "check":

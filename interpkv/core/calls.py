@@ -60,6 +60,8 @@ __all__ = [
     "is_hooked",
     "has_hooks",
     "hook_points",
+    "active_hooks",
+    "edits",
 ]
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
@@ -68,6 +70,11 @@ Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 # for the forwards it makes inside them).
 _OPEN: contextvars.ContextVar[Tuple[object, ...]] = contextvars.ContextVar("interpkv_open_hooks", default=())
 _POSITIONS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("interpkv_positions", default=None)
+# The fwd_hooks entries of the interpkv calls open in this context, outermost first
+# (read by interpkv.cache.provenance: what a forward inside them runs under).
+_ACTIVE: contextvars.ContextVar[Tuple[Hook, ...]] = contextvars.ContextVar("interpkv_active_hooks", default=())
+# Inside a forward through a caller's cache: the (hook point name, hook) pairs that edited an activation.
+_EDITS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("interpkv_edits", default=None)
 _GENERATED_FROM: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
     "interpkv_generated_from", default=None
 )
@@ -171,7 +178,14 @@ def _gated(hook: Callable, owner: object) -> Callable:
         conversion = getattr(point, "hook_conversion", None)  # as HookPoint.add_hook does
         if conversion is not None:
             output = conversion.convert(output)
-        result = hook(output, hook=point)
+        edits = _EDITS.get()
+        if edits is None:
+            result = hook(output, hook=point)
+        else:  # a forward through a caller's cache notes which hooks edit (interpkv.cache.provenance)
+            version = _version(output)
+            result = hook(output, hook=point)
+            if (result is not None and result is not output) or version is None or _version(output) != version:
+                edits.append((point.name, hook))
         if result is not None and conversion is not None:
             result = conversion.revert(result)
         return result
@@ -193,9 +207,10 @@ def hooks(model: torch.nn.Module, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
         return
     owner = object()
     handles: list = []
-    token = None
+    token = active = None
     try:
         token = _OPEN.set(_OPEN.get() + (owner,))
+        active = _ACTIVE.set(_ACTIVE.get() + tuple(fwd_hooks))
         for name, hook in fwd_hooks:
             if not callable(hook):
                 raise TypeError(f"the hook for {name!r} in fwd_hooks is a {type(hook).__name__}, not a function")
@@ -206,6 +221,8 @@ def hooks(model: torch.nn.Module, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
         # An interrupt in these lines: the call's scope removes the rest (see entry).
         for handle in handles:
             handle.remove()
+        if active is not None:
+            _ACTIVE.reset(active)
         if token is not None:
             _OPEN.reset(token)
 
@@ -229,6 +246,75 @@ def _holding(var: contextvars.ContextVar, value) -> Iterator[None]:
 def positions(q_pos: Int[Tensor, "batch pos"]):
     """Make ``q_pos`` the positions of the forward running in this context (a context manager)."""
     return _holding(_POSITIONS, q_pos)
+
+
+def _version(t) -> Optional[int]:
+    """``t._version`` (bumped by every in-place edit), or None where torch keeps none (inference mode)."""
+    try:
+        return t._version
+    except (RuntimeError, AttributeError):
+        return None
+
+
+class edits:
+    """Note what edits activations in this context's calls: ``with edits(model, points) as (hooks, points):``.
+
+    The first list gets ``(point name, hook)`` for each gated ``fwd_hooks``
+    entry that returned a new tensor or edited its input in place. For each of
+    ``points`` (hook points holding the model's own hooks), two probes around
+    those hooks put the point's name in the second list when they changed the
+    activation. Enter it before :func:`hooks` (the probes must come before the
+    call's own gated hooks on a point). A class, not a generator: it is
+    entered by every decode step through a caller's cache.
+    """
+
+    __slots__ = ("model", "points", "found", "changed", "handles", "tokens")
+
+    def __init__(self, model: torch.nn.Module, points: Sequence[str] = ()):
+        self.model, self.points = model, points
+
+    def __enter__(self) -> Tuple[list, list]:
+        self.found, self.changed, self.handles = [], [], []
+        self.tokens = [_EDITS.set(self.found)]
+        if self.points:
+            owner = object()
+            self.tokens.append(_OPEN.set(_OPEN.get() + (owner,)))
+            try:
+                for name in self.points:
+                    self.handles.extend(_probes(self.model.mod_dict[name], name, owner, self.changed))
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        return self.found, self.changed
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if len(self.tokens) > 1:
+            _OPEN.reset(self.tokens.pop())
+        _EDITS.reset(self.tokens.pop())
+
+
+def _probes(point: torch.nn.Module, name: str, owner: object, changed: list):
+    seen: list = []
+
+    def first(module, inputs, output):
+        if owner in _OPEN.get():
+            seen.append((output, _version(output)))
+
+    def last(module, inputs, output):
+        if owner in _OPEN.get() and seen:
+            before, version = seen.pop()
+            if output is not before or version is None or _version(output) != version:
+                changed.append(name)
+
+    first._interpkv_owner = last._interpkv_owner = owner
+    return [point.register_forward_hook(first, prepend=True), point.register_forward_hook(last)]
+
+
+def active_hooks() -> Tuple[Hook, ...]:
+    """The ``fwd_hooks`` entries of the interpkv calls open in this context (outermost first)."""
+    return _ACTIVE.get()
 
 
 def current_positions() -> Optional[Int[Tensor, "batch pos"]]:

@@ -1,5 +1,6 @@
 """``interpkv.forward``: one forward pass, through a cache or not, with hooks."""
 
+import contextlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 from jaxtyping import Float, Int
@@ -9,6 +10,7 @@ from interpkv.core import calls, heldback, routing, stephooks, tlkeywords
 
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
+from interpkv.cache import provenance
 from interpkv.cache.kvcache import KVCache
 from interpkv.core.hostread import host_array
 from interpkv.core.inputs import as_inputs
@@ -18,6 +20,8 @@ from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import scheme_for
 
 __all__ = ["forward"]
+
+_NOT_NOTING = contextlib.nullcontext(((), ()))
 
 Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 
@@ -99,6 +103,7 @@ def forward(
     >>> float(interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]), return_type="loss")) > 0
     True
     """
+    _tl.require_hooked(model, "interpkv.forward")
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"cache must be an interpkv.KVCache (KVCache.for_model(model, batch_size)), got {type(cache).__name__}")
     if tl_kwargs:
@@ -115,6 +120,7 @@ def forward(
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
     hooks = None  # step hooks (interpkv.faults) only ever touch a caller's cache
+    acting = None  # the interventions this call writes under (a caller's cache only)
     start, stop = 0, None
     if start_at_layer is not None or stop_at_layer is not None:
         start, stop = tlkeywords.forward_layers(
@@ -132,6 +138,8 @@ def forward(
         if cache.next_tokens is not None:  # generate held a token back: not continued without it
             heldback.refuse_held_back(cache)
         hooks = stephooks.installed(model)
+        acting = provenance.NONE
+    first_slot_id = cache.appended
 
     offsets = cache.next_positions
     if hooks:
@@ -157,7 +165,13 @@ def forward(
     # what another thread's call, or a plain TransformerLens call, runs.
     ids = None if inputs.is_floating_point() else inputs
     view = overlay(model, routing.routes(model, step.attention_for, ids, last_logits_only=last_only))
-    with calls.hooks(model, fwd_hooks), calls.positions(q_pos):
+    # Through a caller's cache, what edits activations is noted (interpkv.cache.provenance).
+    noting = _NOT_NOTING
+    if acting is not None:
+        points = provenance.model_hook_points(model)
+        if fwd_hooks or points or calls.active_hooks():  # else nothing can edit: nothing to note
+            noting = calls.edits(model, points)
+    with noting as edited, calls.hooks(model, fwd_hooks), calls.positions(q_pos):
         if start > 0:  # TransformerLens's start_at_layer: the input is the residual stream
             shortformer_pos_embed = None
             if getattr(scheme, "shortformer", False):  # every block adds it to its attention input
@@ -172,7 +186,12 @@ def forward(
                 embed = view.hook_embed(model.embed(inputs))  # (B, T, d_model)
             residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
         out = view(residual, start_at_layer=start, stop_at_layer=stop, shortformer_pos_embed=shortformer_pos_embed)
+    if acting is not None:
+        # Before the commit: a ProvenanceWarning raised as an error leaves the stored history as it was.
+        acting = provenance.check(model, cache, edited, hooks)
     cache.commit(slots)
+    if acting is not None and not cache.frozen:
+        provenance.written(cache, acting, first_slot_id)
     if stop is not None:
         return out  # the residual stream entering block `stop` (B, T, d_model), as TransformerLens
     return returns.finish(return_type, out[:, -1:] if last_only else out, inputs, mask, loss_per_token)

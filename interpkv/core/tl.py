@@ -9,31 +9,169 @@ TransformerLens internals whose names or layouts have moved between releases
 (kv-head counts, the kv projection under GQA, rotary tables and bases, ALiBi
 slopes, local layers, the frames of a running TransformerLens forward). What
 a call routes where is policy, and lives in :mod:`interpkv.core.routing`.
+
+Which TransformerLens each feature needs (docs/transformerlens-versions.md):
+everything built on ``HookedTransformer`` (``KVCache``, ``forward``,
+``generate``, ``engine="interpkv"`` / ``"transformer_lens"``, the zoo's
+HookedTransformers, patching) needs transformer-lens 3.x. ``engine="hf"``,
+``Record``, ``diff``, reports and plots need no TransformerLens at all, and
+``engine="transformer_bridge"`` needs a ``TransformerBridge`` (3.x or 4.x).
+So this module imports under any TransformerLens, or none: when
+``HookedTransformer`` cannot be imported, each TransformerLens 3 name here is
+a stand-in (:mod:`interpkv.core.tl_versions`) that no object is an instance
+of, and whose use (calling it, reading an attribute) raises
+:class:`~interpkv.errors.TransformerLensVersionError` naming the version
+needed, the one installed and the fix (:func:`require`).
 """
 
 from typing import Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
-from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.components.abstract_attention import AbstractAttention
-from transformer_lens.components.layer_norm_pre import LayerNormPre
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
-from transformer_lens.components.mlps.mlp import MLP
-from transformer_lens.components.rms_norm_pre import RMSNormPre
-from transformer_lens.components.unembed import Unembed
-from transformer_lens.utilities import get_act_name
-from transformer_lens.hook_points import HookPoint
-from transformer_lens.loading_from_pretrained import (
-    get_pretrained_model_config,
-    get_pretrained_state_dict,
-)
-from transformer_lens.weight_processing import ProcessWeights
-from transformer_lens.utilities.activation_functions import apply_softcap
+
+from interpkv.core.tl_versions import NEEDED, fail, full_names_only, installed_version, stand_in
+from interpkv.errors import TransformerLensVersionError
+
+
+def require(feature: str) -> None:
+    """Raise :class:`~interpkv.errors.TransformerLensVersionError` unless HookedTransformer imports.
+
+    Args:
+        feature: what the caller was about to do (``"interpkv.forward"``), named in the message.
+    """
+    if _IMPORT_ERROR is not None:
+        fail(feature, _IMPORT_ERROR)
+
+
+def require_hooked(model, feature: str) -> None:
+    """Raise a clear error unless ``model`` can be a HookedTransformer here.
+
+    Under a TransformerLens without HookedTransformer (4.x, or none):
+    :class:`~interpkv.errors.TransformerLensVersionError` (:func:`require`).
+    With TransformerLens 3: ``ValueError`` for the two models people hand
+    over by mistake, a ``TransformerBridge`` and a ``transformers`` model,
+    naming the engine that runs them. Anything else is left to the caller.
+    """
+    require(feature)
+    if isinstance(model, HookedTransformer):
+        return
+    if is_transformer_bridge(model):
+        raise ValueError(
+            f"{feature} runs a TransformerLens HookedTransformer, got a TransformerBridge; audit the bridge's own "
+            "cache with interpkv.compare(bridge, tokens, steps=[...], engine='transformer_bridge')"
+        )
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        raise ValueError(
+            f"{feature} runs a TransformerLens HookedTransformer, got {type(model).__name__}; audit its own cache "
+            "with interpkv.compare(model, tokens, steps=[...], engine='hf'), or convert it with interpkv.zoo.from_hf(model)"
+        )
+
+
+_IMPORT_ERROR: Optional[ImportError] = None
+try:  # in TransformerLens 3 and 4 alike
+    from transformer_lens import ActivationCache
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.utilities import get_act_name
+    from transformer_lens.utilities.activation_functions import apply_softcap
+except ImportError as exc:  # no TransformerLens at all
+    ActivationCache, HookPoint = stand_in("ActivationCache", exc), stand_in("HookPoint", exc)  # type: ignore[misc]  # a stand-in for the class
+    apply_softcap = stand_in("apply_softcap", exc, "function")
+    get_act_name = full_names_only
+
+try:  # TransformerLens 3 only: HookedTransformer and its parts
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformer_lens.components.layer_norm_pre import LayerNormPre
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.components.mlps.mlp import MLP
+    from transformer_lens.components.rms_norm_pre import RMSNormPre
+    from transformer_lens.components.unembed import Unembed
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+    from transformer_lens.weight_processing import ProcessWeights
+except ImportError as exc:  # TransformerLens 4 (no HookedTransformer) or none at all
+    _IMPORT_ERROR = exc
+    HookedTransformer, HookedTransformerConfig = stand_in("HookedTransformer", exc), stand_in("HookedTransformerConfig", exc)  # type: ignore[misc]  # a stand-in for the class
+    TransformerLensKeyValueCache = stand_in("TransformerLensKeyValueCache", exc)  # type: ignore[misc]  # a stand-in for the class
+    TransformerLensKeyValueCacheEntry = stand_in("TransformerLensKeyValueCacheEntry", exc)  # type: ignore[misc]  # a stand-in for the class
+    AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, ProcessWeights = (  # type: ignore[misc]  # a stand-in for the class
+        stand_in(n, exc)
+        for n in ("AbstractAttention", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "ProcessWeights")
+    )
+    get_pretrained_model_config, get_pretrained_state_dict = (
+        stand_in(n, exc, "function") for n in ("get_pretrained_model_config", "get_pretrained_state_dict")
+    )
+
+AVAILABLE = _IMPORT_ERROR is None
+"""Whether TransformerLens 3's HookedTransformer (and every name above) imported.
+
+``ActivationCache``, ``HookPoint``, ``get_act_name`` and ``apply_softcap`` exist in
+TransformerLens 4 too; without any TransformerLens, ``get_act_name`` passes full
+hook names through and the rest are stand-ins.
+"""
+
+
+def transformer_bridge_class():
+    """TransformerLens's ``TransformerBridge`` class (3.x or 4.x), or None when it cannot be imported."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+def bridge_from_hf(hf_model: torch.nn.Module, tokenizer, label: str):
+    """A ``TransformerBridge`` around an in-memory HF causal LM and tokenizer: nothing is fetched.
+
+    ``TransformerBridge.boot_transformers(label, hf_model=..., tokenizer=...)``;
+    the bridge inserts its wrappers into ``hf_model``'s module tree.
+
+    Raises:
+        TransformerLensVersionError: the installed TransformerLens has no ``TransformerBridge``.
+    """
+    bridge_class = transformer_bridge_class()
+    if bridge_class is None:
+        found = installed_version()
+        has = "transformer-lens is not installed" if found is None else f"transformer-lens {found} has none"
+        raise TransformerLensVersionError(
+            "a TransformerBridge needs transformer-lens>=4 (3.9 has one too); "
+            f"{has}. Install it with `pip install 'interpkv[tl4]'`",
+            name="transformer_lens",
+        )
+    device = next(hf_model.parameters()).device
+    return bridge_class.boot_transformers(label, hf_model=hf_model, tokenizer=tokenizer, device=device).eval()
+
+
+def is_transformer_bridge(model) -> bool:
+    """Whether ``model`` is a TransformerLens ``TransformerBridge`` (never imports TransformerLens for it).
+
+    A bridge's class lives in ``transformer_lens.model_bridge``; a process that
+    never imported that cannot hold one, so the check costs nothing otherwise.
+    """
+    import sys
+
+    if "transformer_lens.model_bridge" not in sys.modules:
+        return False
+    cls = transformer_bridge_class()
+    return cls is not None and isinstance(model, cls)
+
 
 __all__ = [
+    "AVAILABLE",
+    "NEEDED",
+    "require",
+    "require_hooked",
+    "installed_version",
+    "transformer_bridge_class",
+    "is_transformer_bridge",
+    "bridge_from_hf",
     "ActivationCache",
     "get_act_name",
     "HookedTransformer",
@@ -166,7 +304,7 @@ def rotary_frequencies(
     return pos_dtype, freq
 
 
-_TL_FRAMES = (HookedTransformer.forward.__code__, HookedTransformer.input_to_embed.__code__)
+_TL_FRAMES = (HookedTransformer.forward.__code__, HookedTransformer.input_to_embed.__code__) if AVAILABLE else ()
 
 
 def forward_locals(max_depth: int = 64):

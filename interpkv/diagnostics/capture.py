@@ -27,6 +27,7 @@ from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls, tlkeywords
+from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
@@ -225,6 +226,7 @@ def run(
         else:  # a copy: a later operation may modify the tensor in place before the emit
             latest[name] = (placed.clone(), layouts.positions(name, q_pos), None)
 
+    hook._interpkv_observer = True  # records, never edits: not an intervention (interpkv.cache.provenance)
     # Hooks are registered once for the whole run, not once per chunk.
     start = 0
     observed = lambda name: wanted(name) or is_routing_hook(name)  # noqa: E731
@@ -310,6 +312,7 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
+    _tl.require_hooked(model, "interpkv.capture")
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"cache must be an interpkv.KVCache (KVCache.for_model(model, batch_size)), got {type(cache).__name__}")
     if tl_kwargs:

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from interpkv.core import calls
+from interpkv.cache import provenance
+from interpkv.cache.kvcache import KVCache
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
@@ -238,7 +240,13 @@ def compare(
             The reference is the same model and engine run uncached.
         cache: the cache (or a factory ``(model, batch_size, max_len) -> cache``)
             the cached run uses: a :class:`~interpkv.KVCache` for ``"interpkv"``,
-            a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
+            a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``. A
+            KVCache holding positions ``0..n-1`` (no padding) is continued:
+            ``tokens`` is then the whole sequence, its first ``n`` tokens
+            already in the cache, ``steps`` cover the rest, and sites before
+            ``n`` are not compared; when the run diverges and the cache was
+            written under other interventions (:attr:`KVCache.provenance`),
+            ``report.cause`` says so.
         names_filter: TransformerLens's spelling of ``names`` (same meaning;
             see :mod:`interpkv.diagnostics.names`). Not with ``names``.
         fast_path: also audit the unrecorded cached run (above); False
@@ -266,25 +274,22 @@ def compare(
                 f"cache must be an interpkv.KVCache or a factory (model, batch_size, max_len) -> cache, "
                 f"got {type(cache).__name__}"
             )
-        if cache.seq_len:
-            raise ValueError(
-                f"cache already holds {cache.seq_len} positions; compare runs the same tokens cached and "
-                "uncached, so its cache must start empty: pass KVCache.for_model(model, batch_size) (or fork() "
-                "before filling it)"
-            )
     names = resolve_names(names, names_filter, model=model)
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
 
+    prefix, why = provenance.history(model, cache, tokens, fwd_hooks) if isinstance(cache, KVCache) else (0, None)
+
     def run(hooks) -> DivergenceReport:
         return engines.compare(
             model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
-            fwd_hooks=hooks, fast_path=fast_path,
+            fwd_hooks=hooks, prefix=prefix, fast_path=fast_path,
         )
 
     report = run(fwd_hooks)
     report.run_names = ("the cached run", "the uncached run")
     if cache is not None and not callable(cache):  # a caller's cache was consumed: no rerun to blame with
+        report.cause = why if why is not None and not report.ok() else None
         return report
     report.cause = blame(fwd_hooks, not report.ok(), lambda: not run(()).ok())
     return report

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from interpkv.tolerances import generation_atol
 
+from interpkv.cache import provenance
 from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
@@ -41,6 +42,7 @@ def compare_generation(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     atol: Optional[float] = None,
     fwd_hooks: Sequence[Hook] = (),
+    cache=None,
 ) -> GenerationDiff:
     """Greedy-generate through a cache and check every step against an uncached pass.
 
@@ -54,6 +56,11 @@ def compare_generation(
             (:func:`default_atol`: 1e-8 float64, 1e-4 float32).
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active in
             both runs (every cached step, and the uncached reference pass).
+        cache: a :class:`~interpkv.KVCache` holding positions ``0..n-1`` of
+            ``tokens`` (no padding) to continue from: the cached run feeds
+            ``tokens[:, n:]`` through it, the reference reruns everything.
+            When it diverges and the cache was written under other
+            interventions (:attr:`KVCache.provenance`), ``.cause`` says so.
 
     Returns:
         A :class:`GenerationDiff`: per step (step 0 = the token chosen from the
@@ -69,6 +76,7 @@ def compare_generation(
     >>> diff.first_divergent_step is None, len(diff.kl)
     (True, 4)
     """
+    _tl.require_hooked(model, "interpkv.compare_generation")
     from interpkv.core.arguments import count, tolerance
 
     count("max_new_tokens", max_new_tokens, minimum=1)  # >= 1: nothing to compare otherwise
@@ -78,6 +86,11 @@ def compare_generation(
     tokens, mask = as_inputs(model, tokens, attention_mask, embeddings=False)
     atol = default_atol(model.cfg.dtype) if atol is None else atol
 
+    if cache is not None:
+        prefix, why = provenance.history(model, cache, tokens, fwd_hooks)
+        diff = _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks, cache, prefix)
+        diff.cause = why if why is not None and not diff.ok else None  # the cache is consumed: no rerun
+        return diff
     diff = _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks)
     diff.cause = blame(
         fwd_hooks,
@@ -87,13 +100,14 @@ def compare_generation(
     return diff
 
 
-def _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks) -> GenerationDiff:
+def _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks, cache=None, prefix=0) -> GenerationDiff:
     cached = generate(
-        model, tokens, attention_mask=mask, max_new_tokens=max_new_tokens, keep_logits=True, fwd_hooks=fwd_hooks
+        model, tokens[:, prefix:], attention_mask=mask[:, prefix:], max_new_tokens=max_new_tokens,
+        keep_logits=True, fwd_hooks=fwd_hooks, cache=cache,
     )
     # Uncached, teacher-forced: position prompt_len - 1 + k chose step k.
-    history = cached.tokens[:, :-1]
-    history_mask = cached.attention_mask[:, :-1]
+    history = torch.cat([tokens[:, :prefix], cached.tokens], 1)[:, :-1]
+    history_mask = torch.cat([mask[:, :prefix], cached.attention_mask], 1)[:, :-1]
     # Positions from each row's real prompt length on are generated (steering region="generated").
     with calls.generation(mask.sum(dim=1)):
         reference = forward(model, history, attention_mask=history_mask, fwd_hooks=fwd_hooks)

@@ -184,6 +184,7 @@ def generate(
     >>> first.text + more.new_text == interpkv.generate(model, "def ", max_new_tokens=20).text
     True
     """
+    _tl.require_hooked(model, "interpkv.generate")
     opts = _options.resolve(
         model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_tokens=stop_tokens, pad_token=pad_token, capture=capture, names_filter=names_filter,

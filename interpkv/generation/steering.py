@@ -39,11 +39,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from interpkv.cache.provenance import declare
 from interpkv.core import calls
 from interpkv.core.axes import is_attention_hook
 from interpkv.core.hookpos import hook_positions
 
-__all__ = ["add", "replace", "positions_mask"]
+__all__ = ["add", "replace", "positions_mask", "intervention"]
 
 Bound = Optional[Union[int, Tensor]]
 
@@ -147,7 +148,8 @@ def add(
         return _select_where(act, mask, act + value)
 
     hook.__name__ = "steering.add"
-    return hook
+    return declare(hook, "steering.add", values=(vector, scale), start=start, stop=stop, positions=positions,
+                   region=region)
 
 
 def replace(
@@ -169,4 +171,64 @@ def replace(
         return _select_where(act, mask, new)
 
     hook.__name__ = "steering.replace"
-    return hook
+    return declare(hook, "steering.replace", values=(value,), start=start, stop=stop, positions=positions,
+                   region=region)
+
+
+def intervention(
+    fn: Callable,
+    *,
+    name: Optional[str] = None,
+    start: Bound = None,
+    stop: Bound = None,
+    positions: Optional[Sequence[int]] = None,
+    region: Optional[str] = None,
+) -> Callable:
+    """``fn`` as a hook with a stated identity and, optionally, the positions it acts on.
+
+    A cache records which hooks wrote its positions and warns
+    (:class:`~interpkv.ProvenanceWarning`) when a call continues it under
+    other ones (:mod:`interpkv.cache.provenance`). Hooks are compared by a
+    digest of their code and captured values, which needs no help for
+    functions, lambdas, ``functools.partial`` and bound methods over tensors,
+    numbers and modules. Wrap a hook here when:
+
+    - its behaviour depends on state the digest cannot read (a C object, a
+      file, a random generator, a global changed between calls): give it a
+      ``name``; equal names are the same intervention, so change the name
+      when its behaviour changes;
+    - it acts only on some positions (e.g. only on new tokens, through
+      :func:`interpkv.hook_positions`): declare them, and a cache whose stored
+      positions it never touches is continued without a warning. The wrapper
+      enforces the declaration: entries outside the declared positions keep
+      the activation ``fn`` was given.
+
+    Args:
+        fn: a TransformerLens hook ``fn(act, hook) -> act or None``.
+        name: the identity (default: a digest of ``fn``).
+        start, stop, positions, region: the positions it acts on, as in
+            :func:`add` (default: every position).
+
+    Returns:
+        A hook for ``fwd_hooks``.
+
+    >>> v = torch.ones(model.cfg.d_model)
+    >>> hook = interpkv.intervention(lambda act, hook: act + v, name="plus-ones", start=5)
+    """
+    declared = any(x is not None for x in (start, stop, positions, region))
+
+    def hook(act: Tensor, hook) -> Optional[Tensor]:
+        if not declared:
+            return fn(act, hook)
+        mask = positions_mask(hook, act, start=start, stop=stop, positions=positions, region=region)  # (B, T)
+        if is_attention_hook(hook.name):  # [batch, head_index, pos, kv_pos]: the query axis
+            mask = mask[:, None, :, None]
+        else:
+            mask = mask.reshape(*mask.shape, *([1] * (act.ndim - 2)))
+        before = act.clone()
+        out = fn(act, hook)
+        return torch.where(mask, act if out is None else out, before)
+
+    hook.__name__ = name or getattr(fn, "__name__", type(fn).__name__)
+    return declare(hook, f"intervention({hook.__name__})", values=(fn,), name=name, start=start, stop=stop,
+                   positions=positions, region=region)

@@ -20,6 +20,7 @@ import torch
 from interpkv.diagnostics.hf_reference import hf_difference, hf_difference_by_position, hf_logits
 from interpkv.verify.checks import COMPARE_TOL, CheckResult, FaultResult, _inputs, check_hf_dir, check_zoo
 from interpkv.verify.models import Models
+from interpkv.core import tl as _tl
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
 from interpkv.tolerances import DEFAULT_ATOL
@@ -70,8 +71,12 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     """``(model to run, HF twin or None, label)`` for a zoo name or an HF directory."""
 
     if model in zoo.names():
-        if engine == "hf" and model not in zoo.pairs():
-            raise ValueError(f"zoo model {model!r} has no HF twin; engine='hf' needs one of {', '.join(zoo.pairs())}")
+        if engine in ("hf", "transformer_bridge") and model not in zoo.pairs():
+            raise ValueError(f"zoo model {model!r} has no HF twin; engine={engine!r} needs one of {', '.join(zoo.pairs())}")
+        if engine == "transformer_bridge":  # its HF twin for the vs-HF column: the bridge computes HF's function
+            return zoo.load_bridge(model, dtype=dtype), zoo.load_hf(model, dtype=dtype), model
+        if engine == "hf" and not _tl.AVAILABLE:  # no HookedTransformer to pair it with (TransformerLens 4)
+            return zoo.load_hf(model, dtype=dtype), None, model
         tl, hf = models.with_twin(model, dtype)
         return (hf, None, model) if engine == "hf" else (tl, hf, model)
     if not os.path.isfile(os.path.join(model, "config.json")):
@@ -85,6 +90,8 @@ def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
         model, local_files_only=True, attn_implementation="eager", dtype=dtype
     ).eval()
     label = os.path.basename(os.path.normpath(model))
+    if engine == "transformer_bridge":
+        return zoo.bridge_from_hf(hf, label=label), hf, label
     return (hf, None, label) if engine == "hf" else (zoo.from_hf(hf, label=label), hf, label)
 
 
@@ -100,7 +107,7 @@ def check_engine(
 
     Args:
         model: zoo name or ``save_pretrained`` directory.
-        engine: ``"interpkv"``, ``"transformer_lens"`` or ``"hf"``.
+        engine: ``"interpkv"``, ``"transformer_lens"``, ``"hf"`` or ``"transformer_bridge"``.
         dtype: float32 or float64.
         length: tokens per row.
         models: the run's :class:`~interpkv.verify.models.Models` for zoo names (default: loaded fresh).
@@ -149,9 +156,11 @@ def check_engine(
 
 def _scheme(model, engine: str) -> str:
     """What runs: the engine's own implementation, never interpkv's scheme for it."""
-    if engine == "hf":
-        cache = type(engines.hf.dynamic_cache(model, 1, 1)).__name__
-        return f"{type(model).__name__} ({cache})"
+    if engine in ("hf", "transformer_bridge"):
+        hf = model.original_model if engine == "transformer_bridge" else model
+        cache = type(engines.hf.dynamic_cache(hf, 1, 1)).__name__
+        wrapped = f" of {type(hf).__name__}" if hf is not model else ""
+        return f"{type(model).__name__}{wrapped} ({cache})"
     if engine == "transformer_lens":
         cfg = model.cfg
         return f"TL past_kv_cache: {cfg.positional_embedding_type}, {cfg.n_heads} heads"

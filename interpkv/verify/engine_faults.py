@@ -89,9 +89,11 @@ def inject(model, name: str = CORRUPT_STORED_KEY, *, engine: str = None, layer: 
     """Plant fault ``name`` in ``engine``'s cache update for the duration of the block.
 
     Args:
-        model: the model the engine runs (a HookedTransformer, or an HF causal LM for ``"hf"``).
+        model: the model the engine runs (a HookedTransformer, an HF causal LM for ``"hf"``, a
+            TransformerBridge for ``"transformer_bridge"``).
         name: one of :func:`names`.
-        engine: ``"interpkv"``, ``"transformer_lens"`` or ``"hf"`` (default: the model's default engine).
+        engine: ``"interpkv"``, ``"transformer_lens"``, ``"hf"`` or ``"transformer_bridge"`` (default: the
+            model's default engine).
         layer: the layer whose stored key is corrupted.
         delta: added to every coordinate of that key.
 
@@ -115,6 +117,8 @@ def inject(model, name: str = CORRUPT_STORED_KEY, *, engine: str = None, layer: 
         raise ValueError(f"layer must be in [0, {n_layers}) for this model, got {layer}")
     if engine == "hf":
         patch, hook = _corrupt_hf(layer, delta), _expected_hf(model, layer)
+    elif engine == "transformer_bridge":  # the bridge stores keys through HF's Cache.update too
+        patch, hook = _corrupt_hf(layer, delta), f"blocks.{layer}.attn.hook_attn_scores"
     elif engine == "transformer_lens":
         patch, hook = _corrupt_transformer_lens(layer, delta), _expected_transformer_lens(model, layer)
     else:

@@ -7,6 +7,8 @@ same weights, so TransformerLens behaviour can be checked against HF::
     from interpkv import zoo
     model = zoo.load("llama", dtype=torch.float64)
     tl, hf = zoo.load_pair("mistral")
+    hf = zoo.load_hf("bloom")  # the HF twin alone: no TransformerLens needed
+    bridge = zoo.load_bridge("bloom")  # a TransformerLens TransformerBridge around it
     sae_model = zoo.load_sae("gpt2", "blocks.0.hook_resid_post")  # needs sae-lens
 """
 
@@ -16,10 +18,12 @@ from typing import Any
 
 import torch
 
+from interpkv.core import tl as _tl
 from interpkv.core.tl import HookedTransformer
 from interpkv.zoo import _build, _trained, charvocab
 from interpkv.zoo._sae import as_sae_transformer, load_sae, random_sae
 from interpkv.zoo._specs import SPECS
+from interpkv.zoo._twins import _check_dtype, _check_name, _check_pair, _check_trained, bridge_from_hf, load_bridge, load_hf
 
 __all__ = [
     "names",
@@ -30,6 +34,9 @@ __all__ = [
     "info",
     "load",
     "load_pair",
+    "load_hf",
+    "load_bridge",
+    "bridge_from_hf",
     "load_hf_dir",
     "from_hf",
     "load_sae",
@@ -93,25 +100,6 @@ def tokenizer(name: str) -> charvocab.CharTokenizer:
     """
     _check_trained(name)
     return charvocab.TOKENIZER
-
-
-def _check_trained(name: str) -> None:
-    have = _build.trained_names()
-    if name not in have:
-        raise ValueError(
-            f"zoo model {name!r} has no trained weights; models with trained "
-            f"weights: {', '.join(have) if have else 'none'}"
-        )
-
-
-def _check_name(name: str) -> None:
-    if name not in SPECS:
-        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(names())}")
-
-
-def _check_dtype(dtype: torch.dtype) -> None:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
 
 def info(name: str) -> dict[str, Any]:
@@ -197,6 +185,7 @@ def load(
     """
     _check_name(name)
     _check_dtype(dtype)
+    _tl.require("interpkv.zoo.load (a HookedTransformer)")
     if trained:
         _check_trained(name)
         return _trained.load(name, dtype)
@@ -235,13 +224,8 @@ def load_pair(
     >>> bool((tl(ids) - hf(ids).logits).abs().max() < 1e-4)
     True
     """
-    _check_name(name)
-    _check_dtype(dtype)
-    if SPECS[name].hf_config_class is None:
-        raise ValueError(
-            f"zoo model {name!r} has no HuggingFace class (it exists only in "
-            f"TransformerLens); models with an HF pair: {', '.join(pairs())}"
-        )
+    _check_pair(name, dtype)
+    _tl.require("interpkv.zoo.load_pair (a HookedTransformer and its HF twin; zoo.load_hf gives the HF model alone)")
     if trained:
         _check_trained(name)
         return _trained.load(name, dtype), _trained.hf_model(name, dtype)
@@ -294,6 +278,7 @@ def load_hf_dir(
 
     import transformers
 
+    _tl.require("interpkv.zoo.load_hf_dir (a HookedTransformer)")
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
@@ -333,4 +318,5 @@ def from_hf(hf: Any, *, label: str = "hf") -> HookedTransformer:
     Returns:
         A HookedTransformer in eval mode on CPU, without a tokenizer.
     """
+    _tl.require("interpkv.zoo.from_hf (a HookedTransformer)")
     return _build.model_from_hf(hf, label=label)

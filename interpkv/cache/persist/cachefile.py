@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 import torch
 
+from interpkv.cache import provenance
 from interpkv.cache.persist.atomic import atomic_write
 from interpkv.cache.persist.checksums import SHA256, WRITTEN, header_digest
 from interpkv.cache.persist.file_checks import (
@@ -76,7 +77,7 @@ from interpkv.cache.persist.st_write import write_file
 from interpkv.core import tl as _tl
 from interpkv.errors import CacheFileNotFoundError, CacheReadError
 
-__all__ = ["CacheFileError", "save_cache", "load_cache", "weights_fingerprint", "FORMAT",
+__all__ = ["CacheFileError", "save_cache", "load_cache", "read_provenance", "weights_fingerprint", "FORMAT",
            "FORMAT_VERSION", "MAX_USER_METADATA_BYTES"]
 
 #: Largest caller metadata accepted by ``save`` (UTF-8 JSON bytes).
@@ -220,6 +221,7 @@ def save_cache(
             "seq_len": str(length),
             "window": "none" if cache.window is None else str(cache.window),
             "sinks": str(cache.sinks),
+            provenance.HEADER_KEY: provenance.describe(cache).to_json(),  # read back without the tensors
         }
 
         def complete(sums: Optional[Dict[str, str]]) -> Dict[str, str]:
@@ -258,7 +260,7 @@ def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransform
     """
     path = os.fspath(path)
     try:
-        return _load(path, model, cache_type)
+        cache = _load(path, model, cache_type)
     except (CacheFileError, MemoryError):
         raise
     except FileNotFoundError as error:
@@ -270,6 +272,8 @@ def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransform
             f"{path}: could not be loaded ({type(error).__name__}: {str(error)[:200]}); the file is "
             "corrupted or was changed while it was read: load it again"
         ) from error
+    provenance.check_loaded(model, cache, path)  # a ProvenanceWarning, not a file error
+    return cache
 
 
 def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
@@ -311,4 +315,26 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
     cache.metadata = metadata["user"]
     if "next_tokens" in tensors:
         cache.next_tokens, cache.next_tokens_at = tensors["next_tokens"], tensors["next_tokens_at"]
+    provenance.adopt(cache, provenance.from_header(header["__metadata__"], path))
     return cache
+
+
+def read_provenance(path: Union[str, "os.PathLike[str]"]) -> Optional["provenance.Provenance"]:
+    """The provenance saved in a cache file, read from its header only (no tensor is read, no model needed).
+
+    Returns:
+        A :class:`~interpkv.cache.provenance.Provenance` (``weights``: the file's
+        weights fingerprint), or None for a file saved without one (by an
+        interpkv before provenance).
+
+    Raises:
+        CacheFileError: not a cache file, or a corrupted header.
+    """
+    path = os.fspath(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = read_exactly(f, 8)
+        if len(prefix) == 8:
+            prefix += read_exactly(f, min(struct.unpack("<Q", prefix)[0], MAX_HEADER_BYTES))
+        header = parse_header(prefix, size, path)
+    return provenance.from_header(header.get("__metadata__") or {}, path)

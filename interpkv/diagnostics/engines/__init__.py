@@ -11,11 +11,19 @@ describes any of them:
   ``past_kv_cache`` path on the same HookedTransformer.
 - ``"hf"`` (:mod:`.hf`): a ``transformers`` causal LM with its own cache
   (``DynamicCache`` by default); the default for a ``PreTrainedModel``.
+- ``"transformer_bridge"`` (:mod:`.transformer_bridge`): a TransformerLens
+  ``TransformerBridge`` through its own HF cache (``DynamicCache`` by
+  default, or a ``StaticCache``); the default for a bridge.
+
+``"interpkv"`` and ``"transformer_lens"`` need transformer-lens 3.x
+(HookedTransformer); ``"hf"`` needs no TransformerLens and
+``"transformer_bridge"`` any TransformerLens with a ``TransformerBridge``
+(4.x, or 3.9), so both run under TransformerLens 4.
 
 In every case the reference is the same model, same engine, run once on all
-tokens without a cache. :mod:`.faults` plants a corruption in each engine's
-cache update; :mod:`.findings` holds the TransformerLens 3.x cache bugs
-the demo shows.
+tokens without a cache. :mod:`interpkv.verify.engine_faults` plants a
+corruption in each engine's cache update; :mod:`interpkv.verify.findings`
+holds the TransformerLens 3.x cache bugs the demo shows.
 """
 
 from typing import Callable, Optional, Sequence
@@ -30,7 +38,7 @@ from interpkv.diagnostics.report import DivergenceReport
 
 __all__ = ["ENGINES", "resolve", "run", "capture", "compare", "Tee"]
 
-ENGINES = ("interpkv", "transformer_lens", "hf")
+ENGINES = ("interpkv", "transformer_lens", "hf", "transformer_bridge")
 
 
 def resolve(model, engine: Optional[str] = None) -> str:
@@ -40,23 +48,34 @@ def resolve(model, engine: Optional[str] = None) -> str:
         ValueError: an unknown engine, or one that cannot run this kind of model.
     """
     hooked = isinstance(model, _tl.HookedTransformer)
+    bridge = _tl.is_transformer_bridge(model)
     if engine is None:
-        engine = "interpkv" if hooked else "hf"
+        engine = "interpkv" if hooked else "transformer_bridge" if bridge else "hf"
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "hf":
+    if engine == "transformer_bridge":
+        if not bridge:
+            raise ValueError(
+                f"engine='transformer_bridge' runs a TransformerLens TransformerBridge, got {type(model).__name__}; "
+                "for a transformers model use engine='hf' (interpkv.zoo.load_bridge(name) gives a bridge)"
+            )
+    elif engine == "hf":
         from transformers import PreTrainedModel
 
         if not isinstance(model, PreTrainedModel):
-            raise ValueError(
-                f"engine='hf' runs a transformers PreTrainedModel, got {type(model).__name__}; "
-                "for a HookedTransformer use engine='interpkv' or 'transformer_lens' "
+            instead = (
+                "for a TransformerBridge use engine='transformer_bridge' (bridge.original_model is its HF model)"
+                if bridge else "for a HookedTransformer use engine='interpkv' or 'transformer_lens' "
                 "(interpkv.zoo.load_pair(name) gives both models)"
             )
+            raise ValueError(
+                f"engine='hf' runs a transformers PreTrainedModel, got {type(model).__name__}; {instead}"
+            )
     elif not hooked:
+        _tl.require(f"engine={engine!r}")  # under TransformerLens 4 (or none) no model can be one: say why
+        other = "engine='transformer_bridge' for a TransformerBridge" if bridge else "engine='hf' for a transformers model"
         raise ValueError(
-            f"engine={engine!r} runs a TransformerLens HookedTransformer, got {type(model).__name__}; "
-            "use engine='hf' for a transformers model"
+            f"engine={engine!r} runs a TransformerLens HookedTransformer, got {type(model).__name__}; use {other}"
         )
     return engine
 
@@ -77,8 +96,9 @@ def run(
 
     ``cache``: for ``"interpkv"`` a :class:`~interpkv.KVCache` or a factory
     ``(model, batch_size, max_len) -> KVCache``; for ``"hf"`` a
-    ``transformers`` Cache or a :data:`.hf.CacheFactory`; TransformerLens
-    always gets a fresh cache. ``fwd_hooks``: TransformerLens hooks active in
+    ``transformers`` Cache or a :data:`.hf.CacheFactory`; for
+    ``"transformer_bridge"`` the same, the factory called with the bridge's
+    ``original_model``; TransformerLens always gets a fresh cache. ``fwd_hooks``: TransformerLens hooks active in
     the run (``"interpkv"`` only).
     """
     engine = resolve(model, engine)
@@ -90,6 +110,12 @@ def run(
         from interpkv.diagnostics.engines import hf
 
         return hf.run(model, tokens, sink_factory, steps=steps, attention_mask=attention_mask, names=names, cache=cache)
+    if engine == "transformer_bridge":
+        from interpkv.diagnostics.engines import transformer_bridge
+
+        return transformer_bridge.run(
+            model, tokens, sink_factory, steps=steps, attention_mask=attention_mask, names=names, cache=cache
+        )
     if engine == "transformer_lens":
         from interpkv.diagnostics.engines import transformer_lens
 
@@ -126,7 +152,7 @@ def capture(
         cache=cache, fwd_hooks=fwd_hooks,
     )
     meta = {"steps": list(steps) if steps is not None else None, "engine": resolve(model, engine)}
-    if isinstance(model, _tl.HookedTransformer):
+    if isinstance(model, _tl.HookedTransformer) or _tl.is_transformer_bridge(model):
         meta["n_layers"] = model.cfg.n_layers
     return sink.record(meta)
 
@@ -168,6 +194,7 @@ def compare(
     cache=None,
     fwd_hooks: Sequence = (),
     also: Optional[Callable[[Tensor], Sink]] = None,
+    prefix: int = 0,
     fast_path: bool = True,
 ) -> DivergenceReport:
     """``engine``'s cached run against its uncached run: the one implementation of :func:`interpkv.compare`.
@@ -187,6 +214,12 @@ def compare(
     reference = capture(
         model, tokens, engine=engine, attention_mask=attention_mask, names=names, fwd_hooks=fwd_hooks
     )
+    if prefix:  # the cache holds the first ``prefix`` positions: the cached run feeds the rest
+        reference.valid[:, :prefix] = False
+        for mask in reference.computed_masks.values():
+            mask[:, :prefix] = False
+        tokens = tokens[:, prefix:]
+        attention_mask = None if attention_mask is None else attention_mask[:, prefix:]
 
     def sinks(valid: Tensor) -> Sink:
         comparator = _Comparator(reference, valid)
