@@ -47,6 +47,8 @@ class CacheFileNotFoundError(CacheReadError, FileNotFoundError):
 
 #: What to do about each cause of a failed save (by errno).
 _SAVE_FIXES = {
+    _errno.ELOOP: "the path is a symbolic link, and a save never writes through one (another user's link "
+    "in a shared directory would redirect it); save to os.path.realpath(path) if that file is yours",
     _errno.ENOSPC: "free space on that file system or save elsewhere",
     _errno.EDQUOT: "the disk quota is used up: free space or save elsewhere",
     _errno.EFBIG: "the file passes the file size limit (ulimit -f, RLIMIT_FSIZE) or the file "

@@ -29,6 +29,7 @@ TransformerLens hook name such as ``utils.get_act_name("resid_pre", 0)`` =
 ``"blocks.0.hook_resid_pre"``, which stands for its family in every layer.
 """
 
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,12 +40,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.cache.provenance import declare
 from interpkv.core.forward import forward
 from interpkv.core.inputs import TokensLike, as_pair
 from interpkv.core.positions import validate_mask
+from interpkv.diagnostics.selection import select_hooks
 
 __all__ = ["patch", "HOOKS", "shared_prefix_length", "model_hooks", "SharedPrefixWarning"]
 
@@ -144,8 +147,15 @@ def shared_prefix_length(
 
 
 def _resolve(model, hook: str) -> _Kind:
-    full = _FULL_NAME.match(hook) if isinstance(hook, str) else None
+    if not isinstance(hook, str):
+        raise TypeError(f"hook must be a hook name such as 'resid_pre', got {type(hook).__name__} {hook!r}")
+    full = _FULL_NAME.match(hook)
+    if full and hook not in model.hook_dict:  # e.g. blocks.99.* on a 2-layer model: never silently its family
+        select_hooks(model, [hook], kw="hook")  # raises, naming the closest hooks
     name = full.group(1) if full else _ALIASES.get(hook, hook)
+    if name not in HOOKS and not full:  # a short name as Record[...] reads it ("attn" = pattern, "query" = q)
+        as_tl = _FULL_NAME.match(_tl.get_act_name(hook, 0)) if hook and "." not in hook else None
+        name = as_tl.group(1) if as_tl else name
     if name not in HOOKS:
         raise ValueError(
             f"hook={hook!r} is not supported; choose one of {sorted(HOOKS) + sorted(_ALIASES)} "
@@ -164,14 +174,23 @@ def _resolve(model, hook: str) -> _Kind:
 def _positions(positions: Optional[Sequence[int]], n_pos: int) -> List[int]:
     if positions is None:
         return list(range(n_pos))
+    if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+        raise TypeError(f"positions must be a sequence of column indices, got {type(positions).__name__} {positions!r}")
     out = []
-    for p in positions:
-        if not -n_pos <= int(p) < n_pos:
-            raise ValueError(f"position {p} is outside the {n_pos} columns of the tokens")
-        out.append(int(p) % n_pos)
+    for p in positions.tolist() if isinstance(positions, torch.Tensor) else positions:
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+            raise TypeError(
+                f"positions holds {p!r} ({type(p).__name__}); each position is an integer column "
+                f"index in [-{n_pos}, {n_pos})"
+            )
+        p = int(p)
+        if not -n_pos <= p < n_pos:
+            raise ValueError(f"positions: {p} is outside the {n_pos} columns of the tokens (pass -{n_pos}..{n_pos - 1})")
+        out.append(p % n_pos)
     return out
 
 
+@calls.entry
 @torch.no_grad()
 def patch(
     model: "_tl.HookedTransformer",
@@ -237,6 +256,8 @@ def patch(
     """
     _tl.require_hooked(model, "interpkv.patching.patch")
     kind = _resolve(model, hook)
+    if not callable(metric):
+        raise TypeError(f"metric must be a function logits [batch, pos, d_vocab] -> scalar, got {type(metric).__name__}")
     clean_tokens, corrupt_tokens, mask = as_pair(model, clean_tokens, corrupt_tokens, attention_mask)
     device = corrupt_tokens.device
     batch, n_pos = corrupt_tokens.shape

@@ -30,7 +30,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv._repr import kvcache_html
+from interpkv.core import calls
 from interpkv.core import tl as _tl
+from interpkv.core.arguments import check_memory
 from interpkv.core.axes import PAD_POSITION
 from interpkv.cache import persist, provenance
 from interpkv.cache.bound import PositionBound
@@ -83,25 +85,27 @@ def validated_rows(batch_indices, batch_size: int, device) -> Tensor:
     if isinstance(batch_indices, Tensor):
         if batch_indices.dtype == torch.bool or batch_indices.is_floating_point():
             raise TypeError(
-                f"select() takes integer row indices, got a {batch_indices.dtype} tensor; "
+                f"select(batch_indices) takes integer row indices, got a {batch_indices.dtype} tensor; "
                 "for a boolean row mask pass mask.nonzero().flatten()"
             )
         if batch_indices.ndim != 1:
             raise ValueError(
-                f"select() takes a 1-D list of row indices, got shape {tuple(batch_indices.shape)}"
+                f"select(batch_indices) takes a 1-D list of row indices, got shape {tuple(batch_indices.shape)}"
             )
         rows = batch_indices.tolist()
     else:
+        if isinstance(batch_indices, (str, bytes)) or not hasattr(batch_indices, "__iter__"):
+            raise TypeError(f"select(batch_indices) takes a list of row indices, got {batch_indices!r}")
         rows = list(batch_indices)
         bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int)]
         if bad:
-            raise TypeError(f"select() takes integer row indices, got {bad[:3]!r}")
+            raise TypeError(f"select(batch_indices) takes integer row indices, got {bad[:3]!r}")
     if not rows:
-        raise ValueError("select() needs at least one row index; a cache has >= 1 row")
+        raise ValueError("select(batch_indices) needs at least one row index (got none); a cache has >= 1 row")
     outside = [r for r in rows if not 0 <= r < batch_size]
     if outside:
         raise ValueError(
-            f"row indices {outside[:5]} are outside [0, {batch_size}) for a cache "
+            f"batch_indices {outside[:5]} are outside [0, {batch_size}) for a cache "
             f"with batch_size={batch_size}"
         )
     return torch.tensor(rows, dtype=torch.long, device=device)
@@ -218,7 +222,7 @@ class KVCache:
         capacity: int = _INITIAL_CAPACITY,
         keep_graph: bool = False,
     ):
-        check_window_args(batch_size, window, sinks)
+        check_window_args(batch_size, window, sinks, model, capacity)
         cfg = model.cfg
         self._model_ref = weakref.ref(model)
         self.signature = model_signature(model)
@@ -228,7 +232,7 @@ class KVCache:
         self.sinks = sinks
         self.keep_graph = keep_graph
         self._graph_calls = 0  # commits that left an autograd graph in the cache
-        self._frozen = 0
+        self._frozen: set = set()
         self._length = 0
         capacity = max(1, capacity)
         self.layers: List[LayerCache] = [
@@ -317,7 +321,7 @@ class KVCache:
 
     @property
     def frozen(self) -> bool:
-        return self._frozen > 0
+        return bool(self._frozen)
 
     @property
     def model(self) -> Optional["_tl.HookedTransformer"]:
@@ -445,6 +449,11 @@ class KVCache:
         >>> cache.metadata
         {'prompt': 'Once upon a time'}
         """
+        if not isinstance(model, _tl.HookedTransformer):  # the caller's error, never "a corrupted file"
+            raise TypeError(
+                f"KVCache.load(path, model) needs the HookedTransformer the cache was saved from, got "
+                f"{type(model).__name__}; e.g. KVCache.load(path, interpkv.zoo.load(name))"
+            )
         return persist.load_cache(path, model, cls)
 
     # -------------------------------------------------------------- lifecycle
@@ -465,11 +474,15 @@ class KVCache:
         ...     a = interpkv.forward(model, torch.tensor([[4]]), cache=cache)
         ...     b = interpkv.forward(model, torch.tensor([[4]]), cache=cache)  # same as a
         """
-        self._frozen += 1
+        token = object()
+        # Undone by the running call's cleanup too (set.discard: no interpkv line), so an
+        # interrupt in this block's own exit never leaves a caller's cache frozen.
+        calls.on_exit(self._frozen.discard, token)
         try:
+            self._frozen.add(token)
             yield self
         finally:
-            self._frozen -= 1
+            self._frozen.discard(token)
 
     def crop(self, n: int) -> None:
         """Keep the first ``n`` stored slots of every row, in place; returns None.
@@ -559,6 +572,7 @@ class KVCache:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"repeat(n) needs an int n >= 1 (copies per row), got {n!r}")
+        check_memory("n", n, self.nbytes * n, f"{n} copies of this cache's {self.nbytes} bytes")
         rows = torch.arange(self.batch_size, device=self.device).repeat_interleave(n)
         return self._take_rows(rows)
 
@@ -575,7 +589,7 @@ class KVCache:
         """A new cache sharing this one's binding and window, with the given storage."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new._frozen = 0
+        new._frozen = set()
         new.metadata = copy.deepcopy(self.metadata)
         new._install(layers, positions, next_positions, slot_ids)
         return new
@@ -681,10 +695,9 @@ class KVCache:
         """Count the slots of :meth:`begin` as stored (unless frozen); a windowed cache evicts."""
         if self.frozen:
             return
-        self._length = slots.end
-        self._appended += slots.q_pos.shape[1]
         old, n = self._next_position, slots.q_pos.shape[1]
-        self._next_position = self.bound.advance(old, old + (slots.q_pos >= 0).sum(dim=1), n)
+        nxt = self.bound.advance(old, old + (slots.q_pos >= 0).sum(dim=1), n)
+        self._length, self._appended, self._next_position = slots.end, self._appended + n, nxt  # one statement
         if self.window is not None:
             self._evict()
         if torch.is_grad_enabled() and self.layers[0].holds_graph:

@@ -27,6 +27,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from interpkv.core.axes import PAD_POSITION
+from interpkv.core.arguments import check_cache_memory, count
 
 __all__ = [
     "in_window",
@@ -184,8 +185,14 @@ def check_holds_required(
         )
 
 
-def check_window_args(batch_size: int, window: Optional[int], sinks: int) -> None:
-    """Raise ``ValueError`` naming the bad argument of a new cache."""
+def check_window_args(batch_size: int, window: Optional[int], sinks: int, model=None, capacity: int = 1) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming the bad argument of a new cache (before it allocates)."""
+    count("batch_size", batch_size)
+    if window is not None:
+        count("window", window)
+    count("sinks", sinks)
+    if model is not None:
+        check_cache_memory("batch_size", batch_size, model, batch_size, max(1, capacity), "its first cache slots")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if window is not None and window < 1:

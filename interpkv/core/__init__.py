@@ -6,6 +6,10 @@
   lacks a name (TransformerLens 4, or none); imports no TransformerLens.
 - :mod:`~interpkv.core.axes`: axis names and the padding marker.
 - :mod:`~interpkv.core.inputs`: the input normalisation every entry point uses.
+- :mod:`~interpkv.core.padding`: token ids with pad runs and no mask: the mask TransformerLens
+  would use, or None.
+- :mod:`~interpkv.core.arguments`: checks of public arguments (each error names the argument,
+  the value and the fix).
 - :mod:`~interpkv.core.positions`: attention mask + offsets -> absolute positions.
 - :mod:`~interpkv.core.schemes`: the one factory that reads the positional scheme.
 - :mod:`~interpkv.core.attention`: position-aware attention over a cache.

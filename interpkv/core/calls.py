@@ -23,10 +23,23 @@ and what it must put on the model, the caller's ``fwd_hooks``, is *gated*:
   gated hook of another call does not count, so a fast path chosen by one call
   never depends on what another thread is doing; :func:`has_hooks` is the same
   for any module a hook point may have been replaced by (an SAE wrapper).
+
+Interrupts. Every public entry point is wrapped by :func:`entry`: the call
+runs in a copy of the caller's :mod:`contextvars` context (so the gates it
+opens and the positions it sets vanish with it, however it ends) inside a
+scope whose cleanup is the standard library's ``ExitStack`` calling torch's
+``RemovableHandle.remove`` and torch's grad-mode setter: no interpkv line runs
+during that cleanup, so an exception (a ``KeyboardInterrupt``) that arrives at
+any line of interpkv, the cleanup of a ``with`` or ``finally`` included, leaves
+no hook of the call registered or open and grad mode as it was. A hook's
+removal is put on the scope *before* the hook is added to its point, and the
+adding is one dict store: there is no instant at which a hook is on the model
+and not on the list of hooks to remove.
 """
 
 import contextlib
 import contextvars
+import functools
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,9 +47,13 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interpkv.core.tl import HookPoint
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "Hook",
+    "entry",
+    "track",
+    "on_exit",
     "hooks",
     "positions",
     "current_positions",
@@ -64,6 +81,69 @@ _EDITS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("interpk
 _GENERATED_FROM: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
     "interpkv_generated_from", default=None
 )
+
+_SCOPE: contextvars.ContextVar[Optional["_Scope"]] = contextvars.ContextVar("interpkv_call_scope", default=None)
+
+
+class _Scope(contextlib.ExitStack, contextlib.ContextDecorator):
+    """One entry-point call: its cleanup, run by ``ExitStack.__exit__`` (standard library code)."""
+
+    def _recreate_cm(self):
+        return _Scope()
+
+    def __enter__(self):
+        self.callback(torch._C._set_grad_enabled, torch.is_grad_enabled())  # C: restores grad mode
+        _SCOPE.set(self)  # in the call's own context copy (see entry): no reset needed
+        return self
+
+
+def entry(fn: Callable) -> Callable:
+    """Wrap a public entry point so that no exception can leave its hooks or state behind.
+
+    See the module docstring. Nested entry points (``compare`` running
+    ``capture``) each get their own scope; the innermost one holds the hooks
+    registered while it runs.
+    """
+    scoped = _Scope()(fn)  # the ``with`` lives in contextlib's frame, not in interpkv's
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return contextvars.copy_context().run(scoped, *args, **kwargs)
+
+    return call
+
+
+def track(handle) -> None:
+    """Put ``handle.remove`` (a torch ``RemovableHandle``) on the running call's cleanup, if any."""
+    on_exit(handle.remove)
+
+
+def on_exit(undo: Callable, *args) -> None:
+    """Run ``undo(*args)`` when the running entry-point call ends, however it ends (if inside one).
+
+    ``undo`` must be idempotent (it also runs after a normal undo) and should
+    be a C function or a library's (``set.discard``, ``RemovableHandle.remove``),
+    so that no interpkv line runs during cleanup.
+    """
+    scope = _SCOPE.get()
+    if scope is not None:
+        scope.callback(undo, *args)
+
+
+def _register(point: torch.nn.Module, hook: Callable, handles: list) -> None:
+    """``point.register_forward_hook(hook)`` with its removal tracked before the hook is added.
+
+    The handle is made (as torch makes it) and put on the cleanup first; the
+    hook is then added in one dict store, so an interrupt at any instant leaves
+    it either absent or removable.
+    """
+    handle = RemovableHandle(
+        point._forward_hooks, extra_dict=[point._forward_hooks_with_kwargs, point._forward_hooks_always_called]
+    )
+    track(handle)
+    handles.append(handle)
+    point._forward_hooks[handle.id] = hook
+
 
 _GLOBAL_HOOKS = (
     torch.nn.modules.module._global_forward_hooks,
@@ -128,30 +208,40 @@ def hooks(model: torch.nn.Module, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
         return
     owner = object()
     handles: list = []
-    token = _OPEN.set(_OPEN.get() + (owner,))
-    active = _ACTIVE.set(_ACTIVE.get() + tuple(fwd_hooks))
+    token = active = None
     try:
+        token = _OPEN.set(_OPEN.get() + (owner,))
+        active = _ACTIVE.set(_ACTIVE.get() + tuple(fwd_hooks))
         for name, hook in fwd_hooks:
             if not callable(hook):
                 raise TypeError(f"the hook for {name!r} in fwd_hooks is a {type(hook).__name__}, not a function")
             for point in hook_points(model, name):
-                handles.append(point.register_forward_hook(_gated(hook, owner)))
+                _register(point, _gated(hook, owner), handles)
         yield
     finally:
+        # An interrupt in these lines: the call's scope removes the rest (see entry).
         for handle in handles:
             handle.remove()
-        _ACTIVE.reset(active)
-        _OPEN.reset(token)
+        if active is not None:
+            _ACTIVE.reset(active)
+        if token is not None:
+            _OPEN.reset(token)
 
 
 @contextlib.contextmanager
 def _holding(var: contextvars.ContextVar, value) -> Iterator[None]:
-    """``var`` holds ``value`` in this context for the block, then what it held before."""
-    token = var.set(value)
+    """``var`` holds ``value`` in this context for the block, then what it held before.
+
+    An interrupt before the reset leaves it set only in the entry point's
+    context copy, which ends with the call (see :func:`entry`).
+    """
+    token = None
     try:
+        token = var.set(value)
         yield
     finally:
-        var.reset(token)
+        if token is not None:
+            var.reset(token)
 
 
 def positions(q_pos: Int[Tensor, "batch pos"]):

@@ -25,6 +25,7 @@ __all__ = ["forward", "Hook"]
 _NOT_NOTING = contextlib.nullcontext(((), ()))
 
 
+@calls.entry
 def forward(
     model: "_tl.HookedTransformer",
     tokens: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],
@@ -102,11 +103,17 @@ def forward(
     True
     """
     _tl.require_hooked(model, "interpkv.forward")
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an interpkv.KVCache (KVCache.for_model(model, batch_size)), got {type(cache).__name__}")
     if tl_kwargs:
         tlkeywords.refuse("interpkv.forward", tl_kwargs, tlkeywords.REFUSED)
     if logits not in ("all", "last"):
         raise ValueError(f'logits must be "all" or "last", got {logits!r}')
-    inputs, mask = as_inputs(model, tokens, attention_mask)
+    # Pads are inferred only where a computation starts (interpkv.core.padding).
+    infer = cache is None or cache.seq_len == 0
+    inputs, mask = as_inputs(model, tokens, attention_mask, infer_padding=infer)
+    if attention_mask is None and infer and getattr(model, "tokenizer", None) is not None:
+        attention_mask = mask  # possibly inferred: what _all_real must read
     returns.check_return_type(return_type, loss_per_token, logits, inputs)
     last_only = logits == "last" or return_type is None
     scheme = scheme_for(model)

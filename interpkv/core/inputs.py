@@ -16,6 +16,7 @@ from torch import Tensor
 
 from interpkv.core.hostread import checks_on_device, host_array
 from interpkv.core.positions import validate_mask
+from interpkv.core.padding import inferred_mask
 
 __all__ = ["as_inputs", "as_pair", "is_text", "TokensLike", "refuse_right_padding", "left_aligned"]
 
@@ -32,7 +33,7 @@ def is_text(tokens) -> bool:
 def _from_text(model, text: Union[str, Sequence[str]]) -> Tuple[Tensor, Tensor]:
     if getattr(model, "tokenizer", None) is None:
         raise TypeError(
-            "got text but this model has no tokenizer; pass token ids [batch, pos] "
+            "tokens is text but this model has no tokenizer; pass token ids [batch, pos] "
             "(or set model.tokenizer, e.g. interpkv.zoo.load(name, trained=True) carries one)"
         )
     texts = [text] if isinstance(text, str) else list(text)
@@ -57,8 +58,13 @@ def as_inputs(
     *,
     embeddings: bool = True,
     what: str = "tokens",
+    infer_padding: bool = True,
 ) -> Tuple[Tensor, Int[Tensor, "batch pos"]]:
     """Normalise ``tokens`` and ``attention_mask`` for ``model``.
+
+    Token ids with pad runs and no mask get the mask TransformerLens would
+    infer from the model's tokenizer (:mod:`interpkv.core.padding`), unless
+    ``infer_padding`` is False (a chunk continuing a cache).
 
     Args:
         model: a HookedTransformer.
@@ -68,6 +74,7 @@ def as_inputs(
         attention_mask: ``[batch, pos]`` or ``[pos]``, 1 = real, 0 = padding.
         embeddings: whether float embeddings are accepted.
         what: the argument's name, for error messages.
+        infer_padding: infer a mask from the tokenizer's pad id when none is given.
 
     Returns:
         ``(inputs, mask)``: ids as int64 ``[batch, pos]`` (or embeddings) on the
@@ -80,6 +87,11 @@ def as_inputs(
     (torch.int64, torch.Size([1, 3]), [[1, 1, 1]])
     """
     device = model.cfg.device
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor [batch, pos] of 0/1, got {type(attention_mask).__name__}; "
+            "e.g. torch.tensor(mask)"
+        )
     if is_text(tokens):
         ids, text_mask = _from_text(model, tokens)
         if attention_mask is None:
@@ -114,6 +126,8 @@ def as_inputs(
         inputs = tokens.to(device=device, dtype=torch.long)
     if attention_mask is not None and attention_mask.ndim == 1:
         attention_mask = attention_mask[None]
+    if attention_mask is None and infer_padding and not inputs.is_floating_point():
+        attention_mask = inferred_mask(model, inputs)
     return inputs, validate_mask(inputs, attention_mask)
 
 
@@ -129,7 +143,7 @@ def _check_ids(tokens: Tensor, d_vocab: int) -> None:
     else:
         return  # a one-position step on an accelerator: no sync (the embedding still fails)
     if low < 0 or high >= d_vocab:
-        raise ValueError(f"token ids must lie in [0, d_vocab={d_vocab}), got min {low} and max {high}")
+        raise ValueError(f"tokens hold ids outside [0, d_vocab={d_vocab}): min {low}, max {high}")
 
 
 def as_pair(
@@ -206,9 +220,12 @@ def refuse_right_padding(model, tokens: Tensor) -> None:
     Raises:
         ValueError: the rows end differently with the pad id.
     """
-    pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None or tokens.is_floating_point() or tokens.ndim != 2 or tokens.shape[0] < 2:
         return
+    if getattr(tokenizer, "padding_side", "left") == "right":
+        return  # trailing pads are the padding TransformerLens infers (interpkv.core.padding)
     ends = tokens[:, -1] == pad_id
     if bool(ends.any()) and not bool(ends.all()):
         raise ValueError(

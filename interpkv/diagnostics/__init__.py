@@ -5,6 +5,9 @@
   absolute positions).
 - :mod:`~interpkv.diagnostics.assemble`: preallocated buffers filled like ``run_with_cache``.
 - :mod:`~interpkv.diagnostics.names`: ``names_filter=`` next to ``names=``.
+- :mod:`~interpkv.diagnostics.selection`: hook selection, one meaning for ``names=``,
+  ``names_filter=``, ``capture=`` and patching hooks.
+- :mod:`~interpkv.diagnostics.hfsites`: a ``transformers`` model's TransformerLens-named sites.
 - :mod:`~interpkv.diagnostics.capture`: :func:`interpkv.capture` (chunked runs feeding a sink).
 - :mod:`~interpkv.diagnostics.chunk`: the query and key positions of the chunk a capture runs.
 - :mod:`~interpkv.diagnostics.layouts`: hooks of other shapes put at positions, or skipped.

@@ -37,6 +37,7 @@ from interpkv.diagnostics.layouts import Layouts, is_routing_hook
 from interpkv.diagnostics.names import resolve_names
 from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.record import Record, is_attention_hook
+from interpkv.core.arguments import int_list
 
 __all__ = ["capture", "NamesFilter"]
 
@@ -71,7 +72,7 @@ def split_steps(n_tokens: int, steps: Optional[Iterable[int]]) -> List[int]:
     """
     if steps is None:
         return [n_tokens]
-    steps = [int(s) for s in steps]
+    steps = int_list("steps", steps)
     if any(s < 1 for s in steps):
         raise ValueError(f"every step must be at least 1 token, got steps={steps}")
     if sum(steps) != n_tokens:
@@ -161,8 +162,10 @@ def run(
     edits an activation is recorded edited (as ``run_with_cache`` inside
     ``model.hooks(...)`` would).
     """
-    tokens, mask = as_inputs(model, tokens, attention_mask)
+    tokens, mask = as_inputs(model, tokens, attention_mask, infer_padding=cache is None or cache.seq_len == 0)
     batch, n_tokens = tokens.shape[:2]
+    if cache is not None:  # before its positions are read: a cache of another batch or model says so
+        cache.check_compatible(model, batch, tokens.device)
     chunks = split_steps(n_tokens, steps)
     if cache is None and steps is not None:
         cache = KVCache.for_model(model, batch)
@@ -242,6 +245,7 @@ def run(
     return sink
 
 
+@calls.entry
 def capture(
     model,
     tokens: TokensLike,
@@ -272,13 +276,15 @@ def capture(
         attention_mask: ``[batch, pos]``, 1 = real, 0 = padding; chunked
             with the tokens. Padding has no position and is not computed: its
             columns hold 0 and are marked (``record.padding``, ``record.valid``).
-        names: which hooks to record: None (all), a substring, a list of exact
-            names, or a predicate on names.
+        names: which hooks to record: None (all), a hook name, a short name
+            (``"resid_post"``: every layer), a part of hook names, a list of
+            those, or a predicate on names (:mod:`interpkv.diagnostics.selection`);
+            matching no hook point is an error.
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active for
             the whole run (every chunk), as in :func:`interpkv.forward`. They
             run before recording, so an edited activation is recorded edited.
-        names_filter: TransformerLens's form of ``names`` (a string is an exact
-            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
+        names_filter: TransformerLens's spelling of ``names`` (same meaning;
+            see :mod:`interpkv.diagnostics.names`). Not with ``names``.
         layout: ``"tokens"`` (default): the position axis is the columns of
             ``tokens`` (after the cache's earlier positions, if ``cache`` held
             any), as ``run_with_cache(tokens, attention_mask=...)`` lays a
@@ -306,10 +312,12 @@ def capture(
     torch.Size([1, 4, 10, 10])
     """
     _tl.require_hooked(model, "interpkv.capture")
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an interpkv.KVCache (KVCache.for_model(model, batch_size)), got {type(cache).__name__}")
     if tl_kwargs:
         tlkeywords.refuse("interpkv.capture", tl_kwargs, tlkeywords.CAPTURE_REFUSED)
     tokenlayout.check_layout(layout)
-    names = resolve_names(names, names_filter)
+    names = resolve_names(names, names_filter, model=model)
     history = cache.next_positions.clone() if cache is not None else None
     sink = run(
         model,

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
+from interpkv.core import calls
 from interpkv.cache import provenance
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import tl as _tl
@@ -25,6 +26,7 @@ from interpkv.diagnostics.report import DivergenceReport
 __all__ = ["compare"]
 
 
+@calls.entry
 def compare(
     model,
     tokens: TokensLike,
@@ -77,8 +79,8 @@ def compare(
             ``n`` are not compared; when the run diverges and the cache was
             written under other interventions (:attr:`KVCache.provenance`),
             ``report.cause`` says so.
-        names_filter: TransformerLens's form of ``names`` (a string is an exact
-            name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
+        names_filter: TransformerLens's spelling of ``names`` (same meaning;
+            see :mod:`interpkv.diagnostics.names`). Not with ``names``.
         fast_path: also audit the unrecorded cached run (above); False
             checks the recorded path only (one run fewer).
 
@@ -94,7 +96,13 @@ def compare(
     >>> report.ok(atol=1e-10, rtol=1e-10), report.first_divergence(atol=1e-10, rtol=1e-10)
     (True, None)
     """
-    names = resolve_names(names, names_filter)
+    if isinstance(model, _tl.HookedTransformer) and cache is not None and not callable(cache):
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                f"cache must be an interpkv.KVCache or a factory (model, batch_size, max_len) -> cache, "
+                f"got {type(cache).__name__}"
+            )
+    names = resolve_names(names, names_filter, model=model)
     if isinstance(model, _tl.HookedTransformer):
         tokens, attention_mask = as_inputs(model, tokens, attention_mask)  # text tokenized once for both runs
 
@@ -107,6 +115,7 @@ def compare(
         )
 
     report = run(fwd_hooks)
+    report.run_names = ("the cached run", "the uncached run")
     if cache is not None and not callable(cache):  # a caller's cache was consumed: no rerun to blame with
         report.cause = why if why is not None and not report.ok() else None
         return report

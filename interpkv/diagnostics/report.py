@@ -17,7 +17,8 @@ from torch import Tensor
 
 from interpkv._repr import html_summary
 from interpkv.diagnostics.record import LOGITS, split_hook_name
-from interpkv.diagnostics.stats import STAT_NAMES, nanmax
+from interpkv.core.arguments import tolerance as checked_tolerance
+from interpkv.diagnostics.stats import STAT_NAMES, nanmax, nonfinite_note
 from interpkv.tolerances import site_tolerance
 
 __all__ = ["Site", "DivergenceReport"]
@@ -34,6 +35,9 @@ class Site:
         pos: absolute position (the query position for attention hooks).
         batch: batch row.
         max_abs, rel, cos: the site's statistics (see module docstring).
+        nonfinite: ``""`` for a finite site, else which run has the NaN or
+            unmatched infinity that makes it fail (``"NaN/inf in a only"``...;
+            :func:`~interpkv.diagnostics.stats.nonfinite_note`).
     """
 
     hook: str
@@ -43,6 +47,7 @@ class Site:
     max_abs: float
     rel: float
     cos: float = float("nan")
+    nonfinite: str = ""
 
 
 class DivergenceReport:
@@ -87,6 +92,7 @@ class DivergenceReport:
         self.only_in_a = list(only_in_a)
         self.only_in_b = list(only_in_b)
         self.skipped = dict(skipped or {})
+        self.run_names = ("a", "b")  # what a and b are, for messages (compare: cached, uncached)
         self.audited: List[str] = []
         self.dtype: Optional[torch.dtype] = None
 
@@ -115,6 +121,7 @@ class DivergenceReport:
     ) -> Bool[Tensor, "batch pos"]:
         """``[batch, pos]``: True where ``hook``'s site fails the tolerance (default: :meth:`tolerance`)."""
         atol, rtol = self.tolerance(atol, rtol)
+        atol, rtol = checked_tolerance("atol", atol), checked_tolerance("rtol", rtol)
         s = self.stats[hook]
         return s["max_abs"] > atol + rtol * torch.nan_to_num(s["scale"], nan=0.0)
 
@@ -132,6 +139,9 @@ class DivergenceReport:
         Returns:
             A :class:`Site`, or None when every site is within tolerance.
         """
+        for name, value in (("atol", atol), ("rtol", rtol)):  # even with no hook to compare
+            if value is not None:
+                checked_tolerance(name, value)
         for hook in [*self.hooks, *self.audited]:
             bad = self.diverged(hook, atol=atol, rtol=rtol)
             if not bool(bad.any()):
@@ -154,6 +164,7 @@ class DivergenceReport:
             max_abs=float(s["max_abs"][batch, pos]),
             rel=float(s["rel"][batch, pos]),
             cos=float(s["cos"][batch, pos]),
+            nonfinite=nonfinite_note(float(s["nonfinite"][batch, pos]), *self.run_names) if "nonfinite" in s else "",
         )
 
     def to_frame(self):
@@ -184,7 +195,8 @@ class DivergenceReport:
                 "batch": rows.numpy(),
             }
             for name in STAT_NAMES:
-                columns[name] = s[name][rows, positions].numpy()
+                if name in s:
+                    columns[name] = s[name][rows, positions].numpy()
             if hook == LOGITS:
                 columns["kl"] = self.kl_per_position[rows, positions].numpy()
             parts.append(pd.DataFrame(columns))
@@ -194,6 +206,8 @@ class DivergenceReport:
     def __repr__(self) -> str:
         first = self.first_divergence()
         where = "none" if first is None else f"{first.hook} pos {first.pos} (max_abs {first.max_abs:.3g})"
+        if first is not None and first.nonfinite:
+            where = f"{first.hook} pos {first.pos} ({first.nonfinite})"
         skipped = ""
         if self.skipped:
             names = ", ".join(list(self.skipped)[:2]) + (", ..." if len(self.skipped) > 2 else "")
@@ -228,6 +242,8 @@ class DivergenceReport:
     def _repr_html_(self) -> str:
         first = self.first_divergence()
         where = "none" if first is None else f"{first.hook} at pos {first.pos}, row {first.batch}"
+        if first is not None and first.nonfinite:
+            where += f" ({first.nonfinite})"
         batch, positions = self.stats[LOGITS]["max_abs"].shape
         fields = [
             ("hooks compared", len(self.hooks)),

@@ -9,10 +9,13 @@ site three numbers are computed in float64 over the site's trailing axes
 - ``cos``: cosine similarity of ``a`` and ``b``;
 
 and ``scale = max |b|`` for the tolerance test. Entries equal in both runs
-(including the ``-inf`` of masked attention scores) count as no error, and
-so does a NaN both runs computed; an entry finite in one run but not the
-other is an infinite error. ``rel`` and ``cos`` use the entries finite in
-both. Which sites exist is decided before, by each Record's explicit masks
+(including the ``-inf`` of masked attention scores) count as no error; an
+entry finite in one run but not the other is an infinite error, and so is
+a NaN anywhere, in either run or both (a NaN model never passes). The
+``nonfinite`` statistic says which side is at fault: a bit mask of
+:data:`NONFINITE_A` (NaN, or an infinity the other run does not have, in
+``a``) and :data:`NONFINITE_B` (the same in ``b``); 0 for finite sites.
+``rel`` and ``cos`` use the entries finite in both. Which sites exist is decided before, by each Record's explicit masks
 (``valid``, :meth:`~interpkv.Record.computed`), never by a value: a site one
 run computed and the other did not is an infinite error
 (:meth:`StatsTable.missing`).
@@ -26,7 +29,38 @@ from torch import Tensor
 
 from interpkv.diagnostics.record import is_attention_hook
 
-__all__ = ["site_stats", "STAT_NAMES", "StatsTable", "kl_divergence", "nanmax", "check_shapes"]
+__all__ = [
+    "site_stats",
+    "STAT_NAMES",
+    "StatsTable",
+    "kl_divergence",
+    "nanmax",
+    "check_shapes",
+    "NONFINITE_A",
+    "NONFINITE_B",
+    "nonfinite_note",
+]
+
+NONFINITE_A = 1
+"""Bit of the ``nonfinite`` statistic: the run under test (``a``) has a NaN or an unmatched infinity."""
+NONFINITE_B = 2
+"""Bit of the ``nonfinite`` statistic: the reference (``b``) has a NaN or an unmatched infinity."""
+
+
+def nonfinite_note(code: float, a: str = "a", b: str = "b") -> str:
+    """Words for a ``nonfinite`` code: ``""`` (finite), ``"NaN/inf in a"``, ``"... in b"``, ``"... in both"``.
+
+    >>> nonfinite_note(3, "cached", "uncached")
+    'NaN/inf in both cached and uncached'
+    """
+    code = 0 if code != code else int(code)  # NaN: not a site
+    if code == NONFINITE_A | NONFINITE_B:
+        return f"NaN/inf in both {a} and {b}"
+    if code == NONFINITE_A:
+        return f"NaN/inf in {a} only"
+    if code == NONFINITE_B:
+        return f"NaN/inf in {b} only"
+    return ""
 
 
 SITE_BLOCK = 1 << 17
@@ -45,7 +79,7 @@ def site_stats(a: Tensor, b: Tensor) -> Dict[str, Tensor]:
     of a 50k vocabulary are 100 MB per temporary otherwise).
 
     Returns:
-        ``max_abs``, ``rel``, ``cos``, ``scale``: float64 tensors ``[n_sites]``.
+        ``max_abs``, ``rel``, ``cos``, ``scale``, ``nonfinite``: float64 tensors ``[n_sites]``.
 
     >>> s = site_stats(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 4.0]]))
     >>> s["max_abs"].item(), round(s["rel"].item(), 4)
@@ -66,24 +100,37 @@ def _site_stats(a: Tensor, b: Tensor) -> Dict[str, Tensor]:
     a, b = a.double(), b.double()
     if not a.shape[1]:
         zeros = a.new_zeros(a.shape[0])
-        return _finish(zeros, zeros, zeros, zeros, zeros, zeros)
+        return _finish(zeros, zeros, zeros, zeros, zeros, zeros, zeros)
     d = a - b  # (n, D)
     err = d.abs()
     max_abs = err.amax(dim=1)  # NaN if any difference is NaN
     if bool(torch.isfinite(max_abs).all()):
         # Every entry finite in both (a finite difference needs two finite values):
         # equal entries already have a zero difference, nothing to mask.
-        return _finish(max_abs, d.norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1), b.abs().amax(dim=1))
-    # A NaN difference: both absent, or equal infinities (no error), or absent in one
-    # run only (infinite error, from the 0/1 "absent" indicators below).
+        zeros = torch.zeros_like(max_abs)
+        return _finish(
+            max_abs, d.norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1), b.abs().amax(dim=1), zeros
+        )
+    # A NaN difference: equal infinities (no error), or a NaN in either run, or an
+    # infinity in one run only (both infinite errors).
     max_abs = torch.nan_to_num(err, nan=0.0, posinf=float("inf")).amax(dim=1)
-    one_absent = (_absent(a) - _absent(b)).abs().amax(dim=1) > 0  # (n,)
-    max_abs = torch.where(one_absent, torch.full_like(max_abs, float("inf")), max_abs)
+    nan_a, nan_b = _absent(a), _absent(b)  # (n, D) 0/1
+    # An infinity the other run does not have: a finite |a - b| is impossible, and
+    # equal infinities give NaN, so "inf difference or NaN difference without a NaN".
+    unmatched = torch.isinf(err).double()
+    inf_a = unmatched * torch.isinf(a).double()
+    inf_b = unmatched * torch.isinf(b).double()
+    bad_a = (nan_a + inf_a).amax(dim=1) > 0  # (n,)
+    bad_b = (nan_b + inf_b).amax(dim=1) > 0
+    nonfinite = bad_a.double() * NONFINITE_A + bad_b.double() * NONFINITE_B
+    max_abs = torch.where(nonfinite > 0, torch.full_like(max_abs, float("inf")), max_abs)
     # rel and cos over the entries finite in both: zero elsewhere.
     both_finite = (a - a) + (b - b)  # 0 where both are finite, NaN elsewhere
     a = torch.nan_to_num(a + both_finite, nan=0.0)
     b = torch.nan_to_num(b + both_finite, nan=0.0)
-    return _finish(max_abs, (a - b).norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1), b.abs().amax(dim=1))
+    return _finish(
+        max_abs, (a - b).norm(dim=1), a.norm(dim=1), b.norm(dim=1), (a * b).sum(dim=1), b.abs().amax(dim=1), nonfinite
+    )
 
 
 def _absent(x: Tensor) -> Tensor:
@@ -91,17 +138,17 @@ def _absent(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=1.0, posinf=0.0, neginf=0.0) - torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _finish(max_abs, diff_norm, norm_a, norm_b, dot, scale) -> Dict[str, Tensor]:
+def _finish(max_abs, diff_norm, norm_a, norm_b, dot, scale, nonfinite) -> Dict[str, Tensor]:
     inf = torch.full_like(diff_norm, float("inf"))
     rel = torch.where(norm_b > 0, diff_norm / norm_b.clamp(min=1e-300), inf)
     rel = torch.where(diff_norm == 0, torch.zeros_like(rel), rel)
     rel = torch.where(torch.isinf(max_abs), inf, rel)
     cos = dot / (norm_a * norm_b).clamp(min=1e-300)
     cos = torch.where((norm_a == 0) & (norm_b == 0), torch.ones_like(cos), cos)
-    return {"max_abs": max_abs, "rel": rel, "cos": cos, "scale": scale}
+    return {"max_abs": max_abs, "rel": rel, "cos": cos, "scale": scale, "nonfinite": nonfinite}
 
 
-STAT_NAMES = ("max_abs", "rel", "cos", "scale")
+STAT_NAMES = ("max_abs", "rel", "cos", "scale", "nonfinite")
 
 
 
@@ -122,7 +169,9 @@ def kl_divergence(a_logits: Tensor, b_logits: Tensor) -> Tensor:
 def _kl(a_logits: Tensor, b_logits: Tensor) -> Tensor:
     log_a = F.log_softmax(a_logits.double(), dim=-1)
     log_b = F.log_softmax(b_logits.double(), dim=-1)
-    return (log_b.exp() * (log_b - log_a)).sum(dim=-1)
+    kl = (log_b.exp() * (log_b - log_a)).sum(dim=-1)
+    # NaN logits on either side: an infinite divergence, never a NaN that max() skips.
+    return torch.nan_to_num(kl, nan=float("inf"))
 
 
 class StatsTable:
@@ -146,7 +195,8 @@ class StatsTable:
         n = len(rows)
         inf = torch.full((n,), float("inf"), dtype=torch.float64)
         nan = torch.full((n,), float("nan"), dtype=torch.float64)
-        self.put(hook, rows, positions, {"max_abs": inf, "rel": inf, "cos": nan, "scale": nan})
+        zero = torch.zeros((n,), dtype=torch.float64)
+        self.put(hook, rows, positions, {"max_abs": inf, "rel": inf, "cos": nan, "scale": nan, "nonfinite": zero})
 
 
 def check_shapes(hook: str, a: Tensor, b: Tensor) -> None:

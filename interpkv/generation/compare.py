@@ -26,12 +26,14 @@ from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.cause import blame
 from interpkv.generation.result import GenerationDiff
 from interpkv.generation.generate import generate
+from interpkv.core.arguments import count, tolerance
 
 __all__ = ["compare_generation", "default_atol"]
 
 default_atol = generation_atol  # the name tests and docs know
 
 
+@calls.entry
 @torch.no_grad()
 def compare_generation(
     model: "_tl.HookedTransformer",
@@ -76,8 +78,9 @@ def compare_generation(
     (True, 4)
     """
     _tl.require_hooked(model, "interpkv.compare_generation")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 to compare anything, got {max_new_tokens}")
+    count("max_new_tokens", max_new_tokens, minimum=1)  # >= 1: nothing to compare otherwise
+    if atol is not None:
+        atol = tolerance("atol", atol)
     # Ids only: the uncached reference re-reads the prompt with the generated tokens appended.
     tokens, mask = as_inputs(model, tokens, attention_mask, embeddings=False)
     atol = default_atol(model.cfg.dtype) if atol is None else atol
@@ -116,4 +119,5 @@ def _compare(model, tokens, mask, max_new_tokens, atol, fwd_hooks, cache=None, p
         atol=atol,
         tokens_a=cached.new_tokens,  # what the cached run generated
         tokens_b=reference.argmax(-1),  # what uncached greedy picks from the same history
+        names=("the cached run", "the uncached run"),
     )

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
-from interpkv.core import calls
+from interpkv.core import arguments, calls
+from interpkv.generation import budget
 from interpkv.core.forward import Hook, forward
 from interpkv.core.hostread import host_array
 from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
@@ -59,6 +60,7 @@ __all__ = ["generate", "sample_next"]
 HookNames = NamesFilter  # as interpkv.capture's names
 
 
+@calls.entry
 @torch.no_grad()
 def generate(
     model: "_tl.HookedTransformer",
@@ -127,8 +129,9 @@ def generate(
             positions with :func:`interpkv.hook_positions` (or
             :mod:`interpkv.steering`), not by index into ``act``'s ``pos`` axis.
         capture: which hook points to record, as ``names`` of
-            :func:`interpkv.capture`: a substring, a list of exact names, or a
-            predicate on names. ``Generation.record`` is then one Record over
+            :func:`interpkv.capture` (a hook name, a short name such as
+            ``"resid_post"`` at every layer, a part of hook names, a list of
+            those, or a predicate; matching no hook is an error). ``Generation.record`` is then one Record over
             every position of ``Generation.tokens`` (``to_activation_cache``
             like ``run_with_cache`` on them), ``Generation.records`` one per step.
         capture_logits: with ``capture``, also keep every position's logits in
@@ -152,8 +155,8 @@ def generate(
         pad_token: value written after a row stopped. Default: the first of
             ``stop_tokens`` (as TransformerLens pads with the EOS token).
         keep_logits: also return the logits each new token was chosen from.
-        names_filter: ``capture`` in TransformerLens's form (a string is an
-            exact name); not with ``capture``.
+        names_filter: TransformerLens's spelling of ``capture`` (same meaning);
+            not with ``capture``.
         do_sample, stop_at_eos, eos_token_id, use_past_kv_cache, verbose:
             TransformerLens's keywords with its meanings (see
             :mod:`interpkv.generation.options`); the defaults keep interpkv's
@@ -188,6 +191,10 @@ def generate(
         do_sample=do_sample, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
         use_past_kv_cache=use_past_kv_cache, verbose=verbose, extra=tl_kwargs,
     )
+    if seed is not None:
+        arguments.count("seed", seed)
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an interpkv.KVCache (KVCache.for_model(model, batch_size)), got {type(cache).__name__}")
     resumed = tokens is None
     if resumed:
         if cache is None:
@@ -204,8 +211,9 @@ def generate(
         if attention_mask is None and isinstance(tokens, Tensor) and not is_text(tokens):
             refuse_right_padding(model, tokens)
         text = is_text(tokens)
-        tokens, mask = as_inputs(model, tokens, attention_mask)
-        if attention_mask is not None or text:  # else every column is real
+        tokens, mask = as_inputs(model, tokens, attention_mask, infer_padding=cache is None or cache.seq_len == 0)
+        inferred = attention_mask is None and getattr(model, "tokenizer", None) is not None  # pads may be masked
+        if attention_mask is not None or text or inferred:  # else every column is real
             _check_prompt_mask(mask)
             if _ends_padded(mask):  # right (or inner) padding: each row ends at its last real token
                 tokens, mask = left_aligned(tokens, mask)
@@ -224,8 +232,10 @@ def generate(
         return _prefill(cache, model, tokens, mask, fwd_hooks, getattr(model, "tokenizer", None), single)
     caller_cache = cache is not None
     batch, prompt_len = tokens.shape[:2]
+    budget.check_reach(model, cache, mask, max_new_tokens)  # before anything is allocated for the steps
     if cache is None:
-        cache = KVCache.for_model(model, batch, capacity=prompt_len + max_new_tokens)
+        # Grown as it fills: a large max_new_tokens with early stops costs no memory up front.
+        cache = KVCache.for_model(model, batch, capacity=prompt_len + min(max_new_tokens, budget.FIRST_CAPACITY))
     generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(int(seed))
@@ -237,33 +247,35 @@ def generate(
         recorder = Recorder(batch, reach, opts.capture, model.cfg.n_layers, logits=capture_logits)
     loop = Loop(model, cache, tokens, mask, fwd_hooks, opts, recorder, resumed, keep_logits, generator)
     start = resume.snapshot(cache)
-    resume.release(cache)  # fed as the prompt's first column; put back by settle if the first step fails
     history = cache.next_positions.clone() if caller_cache else None  # leading record columns
     # Where each row's generated tokens start (interpkv.steering's region="generated").
-    generating = calls.generation(cache.next_positions + mask.sum(dim=1))
-    with generating:
-        try:
+    first_generated = cache.next_positions + mask.sum(dim=1)
+    try:  # around the with too: an interrupt in its exit still settles the cache and names the tokens
+        resume.release(cache)  # fed as the prompt's first column; put back by settle if the first step fails
+        with calls.generation(first_generated):
+            record = None
             loop.run(max_new_tokens)
-        except BaseException as error:
-            if caller_cache:
-                settle(cache, start, loop, error)
-            attach(error, loop, tokens, mask, single)
-            raise
-        record = None
-        if recorder is not None and loop.chosen is not None:
-            with cache.freeze():  # the held-back token's activations, without storing it
-                recorder.step(model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True)
-            record = recorder.record()
-        if loop.chosen is not None:
-            resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
-    out = loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
-    if record is not None:  # by columns of out.tokens, as run_with_cache(out.tokens, attention_mask=...)
-        fed = torch.cat([mask, out.attention_mask[:, out.prompt_length :]], dim=1)  # every column fed
-        offsets = history if history is not None else fed.new_zeros(batch)
-        columns = tokenlayout.column_positions(absolute_positions(fed, offsets), history)
-        out.record = tokenlayout.to_columns(record, columns)
-        out.records = StepRecords(out.record, recorder.step_valid)  # not the absolute copy: freed
-    return out
+            if recorder is not None and loop.chosen is not None:
+                with cache.freeze():  # the held-back token's activations, without storing it
+                    recorder.step(
+                        model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True
+                    )
+                record = recorder.record()
+            if loop.chosen is not None:
+                resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
+            out = loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+            if record is not None:  # by columns of out.tokens, as run_with_cache(out.tokens, attention_mask=...)
+                fed = torch.cat([mask, out.attention_mask[:, out.prompt_length :]], dim=1)  # every column fed
+                offsets = history if history is not None else fed.new_zeros(batch)
+                columns = tokenlayout.column_positions(absolute_positions(fed, offsets), history)
+                out.record = tokenlayout.to_columns(record, columns)
+                out.records = StepRecords(out.record, recorder.step_of, recorder.n_steps)  # not the absolute copy
+            return out
+    except BaseException as error:
+        if caller_cache:
+            settle(cache, start, loop, error)
+        attach(error, loop, tokens, mask, single)
+        raise
 
 
 def _check_prompt_mask(mask: Tensor) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
 from interpkv.diagnostics.names import NamesFilter, resolve_names
+from interpkv.core import arguments
 
 __all__ = ["Options", "resolve", "NOT_KEPT", "progress", "refuse_uncached"]
 
@@ -105,9 +106,12 @@ def resolve(
         temperature = 1.0 if temperature is None else temperature
     elif temperature is None:
         temperature = 0.0
-    stops = [int(t) for t in (stop_tokens or ())] + _eos_ids(model, stop_at_eos, eos_token_id)
+    if temperature is not None:
+        temperature = arguments.real("temperature", temperature, low=0.0)
+    stop_ids = arguments.token_ids("stop_tokens", stop_tokens, model.cfg.d_vocab_out) if stop_tokens is not None else []
+    stops = stop_ids + _eos_ids(model, stop_at_eos, eos_token_id)
     _check(model, max_new_tokens, temperature, top_k, top_p, stops, pad_token)
-    names = resolve_names(capture, names_filter, names_kw="capture")
+    names = resolve_names(capture, names_filter, names_kw="capture", model=model)
     if not isinstance(use_past_kv_cache, bool) or not isinstance(verbose, bool):
         raise TypeError(
             f"use_past_kv_cache and verbose are bools, got {use_past_kv_cache!r} and {verbose!r}"
@@ -119,8 +123,18 @@ def resolve(
 
 
 def _check(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    arguments.count("max_new_tokens", max_new_tokens)
+    if top_k is not None:
+        arguments.count("top_k", top_k, minimum=1)
+        if top_k > model.cfg.d_vocab_out:
+            raise ValueError(
+                f"top_k={top_k} is more than the model's d_vocab_out={model.cfg.d_vocab_out} tokens; "
+                "pass top_k=None to sample from every token"
+            )
+    if top_p is not None:
+        arguments.real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if pad_token is not None:
+        arguments.token_ids("pad_token", [pad_token], model.cfg.d_vocab_out)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if temperature == 0 and (top_k is not None or top_p is not None):

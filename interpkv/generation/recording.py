@@ -20,7 +20,7 @@ demand from the whole Record (:class:`StepRecords`), so it costs nothing
 until a step is read.
 """
 
-from typing import List, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -70,7 +70,10 @@ class Recorder:
         self.names = names
         self.skipped: dict = {}
         self.valid = None  # (B, P) bool, made on the model's device at the first step
-        self.step_valid: List[Tensor] = []
+        # (B, P) int32: the step that computed each position (-1: none). One tensor for the
+        # whole generation, not one [batch, positions so far] mask per step (quadratic).
+        self.step_of: Optional[Tensor] = None
+        self.n_steps = 0
         self.n_layers = n_layers
         self.last_logits: Tensor = torch.empty(0)
 
@@ -81,11 +84,14 @@ class Recorder:
             names=self.names, fwd_hooks=fwd_hooks,
         )
         step_valid = sink.step_valid
+        width = step_valid.shape[1]
         if self.valid is None:
             self.valid = step_valid.new_zeros((step_valid.shape[0], self.parts.n_positions))
-        self.valid[:, : step_valid.shape[1]] |= step_valid
+            self.step_of = torch.full(self.valid.shape, -1, dtype=torch.int32, device=self.valid.device)
+        self.valid[:, :width] |= step_valid
         if not final:
-            self.step_valid.append(step_valid)
+            self.step_of[:, :width].masked_fill_(step_valid, self.n_steps)
+            self.n_steps += 1
         return self.last_logits
 
     def record(self) -> Record:
@@ -118,9 +124,10 @@ class StepRecords(Sequence):
     attention values).
     """
 
-    def __init__(self, whole: Record, step_valid: List[Tensor]):
+    def __init__(self, whole: Record, step_of: Tensor, n_steps: int):
         self._whole = whole
-        self.step_valid = step_valid
+        self.step_of = step_of  # (B, P) int32: the step that computed each position, -1 none
+        self.n_steps = n_steps
 
     @property
     def whole(self) -> Record:
@@ -130,13 +137,17 @@ class StepRecords(Sequence):
         return self._whole
 
     def __len__(self) -> int:
-        return len(self.step_valid)
+        return self.n_steps
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        valid = self.step_valid[index].to(self.whole.valid.device)  # (B, P_s)
-        n = valid.shape[1]
+        if not -self.n_steps <= index < self.n_steps:
+            raise IndexError(f"step {index} of a generation with {self.n_steps} steps")
+        index %= self.n_steps
+        computed = (self.step_of == index).to(self.whole.valid.device)  # (B, P)
+        n = int(computed.any(0).nonzero().max()) + 1  # up to the step's last position
+        valid = computed[:, :n]  # (B, P_s)
         whole = self.whole
         acts = {}
         for name, full in whole.activations.items():

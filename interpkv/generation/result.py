@@ -172,6 +172,9 @@ class GenerationDiff:
             ``atol`` of its own top-1 (an exact tie, or one the dtype's
             rounding decides). Such a flip is not a divergence. None: every
             flip counts (a diff built without logits).
+        nonfinite: None, or where the first NaN (or an infinity the other run
+            does not have) is: which run, step and row. Such a step is
+            divergent whatever ``atol`` (its ``logits_max_abs`` and ``kl`` are inf).
     """
 
     logits_max_abs: List[float]
@@ -183,6 +186,7 @@ class GenerationDiff:
     tokens_b: Optional[Tensor] = field(default=None, repr=False)
     cause: Optional[str] = None
     top1_tied: Optional[List[bool]] = None
+    nonfinite: Optional[str] = None
 
     def __post_init__(self):
         n = len(self.logits_max_abs)
@@ -240,6 +244,7 @@ class GenerationDiff:
             f"max logits_max_abs={worst:.3g}, max kl={worst_kl:.3g}, "
             f"top1 agree {sum(self.top1_agree)}/{self.n_steps}, atol={self.atol:g})"
             + (f"\ncause: {self.cause}" if self.cause else "")
+            + (f"\nnot finite: {self.nonfinite}" if self.nonfinite else "")
         )
 
     def _repr_html_(self) -> str:
@@ -262,6 +267,8 @@ class GenerationDiff:
         ]
         if self.cause:
             fields.append(("cause", self.cause))
+        if self.nonfinite:
+            fields.append(("not finite", self.nonfinite))
         note = f"first {limit} of {self.n_steps} steps shown; to_frame() has all" if self.n_steps > limit else ""
         header = ["step", "logits max |a-b|", "KL", "top-1 agrees", "divergent"]
         return html_summary("GenerationDiff", fields, (header, rows), note)
@@ -275,8 +282,13 @@ class GenerationDiff:
         atol: float = DEFAULT_ATOL,
         tokens_a: Optional[Tensor] = None,
         tokens_b: Optional[Tensor] = None,
+        names: Sequence[str] = ("a", "b"),
     ) -> "GenerationDiff":
         """Build from the next-token logits of each step of both runs.
+
+        A step where either run's logits hold a NaN, or an infinity the other
+        run does not have, is divergent with ``logits_max_abs`` and ``kl`` inf,
+        and :attr:`nonfinite` names the first such run, step and row.
 
         Args:
             a: one ``[batch, d_vocab]`` tensor per step (the run under test).
@@ -284,6 +296,7 @@ class GenerationDiff:
             atol: logit tolerance for ``first_divergent_step``; a top-1 flip
                 where the reference scores ``a``'s token within ``atol`` of its
                 own top-1 is a tie, not a divergence (:attr:`top1_tied`).
+            names: what ``a`` and ``b`` are, for :attr:`nonfinite`.
 
         >>> d = GenerationDiff.from_step_logits([torch.zeros(1, 3)], [torch.zeros(1, 3)])
         >>> d.logits_max_abs, d.top1_agree, d.first_divergent_step
@@ -295,17 +308,33 @@ class GenerationDiff:
         if len(a) != len(b):
             raise ValueError(f"runs have {len(a)} and {len(b)} steps; compare equal lengths")
         max_abs, kl, agree, tied = [], [], [], []
-        first = None
+        first, nonfinite = None, None
         for step, (x, y) in enumerate(zip(a, b)):
             x, y = x.double(), y.double()
-            max_abs.append(float((x - y).abs().max()))
+            err = (x - y).abs()
+            # A NaN, or an infinity the other run does not have (equal infinities are no error).
+            bad_x = torch.isnan(x) | (torch.isinf(x) & (x != y) & ~torch.isnan(y))
+            bad_y = torch.isnan(y) | (torch.isinf(y) & (x != y) & ~torch.isnan(x))
             log_x, log_y = F.log_softmax(x, dim=-1), F.log_softmax(y, dim=-1)
-            kl.append(float((log_y.exp() * (log_y - log_x)).sum(-1).max()))
-            chosen = x.argmax(-1)  # (B,)
-            same = chosen == y.argmax(-1)
-            agree.append(bool(same.all()))
-            margin = y.max(-1).values - y.gather(-1, chosen[:, None])[:, 0]  # reference's regret, >= 0
-            tied.append(not agree[-1] and bool((same | (margin <= atol)).all()))
+            if bool(bad_x.any() or bad_y.any()):
+                max_abs.append(float("inf"))
+                kl.append(float("inf"))
+                agree.append(False)
+                tied.append(False)
+                if nonfinite is None:
+                    side = names[0] if bool(bad_x.any()) else names[1]
+                    if bool(bad_x.any()) and bool(bad_y.any()):
+                        side = f"both {names[0]} and {names[1]}"
+                    row = int((bad_x | bad_y).any(-1).nonzero()[0, 0]) if x.dim() > 1 else 0
+                    nonfinite = f"NaN/inf logits in {side} at step {step} (row {row})"
+            else:
+                max_abs.append(float(err.max()))
+                kl.append(float((log_y.exp() * (log_y - log_x)).sum(-1).max()))
+                chosen = x.argmax(-1)  # (B,)
+                same = chosen == y.argmax(-1)
+                agree.append(bool(same.all()))
+                margin = y.max(-1).values - y.gather(-1, chosen[:, None])[:, 0]  # reference's regret, >= 0
+                tied.append(not agree[-1] and bool((same | (margin <= atol)).all()))
             if first is None and (max_abs[-1] > atol or not (agree[-1] or tied[-1])):
                 first = step
-        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b, top1_tied=tied)
+        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b, top1_tied=tied, nonfinite=nonfinite)

@@ -119,14 +119,14 @@ def held_back(cache: KVCache) -> Tuple[Int[Tensor, "batch 1"], Int[Tensor, "batc
 
 def hold_back(cache: KVCache, tokens: Int[Tensor, "batch"], real: Bool[Tensor, "batch"]) -> None:
     """Record ``tokens`` (where ``real``) as chosen but not fed, due at ``cache.next_positions``."""
-    cache.row_state[IDS] = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
-    cache.row_state[DUE] = cache.next_positions.clone()
+    ids = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
+    due = cache.next_positions.clone()
+    cache.row_state = {**cache.row_state, IDS: ids, DUE: due}  # one store: both or neither
 
 
 def forget(cache: KVCache) -> None:
     """Drop what :func:`hold_back` recorded (the cache can no longer be continued from it)."""
-    cache.row_state.pop(IDS, None)
-    cache.row_state.pop(DUE, None)
+    cache.row_state = {k: v for k, v in cache.row_state.items() if k not in (IDS, DUE)}  # one store: both or neither
 
 def release(cache: KVCache) -> None:
     """Forget the held-back tokens: ``cache`` is then continued as it is (without them)."""

@@ -117,7 +117,9 @@ class CheckResult:
     def first_divergence_label(self) -> str:
         """``"hook@pos"`` of the first divergent site, ``"-"`` when there is none."""
         site = self.first_divergence
-        return "-" if site is None else f"{site.hook}@{site.pos}"
+        if site is None:
+            return "-"
+        return f"{site.hook}@{site.pos}" + (f" ({site.nonfinite})" if site.nonfinite else "")
 
     @property
     def verdict(self) -> str:

@@ -155,6 +155,12 @@ def verify(tl: Any, hf: Any, *, label: str) -> float:
         got = forward(tl, tokens, attention_mask=mask)
         ref = hf_logits(hf, tokens, mask)
     real = mask.bool()
+    if not bool(torch.isfinite(ref[real]).all()):  # NaN/inf in HF itself: not a converter problem
+        raise UnsupportedModelError(
+            f"zoo.from_hf({label!r}): the HF {type(hf).__name__}'s own logits are NaN/inf at real tokens "
+            f"of a left-padded batch of {length} tokens; check its weights "
+            "(e.g. torch.isfinite(p).all() for each parameter) before checking its cache"
+        )
     gap = (got[real].double() - ref[real].double()).abs().max().item()
     scale = max(1.0, ref[real].abs().max().item())
     tol = HF_LOGITS.get(tl.cfg.dtype, 1e-4) * scale

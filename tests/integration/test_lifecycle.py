@@ -150,8 +150,8 @@ def test_select_reorders_and_repeats_rows(model):
     "indices, error, message",
     [
         ([], ValueError, "needs at least one row index"),
-        ([2], ValueError, r"row indices \[2\] are outside \[0, 2\)"),
-        ([0, -1], ValueError, r"row indices \[-1\] are outside \[0, 2\)"),
+        ([2], ValueError, r"batch_indices \[2\] are outside \[0, 2\)"),
+        ([0, -1], ValueError, r"batch_indices \[-1\] are outside \[0, 2\)"),
         ([0.0], TypeError, "takes integer row indices"),
         (torch.tensor([True, False]), TypeError, "boolean row mask pass mask.nonzero"),
         (torch.tensor([[0, 1]]), ValueError, "1-D list of row indices"),

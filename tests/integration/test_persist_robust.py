@@ -6,6 +6,7 @@ Each test here failed before the fix it names (see the commit history).
 import ast
 import hashlib
 import json
+import errno
 import os
 import signal
 import stat
@@ -115,18 +116,23 @@ def test_new_file_gets_the_umask_default(filled, tmp_path, umask):
     assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o666 & ~umask
 
 
-def test_save_writes_through_a_symlink(filled, tmp_path):
+def test_save_never_writes_through_a_symlink(filled, tmp_path):
+    """A link at the target is refused (another user's link in /tmp would redirect the save)."""
     model, cache = filled
     (tmp_path / "store").mkdir()
     real = tmp_path / "store" / "real.safetensors"
     interpkv.KVCache.for_model(model, 2).save(real)
+    before = real.read_bytes()
     link = tmp_path / "link.safetensors"
     link.symlink_to(os.path.relpath(real, tmp_path))
-    cache.save(link)
-    assert link.is_symlink() and os.readlink(link) == os.path.relpath(real, tmp_path)
-    assert interpkv.KVCache.load(real, model).seq_len == cache.seq_len
+    with pytest.raises(interpkv.errors.CacheSaveError, match=r"symbolic link.*os.path.realpath") as err:
+        cache.save(link)
+    assert err.value.errno == errno.ELOOP and err.value.leftover is None
+    assert link.is_symlink() and real.read_bytes() == before  # neither the link nor its target changed
     assert os.listdir(tmp_path / "store") == ["real.safetensors"] and sorted(os.listdir(tmp_path)) == [
         "link.safetensors", "store"]
+    cache.save(os.path.realpath(link))  # the explicit way, when the file is yours
+    assert interpkv.KVCache.load(real, model).seq_len == cache.seq_len
 
 
 # ---------------------------------------------------------- special files

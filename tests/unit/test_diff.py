@@ -21,7 +21,7 @@ STATS_CASES = [
     ("orthogonal", [0.0, 1.0], [1.0, 0.0], 1.0, math.sqrt(2.0), 0.0),
     ("masked scores equal", [-INF, 3.0], [-INF, 3.0], 0.0, 0.0, 1.0),
     ("masked in one only", [-INF, 3.0], [1.0, 3.0], INF, INF, 1.0),
-    ("absent in both", [NAN, 3.0], [NAN, 3.0], 0.0, 0.0, 1.0),
+    ("NaN in both", [NAN, 3.0], [NAN, 3.0], INF, INF, 1.0),  # a NaN model never agrees with itself
     ("absent in one", [NAN, 3.0], [2.0, 3.0], INF, INF, 1.0),
     ("zero reference", [1e-3, 0.0], [0.0, 0.0], 1e-3, INF, 0.0),
     ("both zero", [0.0, 0.0], [0.0, 0.0], 0.0, 0.0, 1.0),
@@ -55,10 +55,10 @@ def test_site_stats_fast_path_equals_general_path():
     a[2] = b[2]  # an exactly equal site
     alone = site_stats(a, b)  # every entry finite: fast path
     a_nan, b_nan = torch.cat([a, torch.full((1, 5), NAN)]), torch.cat([b, torch.full((1, 5), NAN)])
-    mixed = site_stats(a_nan, b_nan)  # one absent site: general path
+    mixed = site_stats(a_nan, b_nan)  # one NaN site: general path
     for name in alone:
         assert torch.equal(alone[name], mixed[name][:6]), name
-    assert mixed["max_abs"][6].item() == 0.0
+    assert mixed["max_abs"][6].item() == INF  # NaN in both runs is a failure, not agreement
 
 
 def test_site_stats_in_blocks_equals_one_block(monkeypatch):

@@ -1,9 +1,18 @@
 """Atomic file replacement: the target is always the old file or the complete new one.
 
-:func:`atomic_write` resolves ``path`` through symlinks (the link is kept and
-the file it points to is replaced), writes a temporary file in the target's
-directory, flushes it with ``fsync`` and renames it over the target with
-``os.replace``. The temporary file
+:func:`atomic_write` opens the target's directory once and does everything
+relative to that open directory: it writes a temporary file there, flushes it
+with ``fsync`` and renames it over the target with ``os.replace``. So
+
+- a target that is a symbolic link is refused (``CacheSaveError``, ``ELOOP``):
+  a save never writes through a link (in a shared directory such as ``/tmp``,
+  someone else's link would redirect it), and a link created at the target
+  during the save is replaced by the new file, never followed;
+- a directory swapped for a symlink (or moved) during the save does not
+  redirect the temporary file or the rename, and the clean-up removes the
+  temporary file where it really is.
+
+The temporary file
 
 - is named ``.{target name}.interpkv-{host}-{pid}-{random}.tmp`` (``host`` is 8
   hex digits of a hash of the host name), so it is recognisably ours;
@@ -11,6 +20,11 @@ directory, flushes it with ``fsync`` and renames it over the target with
   default that ``open()`` would give a new file (never ``mkstemp``'s 0600);
 - is removed when the write fails in any way, ``KeyboardInterrupt`` included;
 - is written through one file descriptor, which is ``fsync``ed before the rename.
+
+No instant leaks a file or a descriptor: the temporary name is recorded before
+the file exists, and each descriptor is owned by an object (``io.FileIO``, and
+:class:`_Directory` for the directory) from the statement that opens it, so an
+interrupt between two lines still closes it when that object goes.
 
 Every ``OSError`` on the way (``ENOSPC``, ``EFBIG`` past ``RLIMIT_FSIZE``,
 ``EROFS``, ``EACCES``, a missing directory, ``EIO`` from ``fsync``) becomes one
@@ -29,6 +43,7 @@ import ctypes
 import errno
 import functools
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -132,68 +147,97 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         function(fd, offset, length, _START_WRITE)  # a failure changes nothing: fsync decides
 
 
+class _Directory:
+    """An open directory descriptor, closed by :meth:`close` or when the object goes."""
+
+    fd = None
+
+    def open(self, path: str) -> int:
+        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(path, flags)  # one statement: the descriptor is owned as it exists
+        return self.fd
+
+    def close(self) -> None:
+        fd = self.fd; self.fd = None; fd is not None and os.close(fd)  # noqa: E702 (one line: no gap)
+
+    __del__ = close
+
+
 def atomic_write(path: Union[str, "os.PathLike[str]"], write: Callable[[int], None]) -> str:
     """Replace the file at ``path`` with what ``write(fd)`` writes, atomically.
 
     Args:
-        path: the target; a symlink is followed and the file it names replaced.
+        path: the target, not a symbolic link (see the module docstring).
         write: writes the complete new file through ``fd``, a file descriptor
             open for writing on an empty temporary file that already has the
             final permission bits. It may raise anything.
 
     Returns:
-        The path of the file actually replaced (``path`` with symlinks resolved).
+        The absolute path of the file replaced.
 
     Raises:
-        CacheSaveError: any ``OSError`` on the way (no space, file size limit,
-            read-only file system, permissions, missing directory, I/O error),
-            naming ``path`` and the cause. Whatever fails, the file at
-            ``path`` is unchanged and the temporary file removed; any other
-            exception ``write`` raises propagates after the same cleanup.
+        CacheSaveError: ``path`` is a symbolic link (``ELOOP``), or any
+            ``OSError`` on the way (no space, file size limit, read-only file
+            system, permissions, missing directory, I/O error), naming
+            ``path`` and the cause. Whatever fails, the file at ``path`` is
+            unchanged and the temporary file removed; any other exception
+            ``write`` raises propagates after the same cleanup.
     """
     started = time.time()
-    target = os.path.realpath(os.fspath(path))
-    previous, tmp = False, None
+    target = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(target)
+    previous, tmp, folder, handle = False, None, _Directory(), None
     try:
-        remove_stale_temps(os.path.dirname(target), started)
+        dfd = folder.open(directory)
+        remove_stale_temps(directory, started)
         try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)
+            info = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                previous = True
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), target)
+            mode = stat.S_IMODE(info.st_mode)
             previous = True
         except FileNotFoundError:
             mode = None
-        name = temp_name(target)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-        fd = os.open(name, flags, 0o600 if mode is not None else 0o666)  # 0o666: umask applies
-        tmp = name  # exists from here on: removed on failure
-        try:
+        tmp = os.path.basename(temp_name(target))  # named before it exists: an interrupt always finds it
+        handle = io.FileIO(tmp, "xb", opener=lambda file, flags: os.open(file, flags, 0o666, dir_fd=dfd))
+        with handle:
             if mode is None:
-                mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what open() gives a new file
+                mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)  # what open() gives a new file
             else:
-                os.chmod(tmp, mode)
-            write(fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+                os.fchmod(handle.fileno(), mode)
+            write(handle.fileno())
+            os.fsync(handle.fileno())
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except BaseException as error:
-        leftover = _remove(tmp)
+        if handle is not None:  # idempotent; an interrupt may have skipped the with's exit
+            handle.close()
+        leftover = _remove(tmp, folder.fd, directory)
         if isinstance(error, OSError) and not isinstance(error, CacheSaveError):
             code = error.errno if error.errno is not None else errno.EIO
             raise CacheSaveError(os.fspath(path), code, previous, leftover) from error
         raise
+    finally:
+        folder.close()
     # The directory is not fsynced: after a power loss the rename may be lost and
     # the previous file (complete, loadable) be back, but never a partial one.
     return target
 
 
-def _remove(tmp) -> "str | None":
-    """Remove the temporary file ``tmp`` if it exists; its path if that failed, else None."""
-    if tmp is None:
+def _remove(tmp, dfd, directory: str) -> "str | None":
+    """Remove the temporary file ``tmp`` (a name in the open directory ``dfd``); its path if that failed."""
+    if tmp is None or dfd is None:
         return None
     try:
-        os.unlink(tmp)
+        os.unlink(tmp, dir_fd=dfd)
     except FileNotFoundError:
         pass
-    except OSError:
-        return tmp
+    except OSError:  # e.g. EROFS: then the file was never created (its name is recorded first)
+        try:
+            os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass
+        return os.path.join(directory, tmp)
     return None

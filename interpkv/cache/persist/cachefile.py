@@ -74,6 +74,7 @@ from interpkv.cache.persist.file_checks import (
     row_state_names,
 )
 from interpkv.cache.fingerprint import weights_fingerprint
+from interpkv.cache.persist import st_format
 from interpkv.cache.persist.st_format import DTYPES, MAX_HEADER_BYTES, CacheFileError, decode, open_regular, parse_header
 from interpkv.cache.persist.st_read import check_unchanged, read_body, read_exactly
 from interpkv.cache.persist.st_write import write_file
@@ -84,7 +85,7 @@ __all__ = ["CacheFileError", "save_cache", "load_cache", "read_provenance", "wei
            "FORMAT_VERSION", "MAX_USER_METADATA_BYTES"]
 
 #: Largest caller metadata accepted by ``save`` (UTF-8 JSON bytes).
-MAX_USER_METADATA_BYTES = 1024 * 1024
+MAX_USER_METADATA_BYTES = st_format.MAX_USER_METADATA_BYTES  # load refuses more, too
 
 
 def encode_user_metadata(metadata: Optional[dict]) -> Optional[str]:

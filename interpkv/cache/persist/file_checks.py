@@ -16,7 +16,7 @@ import numpy
 import torch
 
 from interpkv.cache import fingerprint
-from interpkv.cache.persist import checksums
+from interpkv.cache.persist import checksums, st_format
 from interpkv.cache.signature import model_signature
 from interpkv.cache.window import in_window
 from interpkv.cache.persist.checksums import header_digest
@@ -123,6 +123,12 @@ def check_metadata(header: dict, model: "_tl.HookedTransformer", path: str, weig
         )
     checksum = checksums.for_version(version)
     sums = None if checksum is None else _json(raw[checksum.key], "tensor checksums", path)
+    user_bytes = len(raw.get("user_metadata", "").encode("utf-8"))
+    if user_bytes > st_format.MAX_USER_METADATA_BYTES:  # save never writes more
+        raise CacheFileError(
+            f"{path}: its user metadata is {user_bytes:,} bytes of JSON; save writes at most "
+            f"{st_format.MAX_USER_METADATA_BYTES:,}, so this file was not written by KVCache.save"
+        )
     user = None if "user_metadata" not in raw else _json(raw["user_metadata"], "user metadata", path)
     if user is not None and not isinstance(user, dict):
         raise CacheFileError(f"{path}: corrupted user metadata (JSON {type(user).__name__}, not an object)")

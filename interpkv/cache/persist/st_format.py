@@ -26,6 +26,8 @@ __all__ = ["CacheFileError", "DTYPES", "MAX_HEADER_BYTES", "open_regular", "pars
 
 # A cache header lists 2 tensors per layer plus 2; even 1,000 layers fit in far less.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_USER_METADATA_BYTES = 1024 * 1024
+"""The caller's metadata, as JSON: save refuses more, and so does load."""
 
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -82,6 +84,20 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(data)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """``json.loads`` object hook: a dict, refusing a key given twice."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse_header(prefix: bytes, size: int, path: str) -> dict:
     """The safetensors JSON header, after checking it against the file's ``size``.
 
@@ -111,9 +127,15 @@ def parse_header(prefix: bytes, size: int, path: str) -> dict:
             f"{size - 8} after it; the file is truncated or not safetensors"
         )
     try:
-        header = json.loads(data[8 : 8 + n_header].decode("utf-8"))
+        # Duplicate keys (two "__metadata__", two tensors of one name): safetensors refuses them, so do we.
+        header = json.loads(data[8 : 8 + n_header].decode("utf-8"), object_pairs_hook=_unique_keys)
     except RecursionError:
         raise CacheFileError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
+    except _DuplicateKey as duplicate:
+        raise CacheFileError(
+            f"{path}: corrupted safetensors header (key {str(duplicate)[:80]!r} appears twice; safetensors "
+            "refuses such files)"
+        ) from None
     except ValueError as error:  # not UTF-8, not JSON, an integer of > 4300 digits
         raise CacheFileError(f"{path}: corrupted safetensors header ({str(error)[:200]})") from None
     if not isinstance(header, dict):

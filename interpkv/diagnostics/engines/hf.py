@@ -40,18 +40,15 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from interpkv.core import calls
 from interpkv.diagnostics.capture import NamesFilter, Sink, names_filter
 from interpkv.diagnostics.engines._common import chunk_bounds, layout
+from interpkv.diagnostics.hfsites import ATTENTION_NAMES, MLP_NAMES, POSITION_TABLES, sites  # noqa: F401 (re-exported)
 
 __all__ = ["run", "sites", "dynamic_cache", "static_cache", "CacheFactory"]
 
 CacheFactory = Callable[[nn.Module, int, int], object]
 """``factory(model, batch_size, max_len) -> transformers Cache`` (a fresh, empty cache)."""
-
-ATTENTION_NAMES = ("self_attn", "self_attention", "attention", "attn")
-MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "moe", "ffn", "fc2")
-POSITION_TABLES = ("wpe", "embed_positions")
-
 
 def dynamic_cache(model: nn.Module, batch_size: int, max_len: int):
     """``DynamicCache(config=model.config)`` (sliding-window layers where the config has them)."""
@@ -65,49 +62,6 @@ def static_cache(model: nn.Module, batch_size: int, max_len: int):
     import transformers  # deferred: transformers, only when an HF model runs
 
     return transformers.StaticCache(config=model.config, max_cache_len=max_len)
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    n_layers = model.config.get_text_config().num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
-            if all(any(name in ATTENTION_NAMES for name, _ in layer.named_children()) for layer in module):
-                return module
-    raise ValueError(
-        f"{type(model).__name__}: found no list of {n_layers} decoder layers with an attention child "
-        f"named one of {ATTENTION_NAMES}; this layout is not supported by engine='hf'"
-    )
-
-
-def _child(layer: nn.Module, candidates: Sequence[str]) -> Optional[nn.Module]:
-    children = dict(layer.named_children())
-    return next((children[name] for name in candidates if name in children), None)
-
-
-def sites(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
-    """``(hook name, module, kind)`` for every site of an HF causal LM, in forward order.
-
-    ``kind`` is ``"output"`` (the module's output), ``"input"`` (its
-    ``hidden_states`` input) or ``"output-residual"`` (output minus its
-    ``residual`` argument, Bloom).
-    """
-    found = [("hook_embed", model.get_input_embeddings(), "output")]
-    table = next(
-        (m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in POSITION_TABLES and isinstance(m, nn.Embedding)),
-        None,
-    )
-    if table is not None:
-        found.append(("hook_pos_embed", table, "output"))
-    for index, layer in enumerate(_layers(model)):
-        found.append((f"blocks.{index}.hook_resid_pre", layer, "input"))
-        for family, candidates in (("hook_attn_out", ATTENTION_NAMES), ("hook_mlp_out", MLP_NAMES)):
-            module = _child(layer, candidates)
-            if module is None:
-                continue
-            residual = "residual" in inspect.signature(module.forward).parameters
-            found.append((f"blocks.{index}.{family}", module, "output-residual" if residual else "output"))
-        found.append((f"blocks.{index}.hook_resid_post", layer, "output"))
-    return found
 
 
 def _first(x):
@@ -135,8 +89,10 @@ class _Hooks:
                 continue
             if kind == "input":
                 self.handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+                calls.track(self.handles[-1])
             else:
                 self.handles.append(module.register_forward_hook(self._post(name, kind), with_kwargs=True))
+                calls.track(self.handles[-1])
 
     def _feed(self, name: str, act: Tensor) -> None:
         act = act.detach()
