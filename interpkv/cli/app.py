@@ -252,7 +252,7 @@ def _demo_other_implementations(console, built):
         table.add_column(column, no_wrap=column != "evidence")
     for f in other.findings:
         evidence = "; ".join(f"{k}: {v:.3g}" for k, v in f.evidence.items())
-        table.add_row(f.title, f.model, f.site_label, evidence, _pass(f.verified, "yes", "no"))
+        table.add_row(f.title, f.model, f.site_label, evidence, _pass(f.explained, "yes" if f.verified else f.status, f.status))
     console.print(table)
     return other
 
