@@ -39,10 +39,10 @@ if TYPE_CHECKING:  # what _load imports, spelled out for type checkers and the A
         CacheSaveError,
         UnsupportedModelError,
     )
+    from interpkv.generation import steering
     from interpkv.generation.compare import compare_generation
     from interpkv.generation.generate import generate
     from interpkv.generation.result import Generation, GenerationDiff
-    from interpkv.generation import steering
 
 _LAZY_SUBMODULES = ("zoo", "faults", "plot", "patching")
 

@@ -30,8 +30,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
+from interpkv.core import tl as _tl
 from interpkv.core.forward import forward
 from interpkv.core.inputs import TokensLike, as_pair
 from interpkv.core.positions import validate_mask

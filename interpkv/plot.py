@@ -12,10 +12,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from interpkv.diagnostics.report import DivergenceReport
-from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
-from interpkv.generation.result import GenerationDiff
 from interpkv.diagnostics.record import split_hook_name
+from interpkv.diagnostics.report import DivergenceReport
+from interpkv.generation.result import GenerationDiff
+from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["divergence_heatmap", "first_divergence", "generation", "heatmap_cells"]
 
@@ -249,8 +249,8 @@ def generation(gen_diff: GenerationDiff):
         ``logits_max_abs``, ``kl``, ``top1_agree``; ``x`` = step) and a
         vertical line at ``first_divergent_step`` when there is one.
     """
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     steps = list(range(gen_diff.n_steps))
     fig = make_subplots(

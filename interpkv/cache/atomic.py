@@ -101,7 +101,7 @@ def remove_stale_temps(directory: str, before: float) -> list:
     return removed
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sync_file_range():
     """Linux's ``sync_file_range`` from the C library (Python's ``os`` has none), or None."""
     if not sys.platform.startswith("linux"):

@@ -15,10 +15,10 @@ import numpy
 import torch
 
 from interpkv.cache import checksums, fingerprint
-from interpkv.cache.signature import model_signature
-from interpkv.cache.window import in_window
 from interpkv.cache.checksums import header_digest
+from interpkv.cache.signature import model_signature
 from interpkv.cache.st_format import DTYPES, CacheFileError
+from interpkv.cache.window import in_window
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import scheme_for
 

@@ -16,15 +16,15 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interpkv.core import tl as _tl
-from interpkv.core.axes import PAD_POSITION
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.lifecycle import CacheLifecycle
-from interpkv.cache.slots import Slots, grown
-from interpkv.errors import warn_graph_kept
 from interpkv.cache.signature import check_compatible, describe, model_signature
+from interpkv.cache.slots import Slots, grown
 from interpkv.cache.state import build_from_state
 from interpkv.cache.window import check_window_args, compact_positions, compaction_index, kept_slots
+from interpkv.core import tl as _tl
+from interpkv.core.axes import PAD_POSITION
+from interpkv.errors import warn_graph_kept
 
 __all__ = ["KVCache", "Slots", "model_signature"]
 
@@ -50,10 +50,10 @@ class KVCache(CacheLifecycle):
         positions: ``Int[Tensor, "batch kv_pos"]``, absolute position of each
             stored key, ``-1`` for padding.
         nbytes: bytes of stored keys and values plus the position index.
-        next_positions: ``Int[Tensor, "batch"]``, position of each row's next token.
+        next_positions: ``Int[Tensor, " batch"]``, position of each row's next token.
         window, sinks: a windowed cache keeps the first ``sinks`` and the last
             ``window`` positions of each row.
-        next_tokens, next_tokens_at: ``Int[Tensor, "batch"]`` or None: the
+        next_tokens, next_tokens_at: ``Int[Tensor, " batch"]`` or None: the
             token :func:`interpkv.generate` chose last and held back (-1: none)
             and the ``next_positions`` it was held back at; ``generate(model,
             cache=cache, max_new_tokens=n)`` continues from it. Written only by
@@ -165,7 +165,7 @@ class KVCache(CacheLifecycle):
         return self._appended
 
     @property
-    def next_positions(self) -> Int[Tensor, "batch"]:
+    def next_positions(self) -> Int[Tensor, " batch"]:
         """Absolute position the next real token of each row will get."""
         return self._next_position
 
@@ -275,7 +275,7 @@ class KVCache(CacheLifecycle):
         self,
         layers: List[LayerCache],
         positions: Int[Tensor, "batch kv_pos"],
-        next_positions: Int[Tensor, "batch"],
+        next_positions: Int[Tensor, " batch"],
         slot_ids: Optional[Int[Tensor, "batch kv_pos"]] = None,
     ) -> None:
         """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""

@@ -11,9 +11,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interpkv.core.axes import PAD_POSITION
 from interpkv.cache.rows import validated_rows
 from interpkv.cache.window import check_holds_required
+from interpkv.core.axes import PAD_POSITION
 
 __all__ = ["CacheLifecycle"]
 
@@ -93,7 +93,7 @@ class CacheLifecycle:
         """
         return self._take_rows(torch.arange(self.batch_size, device=self.device))
 
-    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, "n"]]) -> "CacheLifecycle":
+    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, " n"]]) -> "CacheLifecycle":
         """A new cache holding rows ``batch_indices`` (in that order; repeats allowed).
 
         The original is unchanged. The slot layout is kept (``seq_len`` stays).

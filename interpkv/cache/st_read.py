@@ -6,7 +6,8 @@ loaded cache's tensors then view. The tensors are shared between
 positional reads (``os.preadv``, which releases the GIL) in pieces of
 :data:`CHUNK_BYTES` and feeds each piece to the tensor's checksum
 (:mod:`~interpkv.cache.checksums`), and to an optional ``inspect`` (the load's
-finiteness check), while it is still in the CPU cache: one pass over memory, and the kernel's copies out of the page cache run on both
+finiteness check), while it is still in the CPU cache: one pass over memory, and the kernel's copies out of the page
+cache run on both
 cores (one reader copies at about half the speed of a parallel ``clone``).
 
 Everything goes through the one open file descriptor, and

@@ -5,7 +5,7 @@ The state is what any cache exposes: per layer ``keys`` / ``values``
 ``positions`` ``[batch, kv_pos]`` and ``next_positions`` ``[batch]``.
 """
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -14,6 +14,9 @@ from torch import Tensor
 from interpkv.cache.layer import LayerCache
 from interpkv.core import tl as _tl
 from interpkv.errors import CacheMismatchError
+
+if TYPE_CHECKING:
+    import interpkv
 
 __all__ = ["check_state", "build_from_state"]
 
@@ -83,7 +86,7 @@ def build_from_state(
     keys: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
     values: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
     positions: Int[Tensor, "batch kv_pos"],
-    next_positions: Int[Tensor, "batch"],
+    next_positions: Int[Tensor, " batch"],
     *,
     window: Optional[int] = None,
     sinks: int = 0,

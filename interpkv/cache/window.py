@@ -58,7 +58,7 @@ def in_window(
 
 def kept_slots(
     positions: Int[Tensor, "batch kv_pos"],
-    next_positions: Int[Tensor, "batch"],
+    next_positions: Int[Tensor, " batch"],
     window: Optional[int],
     sinks: int = 0,
 ) -> Bool[Tensor, "batch kv_pos"]:
@@ -85,7 +85,7 @@ def kept_slots(
 
 
 def required_positions(
-    next_positions: Int[Tensor, "batch"], window: Optional[int], sinks: int, limit: int
+    next_positions: Int[Tensor, " batch"], window: Optional[int], sinks: int, limit: int
 ) -> Bool[Tensor, "batch limit"]:
     """Positions ``0..limit-1`` a correct cache of each row must hold.
 

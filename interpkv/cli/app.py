@@ -231,10 +231,9 @@ def _command() -> str:
 
 def _demo_other_implementations(console, built):
     """Demo section "other implementations": TransformerLens's and HF's own caches, audited on the run's models."""
+    from interpkv import zoo
     from interpkv.cli.engine_checks import OtherImplementations, check_engine, engine_faults
     from interpkv.diagnostics.engines import findings as tl_findings
-
-    from interpkv import zoo
 
     other = OtherImplementations()
     other.known_mismatch = {f"{n} (transformer_lens)" for n in zoo.names() if zoo.info(n)["tl_pair_note"]}

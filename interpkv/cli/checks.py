@@ -16,19 +16,18 @@ import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv.core import tl as _tl
-from interpkv.cache.kvcache import KVCache
 from interpkv import tolerances
-from interpkv.diagnostics.compare import compare
-from interpkv.diagnostics.report import DivergenceReport, Site
-from interpkv.tolerances import DEFAULT_ATOL
-from interpkv.core.forward import forward
-from interpkv.generation.result import GenerationDiff
+from interpkv.cache.kvcache import KVCache
 from interpkv.cli.hf import hf_difference, hf_logits
 from interpkv.cli.runtime import Models
+from interpkv.core import tl as _tl
+from interpkv.core.forward import forward
+from interpkv.diagnostics.compare import compare
+from interpkv.diagnostics.report import DivergenceReport, Site
+from interpkv.generation.result import GenerationDiff
+from interpkv.tolerances import DEFAULT_ATOL
 
 HookedTransformer = _tl.HookedTransformer
 PreTrainedModel = "transformers.PreTrainedModel"

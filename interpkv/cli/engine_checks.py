@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from interpkv.cli.hf import hf_difference
 from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, hf_logits
+from interpkv.cli.hf import hf_difference
 from interpkv.cli.runtime import Models
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder

@@ -277,7 +277,8 @@ def _other_section(other, figure) -> List[str]:
     parts.append("<h3>TransformerLens 3.x findings, verified against HF with teacher forcing</h3>")
     for f in other.findings:
         parts.append(f"<h4>{_esc(f.title)} ({_esc(f.model)}): {_esc(f.site_label)}</h4><p>{_esc(f.claim)}</p>")
-        rows = [[("", k), _num(v)] for k, v in f.evidence.items()] + [[("", "verified"), _verdict(f.explained, "yes" if f.verified else f.status, f.status)]]
+        verdict = _verdict(f.explained, "yes" if f.verified else f.status, f.status)
+        rows = [[("", k), _num(v)] for k, v in f.evidence.items()] + [[("", "verified"), verdict]]
         parts.append(_table(["check", "value"], rows))
         parts.append(figure(plot.first_divergence(f.report, atol=f.atol, rtol=f.atol), f"finding:{f.title}"))
     return parts

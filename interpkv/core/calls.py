@@ -142,7 +142,7 @@ def current_positions() -> Optional[Int[Tensor, "batch pos"]]:
     return _POSITIONS.get()
 
 
-def generation(first_generated: Int[Tensor, "batch"]):
+def generation(first_generated: Int[Tensor, " batch"]):
     """Mark this context as a generation whose tokens start at ``first_generated`` (per row).
 
     Set by :func:`interpkv.generate` and by ``compare_generation``'s uncached
@@ -152,7 +152,7 @@ def generation(first_generated: Int[Tensor, "batch"]):
     return _holding(_GENERATED_FROM, first_generated)
 
 
-def generation_start() -> Optional[Int[Tensor, "batch"]]:
+def generation_start() -> Optional[Int[Tensor, " batch"]]:
     """Per row, the absolute position of the first generated token, inside a generation; else None."""
     return _GENERATED_FROM.get()
 

@@ -5,14 +5,12 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv.core import calls, sae_lens, stephooks
-
+from interpkv.cache.kvcache import KVCache
+from interpkv.core import calls, returns, sae_lens, stephooks
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
-from interpkv.cache.kvcache import KVCache
 from interpkv.core.inputs import as_inputs
 from interpkv.core.overlay import overlay
-from interpkv.core import returns
 from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import scheme_for
 

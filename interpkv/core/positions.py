@@ -43,7 +43,7 @@ def validate_mask(
 
 
 def absolute_positions(
-    attention_mask: Int[Tensor, "batch pos"], offsets: Int[Tensor, "batch"]
+    attention_mask: Int[Tensor, "batch pos"], offsets: Int[Tensor, " batch"]
 ) -> Int[Tensor, "batch pos"]:
     """Absolute position of each token, ``-1`` for padding.
 

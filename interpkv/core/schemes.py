@@ -18,7 +18,7 @@ import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from interpkv.core import tl as _tl
@@ -175,7 +175,7 @@ _BLOOM_ARCHITECTURES = ("BloomForCausalLM", "BloomModel")
 """``cfg.original_architecture`` values whose ALiBi slopes follow Bloom's rule."""
 
 
-def alibi_slopes(n_heads: int, rule: str = "bloom") -> Float[Tensor, "head_index"]:
+def alibi_slopes(n_heads: int, rule: str = "bloom") -> Float[Tensor, " head_index"]:
     """ALiBi head slopes by Bloom's rule (float64) or TransformerLens's (float32).
 
     ``rule="bloom"``: for a power of two ``n`` the slopes are ``2^(-8i/n)``,

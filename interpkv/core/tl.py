@@ -22,14 +22,14 @@ from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.components.rms_norm_pre import RMSNormPre
 from transformer_lens.components.unembed import Unembed
-from transformer_lens.utilities import get_act_name
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.loading_from_pretrained import (
     get_pretrained_model_config,
     get_pretrained_state_dict,
 )
-from transformer_lens.weight_processing import ProcessWeights
+from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap
+from transformer_lens.weight_processing import ProcessWeights
 
 from interpkv.core.calls import is_hooked
 

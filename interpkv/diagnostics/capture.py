@@ -22,7 +22,7 @@ itself carry the positions capture assigned to them.
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache

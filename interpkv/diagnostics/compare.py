@@ -14,10 +14,10 @@ from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.assemble import attention_rows, fill_value
-from interpkv.diagnostics.cause import blame
 from interpkv.diagnostics.capture import NamesFilter, Sink
+from interpkv.diagnostics.cause import blame
 from interpkv.diagnostics.names import resolve_names
-from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
+from interpkv.diagnostics.record import LOGITS, Record
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import StatsTable, check_shapes, kl_divergence, site_stats
 

@@ -42,7 +42,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
-import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 

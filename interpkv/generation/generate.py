@@ -37,9 +37,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls
+from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
 from interpkv.diagnostics.names import NamesFilter

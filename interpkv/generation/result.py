@@ -11,7 +11,6 @@ of each step with :meth:`GenerationDiff.from_step_logits`.
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Union
 
-import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -34,7 +33,7 @@ class Generation:
             prompt's left padding and for the pad value written after a row
             stopped.
         prompt_length: number of leading columns of ``tokens`` that are prompt.
-        finished: ``Bool[Tensor, "batch"]``: rows that emitted a stop token.
+        finished: ``Bool[Tensor, " batch"]``: rows that emitted a stop token.
         logits: ``Float[Tensor, "batch new d_vocab"]``, the logits each new token
             was chosen from (only with ``keep_logits=True``, else None).
         records: one :class:`~interpkv.diagnostics.record.Record` per step when ``capture``
@@ -55,7 +54,7 @@ class Generation:
     tokens: Int[Tensor, "batch seq"]
     attention_mask: Int[Tensor, "batch seq"]
     prompt_length: int
-    finished: Bool[Tensor, "batch"]
+    finished: Bool[Tensor, " batch"]
     logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
     records: Optional[Sequence[Record]] = None
     tokenizer: Any = field(default=None, repr=False, compare=False)

@@ -10,7 +10,7 @@ from interpkv import zoo
 from interpkv.cli.checks import hf_logits
 from interpkv.zoo._specs import SPECS
 
-from ._upstream import tl_alibi_slopes_differ_from_bloom, tl_wrong_alibi_models
+from ._upstream import tl_wrong_alibi_models
 
 # float64 leaves only summation-order noise (~1e-14): 1e-10 would catch any real
 # difference. In float32 a one-token step and a full-sequence pass multiply
@@ -40,7 +40,7 @@ def centred(logits):
     return logits - logits.mean(dim=-1, keepdim=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pair(name: str, dtype: torch.dtype):
     if name in zoo.pairs():
         return zoo.load_pair(name, dtype=dtype)

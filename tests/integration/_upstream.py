@@ -12,7 +12,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tl_alibi_slopes_differ_from_bloom(n_heads: int) -> bool:
     """TransformerLens's ALiBi slopes for ``n_heads`` are not HF Bloom's (3.9: whenever n is not a power of two)."""
     from transformer_lens.components import AbstractAttention
@@ -48,13 +48,13 @@ def tl_alibi_scores_shift(long_call: int = 64, name: str = "bloom") -> float:
     return float((before[kept] - after[kept]).abs().max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tl_alibi_memo_goes_stale() -> bool:
     """TransformerLens's raw ALiBi scores depend on an earlier, longer call (3.9: they do)."""
     return tl_alibi_scores_shift() > 1e-9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tl_generate_misplaces_learned_positions(prompt: int = 8) -> bool:
     """``HookedTransformer.generate`` (cache on, no tokenizer) embeds the first new token at a row other than ``prompt``.
 

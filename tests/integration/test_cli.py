@@ -9,11 +9,9 @@ import re
 import pytest
 import torch
 
-from interpkv.cli import checks
-
-from interpkv.cli import app as cli
-
 from interpkv import zoo
+from interpkv.cli import app as cli
+from interpkv.cli import checks
 from interpkv.diagnostics.report import Site
 
 

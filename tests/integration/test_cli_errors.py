@@ -6,7 +6,6 @@ passing models collapse, and its size.
 
 import json
 import re
-import time
 
 import pytest
 import torch

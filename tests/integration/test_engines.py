@@ -6,9 +6,10 @@ import torch
 import interpkv
 from interpkv import zoo
 from interpkv.diagnostics import engines
-from interpkv.diagnostics.engines import faults, findings, hf as hf_engine
-from interpkv.diagnostics.engines import transformer_lens as tl_engine
 from interpkv.diagnostics.capture import _RecordBuilder
+from interpkv.diagnostics.engines import faults, findings
+from interpkv.diagnostics.engines import hf as hf_engine
+from interpkv.diagnostics.engines import transformer_lens as tl_engine
 
 from . import _upstream
 
@@ -132,7 +133,8 @@ def test_hf_attention_output_excludes_bloom_residual():
     """Bloom's attention module adds the residual itself; hook_attn_out is the attention's own output."""
     tl, hf = zoo.load_pair("bloom", dtype=torch.float64)
     record = engines.capture(hf, _tokens(), engine="hf")
-    pre, attn, mlp, post = (record[f"blocks.0.{h}"] for h in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))
+    families = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+    pre, attn, mlp, post = (record[f"blocks.0.{h}"] for h in families)
     assert torch.allclose(pre + attn + mlp, post, atol=1e-12)
 
 

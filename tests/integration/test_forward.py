@@ -170,7 +170,8 @@ class TestMisuse:
         m = zoo.load("gpt2")
         cache = interpkv.KVCache.for_model(m)
         m.to(torch.float64)
-        with pytest.raises(interpkv.CacheMismatchError, match="cache dtype is torch.float32 but the model now runs in torch.float64"):
+        message = "cache dtype is torch.float32 but the model now runs in torch.float64"
+        with pytest.raises(interpkv.CacheMismatchError, match=message):
             interpkv.forward(m, torch.zeros(1, 2, dtype=torch.long), cache=cache)
 
     def test_mask_shape_mismatch(self):

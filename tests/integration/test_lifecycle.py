@@ -12,10 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
+
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 # float64 tiny models agree with TransformerLens to ~1e-14; 1e-10 leaves room for
 # summation-order differences while still catching any wrong position (>1e-3).

@@ -21,17 +21,17 @@ from ._parity import (
     HF_TOL,
     TL_WRONG,
     TOL,
-    tl_alibi_slopes_differ_from_bloom,
     batch,
     cached_logits,
+    centred,
     hf_model,
     hf_reference,
     max_err,
     model,
     tl_reference,
-    centred,
     within,
 )
+from ._upstream import tl_alibi_slopes_differ_from_bloom
 
 NAMES = zoo.names()
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
@@ -105,7 +105,9 @@ def random_splits(draw, n):
 
 @pytest.mark.parametrize("kind", ["b1", "b3"])
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=int(os.environ.get("INTERPKV_SPLIT_EXAMPLES", 5)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("INTERPKV_SPLIT_EXAMPLES", 5)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_random_chunks_equal_uncached(name, kind, data):
     m = model(name, torch.float64)

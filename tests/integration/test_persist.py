@@ -15,11 +15,12 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
 from interpkv.cache import checksums, file_checks, persist
+
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 HELPERS = os.path.join(os.path.dirname(__file__), "lifecycle_helpers.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -79,7 +79,9 @@ def _corrupt_interpkv(layer: int, delta: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def inject(model, name: str = CORRUPT_STORED_KEY, *, engine: str = None, layer: int = 0, delta: float = 1.0) -> Iterator[EngineFault]:
+def inject(
+    model, name: str = CORRUPT_STORED_KEY, *, engine: str = None, layer: int = 0, delta: float = 1.0
+) -> Iterator[EngineFault]:
     """Plant fault ``name`` in ``engine``'s cache update for the duration of the block.
 
     Args:

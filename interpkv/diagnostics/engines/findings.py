@@ -34,7 +34,6 @@ import torch
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
 from interpkv.diagnostics.diff import diff
-from interpkv.diagnostics.record import LOGITS
 from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import HF_LOGITS, SITE
 

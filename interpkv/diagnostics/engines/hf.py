@@ -261,7 +261,7 @@ def corrupt_stored_key(layer: int, delta: float = 1.0) -> Iterator[None]:
 
     cls = cache_utils.Cache
     original = cls.__dict__["update"]
-    done: "weakref.WeakSet" = weakref.WeakSet()
+    done: weakref.WeakSet = weakref.WeakSet()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == layer and self not in done and self.get_seq_length(layer_idx) > 0:
