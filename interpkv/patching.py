@@ -23,7 +23,7 @@ TransformerLens hook name such as ``utils.get_act_name("resid_pre", 0)`` =
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -221,6 +221,7 @@ def patch(
     def run(tokens: Tensor, fwd_hooks) -> Tensor:
         with cache.freeze():
             logits = forward(model, tokens[:, prefix:], cache=cache, attention_mask=suffix_mask, fwd_hooks=fwd_hooks)
+        logits = cast(Tensor, logits)
         return logits if prefix_logits is None else torch.cat([prefix_logits, logits], dim=1)
 
     names = [kind.hook_name.format(layer=layer) for layer in layers]

@@ -42,12 +42,9 @@ def log_series(values: List[float]) -> dict:
     cap = max(finite) * 10 if finite else 1.0
     y, text = [], []
     for v in values:
-        if v == float("inf"):
-            y.append(cap), text.append("inf")
-        elif v == 0:
-            y.append(floor), text.append("0")
-        else:
-            y.append(v), text.append("")
+        label = "inf" if v == float("inf") else "0" if v == 0 else ""
+        y.append(cap if label == "inf" else floor if label == "0" else v)
+        text.append(label)
     return {"y": y, "text": text, "log": True}
 
 
@@ -65,7 +62,7 @@ def heatmap_cells(report: DivergenceReport) -> Dict[str, dict]:
         families.setdefault(family, []).append((layer, hook))
     cells = {}
     for family, members in families.items():
-        grids = {"max_abs": [], "rel": [], "cos": []}
+        grids: Dict[str, list] = {"max_abs": [], "rel": [], "cos": []}
         for _, hook in members:
             s = report.stats[hook]
             err = torch.nan_to_num(s["max_abs"], nan=-1.0)  # (B, P)

@@ -19,7 +19,7 @@ stored slots, followed by the new tokens'; slots this capture appended
 itself carry the positions capture assigned to them.
 """
 
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union, cast
 
 import torch
 from jaxtyping import Int
@@ -229,7 +229,7 @@ def run(
             for name, (act, q_pos, k_pos) in latest.items():  # in first-firing order
                 sink.activation(name, act, q_pos, k_pos)
             latest.clear()
-            sink.logits(logits.detach(), chunk.q_pos)
+            sink.logits(cast(Tensor, logits).detach(), chunk.q_pos)
             chunk.end()
             start += n
     sink.finish()
@@ -295,4 +295,4 @@ def capture(
         fwd_hooks=fwd_hooks,
     )
     meta = {"steps": list(steps) if steps is not None else None, "n_layers": model.cfg.n_layers}
-    return sink.record(meta)
+    return cast(_RecordBuilder, sink).record(meta)

@@ -5,7 +5,7 @@ uncached reference, then runs the cached chunks comparing each activation
 against the reference as it fires and dropping it.
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -46,8 +46,8 @@ class _Comparator(Sink):
         self.skipped: Dict[str, str] = dict(reference.skipped)
         self.pending: Dict[str, list] = {}
         self.pending_sites: Dict[str, int] = {}
-        self._memo = None
-        self._key_memo = None
+        self._memo: Optional[Tuple[Tensor, Tensor, Tensor, Tensor, bool]] = None
+        self._key_memo: Optional[Tuple[Tensor, bool]] = None
 
     def activation(self, name, act, q_pos, k_pos):
         self.seen[name] = None
@@ -250,7 +250,7 @@ def compare(
 
     def run(hooks) -> DivergenceReport:
         return engines.compare(
-            model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
+            model, cast(Tensor, tokens), steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
             fwd_hooks=hooks,
         )
 

@@ -31,7 +31,7 @@ and the token the failed step was feeding is held back, so
 uninterrupted call would have (:func:`interpkv.generation.loop.settle`).
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from jaxtyping import Int
@@ -184,7 +184,7 @@ def generate(
         single = isinstance(tokens, str) or (isinstance(tokens, Tensor) and tokens.ndim == 1)
         if attention_mask is None and isinstance(tokens, Tensor) and not is_text(tokens):
             refuse_right_padding(model, tokens)
-        tokens, mask = as_inputs(model, tokens, attention_mask)
+        tokens, mask = as_inputs(model, cast(Union[str, Sequence[str], Tensor], tokens), attention_mask)
         empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")

@@ -68,7 +68,7 @@ def test_return_types_match_transformer_lens(gpt2):
     logits = interpkv.forward(gpt2, tokens)
     assert (interpkv.forward(gpt2, tokens, return_type="logits") - gpt2(tokens)).abs().max() < TOL
     loss = interpkv.forward(gpt2, tokens, return_type="loss")
-    assert loss.ndim == 0 and abs(float(loss - gpt2(tokens, return_type="loss"))) < TOL
+    assert loss.ndim == 0 and abs(float((loss - gpt2(tokens, return_type="loss")).detach())) < TOL
     per_token = interpkv.forward(gpt2, tokens, return_type="loss", loss_per_token=True)
     want = gpt2(tokens, return_type="loss", loss_per_token=True)
     assert per_token.shape == (2, 8) and (per_token - want).abs().max() < TOL
