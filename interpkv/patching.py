@@ -211,8 +211,8 @@ def patch(
     # Shared prefix, run once; at least one column is left to recompute.
     prefix = min(shared_prefix_length(clean_tokens, corrupt_tokens, mask), n_pos - 1) if share_prefix else 0
     cache = KVCache.for_model(model, batch, capacity=n_pos)
-    prefix_logits = (
-        forward(model, corrupt_tokens[:, :prefix], cache=cache, attention_mask=mask[:, :prefix])
+    prefix_logits: Optional[Tensor] = (
+        cast(Tensor, forward(model, corrupt_tokens[:, :prefix], cache=cache, attention_mask=mask[:, :prefix]))
         if prefix
         else None
     )

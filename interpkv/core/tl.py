@@ -157,7 +157,7 @@ def rotary_tables(
 def attention_pairs(
     model: HookedTransformer,
     make_forward: Callable[[int, torch.nn.Module], Callable[..., torch.Tensor]],
-) -> List[Tuple[torch.nn.Module, Callable[..., torch.Tensor]]]:
+) -> List[Tuple[Tuple[str, ...], Callable[..., torch.Tensor]]]:
     """``(path, make_forward(layer, attn))`` for every block, for :func:`interpkv.core.overlay.overlay`.
 
     Routing each block's attention call this way replaces only what attention
