@@ -10,7 +10,7 @@ call routes (:func:`attention_pairs`, :func:`fast_modules`: paths such as
 for one call without changing the model).
 """
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Tuple, Union
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
@@ -131,7 +131,7 @@ def is_local_layer(attn: torch.nn.Module) -> bool:
     return getattr(attn, "attn_type", "global") == "local"
 
 
-def rotary_base(attn: torch.nn.Module) -> float:
+def rotary_base(attn: torch.nn.Module) -> Union[int, float]:
     """The rotary base of one layer (Gemma-style models use another for local layers)."""
     return attn._rotary_base()
 
