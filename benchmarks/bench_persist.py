@@ -41,7 +41,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import interpkv
-from interpkv.cache import persist
+from interpkv.cache.persist import cachefile as persist
 
 
 def build(args) -> HookedTransformer:

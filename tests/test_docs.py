@@ -71,4 +71,4 @@ def test_mkdocs_build_strict(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "site" / "cli" / "index.html").exists()
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    assert 'id="interpkv.compare"' in api and 'id="interpkv.cli.checks.check_model"' in api
+    assert 'id="interpkv.compare"' in api and 'id="interpkv.verify.checks.check_model"' in api

@@ -5,33 +5,167 @@ token. A stored key is therefore final: it is never re-rotated when later
 tokens arrive (TransformerLens 3.x stores raw keys and rotates the whole
 history again on every step), and its position is recorded alongside it in
 :attr:`KVCache.positions`, which rotary, ALiBi, windows and capture all read.
+
+The whole class is here, in one body: binding, views, the forward protocol
+(:meth:`KVCache.begin` / :meth:`KVCache.commit`, answering :class:`Slots`),
+lifecycle (``freeze``, ``crop``, ``fork``, ``select``, ``repeat``),
+:meth:`KVCache.from_state` and the two calls into persistence
+(:meth:`KVCache.save` / :meth:`KVCache.load`, :mod:`interpkv.cache.persist`).
+Beside it, pure checks of what callers hand it (:func:`check_state`,
+:func:`validated_rows`). Per-layer storage is its own class
+(:class:`~interpkv.cache.layer.LayerCache`); the window rule is
+:mod:`interpkv.cache.window`; what a cache is bound to,
+:mod:`interpkv.cache.signature`.
 """
 
+import contextlib
 import copy
 import os
 import weakref
-from typing import List, Optional, Union
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from interpkv.cache import persist
 from interpkv.cache.layer import LayerCache
-from interpkv.cache.lifecycle import CacheLifecycle
-from interpkv.cache.signature import check_compatible, describe, model_signature
-from interpkv.cache.slots import Slots, grown
-from interpkv.cache.state import build_from_state
-from interpkv.cache.window import check_window_args, compact_positions, compaction_index, kept_slots
+from interpkv.cache.signature import describe, model_signature
+from interpkv.cache.window import (
+    check_holds_required,
+    check_window_args,
+    compact_positions,
+    compaction_index,
+    kept_slots,
+)
 from interpkv.core import tl as _tl
 from interpkv.core.axes import PAD_POSITION
-from interpkv.errors import warn_graph_kept
+from interpkv.errors import CacheMismatchError, warn_graph_kept
 
-__all__ = ["KVCache", "Slots", "model_signature"]
+__all__ = ["KVCache", "Slots", "model_signature", "check_state", "validated_rows"]
 
 _INITIAL_CAPACITY = 64
 
 
-class KVCache(CacheLifecycle):
+@dataclass(frozen=True)
+class Slots:
+    """Where one forward call reads and writes, from :meth:`KVCache.begin`.
+
+    Attributes:
+        q_pos: ``Int[Tensor, "batch pos"]``, absolute positions of the new
+            tokens (``-1`` for padding).
+        k_pos: ``Int[Tensor, "batch kv_pos"]``, positions of every key the
+            call attends: stored slots, then the new ones.
+        start: first slot the new keys and values are written to.
+    """
+
+    q_pos: Tensor
+    k_pos: Tensor
+    start: int
+
+    @property
+    def end(self) -> int:
+        """One past the last slot written (= ``k_pos.shape[1]``)."""
+        return self.start + self.q_pos.shape[1]
+
+
+def grown(table: Tensor, used: int, capacity: int, fill: int) -> Tensor:
+    """``table`` ``[batch, n]`` widened to ``capacity`` columns, keeping the first ``used``."""
+    grown = table.new_full((table.shape[0], capacity), fill)
+    grown[:, :used] = table[:, :used]
+    return grown
+
+
+def validated_rows(batch_indices, batch_size: int, device) -> Tensor:
+    """Row indices for ``select``: a 1-D list or tensor of ints in ``[0, batch_size)``."""
+    if isinstance(batch_indices, Tensor):
+        if batch_indices.dtype == torch.bool or batch_indices.is_floating_point():
+            raise TypeError(
+                f"select() takes integer row indices, got a {batch_indices.dtype} tensor; "
+                "for a boolean row mask pass mask.nonzero().flatten()"
+            )
+        if batch_indices.ndim != 1:
+            raise ValueError(
+                f"select() takes a 1-D list of row indices, got shape {tuple(batch_indices.shape)}"
+            )
+        rows = batch_indices.tolist()
+    else:
+        rows = list(batch_indices)
+        bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int)]
+        if bad:
+            raise TypeError(f"select() takes integer row indices, got {bad[:3]!r}")
+    if not rows:
+        raise ValueError("select() needs at least one row index; a cache has >= 1 row")
+    outside = [r for r in rows if not 0 <= r < batch_size]
+    if outside:
+        raise ValueError(
+            f"row indices {outside[:5]} are outside [0, {batch_size}) for a cache "
+            f"with batch_size={batch_size}"
+        )
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _describe_tensor(t) -> str:
+    if not isinstance(t, Tensor):
+        return f"a {type(t).__name__}"
+    return f"{t.dtype} {list(t.shape)} on {t.device}"
+
+
+def check_state(
+    model: "_tl.HookedTransformer",
+    keys: Sequence[Tensor],
+    values: Sequence[Tensor],
+    positions: Tensor,
+    next_positions: Tensor,
+) -> None:
+    """Raise :class:`CacheMismatchError` unless the state fits ``model``.
+
+    Every message names what was given, what ``model`` needs, and the fix.
+    """
+    cfg = model.cfg
+    device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
+    if not (isinstance(positions, Tensor) and positions.dtype == torch.long and positions.ndim == 2
+            and positions.shape[0] >= 1):
+        raise CacheMismatchError(
+            f"positions must be an int64 [batch, kv_pos] tensor with batch >= 1, got "
+            f"{_describe_tensor(positions)}; pass cache.positions"
+        )
+    batch, length = positions.shape
+    if not (isinstance(next_positions, Tensor) and next_positions.dtype == torch.long
+            and tuple(next_positions.shape) == (batch,)):
+        raise CacheMismatchError(
+            f"next_positions must be an int64 [{batch}] tensor (one per row of positions), "
+            f"got {_describe_tensor(next_positions)}; pass cache.next_positions"
+        )
+    if len(keys) != cfg.n_layers or len(values) != cfg.n_layers:
+        raise CacheMismatchError(
+            f"{len(keys)} key and {len(values)} value tensors for a {cfg.n_layers}-layer model; "
+            "pass one of each per layer"
+        )
+    shape = (batch, _tl.kv_head_count(cfg), length, int(cfg.d_head))
+    for layer, pair in enumerate(zip(keys, values)):
+        for what, t in zip(("keys", "values"), pair):
+            if not (isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == cfg.dtype):
+                raise CacheMismatchError(
+                    f"layer {layer} {what} are {_describe_tensor(t)} but this model and positions "
+                    f"{list(positions.shape)} need {cfg.dtype} {list(shape)} "
+                    "([batch, kv_head, kv_pos, d_head], keys after rotary, kv heads not repeated)"
+                )
+            if t.device.type != device.type:
+                raise CacheMismatchError(
+                    f"layer {layer} {what} are on {t.device} but the model runs on {device}; "
+                    f"move them with .to({str(device)!r})"
+                )
+    for what, t in (("positions", positions), ("next_positions", next_positions)):
+        if t.device.type != device.type:
+            raise CacheMismatchError(
+                f"{what} are on {t.device} but the model runs on {device}; "
+                f"move them with .to({str(device)!r})"
+            )
+
+
+class KVCache:
     """Key/value cache for a TransformerLens ``HookedTransformer``.
 
     Each row of the batch has its own absolute positions (left padding and
@@ -197,7 +331,58 @@ class KVCache(CacheLifecycle):
 
         return kvcache_html(self)
 
-    from_state = classmethod(build_from_state)
+    @classmethod
+    def from_state(
+        cls,
+        model: "_tl.HookedTransformer",
+        keys: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
+        values: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
+        positions: Int[Tensor, "batch kv_pos"],
+        next_positions: Int[Tensor, " batch"],
+        *,
+        window: Optional[int] = None,
+        sinks: int = 0,
+        copy: bool = True,
+    ) -> "KVCache":
+        """A cache holding the given stored slots, e.g. a cache's public state.
+
+        The inverse of reading ``cache.layers[i].view(cache.seq_len)``,
+        ``cache.positions`` and ``cache.next_positions``: every shape, dtype and
+        device is checked against ``model``, so a cache built here is one the
+        forward pass accepts. Positions are not checked against
+        ``next_positions`` (a file loader does that, naming the file).
+
+        Args:
+            model: the model the cache is for.
+            keys: one tensor per layer, ``[batch, kv_head, kv_pos, d_head]``,
+                keys after rotary, at ``n_key_value_heads`` heads.
+            values: one tensor per layer, same shape as ``keys``.
+            positions: absolute position of each slot, ``-1`` for padding (int64).
+            next_positions: position of each row's next token (int64).
+            window, sinks: as in :meth:`for_model`.
+            copy: copy the tensors (default). ``False`` adopts them as storage,
+                so later forwards and crops may write into them.
+
+        Returns:
+            A new :class:`KVCache` with ``seq_len == positions.shape[1]``.
+
+        Raises:
+            CacheMismatchError: a count, shape, dtype or device that does not fit
+                ``model`` (the message names what was given and what was expected).
+            ValueError: an impossible ``window`` / ``sinks``.
+
+        >>> state = [layer.view(cache.seq_len) for layer in cache.layers]
+        >>> same = interpkv.KVCache.from_state(model, [k for k, _ in state], [v for _, v in state],
+        ...                                    cache.positions, cache.next_positions)
+        """
+        check_state(model, keys, values, positions, next_positions)
+        cache = cls(model, positions.shape[0], window=window, sinks=sinks, capacity=1)
+        if copy:
+            keys = [k.clone() for k in keys]
+            values = [v.clone() for v in values]
+        layers = [LayerCache.from_tensors(k, v) for k, v in zip(keys, values)]
+        cache._install(layers, positions, next_positions)
+        return cache
 
     def save(self, path: Union[str, "os.PathLike[str]"], metadata: Optional[dict] = None) -> None:
         """Write the stored slots to a safetensors file, atomically; returns None.
@@ -222,8 +407,6 @@ class KVCache(CacheLifecycle):
 
         >>> cache.save("prompt.safetensors", metadata={"prompt": "Once upon a time"})
         """
-        from interpkv.cache import persist
-
         persist.save_cache(self, path, metadata=metadata)
 
     @classmethod
@@ -248,9 +431,121 @@ class KVCache(CacheLifecycle):
         >>> cache.metadata
         {'prompt': 'Once upon a time'}
         """
-        from interpkv.cache import persist
+        return persist.load_cache(path, model, cls)
 
-        return persist.load_cache(path, model)
+    # -------------------------------------------------------------- lifecycle
+    @contextlib.contextmanager
+    def freeze(self) -> Iterator["KVCache"]:
+        """Context manager: forwards inside read the cache but append nothing.
+
+        Inside the block every forward attends to the stored keys plus its own
+        new tokens, exactly as an unfrozen forward would, but nothing is stored
+        and no position advances, so each call sees the same history (useful to
+        score many candidate continuations of one prefix). Lifecycle calls that
+        change the cache (``crop``) raise inside the block.
+
+        Returns:
+            The same cache (for ``with cache.freeze() as c:``).
+
+        >>> with cache.freeze():
+        ...     a = interpkv.forward(model, torch.tensor([[4]]), cache=cache)
+        ...     b = interpkv.forward(model, torch.tensor([[4]]), cache=cache)  # same as a
+        """
+        self._frozen += 1
+        try:
+            yield self
+        finally:
+            self._frozen -= 1
+
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` stored slots of every row, in place; returns None.
+
+        ``n`` counts slots (:attr:`seq_len`), padding slots included. Each row's
+        next position becomes one past its last kept real position, so the next
+        token continues right after the kept ones. To drop the last ``k`` tokens
+        of rows fed without padding since then: ``cache.crop(cache.seq_len - k)``.
+
+        Args:
+            n: slots to keep, ``0 <= n <= seq_len``.
+
+        Raises:
+            ValueError: ``n`` out of range; or, for a windowed cache, cropping
+                would need keys the window already evicted (keep a
+                :meth:`fork` from before the point you want to return to).
+            RuntimeError: the cache is frozen.
+
+        >>> cache.crop(cache.seq_len - 1)  # forget the last token
+        """
+        if self.frozen:
+            raise RuntimeError("cannot crop a frozen cache: crop after the `with cache.freeze()` block")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self._length:
+            raise ValueError(
+                f"crop(n) keeps the first n of the {self._length} stored slots: n must be an int "
+                f"in [0, {self._length}], got {n!r}"
+            )
+        kept = self._positions[:, :n]  # (B, n)
+        if n:
+            next_positions = kept.max(dim=1).values + 1  # padding only -> -1 + 1 = 0
+        else:
+            next_positions = torch.zeros_like(self._next_position)
+        if self.window is not None:
+            check_holds_required(kept, next_positions, self.window, self.sinks, f"crop({n})")
+        self._positions[:, n : self._length] = PAD_POSITION
+        self._length = n
+        self._next_position = next_positions
+
+    def fork(self) -> "KVCache":
+        """An independent deep copy: appending to either never changes the other.
+
+        Returns:
+            A new :class:`KVCache` bound to the same model (not frozen), holding
+            the same slots in the same layout.
+
+        >>> branch = cache.fork()
+        >>> _ = interpkv.forward(model, torch.tensor([[9]]), cache=branch)  # cache is unchanged
+        """
+        return self._take_rows(torch.arange(self.batch_size, device=self.device))
+
+    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, " n"]]) -> "KVCache":
+        """A new cache holding rows ``batch_indices`` (in that order; repeats allowed).
+
+        The original is unchanged. The slot layout is kept (``seq_len`` stays).
+
+        Args:
+            batch_indices: row indices in ``[0, batch_size)``, a sequence of ints
+                or a 1-D integer tensor, at least one.
+
+        Returns:
+            A new :class:`KVCache` with ``len(batch_indices)`` rows.
+
+        Raises:
+            TypeError: indices that are not integers (a bool mask, floats).
+            ValueError: no index, or an index outside ``[0, batch_size)``.
+
+        >>> second = cache.select([1])
+        """
+        return self._take_rows(validated_rows(batch_indices, self.batch_size, self.device))
+
+    def repeat(self, n: int) -> "KVCache":
+        """A new cache with each row repeated ``n`` times, row-major.
+
+        Rows come out as ``[r0] * n + [r1] * n + ...`` (like
+        ``torch.repeat_interleave``), so row ``b * n + i`` is the ``i``-th copy of
+        row ``b``. Use it to run ``n`` continuations of one prompt without
+        recomputing the prompt. The original is unchanged.
+
+        Args:
+            n: copies per row, ``>= 1``.
+
+        Returns:
+            A new :class:`KVCache` with ``batch_size * n`` rows.
+
+        >>> many = cache.repeat(4)  # 4 continuations of every row
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"repeat(n) needs an int n >= 1 (copies per row), got {n!r}")
+        rows = torch.arange(self.batch_size, device=self.device).repeat_interleave(n)
+        return self._take_rows(rows)
 
     # ------------------------------------------------------------ internals
     def _take_rows(self, rows: Tensor) -> "KVCache":
@@ -308,7 +603,36 @@ class KVCache(CacheLifecycle):
     # ------------------------------------------------------ forward protocol
     def check_compatible(self, model: "_tl.HookedTransformer", batch: int, device) -> None:
         """Raise :class:`CacheMismatchError` unless this cache fits ``model`` and ``batch``."""
-        check_compatible(self, model, batch, device)
+        bound = self.model
+        if bound is not model:
+            theirs = model_signature(model)
+            if theirs != self.signature:
+                raise CacheMismatchError(
+                    f"this KVCache was made for {describe(self.signature)} but the model "
+                    f"passed is {describe(theirs)}; create a cache with "
+                    "interpkv.KVCache.for_model(model)."
+                )
+            raise CacheMismatchError(
+                "this KVCache was made for another HookedTransformer object (same "
+                f"architecture, {describe(theirs)}, possibly different weights); its keys "
+                "mean nothing to this model: create a cache with interpkv.KVCache.for_model(model)."
+            )
+        if model.cfg.dtype != self.dtype:
+            raise CacheMismatchError(
+                f"cache dtype is {self.dtype} but the model now runs in {model.cfg.dtype}; "
+                "make a new cache after changing the model's dtype."
+            )
+        if batch != self.batch_size:
+            raise CacheMismatchError(
+                f"the cache holds {self.batch_size} rows but the tokens have batch {batch}; "
+                "use cache.select(indices) or cache.repeat(n) to reshape the cache, or make "
+                f"one with KVCache.for_model(model, batch_size={batch})."
+            )
+        if torch.device(device).type != self.device.type:
+            raise CacheMismatchError(
+                f"the cache lives on {self.device} but the tokens are on {device}; "
+                "move the tokens (or make the cache on the model's device)."
+            )
 
     def begin(self, q_pos: Int[Tensor, "batch pos"]) -> Slots:
         """Reserve slots for one forward's new tokens and say where everything goes.

@@ -1,11 +1,15 @@
-"""The ``interpkv`` command line: checks, the demo and its HTML report.
+"""The ``interpkv`` command line: argument parsing, console tables and the HTML report.
 
-- :mod:`~interpkv.cli.app`: argument parsing and the ``check`` / ``demo`` commands.
-- :mod:`~interpkv.cli.checks`: the equivalence checks, fault zoo and greedy pairs.
+Everything the commands compute is library code in :mod:`interpkv.verify`;
+nothing outside this package imports it.
+
+- :mod:`~interpkv.cli.app`: argument parsing, the ``check`` / ``demo`` commands and their console tables.
 - :mod:`~interpkv.cli.html`: the self-contained HTML report.
-- :mod:`~interpkv.cli.hf`: the HuggingFace reference logits (:func:`~interpkv.cli.hf.hf_logits`).
-- :mod:`~interpkv.cli.engine_checks`: ``check --engine`` and the demo's "other implementations".
-- :mod:`~interpkv.cli.runtime`: a run's torch threads and its zoo models, each built once.
+- :mod:`~interpkv.cli.inputs`: one-line errors for bad paths and models.
+- :mod:`~interpkv.cli.runtime`: a run's torch threads (one for the tiny zoo).
+- :mod:`~interpkv.cli.checks` and :mod:`~interpkv.cli.hf`: old import paths of
+  :mod:`interpkv.verify.checks` and :mod:`interpkv.diagnostics.hf_reference`
+  (re-exports only, for notebooks written against 0.2).
 """
 
 from interpkv.cli.app import main

@@ -99,14 +99,14 @@ def _resolve(models: Sequence[str]) -> List[str]:
 
 
 def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv", built=None) -> list:
-    """Each model's check; ``built``: the run's :class:`~interpkv.cli.runtime.Models` (default: fresh loads)."""
+    """Each model's check; ``built``: the run's :class:`~interpkv.verify.models.Models` (default: fresh loads)."""
     from interpkv import zoo
-    from interpkv.cli.checks import check_hf_dir, check_zoo
     from interpkv.cli.inputs import load_error, quiet_hf
+    from interpkv.verify.checks import check_hf_dir, check_zoo
 
     def one(model: str):
         if engine != "interpkv":
-            from interpkv.cli.engine_checks import check_engine
+            from interpkv.verify.engine_checks import check_engine
 
             return check_engine(model, engine, dtype=dtype, models=built)
         if model in zoo.names():
@@ -170,9 +170,9 @@ def _demo(html: Optional[str]) -> int:
     import torch
 
     from interpkv import zoo
-    from interpkv.cli.checks import BUG_ZOO, check_fault, check_generation
     from interpkv.cli.inputs import check_writable
-    from interpkv.cli.runtime import Models
+    from interpkv.verify.checks import BUG_ZOO, check_fault, check_generation
+    from interpkv.verify.models import Models
 
     if html:
         check_writable(html)
@@ -232,8 +232,8 @@ def _command() -> str:
 def _demo_other_implementations(console, built):
     """Demo section "other implementations": TransformerLens's and HF's own caches, audited on the run's models."""
     from interpkv import zoo
-    from interpkv.cli.engine_checks import OtherImplementations, check_engine, engine_faults
-    from interpkv.diagnostics.engines import findings as tl_findings
+    from interpkv.verify import findings as tl_findings
+    from interpkv.verify.engine_checks import OtherImplementations, check_engine, engine_faults
 
     other = OtherImplementations()
     other.known_mismatch = {f"{n} (transformer_lens)" for n in zoo.names() if zoo.info(n)["tl_pair_note"]}

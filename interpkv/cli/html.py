@@ -5,9 +5,10 @@ script tag, no MathJax). Each figure sits in ``<div class="figure"
 data-figure="<name>">``; plotly draws one ``svg.main-svg`` set inside each,
 which is what ``tests/integration/test_report_browser.py`` counts in headless
 Chromium. Like :mod:`interpkv.plot`, nothing here runs a model: the report
-consumes results that :mod:`interpkv.cli.checks` computed.
+consumes results that :mod:`interpkv.verify.checks` computed.
 
->>> from interpkv.cli import checks, html                        # doctest: +SKIP
+>>> from interpkv.cli import html                               # doctest: +SKIP
+>>> from interpkv.verify import checks                          # doctest: +SKIP
 >>> html.write("report.html", checks=checks.check_zoo(["gpt2"]))   # doctest: +SKIP
 """
 
@@ -93,7 +94,7 @@ def _provenance(command: Optional[str], dtypes: Sequence[str], with_faults: bool
     """Versions, command, dtype and the tolerances every verdict below used."""
     import torch
 
-    from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, HF_TOL
+    from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, HF_TOL
 
     items = [("command", command or "-"), ("dtype", ", ".join(dtypes) or "-")]
     items += [(name, version) for name, version in versions()]
@@ -137,13 +138,13 @@ def render(
     """The report as one HTML string (plotly.js inline, once).
 
     Args:
-        checks: :class:`~interpkv.cli.checks.CheckResult` objects; each failing
+        checks: :class:`~interpkv.verify.checks.CheckResult` objects; each failing
             one with a ``report`` gets a divergence heatmap, the passing ones
             share one summary line.
-        faults: :class:`~interpkv.cli.checks.FaultResult` objects; each gets a
+        faults: :class:`~interpkv.verify.checks.FaultResult` objects; each gets a
             first-divergence bar chart.
-        generation: an optional :class:`~interpkv.cli.checks.GenerationResult`.
-        other: an optional :class:`~interpkv.cli.engine_checks.OtherImplementations`
+        generation: an optional :class:`~interpkv.verify.checks.GenerationResult`.
+        other: an optional :class:`~interpkv.verify.engine_checks.OtherImplementations`
             (other engines' caches, engine faults, TransformerLens findings).
         title: page title.
         command: the command line that produced the report (stated at the top).

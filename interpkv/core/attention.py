@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from interpkv.cache.kvcache import KVCache
-from interpkv.cache.slots import Slots
+from interpkv.cache.kvcache import KVCache, Slots
 from interpkv.cache.window import in_window
-from interpkv.core import prepared
+from interpkv.core import calls, prepared
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import PositionalScheme
 from interpkv.core.stephooks import StepHooks
@@ -148,7 +147,7 @@ class Step:
             layer_cache.write(step.start, k, v)
             keys, values = layer_cache.view(step.end)  # (B, kvh, S, d)
             # Scores and pattern are only materialised when something reads them.
-            if softcap or _tl.has_hooks(attn.hook_attn_scores) or _tl.has_hooks(attn.hook_pattern):
+            if softcap or calls.has_hooks(attn.hook_attn_scores) or calls.has_hooks(attn.hook_pattern):
                 z = step._explicit(attn, layer, local_window, q, keys, values)
             else:
                 z = step._fused(attn, local_window, q, keys, values)

@@ -21,7 +21,8 @@ and what it must put on the model, the caller's ``fwd_hooks``, is *gated*:
   tokens start (``interpkv.steering``'s ``region=``).
 - :func:`is_hooked` is "does anything hook this point *for this call*": a
   gated hook of another call does not count, so a fast path chosen by one call
-  never depends on what another thread is doing.
+  never depends on what another thread is doing; :func:`has_hooks` is the same
+  for any module a hook point may have been replaced by (an SAE wrapper).
 """
 
 import contextlib
@@ -32,6 +33,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interpkv.core.tl import HookPoint
+
 __all__ = [
     "hooks",
     "positions",
@@ -39,6 +42,7 @@ __all__ = [
     "generation",
     "generation_start",
     "is_hooked",
+    "has_hooks",
     "hook_points",
 ]
 
@@ -180,3 +184,15 @@ def is_hooked(module: torch.nn.Module) -> bool:
         or module._backward_pre_hooks
         or any(_GLOBAL_HOOKS)
     )
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether anything hooks ``module`` (a HookPoint) for the call in this context.
+
+    See :func:`is_hooked`: TransformerLens's hooks, plain
+    torch module hooks (forward or backward, global ones too) and this call's
+    own ``fwd_hooks`` count; another thread's call's ``fwd_hooks`` do not.
+    Anything that is not a plain HookPoint any more (SAELens puts an SAE
+    wrapper where the hook point was) always counts: it computes something.
+    """
+    return type(module) is not HookPoint or is_hooked(module)

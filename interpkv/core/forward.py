@@ -6,7 +6,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
-from interpkv.core import calls, returns, sae_lens, stephooks
+from interpkv.core import calls, returns, routing, stephooks
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
 from interpkv.core.inputs import as_inputs
@@ -112,15 +112,11 @@ def forward(
     slots = cache.begin(q_pos)
     step = Step(cache, scheme, slots, hooks)
 
-    # The model is shared: this call routes its modules through a view of it
-    # and gates its hooks to this context (interpkv.core.calls), never changing
+    # The model is shared: this call routes its modules (interpkv.core.routing)
+    # through a view of it and gates its hooks to this context (interpkv.core.calls), never changing
     # what another thread's call, or a plain TransformerLens call, runs.
-    view = overlay(
-        model,
-        _tl.attention_pairs(model, step.attention_for)
-        + _tl.fast_modules(model, last_logits_only=last_only)
-        + sae_lens.wrapper_routes(model, None if inputs.is_floating_point() else inputs),
-    )
+    ids = None if inputs.is_floating_point() else inputs
+    view = overlay(model, routing.routes(model, step.attention_for, ids, last_logits_only=last_only))
     with calls.hooks(model, fwd_hooks), calls.positions(q_pos):
         if inputs.is_floating_point():
             embed = inputs

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from interpkv.core.calls import has_hooks
+
 __all__ = ["norm_forward", "gelu_new_mlp_forward"]
 
 _EXACT = (torch.float32, torch.float64)
@@ -35,8 +37,6 @@ def norm_forward(norm: torch.nn.Module, *, rms: bool, last: list) -> Callable[[T
     most one pair is kept alive (one slot per norm kept each block's residual
     and its normalisation until the end of the call: +270 MB at 2,048 tokens).
     """
-    from interpkv.core.tl import has_hooks
-
     original = type(norm).forward
     fused = F.rms_norm if rms else F.layer_norm
 

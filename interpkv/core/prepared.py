@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interpkv.core.calls import has_hooks
+
 __all__ = ["project_heads", "gated_mlp_forward", "unembed_forward"]
 
 
@@ -64,8 +66,6 @@ def unembed_forward(unembed: torch.nn.Module, *, last_only: bool = False) -> Cal
     as HF's ``logits_to_keep=1``; ``hook_in`` still sees every position, and
     when something hooks ``hook_out`` every position is computed for it.
     """
-    from interpkv.core.tl import has_hooks
-
     def forward(residual: Tensor) -> Tensor:
         residual = unembed.hook_in(residual)
         if last_only and not has_hooks(unembed.hook_out):

@@ -4,13 +4,14 @@ Every TransformerLens import in the package goes through this module.
 TransformerLens renamed its cache classes between 2.x and 3.x and removed
 ``HookedTransformer`` in 4.0; when it moves again, this file is what changes.
 
-Besides re-exporting names, it knows where TransformerLens keeps the modules a
-call routes (:func:`attention_pairs`, :func:`fast_modules`: paths such as
-``blocks.3.attn`` for :func:`interpkv.core.overlay.overlay`, which routes them
-for one call without changing the model).
+Besides re-exporting names, it holds the small adapters that read
+TransformerLens internals whose names or layouts have moved between releases
+(kv-head counts, the kv projection under GQA, rotary tables and bases, ALiBi
+slopes, local layers, the frames of a running TransformerLens forward). What
+a call routes where is policy, and lives in :mod:`interpkv.core.routing`.
 """
 
-from typing import Callable, List, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
@@ -31,8 +32,6 @@ from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap
 from transformer_lens.weight_processing import ProcessWeights
 
-from interpkv.core.calls import is_hooked
-
 __all__ = [
     "ActivationCache",
     "get_act_name",
@@ -45,28 +44,18 @@ __all__ = [
     "ProcessWeights",
     "get_pretrained_model_config",
     "get_pretrained_state_dict",
-    "attention_pairs",
     "alibi_multipliers",
     "rotary_tables",
     "kv_head_count",
     "is_local_layer",
     "rotary_base",
     "kv_projection",
-    "fast_modules",
-    "has_hooks",
+    "LayerNormPre",
+    "RMSNormPre",
+    "GatedMLP",
+    "MLP",
+    "Unembed",
 ]
-
-
-def has_hooks(module: torch.nn.Module) -> bool:
-    """Whether anything hooks ``module`` (a HookPoint) for the call in this context.
-
-    See :func:`interpkv.core.calls.is_hooked`: TransformerLens's hooks, plain
-    torch module hooks (forward or backward, global ones too) and this call's
-    own ``fwd_hooks`` count; another thread's call's ``fwd_hooks`` do not.
-    Anything that is not a plain HookPoint any more (SAELens puts an SAE
-    wrapper where the hook point was) always counts: it computes something.
-    """
-    return type(module) is not HookPoint or is_hooked(module)
 
 
 def kv_projection(attn: torch.nn.Module):
@@ -74,44 +63,6 @@ def kv_projection(attn: torch.nn.Module):
     if getattr(attn, "repeat_kv_heads", None) is not None and not attn.cfg.ungroup_grouped_query_attention:
         return attn._W_K, attn._b_K, attn._W_V, attn._b_V
     return attn.W_K, attn.b_K, attn.W_V, attn.b_V
-
-
-def fast_modules(model: HookedTransformer, *, last_logits_only: bool = False):
-    """``(path, forward)`` pairs for modules with a cheaper equivalent forward.
-
-    TransformerLens's plain ``GatedMLP`` (not SoLU's layer-norm activation) and
-    ``Unembed`` skip their per-call weight copies (:mod:`interpkv.core.prepared`);
-    ``LayerNormPre``, ``RMSNormPre`` and GPT-2's ``gelu_new`` ``MLP`` run as single
-    kernels (:mod:`interpkv.core.fused`). Every other module, and any module
-    whose instance already has its own ``forward``, runs its own forward.
-    ``last_logits_only``: the unembedding computes the last position only
-    (unless something hooks its ``hook_out``).
-    """
-    from interpkv.core.fused import gelu_new_mlp_forward, norm_forward
-    from interpkv.core.prepared import gated_mlp_forward, unembed_forward
-
-    cfg = model.cfg
-    pairs = []
-    last_norm = [None, None, None]  # one memo slot for every norm of this call
-    norms = [
-        (("blocks", str(layer), name), getattr(block, name, None))
-        for layer, block in enumerate(model.blocks)
-        for name in ("ln1", "ln2")
-    ]
-    for path, norm in norms + [(("ln_final",), getattr(model, "ln_final", None))]:
-        if type(norm) is LayerNormPre or type(norm) is RMSNormPre:
-            pairs.append((path, norm, norm_forward(norm, rms=type(norm) is RMSNormPre, last=last_norm)))
-    for layer, block in enumerate(model.blocks):
-        mlp = getattr(block, "mlp", None)
-        path = ("blocks", str(layer), "mlp")
-        if type(mlp) is GatedMLP and not cfg.is_layer_norm_activation():
-            pairs.append((path, mlp, gated_mlp_forward(mlp)))
-        elif type(mlp) is MLP and cfg.act_fn == "gelu_new" and mlp.W_in.ndim == 2:
-            pairs.append((path, mlp, gelu_new_mlp_forward(mlp)))
-    if type(model.unembed) is Unembed:
-        pairs.append((("unembed",), model.unembed, unembed_forward(model.unembed, last_only=last_logits_only)))
-    # A forward the caller installed on the instance (a monkeypatched module) wins.
-    return [(path, forward) for path, module, forward in pairs if "forward" not in module.__dict__]
 
 
 def alibi_multipliers(n_heads: int) -> torch.Tensor:
@@ -152,21 +103,6 @@ def rotary_tables(
         cfg.rotary_dim, n_positions, base=rotary_base(attn), dtype=dtype
     )
     return sin, cos
-
-
-def attention_pairs(
-    model: HookedTransformer,
-    make_forward: Callable[[int, torch.nn.Module], Callable[..., torch.Tensor]],
-) -> List[Tuple[Tuple[str, ...], Callable[..., torch.Tensor]]]:
-    """``(path, make_forward(layer, attn))`` for every block, for :func:`interpkv.core.overlay.overlay`.
-
-    Routing each block's attention call this way replaces only what attention
-    computes; TransformerLens's blocks, norms, MLPs and hook points run as they are.
-    """
-    return [
-        (("blocks", str(layer), "attn"), make_forward(layer, block.attn))
-        for layer, block in enumerate(model.blocks)
-    ]
 
 
 _TL_FRAMES = (HookedTransformer.forward.__code__, HookedTransformer.input_to_embed.__code__)

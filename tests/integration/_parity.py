@@ -7,7 +7,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.cli.checks import hf_logits
+from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.zoo._specs import SPECS
 
 from ._upstream import tl_wrong_alibi_models

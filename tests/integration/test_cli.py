@@ -11,8 +11,8 @@ import torch
 
 from interpkv import zoo
 from interpkv.cli import app as cli
-from interpkv.cli import checks
 from interpkv.diagnostics.report import Site
+from interpkv.verify import checks
 
 
 def run(capsys, *argv):
@@ -199,11 +199,11 @@ def _untouched(model, fresh) -> list:
 
 
 def test_demo_sections_leave_the_models_they_share_as_they_found_them():
-    # interpkv demo builds each zoo model once and hands it to every section (cli/runtime.Models):
+    # interpkv demo builds each zoo model once and hands it to every section (verify/models.Models):
     # safe only because no section changes a model it is handed.
-    from interpkv.cli.engine_checks import check_engine, engine_faults
-    from interpkv.cli.runtime import Models
-    from interpkv.diagnostics.engines import findings
+    from interpkv.verify import findings
+    from interpkv.verify.engine_checks import check_engine, engine_faults
+    from interpkv.verify.models import Models
 
     built = Models()
     first = checks.bug_zoo(models=built)

@@ -14,8 +14,8 @@ import transformers
 import interpkv
 from interpkv import zoo
 from interpkv.cli import app as cli
-from interpkv.cli import checks
-from interpkv.cli.hf import hf_difference
+from interpkv.diagnostics.hf_reference import hf_difference
+from interpkv.verify import checks
 
 
 def run(capsys, *argv):

@@ -7,9 +7,10 @@ import interpkv
 from interpkv import zoo
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
-from interpkv.diagnostics.engines import faults, findings
 from interpkv.diagnostics.engines import hf as hf_engine
 from interpkv.diagnostics.engines import transformer_lens as tl_engine
+from interpkv.verify import engine_faults as faults
+from interpkv.verify import findings
 
 from . import _upstream
 
@@ -294,8 +295,8 @@ def test_a_finding_transformer_lens_has_fixed_is_reported_as_not_reproduced(monk
     """Simulate a TransformerLens with Bloom's slopes: the finding is absent, explained, not a failure."""
     from transformer_lens.components import AbstractAttention
 
-    from interpkv.cli.engine_checks import OtherImplementations
     from interpkv.core.schemes import alibi_slopes
+    from interpkv.verify.engine_checks import OtherImplementations
 
     monkeypatch.setattr(AbstractAttention, "create_alibi_multipliers",
                         staticmethod(lambda n, device=None: alibi_slopes(n).float()))

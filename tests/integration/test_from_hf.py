@@ -11,7 +11,7 @@ import transformers
 
 import interpkv
 from interpkv import zoo
-from interpkv.cli.checks import hf_logits
+from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.errors import UnsupportedModelError
 from interpkv.zoo import _fidelity
 

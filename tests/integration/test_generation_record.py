@@ -29,7 +29,7 @@ def _prompts(d_vocab, length=10):
 
 def _forget_alibi(m):
     """TransformerLens memoizes each layer's ALiBi matrix and slices a later, shorter call out
-    of it with a per-row offset (interpkv.diagnostics.engines.findings.stale_alibi): a fresh
+    of it with a per-row offset (interpkv.verify.findings.stale_alibi): a fresh
     matrix per reference run keeps the reference right."""
     for block in m.blocks:
         if getattr(block.attn, "alibi", None) is not None:

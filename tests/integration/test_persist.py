@@ -17,7 +17,8 @@ import safetensors.torch
 import torch
 
 import interpkv
-from interpkv.cache import checksums, file_checks, persist
+from interpkv.cache.persist import cachefile as persist
+from interpkv.cache.persist import checksums, file_checks
 
 from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
 from .lifecycle_helpers import tiny_model as build_model

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import persist
+from interpkv.cache.persist import cachefile as persist
 from interpkv.errors import CacheFileNotFoundError, CacheReadError, CacheSaveError
 
 from .lifecycle_helpers import padded_batch, tiny_model

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import checksums, file_checks
-from interpkv.cache.st_format import tensor_bytes
+from interpkv.cache.persist import checksums, file_checks
+from interpkv.cache.persist.st_format import tensor_bytes
 
 from .lifecycle_helpers import padded_batch, tiny_model
 
@@ -199,7 +199,7 @@ def test_fuzz_fast(original, tmp_path):
 
 def test_fuzz_threaded_reads(original, tmp_path, monkeypatch):
     """The same mutations through the threaded read (64-byte steps, two readers, a huge-page body)."""
-    from interpkv.cache import st_read
+    from interpkv.cache.persist import st_read
 
     monkeypatch.setattr(st_read, "CHUNK_BYTES", 64)
     monkeypatch.setattr(st_read, "HUGE_PAGES_FROM", 0)

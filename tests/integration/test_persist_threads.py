@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import atomic, checksums, st_read, st_write
+from interpkv.cache.persist import atomic, checksums, st_read, st_write
 
 from .lifecycle_helpers import padded_batch, tiny_model
 

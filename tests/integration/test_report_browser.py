@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from interpkv import zoo
-from interpkv.cli import checks
 from interpkv.cli import html as report
+from interpkv.verify import checks
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and os.path.exists(p)), None)
 pytestmark = pytest.mark.skipif(

@@ -1,6 +1,6 @@
-"""The test run checks jaxtyping shapes at run time (pyproject.toml addopts:
-``--jaxtyping-packages=interpkv,beartype.beartype``), so an annotation that lies
-about a shape fails the suite instead of only misleading a reader."""
+"""The test run checks the jaxtyping shapes of the public entry points at run time
+(pyproject.toml addopts: ``--jaxtyping-packages=interpkv.core.forward,...,beartype.beartype``),
+so an annotation that lies about a shape fails the suite instead of only misleading a reader."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from interpkv import zoo
 
 def test_the_import_hook_checks_the_package():
     # Each function of the package is wrapped by jaxtyping's checker when the hook is on.
-    assert hasattr(interpkv.forward, "__wrapped__"), "run pytest with --jaxtyping-packages=interpkv,beartype.beartype"
+    assert hasattr(interpkv.forward, "__wrapped__"), "run pytest with pyproject.toml's --jaxtyping-packages"
 
 
 def test_a_mask_of_another_batch_size_is_caught_at_the_call():

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from interpkv.cache.st_format import CacheFileError, parse_header
+from interpkv.cache.persist.st_format import CacheFileError, parse_header
 
 
 def _file_with_header_length(n: int) -> bytes:
@@ -44,8 +44,8 @@ import safetensors  # noqa: E402
 import torch  # noqa: E402
 import xxhash  # noqa: E402
 
-from interpkv.cache import checksums, st_read, st_write  # noqa: E402
-from interpkv.cache.file_checks import all_finite  # noqa: E402
+from interpkv.cache.persist import checksums, st_read, st_write  # noqa: E402
+from interpkv.cache.persist.file_checks import all_finite  # noqa: E402
 
 
 def _views():

@@ -34,10 +34,8 @@ Bloom, OPT layouts):
 - ``logits``.
 """
 
-import contextlib
 import inspect
-import weakref
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +43,7 @@ from torch import Tensor, nn
 from interpkv.diagnostics.capture import NamesFilter, Sink, names_filter
 from interpkv.diagnostics.engines._common import chunk_bounds, layout
 
-__all__ = ["run", "sites", "dynamic_cache", "static_cache", "corrupt_stored_key", "CacheFactory"]
+__all__ = ["run", "sites", "dynamic_cache", "static_cache", "CacheFactory"]
 
 CacheFactory = Callable[[nn.Module, int, int], object]
 """``factory(model, batch_size, max_len) -> transformers Cache`` (a fresh, empty cache)."""
@@ -243,40 +241,3 @@ def run(
     hooks.check_finite(model)
     sink.finish()
     return sink
-
-
-@contextlib.contextmanager
-def corrupt_stored_key(layer: int, delta: float = 1.0) -> Iterator[None]:
-    """Every ``transformers`` cache corrupts one stored key inside the block (a fault of its update).
-
-    ``Cache.update`` (which ``DynamicCache``, ``StaticCache`` and the
-    sliding-window caches inherit) is wrapped: the first time layer ``layer``
-    of a cache is updated while it already holds history, ``delta`` is added
-    to every coordinate of the first new key (HF caches keys after rotary),
-    and that is what is stored and attended.
-
-    First divergence: ``blocks.{layer}.hook_attn_out`` at the first cached position.
-    """
-    from transformers import cache_utils
-
-    cls = cache_utils.Cache
-    original = cls.__dict__["update"]
-    done: weakref.WeakSet = weakref.WeakSet()
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == layer and self not in done and self.get_seq_length(layer_idx) > 0:
-            key_states = key_states.clone()
-            key_states[:, :, 0] += delta  # (B, H_kv, d_head) of the first new slot
-            done.add(self)
-        return original(self, key_states, value_states, layer_idx, *args, **kwargs)
-
-    cls.update = update
-    try:
-        yield
-    finally:
-        cls.update = original
-
-
-def expected_corruption_hook(model, layer: int) -> str:
-    """The site where :func:`corrupt_stored_key` first shows."""
-    return f"blocks.{layer}.hook_attn_out"

@@ -46,7 +46,7 @@ from interpkv.diagnostics.engines._common import chunk_bounds, layout
 from interpkv.diagnostics.layouts import Layouts, is_routing_hook
 from interpkv.diagnostics.record import is_attention_hook
 
-__all__ = ["run", "isolated_state", "corrupt_stored_key", "run_generate", "STATE_ATTRIBUTES"]
+__all__ = ["run", "isolated_state", "run_generate", "STATE_ATTRIBUTES"]
 
 STATE_ATTRIBUTES = ("alibi",)
 """Per-layer attributes TransformerLens 3.9 memoizes across forward calls."""
@@ -149,51 +149,6 @@ def run(
             sink.logits(logits.detach(), q_pos)
     sink.finish()
     return sink
-
-
-@contextlib.contextmanager
-def corrupt_stored_key(layer: int, delta: float = 1.0) -> Iterator[None]:
-    """Caches created inside the block corrupt one stored key (a fault of TransformerLens's cache update).
-
-    ``TransformerLensKeyValueCache.init_cache`` is wrapped so that the cache
-    entry of ``layer`` adds ``delta`` to every coordinate of the first key it
-    appends once it already holds history (the first cached position), and
-    stores that. TransformerLens caches keys before rotary, so the corrupted
-    key is rotated at its own position.
-
-    First divergence: ``blocks.{layer}.attn.hook_rot_k`` (rotary models) or
-    ``blocks.{layer}.attn.hook_attn_scores`` at the first cached position.
-    """
-    cls = _tl.TransformerLensKeyValueCache
-    original = cls.__dict__["init_cache"]
-
-    def init_cache(klass, *args, **kwargs):
-        cache = original.__func__(klass, *args, **kwargs)
-        entry = cache.entries[layer]
-        append, done = entry.append, []
-
-        def corrupting_append(new_keys, new_values):
-            if entry.past_keys.shape[1] > 0 and not done:
-                new_keys = new_keys.clone()
-                new_keys[:, 0] += delta  # (B, H_kv, d_head) of the first new slot
-                done.append(True)
-            return append(new_keys, new_values)
-
-        entry.append = corrupting_append
-        return cache
-
-    cls.init_cache = classmethod(init_cache)
-    try:
-        yield
-    finally:
-        cls.init_cache = original
-
-
-def expected_corruption_hook(model, layer: int) -> str:
-    """The hook where :func:`corrupt_stored_key` first shows on ``model``."""
-    if model.cfg.positional_embedding_type == "rotary":
-        return f"blocks.{layer}.attn.hook_rot_k"
-    return f"blocks.{layer}.attn.hook_attn_scores"
 
 
 class _GenerateFeeder(_Feeder):

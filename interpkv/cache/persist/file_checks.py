@@ -1,4 +1,4 @@
-"""Checks of a cache file's contents, after :mod:`~interpkv.cache.st_format` parsed its container.
+"""Checks of a cache file's contents, after :mod:`~interpkv.cache.persist.st_format` parsed its container.
 
 Each function raises :class:`CacheFileError` naming the file and the problem;
 :func:`interpkv.cache.persist.load_cache` runs them in order: metadata (format,
@@ -14,10 +14,11 @@ from typing import Dict, Optional
 import numpy
 import torch
 
-from interpkv.cache import checksums, fingerprint
-from interpkv.cache.checksums import header_digest
+from interpkv.cache import fingerprint
+from interpkv.cache.persist import checksums
+from interpkv.cache.persist.checksums import header_digest
+from interpkv.cache.persist.st_format import DTYPES, CacheFileError
 from interpkv.cache.signature import model_signature
-from interpkv.cache.st_format import DTYPES, CacheFileError
 from interpkv.cache.window import in_window
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import scheme_for
@@ -61,7 +62,7 @@ def check_metadata(header: dict, model: "_tl.HookedTransformer", path: str, weig
 
     Returns:
         ``batch_size``, ``seq_len``, ``window``, ``sinks``, ``dtype``, ``version``,
-        ``checksum`` (the version's :class:`~interpkv.cache.checksums.Checksum`, None for
+        ``checksum`` (the version's :class:`~interpkv.cache.persist.checksums.Checksum`, None for
         format 1), ``tensor_sums`` (its JSON dict, None for format 1) and ``user``
         (the caller's metadata or None).
     """
@@ -186,7 +187,7 @@ def check_checksums(digests: Optional[Dict[str, str]], header: dict, metadata: d
 
     Args:
         digests: name -> hex digest (of ``metadata["checksum"]``) of the
-            tensor's bytes as read (:func:`interpkv.cache.st_read.read_body`
+            tensor's bytes as read (:func:`interpkv.cache.persist.st_read.read_body`
             hashes while reading).
 
     Detects corrupted tensor bytes and tensors whose offsets were swapped.

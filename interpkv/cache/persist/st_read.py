@@ -5,10 +5,9 @@ loaded cache's tensors then view. The tensors are shared between
 :data:`READ_WORKERS` threads (balanced by size); each reads its tensors with
 positional reads (``os.preadv``, which releases the GIL) in pieces of
 :data:`CHUNK_BYTES` and feeds each piece to the tensor's checksum
-(:mod:`~interpkv.cache.checksums`), and to an optional ``inspect`` (the load's
+(:mod:`~interpkv.cache.persist.checksums`), and to an optional ``inspect`` (the load's
 finiteness check), while it is still in the CPU cache: one pass over memory, and the kernel's copies out of the page
-cache run on both
-cores (one reader copies at about half the speed of a parallel ``clone``).
+cache run on both cores (one reader copies at about half the speed of a parallel ``clone``).
 
 Everything goes through the one open file descriptor, and
 :func:`check_unchanged` compares its ``fstat`` before and after: a file that
@@ -26,7 +25,7 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 import numpy
 import torch
 
-from interpkv.cache.checksums import Checksum
+from interpkv.cache.persist.checksums import Checksum
 from interpkv.errors import CacheFileError
 
 __all__ = ["read_exactly", "read_body", "check_unchanged", "CHUNK_BYTES", "READ_WORKERS"]

@@ -2,8 +2,9 @@
 
 Works from a cache's public state only (``cache.layers[i].view(cache.seq_len)``,
 ``positions``, ``next_positions``, ``window``, ``sinks``, ``signature``) and
-builds loaded caches with :meth:`KVCache.from_state`; it imports nothing from
-:mod:`interpkv.cache.kvcache` at run time.
+builds loaded caches with the ``from_state`` of the class the caller passes
+(:meth:`KVCache.load` passes its own); it never imports
+:mod:`interpkv.cache.kvcache`, which imports it.
 
 The file holds only the stored slots (never the zero-filled preallocated
 capacity: the "saved prompt cache kept its zero padding" bug, mlx-examples
@@ -17,24 +18,24 @@ capacity: the "saved prompt cache kept its zero padding" bug, mlx-examples
   JSON), ``weights_fingerprint`` (:mod:`interpkv.cache.fingerprint`),
   ``dtype``, ``batch_size``, ``seq_len``, ``window``, ``sinks``,
   ``tensor_xxh3_128`` (JSON ``{name: XXH3-128 of the tensor's bytes}``,
-  :mod:`interpkv.cache.checksums`),
+  :mod:`interpkv.cache.persist.checksums`),
   optionally ``user_metadata`` (the caller's JSON), and ``header_sha256`` (of
   all the other metadata entries).
 
-Writes are atomic (:mod:`interpkv.cache.atomic`): a temporary file next to the
+Writes are atomic (:mod:`interpkv.cache.persist.atomic`): a temporary file next to the
 target, ``fsync``, ``os.replace``; symlinks are written through and the
 target's permissions kept. The file is written by
-:mod:`interpkv.cache.st_write` in one pass, each tensor hashed while it is
+:mod:`interpkv.cache.persist.st_write` in one pass, each tensor hashed while it is
 written and the weights fingerprint computed meanwhile. Any disk error raises
 :class:`~interpkv.errors.CacheSaveError` (an ``OSError``) naming the path and
 the cause; the previous file is then unchanged and no temporary file is left.
 
 Loading trusts nothing: only regular files are opened (a FIFO or device would
 hang), the safetensors header is parsed and checked here before any byte
-reaches a tensor (:mod:`interpkv.cache.st_format`), then metadata, shapes,
-checksums, finiteness and positions (:mod:`interpkv.cache.file_checks`). The
+reaches a tensor (:mod:`interpkv.cache.persist.st_format`), then metadata, shapes,
+checksums, finiteness and positions (:mod:`interpkv.cache.persist.file_checks`). The
 body is read once through the same file descriptor and hashed while it is read
-(:mod:`interpkv.cache.st_read`); a file changed underneath is detected. Any
+(:mod:`interpkv.cache.persist.st_read`); a file changed underneath is detected. Any
 problem raises :class:`CacheFileError` (a ``ValueError``; an ``OSError`` too
 when the file cannot be read) and no cache is returned. Nothing is ever unpickled. Format-2 files (SHA-256
 tensor checksums) and format-1 files (no checksums, full weights hash) still load.
@@ -47,13 +48,14 @@ import os
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 import torch
 
-from interpkv.cache.atomic import atomic_write
-from interpkv.cache.checksums import SHA256, WRITTEN, header_digest
-from interpkv.cache.file_checks import (
+from interpkv.cache.fingerprint import weights_fingerprint
+from interpkv.cache.persist.atomic import atomic_write
+from interpkv.cache.persist.checksums import SHA256, WRITTEN, header_digest
+from interpkv.cache.persist.file_checks import (
     DTYPE_NAMES,
     FORMAT,
     FORMAT_VERSION,
@@ -67,15 +69,11 @@ from interpkv.cache.file_checks import (
     check_weights,
     model_fingerprint,
 )
-from interpkv.cache.fingerprint import weights_fingerprint
-from interpkv.cache.st_format import DTYPES, MAX_HEADER_BYTES, CacheFileError, decode, open_regular, parse_header
-from interpkv.cache.st_read import check_unchanged, read_body, read_exactly
-from interpkv.cache.st_write import write_file
+from interpkv.cache.persist.st_format import DTYPES, MAX_HEADER_BYTES, CacheFileError, decode, open_regular, parse_header
+from interpkv.cache.persist.st_read import check_unchanged, read_body, read_exactly
+from interpkv.cache.persist.st_write import write_file
 from interpkv.core import tl as _tl
 from interpkv.errors import CacheFileNotFoundError, CacheReadError
-
-if TYPE_CHECKING:  # annotations only: no import cycle with kvcache
-    from interpkv.cache.kvcache import KVCache
 
 __all__ = ["CacheFileError", "save_cache", "load_cache", "weights_fingerprint", "FORMAT",
            "FORMAT_VERSION", "MAX_USER_METADATA_BYTES"]
@@ -178,7 +176,7 @@ _FINGERPRINT_PLACEHOLDER = "0" * 160
 
 
 def save_cache(
-    cache: "KVCache", path: Union[str, "os.PathLike[str]"], metadata: Optional[dict] = None
+    cache: Any, path: Union[str, "os.PathLike[str]"], metadata: Optional[dict] = None
 ) -> None:
     """Write ``cache`` (and the caller's ``metadata``) to ``path`` atomically.
 
@@ -241,15 +239,13 @@ def save_cache(
 
 
 # ----------------------------------------------------------------------- load
-def load_cache(
-    path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransformer", cache_type=None
-) -> "KVCache":
+def load_cache(path: Union[str, "os.PathLike[str]"], model: "_tl.HookedTransformer", cache_type: type) -> Any:
     """Read and fully validate a cache file for ``model`` (see the module docstring).
 
     Args:
         path: a file written by :meth:`KVCache.save`.
         model: the model it was saved from (or an identical one).
-        cache_type: the class to build (default :class:`KVCache`).
+        cache_type: the class to build (:class:`KVCache`; anything with its ``from_state``).
 
     Raises:
         CacheFileError: for every reason the file cannot become a cache:
@@ -259,8 +255,6 @@ def load_cache(
             it cannot be read, plain ``CacheFileError`` when its contents are
             wrong or changed while it was read. Only ``MemoryError`` passes as is.
     """
-    if cache_type is None:
-        from interpkv.cache.kvcache import KVCache as cache_type
     path = os.fspath(path)
     try:
         return _load(path, model, cache_type)
@@ -277,7 +271,7 @@ def load_cache(
         ) from error
 
 
-def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> "KVCache":
+def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
     with open_regular(path) as f:
         before = os.fstat(f.fileno())
         prefix = read_exactly(f, 8)

@@ -1,13 +1,13 @@
 """``interpkv check --engine`` and the demo's "other implementations" section.
 
-:func:`check_engine` runs the same inputs as :func:`interpkv.cli.checks.check_model`
+:func:`check_engine` runs the same inputs as :func:`interpkv.verify.checks.check_model`
 (a left-padded ragged batch: a prefill of half, three single tokens, the rest)
 through another engine's own cache and returns a
-:class:`~interpkv.cli.checks.CheckResult`: ``max_dlogit`` is that engine's
+:class:`~interpkv.verify.checks.CheckResult`: ``max_dlogit`` is that engine's
 cached-vs-uncached logit difference, ``first_divergence`` its first divergent
 site, and ``max_dlogit_hf`` (TransformerLens engine, where an HF twin exists)
 its cached logits against the HF model's. :func:`engine_faults` plants
-:mod:`interpkv.diagnostics.engines.faults` in each engine and checks where
+:mod:`interpkv.verify.engine_faults` in each engine and checks where
 :func:`interpkv.compare` lands.
 """
 
@@ -17,12 +17,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from interpkv.cli.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, hf_logits
-from interpkv.cli.hf import hf_difference
-from interpkv.cli.runtime import Models
+from interpkv import zoo
+from interpkv.core.schemes import scheme_for
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
+from interpkv.diagnostics.hf_reference import hf_difference, hf_logits
 from interpkv.tolerances import DEFAULT_ATOL
+from interpkv.verify import engine_faults as faults
+from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, check_hf_dir, check_zoo
+from interpkv.verify.models import Models
 
 __all__ = ["check_engine", "engine_faults", "ENGINE_FAULT_CASES", "OtherImplementations"]
 
@@ -67,7 +70,6 @@ class _Logits(_RecordBuilder):
 
 def _load(model: str, engine: str, dtype: torch.dtype, models: Models):
     """``(model to run, HF twin or None, label)`` for a zoo name or an HF directory."""
-    from interpkv import zoo
 
     if model in zoo.names():
         if engine == "hf" and model not in zoo.pairs():
@@ -103,9 +105,8 @@ def check_engine(
         engine: ``"interpkv"``, ``"transformer_lens"`` or ``"hf"``.
         dtype: float32 or float64.
         length: tokens per row.
-        models: the run's :class:`~interpkv.cli.runtime.Models` for zoo names (default: loaded fresh).
+        models: the run's :class:`~interpkv.verify.models.Models` for zoo names (default: loaded fresh).
     """
-    from interpkv.cli.checks import check_hf_dir, check_zoo
 
     models = Models.of(models)
     if engine == "interpkv":
@@ -147,7 +148,6 @@ def _scheme(model, engine: str) -> str:
     if engine == "hf":
         cache = type(engines.hf.dynamic_cache(model, 1, 1)).__name__
         return f"{type(model).__name__} ({cache})"
-    from interpkv.core.schemes import scheme_for
 
     return scheme_for(model).describe()
 
@@ -168,10 +168,9 @@ def engine_faults(
 ) -> List[FaultResult]:
     """``corrupt_stored_key`` planted in each engine's cache update (float64), localized by compare.
 
-    ``models``: the run's :class:`~interpkv.cli.runtime.Models` (default: loaded fresh); the
+    ``models``: the run's :class:`~interpkv.verify.models.Models` (default: loaded fresh); the
     fault patches the engine's cache class, not the model, and is undone when its block exits.
     """
-    from interpkv.diagnostics.engines import faults
 
     models = Models.of(models)
     results = []

@@ -1,20 +1,20 @@
 """Writing a safetensors file by hand, hashing each tensor while its bytes go to disk.
 
-The layout is the one :mod:`~interpkv.cache.st_format` reads (and safetensors
+The layout is the one :mod:`~interpkv.cache.persist.st_format` reads (and safetensors
 writes): an 8-byte little-endian header length, the JSON header padded with
 spaces to a multiple of 8 bytes, then each tensor's bytes, little-endian and
 C-contiguous. Tensors are laid out by decreasing element size, then name, so
 every tensor starts at a multiple of its element size (as in safetensors).
 
 One pass over the bytes: the header needs every tensor's checksum
-(:mod:`~interpkv.cache.checksums`), which is only known once the bytes have
+(:mod:`~interpkv.cache.persist.checksums`), which is only known once the bytes have
 been written. So :func:`write_file` reserves the header's space (its length
 does not depend on the digests: each has a fixed number of hex digits), writes the tensors straight from their memory (a strided
 ``[:, :, :seq_len]`` view is written run by run, never copied), and hashes each
 run in worker threads while it is written (``hashlib``, ``xxhash`` and
 ``os.write`` all release the GIL on large buffers), and asks the kernel to start
 writing each step to disk as soon as it is written
-(:func:`~interpkv.cache.atomic.start_writeback`), so that the final ``fsync``
+(:func:`~interpkv.cache.persist.atomic.start_writeback`), so that the final ``fsync``
 finds most of the file already on its way. The real header is then
 written over the reserved space.
 """
@@ -29,8 +29,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from interpkv.cache.atomic import start_writeback
-from interpkv.cache.checksums import WRITTEN, Checksum
+from interpkv.cache.persist.atomic import start_writeback
+from interpkv.cache.persist.checksums import WRITTEN, Checksum
 
 __all__ = ["write_file", "runs", "CHUNK_BYTES", "HASH_WORKERS"]
 
@@ -70,7 +70,7 @@ def runs(tensor: torch.Tensor) -> Iterator[memoryview]:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    from interpkv.cache.st_format import DTYPES  # the one table of safetensors dtype names
+    from interpkv.cache.persist.st_format import DTYPES  # the one table of safetensors dtype names
 
     return {v: k for k, v in DTYPES.items()}[dtype]
 

@@ -31,9 +31,12 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from interpkv import zoo
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
 from interpkv.diagnostics.diff import diff
+from interpkv.diagnostics.engines import transformer_lens as tle
+from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import HF_LOGITS, SITE
 
@@ -45,7 +48,7 @@ LoadPair = Callable[[str, torch.dtype], Tuple[object, object]]
 """``load_pair(name, dtype) -> (HookedTransformer, HF model)``: where a finding gets its zoo pair.
 
 The default loads a fresh pair (:func:`interpkv.zoo.load_pair`); ``interpkv demo`` passes the
-pairs its other sections already built (``interpkv.cli.runtime.Models.pair``). A finding only
+pairs its other sections already built (``interpkv.verify.models.Models.pair``). A finding only
 reads the pair it is given: TransformerLens runs restore the memoized ALiBi state
 (:func:`~interpkv.diagnostics.engines.transformer_lens.isolated_state`), and the one finding
 that changes a model on purpose (:func:`stale_alibi`) loads its own TransformerLens model.
@@ -53,7 +56,6 @@ that changes a model on purpose (:func:`stale_alibi`) loads its own TransformerL
 
 
 def _fresh_pair(name: str, dtype: torch.dtype):
-    from interpkv import zoo
 
     return zoo.load_pair(name, dtype=dtype)
 
@@ -157,8 +159,6 @@ def generate_learned_positions(
     name: str = "gpt2", prompt: int = 8, new: int = 6, *, load_pair: LoadPair = _fresh_pair
 ) -> Finding:
     """``HookedTransformer.generate`` (cache on, no tokenizer) against an uncached run on its own tokens."""
-    from interpkv.cli.checks import hf_logits
-    from interpkv.diagnostics.engines import transformer_lens as tle
 
     tl, hf = load_pair(name, torch.float64)
     tokens = torch.randint(0, 97, (1, prompt), generator=torch.Generator().manual_seed(0))
@@ -194,8 +194,6 @@ def stale_alibi(
     Only the float64 HF reference comes from ``load_pair``: the TransformerLens model
     is loaded fresh, because the finding leaves a stale ALiBi matrix on it.
     """
-    from interpkv import zoo
-    from interpkv.cli.checks import hf_logits
 
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
     steps = [8, 1, 1, 4]
@@ -235,7 +233,6 @@ def stale_alibi(
 
 def _scores_shift(name: str, tokens: torch.Tensor, long_call: int) -> float:
     """How far TransformerLens's own layer-0 ``hook_attn_scores`` move after a longer call, in float64."""
-    from interpkv import zoo
 
     tl, hook = zoo.load(name, dtype=torch.float64), "blocks.0.attn.hook_attn_scores"
     with torch.no_grad():
