@@ -553,8 +553,8 @@ class KVCache:
         new = self._with_storage(
             layers, self.positions[rows], self._next_position[rows], self.slot_ids[rows]
         )
-        if self.next_tokens is not None:
-            new.next_tokens, new.next_tokens_at = self.next_tokens[rows], self.next_tokens_at[rows]
+        if self.next_tokens is not None:  # set together with next_tokens_at
+            new.next_tokens, new.next_tokens_at = self.next_tokens[rows], self.next_tokens_at[rows]  # type: ignore[index]
         return new
 
     def _with_storage(self, layers, positions, next_positions, slot_ids=None) -> "KVCache":

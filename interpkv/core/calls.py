@@ -95,7 +95,7 @@ def _gated(hook: Callable, owner: object) -> Callable:
             result = conversion.revert(result)
         return result
 
-    gate._interpkv_owner = owner  # read by is_hooked
+    gate._interpkv_owner = owner  # type: ignore[attr-defined]  # read by is_hooked
     gate.__name__ = getattr(hook, "__name__", type(hook).__name__)
     return gate
 

@@ -11,7 +11,8 @@ slopes, local layers, the frames of a running TransformerLens forward). What
 a call routes where is policy, and lives in :mod:`interpkv.core.routing`.
 """
 
-from typing import Tuple, Union
+from types import FrameType
+from typing import Optional, Tuple, Union
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
@@ -117,7 +118,7 @@ def forward_locals(max_depth: int = 64):
     """
     import sys
 
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return None

@@ -282,7 +282,7 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
         expected = check_tensors(header, metadata, model, path)
         with _background(before.st_size > _BACKGROUND_BYTES) as pool:
             mine = _submit(pool, model_fingerprint, metadata["version"], model)  # overlaps the read
-            suspects = set()
+            suspects: set = set()
             inspect = _nonfinite_finder({name: DTYPES[dtype] for name, (dtype, _) in expected.items()},
                                         suspects.add)
             body, digests = read_body(f, before.st_size - len(prefix), header, path, metadata["checksum"],

@@ -80,7 +80,8 @@ def _buffer(size: int) -> "numpy.ndarray":
 
 def _share(spans: List[Tuple[int, int, str]], n: int) -> List[List[Tuple[int, int, str]]]:
     """``spans`` dealt to ``n`` workers, largest first to the least loaded (each list in file order)."""
-    loads, shares = [0] * n, [[] for _ in range(n)]
+    loads = [0] * n
+    shares: List[list] = [[] for _ in range(n)]
     for span in sorted(spans, key=lambda s: s[0] - s[1]):
         i = loads.index(min(loads))
         shares[i].append(span)
