@@ -1,7 +1,7 @@
 """Doctest namespace: every ``>>>`` example in the package runs in the test suite.
 
 Examples may use ``interpkv``, ``torch``, a zoo ``model`` (a tiny float64 Llama:
-rotary, grouped-query attention), ``tokens`` (a ``[2, 12]`` batch) and a
+rotary, grouped-query attention), ``tokens`` (a ``[1, 12]`` prompt) and a
 ``cache`` already holding it, without defining them, as a reader of the API
 reference would assume. Each example gets fresh objects and runs in its own
 temporary directory, which holds ``prompt.safetensors`` (``cache`` saved with
@@ -30,7 +30,7 @@ def _doctest_namespace(request):
     request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
     with torch.no_grad():
         model = interpkv.zoo.load("llama", dtype=torch.float64)
-        tokens = torch.arange(1, 25).reshape(2, 12)
+        tokens = torch.arange(1, 13)[None]
         cache = interpkv.KVCache.for_model(model)
         interpkv.forward(model, tokens, cache=cache)
         cache.save("prompt.safetensors", metadata={"prompt": "Once upon a time"})

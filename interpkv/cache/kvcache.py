@@ -522,7 +522,9 @@ class KVCache:
             TypeError: indices that are not integers (a bool mask, floats).
             ValueError: no index, or an index outside ``[0, batch_size)``.
 
-        >>> second = cache.select([1])
+        >>> pair = cache.select([0, 0])  # row 0 twice
+        >>> pair.batch_size
+        2
         """
         return self._take_rows(validated_rows(batch_indices, self.batch_size, self.device))
 

@@ -2,7 +2,7 @@
 
 from typing import Callable, Optional, Sequence, Tuple, Union
 
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
@@ -21,7 +21,7 @@ Hook = Tuple[Union[str, Callable[[str], bool]], Callable]
 
 def forward(
     model: "_tl.HookedTransformer",
-    tokens: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],
+    tokens: Union[Integer[Tensor, "batch pos"], Integer[Tensor, " pos"], Float[Tensor, "batch pos d_model"]],
     *,
     cache: Optional[KVCache] = None,
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,

@@ -207,6 +207,7 @@ def test_progress_bar_can_be_silenced(capsys):
     assert "patch resid_pre (shared prefix" in capsys.readouterr().err
 
 
+@pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
 def test_misuse_is_named():
     m = model("gpt2", torch.float64)
     clean, corrupt = _pair(m.cfg.d_vocab)

@@ -316,6 +316,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
+@pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
 def test_malformed_files_are_refused(case, saved, monkeypatch):
     model, _, path = saved
     make, message = MALFORMED[case]
