@@ -83,3 +83,22 @@ def test_notebook_lists_name_every_notebook():
         numbers = [n.split("_")[0] for n in notebooks]  # "01", "02", ...
         missing = [nn for nn in numbers if not re.search(rf"\b{nn}[_ ]", text)]
         assert not missing, f"{page.name} does not mention notebooks {missing}"
+
+
+def test_landing_page_says_how_to_install_and_open_the_notebooks():
+    # docs/index.md: an install line with and without the dev extras, and a way to open notebooks/;
+    # every extra it names exists in setup.cfg (a renamed extra would make the line fail).
+    import configparser
+
+    page = (ROOT / "docs" / "index.md").read_text()
+    shell = "\n".join(src for lang, src in _FENCE.findall(page) if lang == "bash")
+    assert re.search(r"^pip install -e \.\s", shell, re.M), "no plain install line"
+    extras = set(re.findall(r'pip install -e "\.\[(\w+)\]"', shell))
+    assert {"dev", "notebooks"} <= extras, extras
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    declared = set(config["options.extras_require"])
+    assert extras <= declared, f"docs/index.md names extras {extras - declared} that setup.cfg does not declare"
+    assert "jupyterlab" in config["options.extras_require"]["notebooks"]
+    assert "jupyter lab notebooks/" in shell
+    assert len(list(python_blocks(page))) == 1, "the landing page has one example, run by test_python_blocks_run"

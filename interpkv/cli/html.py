@@ -1,7 +1,10 @@
 """Self-contained HTML reports of checks, fault localizations and generations.
 
 The page embeds plotly.js once, inline, so it opens with no network (no CDN
-script tag, no MathJax). Each figure sits in ``<div class="figure"
+script tag, no MathJax), and only when the page has a figure (a one-row
+passing ``check`` report is a few kB, not 4.8 MB). Verdicts and counts come
+from one :class:`~interpkv.verify.verdicts.Tally`, the same the terminal
+prints. Each figure sits in ``<div class="figure"
 data-figure="<name>">``; plotly draws one ``svg.main-svg`` set inside each,
 which is what ``tests/integration/test_report_browser.py`` counts in headless
 Chromium. Like :mod:`interpkv.plot`, nothing here runs a model: the report
@@ -29,6 +32,9 @@ td.num { font-family: monospace; text-align: right; }
 td.site, pre { font-family: monospace; }
 .pass { color: #137333; font-weight: bold; }
 .fail { color: #c5221f; font-weight: bold; }
+.known { color: #8a4b00; background: #fff4d6; font-weight: bold; }
+td.why { font-size: 0.85em; max-width: 32em; overflow-wrap: anywhere; }
+p.inputs { font-size: 0.9em; color: #444; }
 pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
 .figure { margin: 1em 0 2em 0; }
 """
@@ -38,19 +44,35 @@ def _esc(value: object) -> str:
     return html.escape(str(value))
 
 
+def _cell(cls: str, text: str) -> str:
+    """A table cell; a verdict cell also carries ``data-verdict`` (one per row: what tests count)."""
+    mark = f' data-verdict="{_esc(text)}"' if cls in ("pass", "fail", "known") else ""
+    return f'<td class="{cls}"{mark}>{_esc(text)}</td>'
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Tuple[str, str]]]) -> str:
     """Rows of ``(css class, text)`` cells; the text is escaped here."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="{cls}">{_esc(text)}</td>' for cls, text in row) + "</tr>"
-        for row in rows
-    )
+    body = "".join("<tr>" + "".join(_cell(cls, text) for cls, text in row) + "</tr>" for row in rows)
     thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
     return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
-def _verdict(ok: bool, yes: str = "PASS", no: str = "FAIL") -> Tuple[str, str]:
-    return ("pass", yes) if ok else ("fail", no)
+_CLASS = {"PASS": "pass", "FAIL": "fail", "KNOWN UPSTREAM": "known"}
+
+
+def _verdict(verdict) -> Tuple[str, str]:
+    """A verdict cell: PASS green, FAIL red, KNOWN UPSTREAM amber (never green)."""
+    return (_CLASS[verdict.word], verdict.word)
+
+
+def _why(verdict) -> Tuple[str, str]:
+    return ("why", verdict.note or "-")
+
+
+def _section_head(title: str, section) -> str:
+    counts = "" if section is None else f" <small>({_esc(section.counts)})</small>"
+    return f"<h2>{_esc(title)}{counts}</h2>"
 
 
 def _num(x: Optional[float]) -> Tuple[str, str]:
@@ -119,10 +141,67 @@ def _collapsed(passing: Sequence) -> str:
     worst = max(c.max_dlogit for c in passing)
     names = ", ".join(c.model for c in passing)
     return (
-        f'<p class="collapsed"><span class="pass">{len(passing)} passing</span> (no heatmap: every '
+        f'<p class="collapsed"><span class="pass">{len(passing)} PASS</span> (no plot: every '
         f"site within tolerance, largest cached-vs-uncached logit difference {worst:.1e}): "
         f"{_esc(names)}</p>"
     )
+
+
+def _failed_figures(results, rows, figure, runs_hf: Tuple[str, str]) -> List[str]:
+    """For each row that is not PASS, a plot of the quantity that failed.
+
+    Cached vs uncached past its tolerance (or a divergent site): the divergence
+    heatmap. The HF comparison past its tolerance: the cached-vs-HF logit
+    difference per position.
+    """
+    from interpkv import plot, tolerances
+
+    parts: List[str] = []
+    for c, (label, verdict) in zip(results, rows):
+        if verdict.word == "PASS":
+            continue
+        own = not c.max_dlogit < tolerances.CACHED_LOGITS[c.dtype] or c.first_divergence is not None
+        hf_tol = tolerances.HF_LOGITS[c.dtype]
+        hf = c.max_dlogit_hf is not None and not c.max_dlogit_hf < hf_tol
+        parts.append(f'<h4>{_esc(c.model)}: <span class="{_CLASS[verdict.word]}">{verdict.word}</span></h4>')
+        if own and c.report is not None:
+            atol = tolerances.site_tolerance(c.dtype)
+            family = None if c.first_divergence is not None else "logits"  # the logits are what failed
+            parts.append(figure(plot.divergence_heatmap(c.report, atol=atol, family=family), f"heatmap:{c.model}"))
+        if hf and c.hf_by_position is not None:
+            fig = plot.position_error(c.hf_by_position, atol=hf_tol, runs=runs_hf(c) if callable(runs_hf) else runs_hf)
+            parts.append(figure(fig, f"vs-hf:{c.model}"))
+    return parts
+
+
+def _check_rows(results, rows) -> list:
+    return [
+        [
+            ("", c.model),
+            ("", c.scheme),
+            _num(c.max_dlogit),
+            _num(c.max_dlogit_hf),
+            ("site", c.first_divergence_label),
+            _verdict(verdict),
+            _why(verdict),
+        ]
+        for c, (_, verdict) in zip(results, rows)
+    ]
+
+
+_CHECK_HEADERS = ["model", "scheme", "max |cached - uncached| logit", "max |cached - HF| logit", "first divergence",
+                  "verdict", "why"]
+
+
+def _fault_sentence(name: str) -> str:
+    from interpkv import faults
+
+    try:
+        fault = faults.get(name)
+    except ValueError:
+        return ""
+    first = (type(fault).__doc__ or "").strip().split("\n")[0].replace("``", "")
+    return f"<b>{_esc(name)}</b>: {_esc(first)} Reproduces {_esc(fault.report)}."
 
 
 def render(
@@ -134,13 +213,16 @@ def render(
     title: str = "interpkv report",
     command: Optional[str] = None,
     dtype: Optional[str] = None,
+    tally=None,
+    engine: str = "interpkv",
 ) -> str:
-    """The report as one HTML string (plotly.js inline, once).
+    """The report as one HTML string (plotly.js inline, once, when there is a figure).
 
     Args:
-        checks: :class:`~interpkv.verify.checks.CheckResult` objects; each failing
-            one with a ``report`` gets a divergence heatmap, the passing ones
-            share one summary line.
+        checks: :class:`~interpkv.verify.checks.CheckResult` objects; each row that
+            is not PASS gets a plot of the quantity that failed (a divergence
+            heatmap, or the cached-vs-HF logits per position), the passing
+            ones share one summary line.
         faults: :class:`~interpkv.verify.checks.FaultResult` objects; each gets a
             first-divergence bar chart.
         generation: an optional :class:`~interpkv.verify.checks.GenerationResult`.
@@ -149,139 +231,146 @@ def render(
         title: page title.
         command: the command line that produced the report (stated at the top).
         dtype: the checks' dtype name (default: taken from ``checks``).
+        tally: the run's :class:`~interpkv.verify.verdicts.Tally` (what the
+            terminal printed); default: computed from the results here.
+        engine: whose cache ``checks`` audited (``check --engine``).
 
     Returns:
         The HTML document.
     """
-    from plotly.offline import get_plotlyjs
-
     from interpkv import plot
+    from interpkv.verify.checks import FAULT_INPUTS, INPUTS
+    from interpkv.verify.verdicts import run_tally
 
+    if tally is None:
+        demo = bool(faults) or generation is not None or other is not None
+        tally = run_tally(checks=checks, faults=faults, generation=generation, other=other,
+                          check_title="zoo check" if demo else "checks")
+    sections = {s.title: s for s in tally.sections}
     figure = _Figures()
     parts: List[str] = [f"<h1>{_esc(title)}</h1>"]
-    verdicts = [c.ok for c in checks] + [f.caught for f in faults]
-    if generation is not None:
-        verdicts.append(generation.identical)
-    if other is not None:
-        verdicts.append(other.ok)
-    ok = all(verdicts)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    head = tally.line()
     parts.append(
-        f'<p>Verdict: <span class="{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span> '
-        f"({sum(verdicts)}/{len(verdicts)} checks passed; generated {stamp}).</p>"
+        f'<p class="verdict">Verdict: <span class="{_CLASS[tally.word]}">{tally.word}</span>'
+        f"{_esc(head[len(tally.word):])} (generated {stamp}).</p>"
+        f'<p class="breakdown">By section: {_esc(tally.breakdown())}. KNOWN UPSTREAM: another library\'s '
+        "documented bug, with its reason and reference beside the row; it does not fail the run.</p>"
     )
     dtypes = [dtype] if dtype else sorted({str(c.dtype).replace("torch.", "") for c in checks})
     parts.append(_provenance(command, dtypes, bool(faults)))
 
     if checks:
-        parts.append("<h2>Cached vs uncached vs HuggingFace</h2>")
+        section = tally.sections[0]
+        parts.append(_section_head("Cached vs uncached vs HuggingFace", section))
         parts.append(
             "<p>Each model runs a left-padded ragged batch through a KV cache in chunks "
-            "(prefill, single tokens, a chunk) and uncached. <i>max |dlogit|</i> compares the "
-            "logits, <i>vs HF</i> compares the cached run with the HuggingFace twin under the same "
-            "mask, <i>first divergence</i> is the earliest hook point (at its lowest position) "
-            "where the cached activations leave tolerance.</p>"
+            "(prefill, single tokens, a chunk) and uncached. The logit columns compare the cached run "
+            "with the uncached run and with the HuggingFace twin under the same mask (logits centred "
+            "over the vocabulary); <i>first divergence</i> is the earliest hook point (at its lowest "
+            "position) where the cached activations leave tolerance.</p>"
         )
-        rows = [
-            [
-                ("", c.model),
-                ("", c.scheme),
-                ("", str(c.dtype).replace("torch.", "")),
-                _num(c.max_dlogit),
-                ("num", _num(c.max_dlogit_hf)[1] + (f" ({c.hf_note})" if c.hf_note else "")),
-                ("site", c.first_divergence_label),
-                _verdict(c.ok),
-            ]
-            for c in checks
-        ]
-        parts.append(
-            _table(
-                ["model", "scheme", "dtype", "max |dlogit|", "max |dlogit| vs HF", "first divergence", "verdict"],
-                rows,
-            )
-        )
-        passing = [c for c in checks if c.ok]
-        failing = [c for c in checks if not c.ok and c.report is not None]
-        parts.append("<h3>Divergence heatmaps</h3>")
+        parts.append(f'<p class="inputs">Inputs of every number in this table: {_esc(INPUTS)}; {", ".join(dtypes)}.</p>')
+        parts.append(_table(_CHECK_HEADERS, _check_rows(checks, section.rows)))
+        passing = [c for c, (_, v) in zip(checks, section.rows) if v.word == "PASS"]
         if passing:
             parts.append(_collapsed(passing))
-        if failing:
-            parts.append(
-                "<p>Failing models: log10 of the largest |cached - uncached| per layer and position; "
-                "the dropdown selects the hook family. Values near -20 mean exactly equal.</p>"
-            )
-        for c in failing:
-            parts.append(f"<h4>{_esc(c.model)}</h4>")
-            parts.append(figure(plot.divergence_heatmap(c.report), f"heatmap:{c.model}"))
+        runs = ("cached", "HF") if engine == "interpkv" else (f"{engine} cached", "HF")
+        parts.extend(_failed_figures(checks, section.rows, figure, runs))
 
     if faults:
-        parts.append("<h2>Bug zoo: known cache bugs, injected and localized</h2>")
+        section = sections.get("bug zoo")
+        parts.append(_section_head("Bug zoo: known cache bugs, injected and localized", section))
+        parts.append(
+            "<p>Each fault is injected into the cached run only (float64); <code>interpkv.compare</code> "
+            "compares it (<i>cached</i>) with the uncached run (<i>uncached</i>) hook by hook, and the row "
+            "PASSes when the first divergence is the site the fault documents.</p><ul>"
+            + "".join(f"<li>{_fault_sentence(n)}</li>" for n in dict.fromkeys(f.fault for f in faults))
+            + "</ul>"
+        )
+        parts.append(f'<p class="inputs">Inputs of every row: {_esc(FAULT_INPUTS)}.</p>')
         rows = [
-            [
-                ("", f.fault),
-                ("", f.model),
-                ("site", f.expected_label),
-                ("site", f.found_label),
-                _verdict(f.caught, "yes", "no"),
-            ]
-            for f in faults
+            [("", f.fault), ("", f.model), ("site", f.expected_label), ("site", f.found_label), _verdict(v), _why(v)]
+            for f, (_, v) in zip(faults, section.rows)
         ]
-        parts.append(_table(["fault", "model", "expected site", "first divergence", "caught"], rows))
+        parts.append(_table(["fault", "model", "expected site", "first divergence", "verdict", "why"], rows))
         for f in faults:
             if f.report is not None:
                 parts.append(f"<h4>{_esc(f.fault)} on {_esc(f.model)}</h4>")
                 parts.append(figure(plot.first_divergence(f.report, atol=1e-10, rtol=1e-10), f"fault:{f.fault}:{f.model}"))
 
     if other is not None:
-        parts.extend(_other_section(other, figure))
+        parts.extend(_other_section(other, figure, sections))
 
     if generation is not None:
         g = generation
-        parts.append(f"<h2>Greedy generation with the cache on and off ({_esc(g.model)})</h2>")
+        section = sections.get("generation")
+        parts.append(_section_head(f"Greedy generation with the cache on and off ({g.model})", section))
         parts.append(f"<p>Prompt:</p><pre>{_esc(g.prompt)}</pre>")
-        parts.append(f"<p>Cache on:</p><pre>{_esc(g.cached)}</pre>")
-        parts.append(f"<p>Cache off:</p><pre>{_esc(g.uncached)}</pre>")
+        parts.append(f"<p>Cache on (cached):</p><pre>{_esc(g.cached)}</pre>")
+        parts.append(f"<p>Cache off (uncached):</p><pre>{_esc(g.uncached)}</pre>")
+        verdict = section.rows[0][1]
         parts.append(
-            f'<p>Identical: <span class="{"pass" if g.identical else "fail"}">'
-            f'{"yes" if g.identical else "no"}</span></p>'
+            f'<p>Identical: <span class="{_CLASS[verdict.word]}" data-verdict="{verdict.word}">{verdict.word}</span></p>'
         )
         parts.append(figure(plot.generation(g.diff), f"generation:{g.model}"))
 
+    script = ""
+    if figure.count:
+        from plotly.offline import get_plotlyjs
+
+        script = f'<script type="text/javascript">{get_plotlyjs()}</script>'
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-        f"<title>{_esc(title)}</title><style>{_STYLE}</style>"
-        f'<script type="text/javascript">{get_plotlyjs()}</script>'
+        f"<title>{_esc(title)}</title><style>{_STYLE}</style>{script}"
         "</head><body>" + "\n".join(parts) + "</body></html>\n"
     )
 
 
-def _other_section(other, figure) -> List[str]:
+def _other_section(other, figure, sections) -> List[str]:
     """The "other implementations" section: engine checks, engine faults, TransformerLens findings."""
     from interpkv import plot
+    from interpkv.verify.checks import FAULT_INPUTS, INPUTS
+    from interpkv.verify.findings import INPUTS as findings_inputs
 
     parts = ["<h2>Other implementations: TransformerLens's and HuggingFace's own caches</h2>"]
-    parts.append(
-        "<p>The same ragged, left-padded batch fed chunk by chunk through TransformerLens's "
-        "<code>past_kv_cache</code> and through each HF model's own <code>DynamicCache</code>, against the same "
-        "engine run uncached; HF sites carry TransformerLens names.</p>"
-    )
-    rows = [
-        [("", c.model), ("", c.scheme), _num(c.max_dlogit), _num(c.max_dlogit_hf), ("site", c.first_divergence_label),
-         _verdict(c.ok or c.model in other.known_mismatch, "PASS" if c.ok else "known", "FAIL")]
-        for c in other.checks
-    ]
-    parts.append(_table(["model [engine]", "implementation", "max |dlogit|", "vs HF", "first divergence", "verdict"], rows))
-    rows = [[("", f.fault), ("", f.model), ("site", f.expected_label), ("site", f.found_label), _verdict(f.caught, "yes", "no")]
-            for f in other.faults]
-    parts.append("<h3>A stored key corrupted in each engine's cache update</h3>")
-    parts.append(_table(["fault", "model", "expected site", "first divergence", "caught"], rows))
-    parts.append("<h3>TransformerLens 3.x findings, verified against HF with teacher forcing</h3>")
-    for f in other.findings:
-        parts.append(f"<h4>{_esc(f.title)} ({_esc(f.model)}): {_esc(f.site_label)}</h4><p>{_esc(f.claim)}</p>")
-        verdict = _verdict(f.explained, "yes" if f.verified else f.status, f.status)
-        rows = [[("", k), _num(v)] for k, v in f.evidence.items()] + [[("", "verified"), verdict]]
-        parts.append(_table(["check", "value"], rows))
-        parts.append(figure(plot.first_divergence(f.report, atol=f.atol, rtol=f.atol), f"finding:{f.title}"))
+    section = sections.get("other engines' caches")
+    if section is not None:
+        parts.append(_section_head("Their own caches, cached vs uncached", section).replace("h2>", "h3>"))
+        parts.append(
+            "<p>The same ragged, left-padded batch fed chunk by chunk through TransformerLens's "
+            "<code>past_kv_cache</code> and through each HF model's own <code>DynamicCache</code>, against the same "
+            "engine run uncached; HF sites carry TransformerLens names. <i>scheme</i> names the engine's own "
+            "implementation.</p>"
+        )
+        parts.append(f'<p class="inputs">Inputs of every number in this table: {_esc(INPUTS)}; float32.</p>')
+        parts.append(_table(_CHECK_HEADERS, _check_rows(other.checks, section.rows)))
+        parts.extend(_failed_figures(other.checks, section.rows, figure, lambda c: ("TransformerLens cached", "HF")))
+    section = sections.get("engine faults")
+    if section is not None:
+        rows = [[("", f.fault), ("", f.model), ("site", f.expected_label), ("site", f.found_label), _verdict(v), _why(v)]
+                for f, (_, v) in zip(other.faults, section.rows)]
+        parts.append(_section_head("A stored key corrupted in each engine's cache update", section).replace("h2>", "h3>"))
+        parts.append(f'<p class="inputs">Inputs of every row: {_esc(FAULT_INPUTS)}.</p>')
+        parts.append(_table(["fault", "model", "expected site", "first divergence", "verdict", "why"], rows))
+    section = sections.get("TransformerLens findings")
+    if section is not None:
+        parts.append(_section_head("TransformerLens 3.x findings, verified against HF with teacher forcing", section)
+                     .replace("h2>", "h3>"))
+        parts.append(f'<p class="inputs">Inputs: {_esc(findings_inputs)}.</p>')
+        for f, (_, verdict) in zip(other.findings, section.rows):
+            parts.append(
+                f"<h4>{_esc(f.title)} ({_esc(f.model)}): {_esc(f.site_label)} "
+                f'<span class="{_CLASS[verdict.word]}" data-verdict="{verdict.word}">{verdict.word}</span></h4>'
+                f"<p>{_esc(f.claim)}</p>"
+            )
+            rows = [[("", k), _num(v)] for k, v in f.evidence.items()]
+            parts.append(_table(["measured (the label names its inputs)", "value"], rows))
+            # The claim is printed above: say only where it is documented (or, for a FAIL, why).
+            said = f"Documented in {verdict.reference}." if verdict.word == "KNOWN UPSTREAM" else verdict.note
+            parts.append(f'<p class="inputs">{_esc(said)}</p>')
+            runs = getattr(f, "runs", ("cached", "uncached"))
+            parts.append(figure(plot.first_divergence(f.report, atol=f.atol, rtol=f.atol, runs=runs), f"finding:{f.title}"))
     return parts
 
 

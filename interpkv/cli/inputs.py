@@ -43,9 +43,13 @@ def check_model_dir(path: str, zoo_names: Sequence[str]) -> None:
         looks_like_path = os.sep in path or path.startswith((".", "~"))
         if looks_like_path:
             raise ValueError(f"{path}: does not exist (give a directory written by model.save_pretrained(dir))")
+        import difflib
+
+        close = difflib.get_close_matches(path, list(zoo_names), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
             f"{path!r} is neither a zoo model ({', '.join(zoo_names)}) nor an existing directory"
-            " (a HuggingFace model directory written by model.save_pretrained(dir))"
+            f" (a HuggingFace model directory written by model.save_pretrained(dir)){hint}"
         )
     if not os.path.isdir(path):
         raise ValueError(f"{path}: is a file, not a model directory (give the directory save_pretrained wrote)")

@@ -30,9 +30,9 @@ def zoo_only(models: Sequence[str]) -> bool:
     >>> zoo_only(["gpt2", "llama"]), zoo_only(["gpt2", "./my-model"]), zoo_only([])
     (True, False, True)
     """
-    from interpkv import zoo
+    from interpkv.cli.names import zoo_names
 
-    return all(m in zoo.names() for m in models)
+    return all(m in zoo_names() for m in models)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from interpkv.core.positions import absolute_positions
 
-__all__ = ["hf_logits", "hf_difference"]
+__all__ = ["hf_logits", "hf_difference", "hf_difference_by_position"]
 
 PreTrainedModel = "transformers.PreTrainedModel"
 
@@ -103,3 +103,29 @@ def hf_difference(
 
 def _centred(logits: Tensor) -> Tensor:
     return logits - logits.mean(dim=-1, keepdim=True)
+
+
+def hf_difference_by_position(
+    cached: Float[Tensor, "batch pos d_vocab"],
+    reference: Float[Tensor, "batch pos d_vocab"],
+    mask: Int[Tensor, "batch pos"],
+) -> List[float]:
+    """:func:`hf_difference` per absolute position (real tokens counted from 0 in each row).
+
+    The largest centred ``|cached - reference|`` over the rows that have a
+    token at that position and over the vocabulary; a NaN stays NaN. What a
+    failing ``vs HF`` row plots (:func:`interpkv.plot.position_error`).
+
+    >>> hf_difference_by_position(torch.zeros(1, 2, 2), torch.tensor([[[0.0, 0.0], [1.0, -1.0]]]), torch.ones(1, 2))
+    [0.0, 1.0]
+    """
+    real = mask.bool()
+    gap = (_centred(cached) - _centred(reference)).abs().amax(dim=-1)  # (B, P)
+    by_position: List[float] = []
+    for row in range(gap.shape[0]):
+        for pos, value in enumerate(gap[row][real[row]].tolist()):  # real tokens in order: positions 0, 1, ...
+            if pos == len(by_position):
+                by_position.append(value)
+            elif not value <= by_position[pos]:  # larger, or NaN (kept)
+                by_position[pos] = value if by_position[pos] == by_position[pos] else by_position[pos]
+    return by_position

@@ -25,7 +25,7 @@ from interpkv.core import tl as _tl
 from interpkv.core.forward import forward
 from interpkv.core.schemes import scheme_for
 from interpkv.diagnostics.compare import compare
-from interpkv.diagnostics.hf_reference import hf_difference, hf_logits
+from interpkv.diagnostics.hf_reference import hf_difference, hf_difference_by_position, hf_logits
 from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.generation.generate import generate
 from interpkv.generation.result import GenerationDiff
@@ -52,6 +52,8 @@ __all__ = [
     "CACHED_TOL",
     "HF_TOL",
     "COMPARE_TOL",
+    "INPUTS",
+    "FAULT_INPUTS",
 ]
 
 # The defaults and the reason for each number live in interpkv.tolerances.
@@ -78,6 +80,8 @@ class CheckResult:
         report: that :class:`~interpkv.diagnostics.diff.DivergenceReport` (for plots).
         hf_nan_rows: padded rows where HF's own logits are NaN, left out of
             ``max_dlogit_hf`` (see :func:`~interpkv.diagnostics.hf_reference.hf_difference`).
+        hf_by_position: ``max_dlogit_hf`` per position (what a failing ``vs HF``
+            row plots), or None without an HF twin.
     """
 
     model: str
@@ -89,6 +93,7 @@ class CheckResult:
     first_divergence: Optional[Site] = None
     report: Optional[DivergenceReport] = dataclasses.field(default=None, repr=False)
     hf_nan_rows: List[int] = dataclasses.field(default_factory=list)
+    hf_by_position: Optional[List[float]] = dataclasses.field(default=None, repr=False)
 
     @property
     def hf_note(self) -> str:
@@ -115,6 +120,13 @@ class CheckResult:
     @property
     def verdict(self) -> str:
         return "PASS" if self.ok else "FAIL"
+
+
+INPUTS = (
+    "random tokens (seed 0), 3 rows x 24, rows 1 and 2 left-padded by 3 and 12; "
+    "cached run fed in chunks 12, 1, 1, 1, 9"
+)
+"""What every check row's numbers come from (:func:`check_model` and ``check_engine`` defaults)."""
 
 
 def _inputs(d_vocab: int, length: int, seed: int):
@@ -166,9 +178,11 @@ def check_model(
         report = compare(model, tokens, steps=list(splits), attention_mask=mask)
     tol = COMPARE_TOL.get(model.cfg.dtype, DEFAULT_ATOL)
     real = mask.bool()
-    max_hf, nan_rows = None, []
+    max_hf, nan_rows, by_position = None, [], None
     if hf is not None:
-        max_hf, nan_rows = hf_difference(cached, hf_logits(hf, tokens, mask), mask)
+        reference = hf_logits(hf, tokens, mask)
+        max_hf, nan_rows = hf_difference(cached, reference, mask)
+        by_position = hf_difference_by_position(cached, reference, mask)
     return CheckResult(
         model=label,
         scheme=scheme_for(model).describe(),
@@ -179,6 +193,7 @@ def check_model(
         first_divergence=report.first_divergence(atol=tol, rtol=tol),
         report=report,
         hf_nan_rows=nan_rows,
+        hf_by_position=by_position,
     )
 
 
@@ -277,6 +292,8 @@ stale offset on each positional scheme (learned, rotary, ALiBi), where it
 shows at a different hook."""
 
 _FAULT_STEPS = (8, 1, 1, 4)  # a prefill, two single tokens, a chunk: first cached position 8
+FAULT_INPUTS = "random tokens (seed 0), 1 row x 14, cached run fed in chunks 8, 1, 1, 4; float64, site tolerance 1e-10"
+"""What every bug-zoo (and engine-fault) row's numbers come from."""
 
 
 def check_fault(fault: str, model_name: str, *, seed: int = 0, models: Optional[Models] = None) -> FaultResult:

@@ -21,10 +21,10 @@ from interpkv import zoo
 from interpkv.core.schemes import scheme_for
 from interpkv.diagnostics import engines
 from interpkv.diagnostics.capture import _RecordBuilder
-from interpkv.diagnostics.hf_reference import hf_difference, hf_logits
+from interpkv.diagnostics.hf_reference import hf_difference, hf_difference_by_position, hf_logits
 from interpkv.tolerances import DEFAULT_ATOL
 from interpkv.verify import engine_faults as faults
-from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, CheckResult, FaultResult, _inputs, check_hf_dir, check_zoo
+from interpkv.verify.checks import COMPARE_TOL, CheckResult, FaultResult, _inputs, check_hf_dir, check_zoo
 from interpkv.verify.models import Models
 
 __all__ = ["check_engine", "engine_faults", "ENGINE_FAULT_CASES", "OtherImplementations"]
@@ -37,25 +37,23 @@ class OtherImplementations:
     checks: list = dataclasses.field(default_factory=list)
     faults: list = dataclasses.field(default_factory=list)
     findings: list = dataclasses.field(default_factory=list)
-    known_mismatch: set = dataclasses.field(default_factory=set)
-    """Check labels whose HF comparison fails for a documented reason (``zoo.info(name)["tl_pair_note"]``)."""
+    upstream: dict = dataclasses.field(default_factory=dict)
+    """Check label -> its documented upstream bug (:data:`interpkv.verify.verdicts.UPSTREAM`)."""
+
+    def tally(self):
+        """This section's rows as a :class:`~interpkv.verify.verdicts.Tally`."""
+        from interpkv.verify.verdicts import run_tally
+
+        return run_tally(other=self)
 
     @property
     def ok(self) -> bool:
-        """Every engine check passes (a documented TL-vs-HF mismatch only needs its own cache to agree),
-        every fault is caught, every finding is verified or not reproduced by the installed TransformerLens."""
-        cache_ok = lambda c: c.max_dlogit < CACHED_TOL[c.dtype] and c.first_divergence is None  # noqa: E731
-        checks = all(c.ok or (c.model in self.known_mismatch and cache_ok(c)) for c in self.checks)
-        return checks and all(f.caught for f in self.faults) and all(f.explained for f in self.findings)
+        """No row FAILs (a KNOWN UPSTREAM row does not fail; see :mod:`interpkv.verify.verdicts`)."""
+        return self.tally().ok
 
     @property
     def summary(self) -> str:
-        return (
-            f"other implementations: {sum(c.ok for c in self.checks)}/{len(self.checks)} engine checks pass, "
-            f"{sum(f.caught for f in self.faults)}/{len(self.faults)} engine faults caught, "
-            f"{sum(f.explained for f in self.findings)}/{len(self.findings)} TransformerLens findings verified"
-            + ("" if all(f.verified for f in self.findings) else " or not reproduced")
-        )
+        return "other implementations: " + self.tally().breakdown()
 
 
 class _Logits(_RecordBuilder):
@@ -121,7 +119,7 @@ def check_engine(
     keep = lambda valid: kept.append(_Logits(valid)) or kept[0]  # noqa: E731
     also = None if hf is None else keep
     report = engines.compare(run, tokens, steps=splits, attention_mask=mask, engine=engine, also=also)
-    max_hf = None
+    max_hf, by_position = None, None
     if hf is not None:
         cached = kept[0].record({})
         real = mask.bool()
@@ -130,6 +128,10 @@ def check_engine(
         reference = hf_logits(hf, tokens, mask)[rows, cols]
         # Centred over the vocabulary, as check_model does (center_unembed shifts by a constant).
         max_hf, _ = hf_difference(cached.logits[positions][None], reference[None], torch.ones_like(rows)[None])
+        full = torch.zeros(*tokens.shape, reference.shape[-1], dtype=reference.dtype)  # back to (B, P, d_vocab)
+        ours = full.clone()
+        full[rows, cols], ours[rows, cols] = reference, cached.logits[positions].to(reference.dtype)
+        by_position = hf_difference_by_position(ours, full, mask)
     tol = COMPARE_TOL.get(dtype, DEFAULT_ATOL)
     scheme = _scheme(run, engine)
     return CheckResult(
@@ -141,13 +143,18 @@ def check_engine(
         splits=splits,
         first_divergence=report.first_divergence(atol=tol, rtol=tol),
         report=report,
+        hf_by_position=by_position,
     )
 
 
 def _scheme(model, engine: str) -> str:
+    """What runs: the engine's own implementation, never interpkv's scheme for it."""
     if engine == "hf":
         cache = type(engines.hf.dynamic_cache(model, 1, 1)).__name__
         return f"{type(model).__name__} ({cache})"
+    if engine == "transformer_lens":
+        cfg = model.cfg
+        return f"TL past_kv_cache: {cfg.positional_embedding_type}, {cfg.n_heads} heads"
 
     return scheme_for(model).describe()
 

@@ -40,7 +40,13 @@ from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import HF_LOGITS, SITE
 
-__all__ = ["Finding", "alibi_slopes_not_power_of_two", "generate_learned_positions", "stale_alibi", "all_findings"]
+__all__ = ["INPUTS", "Finding", "alibi_slopes_not_power_of_two", "generate_learned_positions", "stale_alibi", "all_findings"]
+
+INPUTS = (
+    "one row of 14 random tokens (seed 0) fed 8, 1, 1, 4 in float64 (stale ALiBi: bfloat16, after a 512-token "
+    "call); generate: an 8-token prompt and 6 new tokens; HF fed the same tokens (teacher forcing)"
+)
+"""What the findings' numbers come from (each evidence label adds which runs it compares)."""
 
 _CROSS_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 
@@ -73,6 +79,7 @@ class Finding:
         atol: tolerance ``site`` was found at (``rtol`` equal).
         evidence: numbers of the HF check, label -> value.
         verified: the behaviour is there and the HF check confirms TransformerLens is the side that is wrong.
+        runs: names of ``report``'s run ``a`` and reference ``b`` (for plots and tables).
         present: the installed TransformerLens shows the behaviour (``site`` is not None).
         clean: with the behaviour absent, TransformerLens agrees with HF and with itself
             (``False`` whenever ``present``).
@@ -86,6 +93,7 @@ class Finding:
     atol: float
     evidence: dict
     verified: bool
+    runs: Tuple[str, str] = ("TransformerLens cached", "TransformerLens uncached")
     present: bool = True
     clean: bool = False
 
@@ -146,7 +154,7 @@ def alibi_slopes_not_power_of_two(
         "ALiBi slopes, 6 heads", name,
         "TransformerLens gives head i the slope 2^(-8(i+1)/n) for any n; BLOOM interleaves slopes of the next "
         "power of two, so every attention output that sees two keys differs from HF (cached and uncached alike).",
-        site, report, tol, evidence, verified=site is not None and sound,
+        site, report, tol, evidence, site is not None and sound, ("TransformerLens cached", "HF"),
         present=site is not None, clean=site is None and sound,
     )
 
@@ -181,7 +189,7 @@ def generate_learned_positions(
         "generate, learned positions", name,
         f"HookedTransformer.generate without a tokenizer embeds the token at position p >= {prompt} with position "
         "row 2(p-1) (the cache offset is added to the whole sequence's numbering), so every generated step is off.",
-        site, report, SITE[torch.float64], evidence, verified,
+        site, report, SITE[torch.float64], evidence, verified, ("TransformerLens generate", "TransformerLens uncached"),
         present=site is not None, clean=site is None and max(hf_vs_uncached, hf_vs_generate) < tol,
     )
 

@@ -296,6 +296,7 @@ def test_a_finding_transformer_lens_has_fixed_is_reported_as_not_reproduced(monk
     from transformer_lens.components import AbstractAttention
 
     from interpkv.core.schemes import alibi_slopes
+    from interpkv.verify import verdicts
     from interpkv.verify.engine_checks import OtherImplementations
 
     monkeypatch.setattr(AbstractAttention, "create_alibi_multipliers",
@@ -303,8 +304,8 @@ def test_a_finding_transformer_lens_has_fixed_is_reported_as_not_reproduced(monk
     fixed = findings.alibi_slopes_not_power_of_two()
     assert fixed.site is None and not fixed.present and not fixed.verified and fixed.explained
     assert fixed.status == "not reproduced"
-    other = OtherImplementations(findings=[fixed])
-    assert other.ok and "1/1 TransformerLens findings verified or not reproduced" in other.summary
+    assert verdicts.of_finding(fixed).word == verdicts.PASS  # not KNOWN UPSTREAM, not FAIL
+    assert OtherImplementations(findings=[fixed]).ok
 
 
 def test_cli_check_engine(capsys):
@@ -312,9 +313,10 @@ def test_cli_check_engine(capsys):
 
     assert main(["check", "gpt2", "--engine", "hf"]) == 0
     assert "gpt2 (hf)" in capsys.readouterr().out
-    # TL's own forward disagrees with HF exactly when its slopes differ from Bloom's
-    expected = 1 if _upstream.tl_alibi_slopes_differ_from_bloom(6) else 0
-    assert main(["check", "bloom6", "--engine", "transformer_lens"]) == expected
+    # TL's slopes differ from HF's: KNOWN UPSTREAM (reported, not a failure); PASS the day TL fixes them.
+    # Whether the installed TransformerLens has them is measured, and the row must say which.
+    assert main(["check", "bloom6", "--engine", "transformer_lens"]) == 0
+    assert ("KNOWN UPSTREAM" in capsys.readouterr().out) == _upstream.tl_alibi_slopes_differ_from_bloom(6)
     with pytest.raises(SystemExit) as exit_info:
         main(["check", "gpt2", "--engine", "vllm"])
     assert exit_info.value.code == 2

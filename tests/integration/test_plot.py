@@ -35,7 +35,7 @@ def test_divergence_heatmap_shows_the_reports_numbers(faulty_report):
     by_family = {trace.name: trace for trace in fig.data}
     assert "attn.hook_rot_q" in by_family and "logits" in by_family
     trace = by_family["attn.hook_rot_q"]
-    assert list(trace.y) == ["L0", "L1"]
+    assert list(trace.y) == ["layer 0", "layer 1"]
     stats = faulty_report.stats["blocks.1.attn.hook_rot_q"]
     worst = stats["max_abs"].max(dim=0).values.numpy()  # worst row per position
     np.testing.assert_allclose(np.asarray(trace.customdata)[1, :, 0], worst)
@@ -63,14 +63,16 @@ def test_generation_plot():
         first_divergent_step=2,
     )
     fig = plot.generation(diff)
-    traces = {t.name: t for t in fig.data}
-    assert list(traces["logits_max_abs"].customdata) == diff.logits_max_abs
-    assert list(traces["logits_max_abs"].y) == [1e-13, 1e-12, 0.5, 2.0]  # the exact zero at a floor
-    assert list(traces["kl"].y) == diff.kl
-    assert list(traces["top1_agree"].y) == [1, 1, 1, 0]
+    error, _, kl, top1 = fig.data
+    assert list(error.customdata) == diff.logits_max_abs
+    assert list(error.y) == [1e-14, 1e-12, 0.5, 2.0]  # the exact zero at the axis's end, labelled
+    assert list(error.text) == ["exact 0", "", "", ""]
+    assert fig.layout.yaxis.ticktext[0] == "exact 0" and fig.layout.yaxis.tickvals[0] == 1e-14
+    assert list(kl.y) == diff.kl
+    assert list(top1.y) == [1, 1, 1, 0]
     lines = [s for s in fig.layout.shapes if s.line.color == "crimson"]
     assert [shape.x0 for shape in lines] == [2, 2, 2]
-    assert "first divergent step: 2" in fig.layout.title.text
+    assert "first divergent step 2" in fig.layout.title.text
 
 
 def test_figures_render_to_self_contained_html(faulty_report):
@@ -86,7 +88,7 @@ def test_heatmap_opens_on_the_family_of_the_first_divergence(faulty_report):
     visible = [trace.name for trace in fig.data if trace.visible]
     site = faulty_report.first_divergence()
     assert visible == ["attn.hook_rot_q"] and site.hook.endswith("attn.hook_rot_q")
-    assert fig.layout.title.text == "max |a-b|: attn.hook_rot_q"
+    assert fig.layout.title.text == "largest |cached - uncached| per layer and position: attn.hook_rot_q"
 
 
 def test_heatmap_dropdown_shows_the_family_drawn(faulty_report):
@@ -100,9 +102,9 @@ def test_heatmap_dropdown_shows_the_family_drawn(faulty_report):
 @pytest.mark.parametrize(
     "values, y, text, log",
     [
-        ([1e-3, 0.0, float("inf")], [1e-3, 1e-4, 1e-2], ["", "0", "inf"], True),
-        ([0.0, 0.0], [0.0, 0.0], ["0", "0"], False),
-        ([float("inf"), 0.0], [1.0, 1e-20], ["inf", "0"], True),
+        ([1e-3, 0.0, float("inf")], [1e-3, 1e-5, 1e-2], ["", "exact 0", "inf"], True),
+        ([0.0, 0.0], [0.0, 0.0], ["exact 0", "exact 0"], False),
+        ([float("inf"), 0.0], [1.0, 1e-20], ["inf", "exact 0"], True),
         ([2.0, float("nan")], [2.0, float("nan")], ["", ""], True),
     ],
     ids=["mixed", "all-zero", "inf-and-zero", "nan-gap"],
@@ -134,7 +136,8 @@ def _zero_report():
 def test_all_zero_errors_are_drawn_on_a_linear_axis():
     fig = plot.first_divergence(_zero_report(), **TOL64)
     assert fig.layout.xaxis.type == "linear" and list(fig.data[0].x) == [0.0, 0.0]
-    assert list(fig.data[0].text) == ["0", "0"] and fig.layout.title.text == "no divergence"
+    assert list(fig.data[0].text) == ["exact 0", "exact 0"]
+    assert fig.layout.title.text == "cached vs uncached: no hook past the tolerance"
     gen = plot.generation(GenerationDiff([0.0] * 4, [0.0] * 4, [True] * 4, None))
     assert gen.layout.yaxis.type == "linear" and list(gen.data[0].y) == [0.0] * 4
     assert any(a.text == "every step exactly 0" for a in gen.layout.annotations)
@@ -148,3 +151,88 @@ def test_error_plots_draw_the_tolerance(faulty_report):
     assert len(label) == 1 and label[0].x == pytest.approx(-7)  # annotations use log10 on a log axis
     gen = plot.generation(GenerationDiff([1e-6, 1e-3], [0.0, 0.0], [True, True], 1, atol=1e-4))
     assert [s.y0 for s in gen.layout.shapes if s.y0 == s.y1] == [1e-4]
+
+
+def test_an_exact_zero_is_drawn_as_zero_below_the_tolerance():
+    # stale_position_offset on gpt2: hook_embed is exactly 0 (the token embedding does not see positions).
+    # It was drawn at min(positive)/10, 3.9e7x above the 1e-10 tolerance line.
+    from interpkv.cli import checks
+
+    report = checks.check_fault("stale_position_offset", "gpt2").report
+    assert report.hook_max_abs()["hook_embed"] == 0.0
+    fig = plot.first_divergence(report, **TOL64)
+    bar = fig.data[0]
+    i = list(bar.y).index("hook_embed")
+    axis = fig.layout.xaxis
+    assert bar.text[i] == "exact 0" and bar.x[i] < TOL64["atol"]
+    # The bar has no length: it ends where the axis starts, and the axis says "exact 0" there.
+    assert axis.range[0] == pytest.approx(math.log10(bar.x[i])) and axis.tickvals[0] == bar.x[i]
+    assert axis.ticktext[0] == "exact 0"
+
+
+def _figures(report):
+    gen = GenerationDiff([0.0, 1e-6, 2e-5], [0.0, 1e-12, 3e-12], [True, True, True], None, atol=1e-4)
+    return {
+        "heatmap": plot.divergence_heatmap(report, atol=1e-10),
+        "first_divergence": plot.first_divergence(report, **TOL64),
+        "generation": plot.generation(gen),
+        "position_error": plot.position_error([0.0, 2e-5, 3.0], atol=1e-4),
+    }
+
+
+def _axes(fig):
+    layout = fig.layout.to_plotly_json()
+    return {k: v for k, v in layout.items() if k.startswith(("xaxis", "yaxis"))}
+
+
+def test_every_figure_reads_in_words_and_plain_numbers(faulty_report):
+    for name, fig in _figures(faulty_report).items():
+        axes = _axes(fig)
+        # Plain scientific notation: plotly's default SI prefixes (10f, 1p, 1μ) never appear.
+        for key, axis in axes.items():
+            plain = axis.get("exponentformat") in ("e", "power") or "ticktext" in axis or axis.get("type") == "category"
+            assert plain, f"{name}.{key}: {axis}"
+        titled = [k for k, a in axes.items() if (a.get("title") or {}).get("text")]
+        assert any(k.startswith("xaxis") for k in titled) and any(k.startswith("yaxis") for k in titled), name
+        if name != "heatmap":  # the heatmap's colour bar is its legend
+            legend = [t for t in fig.data if t.showlegend is not False and t.name]
+            assert fig.layout.showlegend is not False and legend, name
+            assert any("tolerance" in t.name for t in legend), name  # the dotted line, named
+        text = fig.to_json()
+        assert "cached" in text and ("uncached" in text or "HF" in text), name
+
+
+def test_generation_panels_are_tall_enough_and_titled():
+    fig = plot.generation(GenerationDiff([1e-6, 1e-3], [0.0, 0.0], [True, True], 1, atol=1e-4))
+    assert fig.layout.height >= 600
+    for key in ("yaxis", "yaxis2", "yaxis3"):
+        domain = fig.layout[key].domain
+        assert (domain[1] - domain[0]) * fig.layout.height >= 80, key  # pixels of the panel, before margins
+        assert fig.layout[key].title.text, key
+
+
+def test_runs_are_named(faulty_report):
+    fig = plot.first_divergence(faulty_report, runs=("TransformerLens cached", "HF"), **TOL64)
+    assert fig.layout.xaxis.title.text == "largest |TransformerLens cached - HF| over positions and rows"
+    gen = plot.generation(GenerationDiff([1e-6, 1e-3], [0.0, 0.0], [True, True], 1, atol=1e-4))
+    assert "cached" in gen.layout.annotations[0].text and "uncached" in gen.layout.annotations[0].text
+
+
+def test_heatmap_colour_bar_says_exact_zero_and_the_tolerance(faulty_report):
+    bar = plot.divergence_heatmap(faulty_report, atol=1e-10).data[0].colorbar
+    assert bar.ticktext[0] == "exact 0" and bar.tickvals[0] == -20
+    assert "atol 1e-10" in bar.ticktext and "cached - uncached" in bar.title.text
+
+
+def test_position_error_marks_what_is_past_the_tolerance():
+    fig = plot.position_error([0.0, 2e-5, 3.0, float("nan")], atol=1e-4, runs=("TransformerLens cached", "HF"))
+    bar = fig.data[0]
+    assert list(bar.customdata)[:3] == [0.0, 2e-5, 3.0] and list(bar.marker.color)[:3] == [
+        "steelblue", "steelblue", "crimson"]
+    assert "1 of 4 positions" in fig.layout.title.text and "HF" in fig.layout.yaxis.title.text
+
+
+def test_heatmap_can_open_on_the_family_that_failed(faulty_report):
+    fig = plot.divergence_heatmap(faulty_report, family="logits")
+    assert [t.name for t in fig.data if t.visible] == ["logits"]
+    assert fig.layout.updatemenus[0].buttons[fig.layout.updatemenus[0].active].label == "logits"

@@ -82,8 +82,10 @@ def report_path(tmp_path_factory):
     generation = checks.GenerationResult("gpt2 (random)", "0 1 2 3", str(new_a.tolist()), str(new_b.tolist()), diff)
     path = tmp_path_factory.mktemp("report") / "report.html"
     gpt2, bloom = checks.check_zoo(["gpt2", "bloom"])
-    # Passing models collapse to one line: make bloom fail so a heatmap is drawn.
+    # Passing models collapse to one line: make bloom fail so a heatmap is drawn, and gpt2 fail
+    # against HF so its logit difference per position is.
     bloom = dataclasses.replace(bloom, first_divergence=bloom.report.site("hook_embed", 0))
+    gpt2 = dataclasses.replace(gpt2, max_dlogit_hf=1.0, hf_by_position=[0.0, 1e-6] + [1.0] * 22)
     report.write(
         str(path),
         checks=[gpt2, bloom],
@@ -103,6 +105,7 @@ def test_every_figure_renders_without_js_errors(report_path, tmp_path):
     assert "Uncaught" not in log
     drawn = figures(dom)
     assert set(drawn) == {
+        "vs-hf:gpt2",
         "heatmap:bloom",
         "fault:stale_position_offset:llama",
         "generation:gpt2 (random)",

@@ -88,3 +88,32 @@ def test_notebook_runs(path, kernel_env):
         if out.get("name") == "stderr" and re.search(r"TqdmWarning|IProgress not found|Traceback", out.get("text", ""))
     ]
     assert not noisy, f"{path.name}: cells {noisy} print warnings a reader should not see"
+    ours = [
+        (i, found.group(0))
+        for i, cell in enumerate(nb.cells)
+        for out in cell.get("outputs", [])
+        if out.get("name") == "stderr" and (found := _INTERPKV_WARNING.search(out.get("text", "")))
+    ]
+    assert not ours, f"{path.name}: the notebook triggers interpkv's own warnings (follow their advice): {ours}"
+
+
+def _interpkv_warning_names() -> list:
+    """Every warning class interpkv defines (CacheGraphWarning, ...), found in its sources."""
+    names = set()
+    for source in (ROOT / "interpkv").rglob("*.py"):
+        names.update(re.findall(r"^class (\w+Warning)\(", source.read_text(encoding="utf-8"), re.M))
+    return sorted(names)
+
+
+# A warning printed by warnings.showwarning: "<file>:<line>: <Category>: <message>".
+_INTERPKV_WARNING = re.compile(
+    r"\b(" + "|".join(_interpkv_warning_names()) + r")\b|interpkv[/\\][^\n]*:\d+: \w*Warning:"
+)
+
+
+def test_the_warning_detector_sees_interpkv_warnings():
+    assert "CacheGraphWarning" in _interpkv_warning_names()
+    line = "/tmp/ipykernel_1/123.py:7: CacheGraphWarning: forward through a cache with grad enabled\n"
+    assert _INTERPKV_WARNING.search(line)
+    assert _INTERPKV_WARNING.search("/x/interpkv/cache/kvcache.py:12: UserWarning: something\n")
+    assert not _INTERPKV_WARNING.search("/x/transformers/utils.py:12: FutureWarning: something\n")
