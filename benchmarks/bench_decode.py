@@ -34,6 +34,10 @@ slower at random). ``--spin`` keeps OpenMP's default.
     python benchmarks/bench_decode.py                    # every shape (~10 min)
     python benchmarks/bench_decode.py --quick            # toy + smaller prompt of each shape, 1 repeat
     python benchmarks/bench_decode.py --only gpt2:512 llama
+    python benchmarks/bench_decode.py --only gpt2:512 --batch 8     # ragged left padding
+
+``--batch 8``: eight rows, row ``i`` left-padded by ``i * prompt / 16`` tokens,
+the same mask given to both libraries (no TransformerLens run).
 """
 
 import argparse
@@ -112,12 +116,14 @@ class Stamps:
 
     def __init__(self):
         self.times = []
+        self.cpu = []
 
     def __call__(self, module, args):
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
-def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, skip_tl_over: int):
+def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, skip_tl_over: int, batch: int = 1):
     import torch
 
     import interpkv
@@ -129,7 +135,11 @@ def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, ski
     for p in model.parameters():
         p.requires_grad_(False)
     vocab = hf.config.vocab_size
-    prompt = torch.randint(1, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    # Batch > 1: ragged rows, left-padded (row i is i * prompt_len // (2 * batch) tokens shorter).
+    mask = torch.ones_like(prompt)
+    for row in range(batch):
+        mask[row, : row * prompt_len // (2 * batch)] = 0
     layer = model.cfg.n_layers // 2
     steer_vec = 0.1 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
 
@@ -141,15 +151,16 @@ def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, ski
     hf.get_input_embeddings().register_forward_pre_hook(stamps)
 
     def run(engine, tokens, n):
+        ragged = mask[:, -tokens.shape[1]:] if batch > 1 else None
         if engine == "interpkv":
-            out = interpkv.generate(model, tokens, max_new_tokens=n).tokens
+            out = interpkv.generate(model, tokens, attention_mask=ragged, max_new_tokens=n).tokens
         elif engine == "interpkv+steer":
             hooks = [(f"blocks.{layer}.hook_resid_post", steer)]
-            out = interpkv.generate(model, tokens, max_new_tokens=n, fwd_hooks=hooks).tokens
+            out = interpkv.generate(model, tokens, attention_mask=ragged, max_new_tokens=n, fwd_hooks=hooks).tokens
         elif engine == "hf":
             out = hf.generate(
-                tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, use_cache=True, pad_token_id=0,
+                tokens, attention_mask=torch.ones_like(tokens) if ragged is None else ragged, max_new_tokens=n,
+                min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0,
             )
         else:
             with torch.no_grad():
@@ -159,7 +170,7 @@ def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, ski
                 )
         return out[:, tokens.shape[1]:]
 
-    engines = [e for e in ENGINES if not (e == "tl" and prompt_len > skip_tl_over)]
+    engines = [e for e in ENGINES if not (e == "tl" and (prompt_len > skip_tl_over or batch > 1))]
     for engine in engines:  # warm-up: rotary tables, allocator, lazy imports
         run(engine, prompt[:, :8], 3)
     failed = {}
@@ -172,25 +183,28 @@ def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, ski
         except RuntimeError as error:
             failed["tl"] = str(error).splitlines()[0][:120]
             engines.remove("tl")
-    samples = {e: {"prefill": [], "decode": [], "peak": []} for e in engines}
+    samples = {e: {"prefill": [], "decode": [], "decode_cpu": [], "peak": []} for e in engines}
     outputs = {}
     for _ in range(repeats):
         for engine in engines:
             base = _reset_peak()
             stamps.times.clear()
+            stamps.cpu.clear()
             out = run(engine, prompt, new)
-            end = time.perf_counter()
+            end, end_cpu = time.perf_counter(), time.process_time()
             peak = _rss_kb("VmHWM:") - base
             assert len(stamps.times) >= new, (engine, len(stamps.times))  # TL runs one more
             samples[engine]["prefill"].append(stamps.times[1] - stamps.times[0])
             samples[engine]["decode"].append((new - 1) / (end - stamps.times[1]))
+            samples[engine]["decode_cpu"].append((end_cpu - stamps.cpu[1]) / (new - 1))
             samples[engine]["peak"].append(peak / 1024)
             outputs[engine] = out
-    row = {"shape": shape, "prompt": prompt_len, "new": new, "repeats": repeats, "failed": failed}
+    row = {"shape": shape, "prompt": prompt_len, "batch": batch, "new": new, "repeats": repeats, "failed": failed}
     for engine in engines:
         s = samples[engine]
         row[engine] = {
             "decode_tok_s": statistics.median(s["decode"]),
+            "decode_cpu_ms_per_token": 1000 * statistics.median(s["decode_cpu"]),
             "prefill_s": statistics.median(s["prefill"]),
             "peak_mib": max(s["peak"]),
         }
@@ -200,10 +214,17 @@ def child(shape: str, prompt_len: int, new: int, repeats: int, threads: int, ski
         "steer_vs_hf": statistics.median(
             a / b for a, b in zip(samples["interpkv+steer"]["decode"], hf_s["decode"])
         ),
+        # CPU time per decode token (both threads), HF / interpkv: steadier than wall time on a busy machine.
+        "decode_cpu_vs_hf": statistics.median(
+            b / a for a, b in zip(samples["interpkv"]["decode_cpu"], hf_s["decode_cpu"])
+        ),
+        "steer_cpu_vs_hf": statistics.median(
+            b / a for a, b in zip(samples["interpkv+steer"]["decode_cpu"], hf_s["decode_cpu"])
+        ),
         "prefill_hf_over_ikv": statistics.median(b / a for a, b in zip(samples["interpkv"]["prefill"], hf_s["prefill"])),
     }
     # Same function? Logits of a 64-token window, interpkv against HF.
-    window = prompt[:, -64:]
+    window = prompt[:1, -64:]
     with torch.no_grad():
         ours = interpkv.forward(model, window)
         theirs = hf(window).logits
@@ -216,19 +237,21 @@ def table(rows):
     lines = [
         "| shape | prompt | interpkv tok/s | +steer tok/s | HF tok/s | TL cache tok/s | interpkv / HF "
         "| +steer / HF | prefill interpkv / HF (s) | prefill HF / interpkv | peak MiB interpkv / HF / TL "
-        "| max abs dlogit vs HF |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| max abs dlogit vs HF | CPU/token HF / interpkv (idle, steer) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ikv, st, hf = r["interpkv"], r["interpkv+steer"], r["hf"]
         tl = r.get("tl")
+        shape = r["shape"] if r.get("batch", 1) == 1 else f"{r['shape']} x{r['batch']} ragged"
         lines.append(
-            f"| {r['shape']} | {r['prompt']} | {ikv['decode_tok_s']:.1f} | {st['decode_tok_s']:.1f} | "
+            f"| {shape} | {r['prompt']} | {ikv['decode_tok_s']:.1f} | {st['decode_tok_s']:.1f} | "
             f"{hf['decode_tok_s']:.1f} | {'-' if tl is None else format(tl['decode_tok_s'], '.1f')} | "
             f"{r['ratios']['decode_vs_hf']:.2f}x | {r['ratios']['steer_vs_hf']:.2f}x | "
             f"{ikv['prefill_s']:.3f} / {hf['prefill_s']:.3f} | {r['ratios']['prefill_hf_over_ikv']:.2f}x | "
             f"{ikv['peak_mib']:.0f} / {hf['peak_mib']:.0f} / {'-' if tl is None else format(tl['peak_mib'], '.0f')} | "
-            f"{r['max_abs_dlogits_vs_hf']:.1e} |"
+            f"{r['max_abs_dlogits_vs_hf']:.1e} | {r['ratios'].get('decode_cpu_vs_hf', float('nan')):.2f}x, "
+            f"{r['ratios'].get('steer_cpu_vs_hf', float('nan')):.2f}x |"
         )
     return "\n".join(lines)
 
@@ -240,6 +263,7 @@ def main():
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="rows; > 1: ragged left padding (no TL run)")
     parser.add_argument("--skip-tl-over", type=int, default=4096, help="no TL run above this prompt")
     parser.add_argument("--spin", action="store_true", help="keep OpenMP's default spin-waiting")
     parser.add_argument("--json", help="also write the rows here")
@@ -247,7 +271,7 @@ def main():
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     if args.child:
-        child(args.child[0], int(args.child[1]), args.new, repeats, args.threads, args.skip_tl_over)
+        child(args.child[0], int(args.child[1]), args.new, repeats, args.threads, args.skip_tl_over, args.batch)
         return
     configs = []
     for shape, prompts in SHAPES.items():
@@ -260,7 +284,7 @@ def main():
     for shape, prompt in configs:
         cmd = [sys.executable, __file__, "--child", shape, str(prompt), "--new", str(args.new),
                "--repeats", str(repeats), "--threads", str(args.threads),
-               "--skip-tl-over", str(args.skip_tl_over)]
+               "--skip-tl-over", str(args.skip_tl_over), "--batch", str(args.batch)]
         start = time.perf_counter()
         env = dict(os.environ) if args.spin else {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)

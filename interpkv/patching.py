@@ -15,6 +15,14 @@ it, so on the shared prefix clean and corrupt activations are equal:
   followed by the patched suffix logits: the same ``[batch, pos, d_vocab]``
   tensor TransformerLens would pass.
 
+A hook already on the model (``model.add_hook``, ``model.hooks(...)``, a plain
+``register_forward_hook``) may index positions (``act[:, -1] += v``), and a
+prefix-sharing run shows it other columns than the full run does (the prefix
+alone, then the suffix alone). So with such hooks ``share_prefix=True``
+recomputes the whole sequence for every patch, as ``share_prefix=False`` does,
+and says so with a :class:`SharedPrefixWarning` naming them: the values are
+always TransformerLens's.
+
 Results have TransformerLens's layout and values (see :data:`HOOKS`).
 ``hook`` is a short name (``"resid_pre"``, ``"pattern"``...) or a full
 TransformerLens hook name such as ``utils.get_act_name("resid_pre", 0)`` =
@@ -22,6 +30,7 @@ TransformerLens hook name such as ``utils.get_act_name("resid_pre", 0)`` =
 """
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
@@ -36,7 +45,32 @@ from interpkv.core.forward import forward
 from interpkv.core.inputs import TokensLike, as_pair
 from interpkv.core.positions import validate_mask
 
-__all__ = ["patch", "HOOKS", "shared_prefix_length"]
+__all__ = ["patch", "HOOKS", "shared_prefix_length", "model_hooks", "SharedPrefixWarning"]
+
+
+class SharedPrefixWarning(UserWarning):
+    """``patch(share_prefix=True)`` recomputed the whole sequence because the model carries hooks."""
+
+
+def model_hooks(model) -> List[str]:
+    """Modules of ``model`` carrying forward hooks of their own (not interpkv's per-call ones).
+
+    >>> import interpkv
+    >>> model = interpkv.zoo.load("gpt2")
+    >>> model.add_hook("blocks.0.hook_resid_post", lambda act, hook: act)
+    >>> model_hooks(model)
+    ['blocks.0.hook_resid_post']
+    >>> model.reset_hooks()
+    """
+    found = []
+    for name, module in model.named_modules():
+        hooks = (*tuple(module._forward_hooks.values()), *tuple(module._forward_pre_hooks.values()))
+        if any(getattr(h, "_interpkv_owner", None) is None for h in hooks):
+            found.append(name or "the model itself")
+    glob = torch.nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        found.append("torch's global module hooks")
+    return found
 
 
 @dataclass(frozen=True)
@@ -176,7 +210,10 @@ def patch(
             patched at these columns together. Default: every column.
         share_prefix: run the shared prefix of clean and corrupt once into a
             cache and recompute only the suffix per patch. False recomputes the
-            whole sequence (same values, for checking).
+            whole sequence (same values, for checking). When the model carries
+            hooks of its own (:func:`model_hooks`) the whole sequence is
+            recomputed anyway, with a :class:`SharedPrefixWarning`: a hook may
+            index positions, which a prefix-sharing run would shift.
         progress: show a tqdm bar over the patch runs.
         attention_mask: ``[batch, pos]`` left-padding mask shared by clean and
             corrupt (1 = real, 0 = padding). Rows may have different padding
@@ -208,6 +245,18 @@ def patch(
     n_heads = _tl.kv_head_count(model.cfg) if kv else model.cfg.n_heads
     layers = range(model.cfg.n_layers)
 
+    if share_prefix:
+        hooked = model_hooks(model)
+        if hooked:
+            warnings.warn(
+                f"patch(share_prefix=True): the model carries hooks of its own on {hooked[:6]}; a hook "
+                "that indexes positions (act[:, -1]) would see other columns in a prefix-sharing run, so "
+                "every patch recomputes the whole sequence (as share_prefix=False). Remove them "
+                "(model.reset_hooks()) to share the prefix.",
+                SharedPrefixWarning,
+                stacklevel=3,
+            )
+            share_prefix = False
     # Shared prefix, run once; at least one column is left to recompute.
     prefix = min(shared_prefix_length(clean_tokens, corrupt_tokens, mask), n_pos - 1) if share_prefix else 0
     cache = KVCache.for_model(model, batch, capacity=n_pos)

@@ -23,7 +23,6 @@ import torch
 from interpkv.diagnostics.record import split_hook_name
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.generation.result import GenerationDiff
-from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["divergence_heatmap", "first_divergence", "generation", "position_error", "heatmap_cells", "RUNS"]
 
@@ -245,7 +244,11 @@ def divergence_heatmap(
 
 
 def first_divergence(
-    report: DivergenceReport, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, runs: Tuple[str, str] = RUNS
+    report: DivergenceReport,
+    *,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    runs: Tuple[str, str] = RUNS,
 ):
     """Largest error of each hook in forward order, the first divergent hook marked.
 
@@ -258,7 +261,8 @@ def first_divergence(
 
     Args:
         report: a :class:`~interpkv.diagnostics.diff.DivergenceReport`.
-        atol, rtol: tolerance deciding which hooks diverge.
+        atol, rtol: tolerance deciding which hooks diverge (default: the
+            report's dtype's, ``report.tolerance()``).
         runs: names of the report's run ``a`` and reference ``b`` (default cached, uncached).
 
     Returns:
@@ -272,6 +276,7 @@ def first_divergence(
     per_hook = report.hook_max_abs()
     hooks = list(per_hook)
     values = [per_hook[h] for h in hooks]
+    atol, rtol = report.tolerance(atol, rtol)  # default: the report's dtype's
     site = report.first_divergence(atol=atol, rtol=rtol)
     colors = []
     for hook in hooks:

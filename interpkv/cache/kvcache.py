@@ -30,14 +30,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.cache import persist
+from interpkv.cache.bound import PositionBound
 from interpkv.cache.layer import LayerCache
 from interpkv.cache.signature import describe, model_signature
 from interpkv.cache.window import (
     check_holds_required,
     check_window_args,
     compact_positions,
-    compaction_index,
-    kept_slots,
+    eviction,
 )
 from interpkv.core import tl as _tl
 from interpkv.core.axes import PAD_POSITION
@@ -237,6 +237,7 @@ class KVCache:
         self._slot_ids = torch.full_like(self._positions, PAD_POSITION)
         self._appended = 0  # slots ever appended: the next slot id
         self._next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.bound = PositionBound(self._next_position)
         self.next_tokens: Optional[Tensor] = None  # see the class docstring
         self.next_tokens_at: Optional[Tensor] = None
 
@@ -577,6 +578,7 @@ class KVCache:
     ) -> None:
         """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""
         self.layers = layers
+        self.bound = PositionBound(None)
         self._positions = positions.clone()
         self._next_position = next_positions.clone()
         self._length = positions.shape[1]
@@ -589,16 +591,15 @@ class KVCache:
         """Drop slots no future query can attend (window), compacting rows in place."""
         length = self._length
         positions = self._positions[:, :length]
-        keep = kept_slots(positions, self._next_position, self.window, self.sinks)
-        if bool(keep.all()):
+        index, real = eviction(positions, self._next_position, self.window, self.sinks)  # type: ignore[arg-type]  # (B, kept); only windowed caches evict
+        if index is None:
             return
-        index, real = compaction_index(keep)  # (B, kept)
         kept = index.shape[1]
         for layer in self.layers:
             layer.gather_slots_(index, length)
-        self._slot_ids[:, :kept] = compact_positions(self._slot_ids[:, :length], index, real)
+        self._slot_ids[:, :kept] = compact_positions(self._slot_ids[:, :length], index, real)  # type: ignore[arg-type]  # None only when nothing is evicted (returned above)
         self._slot_ids[:, kept:length] = PAD_POSITION
-        self._positions[:, :kept] = compact_positions(positions, index, real)
+        self._positions[:, :kept] = compact_positions(positions, index, real)  # type: ignore[arg-type]  # None only when nothing is evicted (returned above)
         self._positions[:, kept:length] = PAD_POSITION
         self._length = kept
 
@@ -671,7 +672,8 @@ class KVCache:
             return
         self._length = slots.end
         self._appended += slots.q_pos.shape[1]
-        self._next_position = self._next_position + (slots.q_pos >= 0).sum(dim=1)
+        old, n = self._next_position, slots.q_pos.shape[1]
+        self._next_position = self.bound.advance(old, old + (slots.q_pos >= 0).sum(dim=1), n)
         if self.window is not None:
             self._evict()
         if torch.is_grad_enabled() and self.layers[0].holds_graph:

@@ -35,6 +35,7 @@ __all__ = [
     "required_positions",
     "check_holds_required",
     "compaction_index",
+    "eviction",
     "compact_positions",
 ]
 
@@ -102,30 +103,54 @@ def required_positions(
 
 
 def compaction_index(
-    keep: Bool[Tensor, "batch kv_pos"],
+    keep: Bool[Tensor, "batch kv_pos"], n_kept: Optional[int] = None
 ) -> Tuple[Int[Tensor, "batch kept"], Bool[Tensor, "batch kept"]]:
     """Slot indices that move each row's kept slots to the right end, in order.
 
     Args:
         keep: which slots of each row survive.
+        n_kept: the new length, at least the largest number of kept slots in
+            any row (None: exactly that, read from ``keep`` on the host).
 
     Returns:
         ``(index, real)``: ``index[b, j]`` is the old slot that becomes new slot
         ``j`` of row ``b``, and ``real[b, j]`` says whether it is a kept slot
         (False: a padding slot at the front of a shorter row). The new length
-        is the largest number of kept slots in any row.
+        is ``n_kept``.
 
     >>> index, real = compaction_index(torch.tensor([[True, False, True], [False, False, True]]))
     >>> index.tolist(), real.tolist()
     ([[0, 2], [1, 2]], [[True, True], [False, True]])
+    >>> compaction_index(torch.tensor([[True, False, True]]), n_kept=3)[1].tolist()
+    [[False, True, True]]
     """
+    # A row keeps at most sinks + window slots (its positions are distinct: at most
+    # `sinks` below sinks, `window` inside the window), so a windowed cache passes
+    # n_kept = sinks + window once it stores more, and reads nothing back.
     n_slots = keep.shape[1]
-    n_kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
+    if n_kept is None:
+        n_kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
     # A stable sort on "kept" puts dropped slots first and kept ones last, each
     # group in its original slot order.
     order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # (B, L)
     index = order[:, n_slots - n_kept :]  # (B, L')
     return index, keep.gather(1, index)
+
+
+def eviction(
+    positions: Int[Tensor, "batch kv_pos"], next_positions: Int[Tensor, " batch"], window: int, sinks: int
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """What a windowed cache's commit compacts: :func:`compaction_index` of the kept slots.
+
+    Nothing is evicted until more than ``sinks + window`` slots are stored; then
+    every row is compacted to exactly that many (the most a row can keep), so
+    the length comes from host ints and nothing is read back from the device.
+    ``(None, None)``: nothing to evict.
+    """
+    if positions.shape[1] <= sinks + window:
+        return None, None
+    keep = kept_slots(positions, next_positions, window, sinks)
+    return compaction_index(keep, n_kept=sinks + window)
 
 
 def compact_positions(

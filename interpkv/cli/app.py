@@ -18,6 +18,9 @@ from typing import Callable, List, Optional, Sequence
 
 __all__ = ["main"]
 
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+"""``interpkv check --dtype``: every dtype interpkv.tolerances has a tolerance for."""
+
 # Width used when stdout is not a terminal (CI logs): wide enough that no
 # column wraps; a log viewer scrolls instead of breaking hook names.
 _LOG_WIDTH = 150
@@ -207,7 +210,7 @@ def _check(
     from interpkv import zoo
     from interpkv.verify import verdicts
 
-    dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
+    dtype = getattr(torch, dtype_name)  # one of DTYPES (argparse checked it)
     console = _console()
     models = list(models) or zoo.names()
     results = _run_checks(models, dtype, debug, engine)
@@ -397,8 +400,9 @@ def _parser():
         help="a zoo model name (listed below) or a local HF model directory (default: every zoo model)",
     )
     check.add_argument(
-        "--dtype", choices=["float32", "float64"], default="float32",
-        help="precision of both runs (default float32; float64 holds the cache to 1e-10)",
+        "--dtype", choices=DTYPES, default="float32",
+        help="precision of both runs (default float32; float64 holds the cache to 1e-10; "
+        "float16/bfloat16 are judged at their measured tolerances, see interpkv.tolerances)",
     )
     check.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (opens offline)")
     check.add_argument(

@@ -71,6 +71,10 @@ class Step:
         slots: what :meth:`KVCache.begin` returned for this call.
         hooks: step hooks installed on the model (:mod:`interpkv.core.stephooks`),
             None for the plain path.
+        all_real: whether every new column is a real token, if the caller
+            knows it on the host (no mask, or a mask read on the host); None:
+            unknown. Decode steps read nothing back for it: without it,
+            padding queries are zeroed on the device.
     """
 
     def __init__(
@@ -79,6 +83,8 @@ class Step:
         scheme: PositionalScheme,
         slots: Slots,
         hooks: Optional[StepHooks] = None,
+        *,
+        all_real: Optional[bool] = None,
     ):
         self.cache = cache
         self.scheme = scheme
@@ -91,14 +97,17 @@ class Step:
         self.bias_q_pos = hooks.bias_positions(cache, slots.q_pos) if hooks else slots.q_pos
         self._masks: Dict[Optional[int], Tensor] = {}
         self._empty_rows: Dict[Optional[int], Optional[Tensor]] = {}
+        # Every query real, no step hooks: each query may attend at least its own key.
+        self.no_empty_rows = all_real is True and hooks is None
         self._bias: Dict[torch.dtype, Optional[Tensor]] = {}
+        self._additive: Dict[tuple, Tensor] = {}
         # The whole call is one causal block (empty cache, no padding, no window,
         # no step hooks): the fused kernel needs no mask at all.
         self.causal_only = (
             slots.start == 0
             and cache.window is None
             and hooks is None
-            and bool((slots.q_pos >= 0).all())
+            and (all_real if all_real is not None else bool((slots.q_pos >= 0).all()))  # a device mask: one read
         )
 
     def mask(self, local_window: Optional[int]) -> Tensor:
@@ -122,10 +131,14 @@ class Step:
         return self._bias[dtype]
 
     def empty_rows(self, local_window: Optional[int]) -> Optional[Tensor]:
-        """``[batch, 1, pos, 1]``: queries that may attend no key (padding), None if there are none."""
+        """``[batch, 1, pos, 1]``: queries that may attend no key (padding); None when there can be none.
+
+        Decided on the host (:attr:`no_empty_rows`), never by reading the mask back.
+        """
+        if self.no_empty_rows:
+            return None
         if local_window not in self._empty_rows:
-            empty = ~self.mask(local_window).any(dim=-1, keepdim=True)
-            self._empty_rows[local_window] = empty if bool(empty.any()) else None
+            self._empty_rows[local_window] = ~self.mask(local_window).any(dim=-1, keepdim=True)
         return self._empty_rows[local_window]
 
     def attention_for(self, layer: int, attn: torch.nn.Module) -> Callable[..., Tensor]:
@@ -180,6 +193,18 @@ class Step:
         z = pattern.reshape(batch, kv_heads, group * n_q, n_k) @ values  # (B, kvh, g*T, d)
         return z.view(batch, n_heads, n_q, d_head).transpose(1, 2)  # (B, T, H, d)
 
+    def _fused_mask(self, local_window: Optional[int], bias: Optional[Tensor]) -> Tensor:
+        """The fused kernel's mask: boolean, or with ALiBi the bias where allowed and -inf elsewhere.
+
+        Built once per call (every layer of a call shares it).
+        """
+        if bias is None:
+            return self.mask(local_window)
+        key = (local_window, bias.dtype)
+        if key not in self._additive:
+            self._additive[key] = bias.masked_fill(~self.mask(local_window), float("-inf"))
+        return self._additive[key]
+
     def _fused(self, attn, local_window, q, keys, values) -> Tensor:
         """The same attention through ``F.scaled_dot_product_attention`` (no score tensor kept).
 
@@ -193,9 +218,7 @@ class Step:
         if bias is None and self.causal_only and local_window is None:
             mask, causal = None, True
         else:
-            mask, causal = self.mask(local_window), False  # (B, 1, T, S)
-            if bias is not None:  # ALiBi: the bias where allowed, -inf elsewhere
-                mask = bias.masked_fill(~mask, float("-inf"))
+            mask, causal = self._fused_mask(local_window, bias), False  # (B, 1 or H, T, S)
         q_heads = q.transpose(1, 2)  # (B, H, T, d)
         if n_q == 1 and group > 1 and (mask is None or mask.shape[1] == 1):
             # One query: every head of a group reads the same keys, so a group's

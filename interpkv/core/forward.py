@@ -6,9 +6,10 @@ from jaxtyping import Float, Int, Integer
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
-from interpkv.core import calls, returns, routing, stephooks
+from interpkv.core import calls, heldback, returns, routing, stephooks, tlkeywords
 from interpkv.core import tl as _tl
 from interpkv.core.attention import Step
+from interpkv.core.hostread import host_array
 from interpkv.core.inputs import as_inputs
 from interpkv.core.overlay import overlay
 from interpkv.core.positions import absolute_positions
@@ -29,6 +30,9 @@ def forward(
     logits: str = "all",
     return_type: Optional[str] = "logits",
     loss_per_token: bool = False,
+    stop_at_layer: Optional[int] = None,
+    start_at_layer: Optional[int] = None,
+    **tl_kwargs,
 ) -> Optional[Union[Float[Tensor, "batch pos d_vocab"], Tensor, returns.Output]]:
     """Run ``model`` on new tokens, through ``cache`` if given.
 
@@ -59,6 +63,14 @@ def forward(
             each new token after the first, predicted from the one before
             (see :mod:`interpkv.core.returns`); padding pairs are left out.
         loss_per_token: the loss as ``[batch, pos - 1]`` instead of its mean.
+        stop_at_layer: as TransformerLens's: run the blocks before it and
+            return the residual stream ``[batch, pos, d_model]`` (negative
+            counts from the end). With a cache only inside ``cache.freeze()``.
+        start_at_layer: as TransformerLens's: ``tokens`` is the residual
+            stream ``[batch, pos, d_model]`` entering that block. With a cache
+            only inside ``cache.freeze()`` (the earlier layers store nothing).
+            Other TransformerLens keywords are refused with the interpkv form
+            (:mod:`interpkv.core.tlkeywords`).
 
     Returns:
         Logits ``[batch, pos, d_vocab]`` for the new positions (padding rows hold
@@ -67,7 +79,9 @@ def forward(
 
     Raises:
         ValueError: bad shapes or token ids, or a position past ``n_ctx`` for
-            learned position embeddings.
+            learned position embeddings. (Ids and masks already on an
+            accelerator are checked for a prompt but not for a one-position
+            step, which reads nothing back: :mod:`interpkv.core.hostread`.)
         CacheMismatchError: the cache belongs to another model, batch size,
             dtype or device.
 
@@ -82,6 +96,8 @@ def forward(
     >>> float(interpkv.forward(model, torch.tensor([[5, 6, 7, 8]]), return_type="loss")) > 0
     True
     """
+    if tl_kwargs:
+        tlkeywords.refuse("interpkv.forward", tl_kwargs, tlkeywords.REFUSED)
     if logits not in ("all", "last"):
         raise ValueError(f'logits must be "all" or "last", got {logits!r}')
     inputs, mask = as_inputs(model, tokens, attention_mask)
@@ -90,10 +106,22 @@ def forward(
     scheme = scheme_for(model)
     batch, n_new = inputs.shape[:2]
     hooks = None  # step hooks (interpkv.faults) only ever touch a caller's cache
+    start, stop = 0, None
+    if start_at_layer is not None or stop_at_layer is not None:
+        start, stop = tlkeywords.forward_layers(
+            model.cfg.n_layers, start_at_layer, stop_at_layer, cache, cache is not None
+        )
+        if start > 0 and (not inputs.is_floating_point() or inputs.shape[-1] != model.cfg.d_model):
+            raise ValueError(
+                f"start_at_layer={start_at_layer} takes the residual stream [batch, pos, d_model="
+                f"{model.cfg.d_model}] entering that block, got {tuple(inputs.shape)} {inputs.dtype}"
+            )
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=n_new)
     else:
         cache.check_compatible(model, batch, inputs.device)
+        if cache.next_tokens is not None:  # generate held a token back: not continued without it
+            heldback.refuse_held_back(cache)
         hooks = stephooks.installed(model)
 
     offsets = cache.next_positions
@@ -102,7 +130,9 @@ def forward(
         hooks.before_step(model, cache)
     q_pos = absolute_positions(mask, offsets)
     limit = scheme.max_positions()
-    if limit is not None and int(q_pos.max()) >= limit:
+    # The limit is checked against the cache's host-side bound (no read of
+    # q_pos); only a call that may reach it reads the positions back.
+    if limit is not None and _may_reach(cache, n_new, limit, hooks) and int(q_pos.max()) >= limit:
         raise ValueError(
             f"position {int(q_pos.max())} is past this model's n_ctx={limit}: its learned "
             f"position embedding has only {limit} rows (the cache already holds up to "
@@ -110,7 +140,8 @@ def forward(
             "windowed cache; positions are never wrapped or clamped."
         )
     slots = cache.begin(q_pos)
-    step = Step(cache, scheme, slots, hooks)
+    all_real = _all_real(tokens, attention_mask)
+    step = Step(cache, scheme, slots, hooks, all_real=all_real)
 
     # The model is shared: this call routes its modules (interpkv.core.routing)
     # through a view of it and gates its hooks to this context (interpkv.core.calls), never changing
@@ -118,13 +149,41 @@ def forward(
     ids = None if inputs.is_floating_point() else inputs
     view = overlay(model, routing.routes(model, step.attention_for, ids, last_logits_only=last_only))
     with calls.hooks(model, fwd_hooks), calls.positions(q_pos):
-        if inputs.is_floating_point():
-            embed = inputs
+        if start > 0:  # TransformerLens's start_at_layer: the input is the residual stream
+            shortformer_pos_embed = None
+            if getattr(scheme, "shortformer", False):  # every block adds it to its attention input
+                _, shortformer_pos_embed = scheme.embed(model, inputs.new_zeros(inputs.shape), q_pos)
+            residual = inputs
         else:
-            if model.cfg.use_hook_tokens:
-                inputs = view.hook_tokens(inputs)
-            embed = view.hook_embed(model.embed(inputs))  # (B, T, d_model)
-        residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
-        out = view(residual, start_at_layer=0, shortformer_pos_embed=shortformer_pos_embed)
+            if inputs.is_floating_point():
+                embed = inputs
+            else:
+                if model.cfg.use_hook_tokens:
+                    inputs = view.hook_tokens(inputs)
+                embed = view.hook_embed(model.embed(inputs))  # (B, T, d_model)
+            residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
+        out = view(residual, start_at_layer=start, stop_at_layer=stop, shortformer_pos_embed=shortformer_pos_embed)
     cache.commit(slots)
+    if stop is not None:
+        return out  # the residual stream entering block `stop` (B, T, d_model), as TransformerLens
     return returns.finish(return_type, out[:, -1:] if last_only else out, inputs, mask, loss_per_token)
+
+
+def _may_reach(cache: KVCache, n_new: int, limit: int, hooks) -> bool:
+    """Whether this call's positions may reach ``limit``, from the cache's host-side bound.
+
+    Reads the positions back only when the bound says they may (near ``limit``).
+    """
+    if hooks:  # step hooks may move the offsets
+        return True
+    if cache.bound.get(cache.next_positions) + n_new <= limit:
+        return False
+    return cache.bound.tighten(cache.next_positions) + n_new > limit
+
+
+def _all_real(tokens, attention_mask) -> Optional[bool]:
+    """Whether every new column is a real token, as far as the host knows (None: the mask is on a device)."""
+    if attention_mask is None:
+        return True if isinstance(tokens, Tensor) else None  # text makes its own mask
+    values = host_array(attention_mask)
+    return None if values is None else bool(values.all())

@@ -6,6 +6,7 @@ last *new* token, ``act[:, 1:]`` skips the only token of a decode step, and
 means the same cached or not; this function gives them.
 """
 
+import re
 from typing import Optional
 
 import torch
@@ -80,7 +81,7 @@ def hook_positions(hook, act: Optional[Tensor] = None) -> Int[Tensor, "batch pos
             "length: call interpkv.hook_positions(hook, act)"
         )
     batch, n_new = act.shape[0], act.shape[axis]
-    return _tl_positions(found, batch, n_new, act.device)
+    return _tl_positions(found, batch, n_new, act.device, getattr(hook, "name", None) or "")
 
 
 def _check(hook, act: Tensor, axis: int, batch: int, n_new: int) -> None:
@@ -92,16 +93,55 @@ def _check(hook, act: Tensor, axis: int, batch: int, n_new: int) -> None:
         )
 
 
-def _tl_positions(found: dict, batch: int, n_new: int, device) -> Tensor:
+def _tl_positions(found: dict, batch: int, n_new: int, device, name: str = "") -> Tensor:
     """Positions as TransformerLens places them, from its forward's own locals.
 
-    By the time any hook fires, ``attention_mask`` there is None (no cache, no
-    padding: positions ``0..T-1``) or covers the cached and the new tokens
-    (``past_kv_cache.append_attention_mask`` ran first); TransformerLens counts
-    positions over its real tokens (``get_offset_position_ids``).
+    By the time any hook fires, ``attention_mask`` there is None or covers the
+    cached and the new tokens (``past_kv_cache.append_attention_mask`` ran
+    first); TransformerLens counts positions over its real tokens
+    (``get_offset_position_ids``). None with a ``past_kv_cache`` is
+    TransformerLens's own cached ``generate`` on a model without a tokenizer
+    (it calls ``forward(residual, start_at_layer=0, past_kv_cache=...)`` with
+    no mask): positions then continue after the cache's length before this
+    call (:func:`_tl_cache_offset`), as its ``get_pos_offset`` places them.
     """
     mask = found.get("attention_mask")
     if mask is None or mask.shape[0] != batch or mask.shape[1] < n_new:
-        return torch.arange(n_new, device=device).expand(batch, n_new)
+        offset = _tl_cache_offset(found, n_new, name)
+        return (offset + torch.arange(n_new, device=device)).expand(batch, n_new)
     mask = mask.to(device)
     return absolute_positions(mask, mask.new_zeros(batch))[:, -n_new:]
+
+
+_BEFORE_APPEND = re.compile(
+    r"^blocks\.\d+\.(hook_resid_pre|ln1\.|hook_[qkv]_input|attn\.hook_[qkv]$|attn\.[qk]_norm\.)"
+)
+"""Hooks of a block that fire before its attention appends to TransformerLens's cache entry."""
+
+
+def _tl_cache_offset(found: dict, n_new: int, name: str) -> int:
+    """Tokens TransformerLens's ``past_kv_cache`` held before the running forward (0 without one).
+
+    Each block appends its new keys to its own entry, so while block ``i``
+    runs (``i`` is the forward's loop variable), entries after ``i`` still
+    have the old length and entries before it the old length plus ``n_new``.
+    ``input_to_embed`` computed ``pos_offset`` itself.
+    """
+    if "pos_offset" in found:  # input_to_embed's frame
+        return int(found["pos_offset"])
+    cache = found.get("past_kv_cache")
+    if cache is None:
+        return 0
+    entries = list(getattr(cache, "entries", cache))
+    lengths = [int(entry.past_keys.shape[1]) for entry in entries]
+    if not lengths or getattr(cache, "frozen", False):
+        return lengths[0] if lengths else 0
+    layer = found.get("i")
+    last = len(lengths) - 1
+    if layer is None:  # no block ran yet
+        return lengths[last]
+    if layer < last:
+        return lengths[last]  # not appended yet
+    if last > 0:
+        return lengths[0] - n_new  # the first block appended already
+    return lengths[0] - (0 if _BEFORE_APPEND.match(name) else n_new)  # one block: before or after its append

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int, Integer
 from torch import Tensor
 
+from interpkv.core.hostread import checks_on_device, host_array
 from interpkv.core.positions import validate_mask
 
 __all__ = ["as_inputs", "as_pair", "is_text", "TokensLike", "refuse_right_padding", "left_aligned"]
@@ -111,15 +112,26 @@ def as_inputs(
             raise ValueError(f"{what} must have shape [batch, pos], got {tuple(tokens.shape)}")
         if tokens.shape[1] == 0:
             raise ValueError(f"{what} has no positions (shape [batch, 0]); pass at least one token")
+        _check_ids(tokens, model.cfg.d_vocab)
         inputs = tokens.to(device=device, dtype=torch.long)
-        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= model.cfg.d_vocab):
-            raise ValueError(
-                f"token ids must lie in [0, d_vocab={model.cfg.d_vocab}), got min {int(inputs.min())} "
-                f"and max {int(inputs.max())}"
-            )
     if attention_mask is not None and attention_mask.ndim == 1:
         attention_mask = attention_mask[None]
     return inputs, validate_mask(inputs, attention_mask)
+
+
+def _check_ids(tokens: Tensor, d_vocab: int) -> None:
+    """Raise unless every id lies in ``[0, d_vocab)``; read on the host (see :mod:`interpkv.core.hostread`)."""
+    if not tokens.numel():
+        return
+    ids = host_array(tokens)
+    if ids is not None:
+        low, high = int(ids.min()), int(ids.max())
+    elif checks_on_device(tokens):
+        low, high = int(tokens.min()), int(tokens.max())  # one read per prompt
+    else:
+        return  # a one-position step on an accelerator: no sync (the embedding still fails)
+    if low < 0 or high >= d_vocab:
+        raise ValueError(f"token ids must lie in [0, d_vocab={d_vocab}), got min {low} and max {high}")
 
 
 def as_pair(

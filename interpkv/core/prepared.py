@@ -35,13 +35,27 @@ def project_heads(
     W: Float[Tensor, "head_index d_model d_head"],
     b: Float[Tensor, "head_index d_head"],
 ) -> Float[Tensor, "batch pos head_index d_head"]:
-    """``simple_attn_linear`` without its weight rearrangement.
+    """``simple_attn_linear``, copying whichever of ``x`` and ``W`` is smaller.
 
-    Returns a ``[batch, pos, head, d_head]`` view of a ``[batch, head, pos,
-    d_head]`` tensor (the layout attention reads).
+    A product per head over ``W``'s own ``[head, d_model, d_head]`` layout
+    needs ``x`` once per head (``batch * pos * d_model * head`` elements
+    copied); one product over all heads needs ``W`` as ``[d_model, (head
+    d_head)]`` (``head * d_model * d_head`` copied, what TransformerLens does
+    every call). A decode step (``batch * pos < d_head``) takes the first, a
+    prompt or a wide batch the second. Broadcasting ``W`` over the batch
+    instead would copy it once per row (8 copies of every q/k/v weight per
+    step at batch 8).
+
+    Returns ``[batch, pos, head, d_head]`` (a view).
     """
-    out = torch.matmul(x[:, None], W)  # (B, H, T, d): one product per head
-    return (out + b[:, None, :]).transpose(1, 2)
+    batch, n, d_model = x.shape
+    heads, _, d_head = W.shape
+    if batch * n < d_head:
+        out = torch.matmul(x.reshape(1, batch * n, d_model), W) + b[:, None, :]  # (H, B*T, d)
+        return out.view(heads, batch, n, d_head).permute(1, 2, 0, 3)
+    w = W.permute(1, 0, 2).reshape(d_model, heads * d_head)  # the one copy: (d_model, H*d)
+    out = torch.addmm(b.reshape(-1), x.reshape(batch * n, d_model), w)  # (B*T, H*d)
+    return out.view(batch, n, heads, d_head)
 
 
 def gated_mlp_forward(mlp: torch.nn.Module) -> Callable[[Tensor], Tensor]:

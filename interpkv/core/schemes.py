@@ -103,8 +103,14 @@ class LearnedPositions(PositionalScheme):
 class Rotary(PositionalScheme):
     """Rotary position embedding applied at absolute positions (Su et al. 2021).
 
-    Tables come from TransformerLens's own per-layer computation (see
-    :func:`interpkv.core.tl.rotary_tables`) and grow geometrically on demand.
+    Sin and cos rows are computed for the positions a call uses, from the
+    frequencies TransformerLens's own per-layer computation divides by
+    (:func:`interpkv.core.tl.rotary_frequencies`), equal bit for bit to its
+    table rows. No table from position 0 is kept, so a windowed cache at
+    position 2^22 costs what one at position 22 does, and no host read of
+    the positions is needed. A variant whose rows cannot be reproduced that
+    way (checked against TransformerLens's table) falls back to tables from
+    :func:`interpkv.core.tl.rotary_tables`, grown on demand.
     """
 
     def __init__(self, model: "_tl.HookedTransformer", rotary_dim: int, adjacent_pairs: bool):
@@ -114,6 +120,7 @@ class Rotary(PositionalScheme):
         # Layers whose tables are equal share one: they differ only by base and
         # local/global type (Gemma-style per-layer bases and scalings).
         self._kind = [(_tl.rotary_base(a), _tl.is_local_layer(a)) for a in self._attn]
+        self._freqs: Dict[tuple, Optional[Tuple[torch.dtype, Tensor]]] = {}
         self._tables: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         self._last: Optional[tuple] = None  # (positions, key, sin rows, cos rows) of the latest call
         self.name = "rotary"
@@ -121,6 +128,13 @@ class Rotary(PositionalScheme):
     @property
     def rotates(self) -> bool:
         return True
+
+    def _frequencies(self, layer: int, dtype, device) -> Optional[Tuple[torch.dtype, Tensor]]:
+        key = (self._kind[layer], dtype, device)
+        if key not in self._freqs:
+            found = _tl.rotary_frequencies(self._attn[layer], dtype)  # checked on the CPU
+            self._freqs[key] = None if found is None else (found[0], found[1].to(device))
+        return self._freqs[key]
 
     def _table(self, layer: int, needed: int, dtype, device) -> Tuple[Tensor, Tensor]:
         key = (self._kind[layer], dtype, device)
@@ -139,17 +153,23 @@ class Rotary(PositionalScheme):
         """Sin and cos rows at ``positions``, ``[batch, pos, 1, rotary_dim]``.
 
         Every layer of one call (queries and keys) rotates by the same positions
-        tensor: the rows are gathered once per call and table kind, not per use.
+        tensor: the rows are computed once per call and table kind, not per use.
         """
         key = (self._kind[layer], dtype, device)
         last = self._last
         if last is not None and last[0] is positions and last[1] == key:
             return last[2], last[3]
-        needed = int(positions.max()) + 1 if positions.numel() else 1
-        sin, cos = self._table(layer, needed, dtype, device)
         index = positions.clamp(min=0)
-        sin = sin[index][:, :, None, :]  # (B, T, 1, rotary_dim)
-        cos = cos[index][:, :, None, :]
+        found = self._frequencies(layer, dtype, device)
+        if found is not None:
+            pos_dtype, freq = found
+            angles = index.to(pos_dtype)[..., None] / freq  # (B, T, rotary_dim), as TransformerLens's rows
+            sin, cos = angles.sin().to(dtype), angles.cos().to(dtype)
+        else:  # a table from position 0 (reads the largest position back to the host)
+            needed = int(positions.max()) + 1 if positions.numel() else 1
+            table_sin, table_cos = self._table(layer, needed, dtype, device)
+            sin, cos = table_sin[index], table_cos[index]
+        sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # (B, T, 1, rotary_dim)
         self._last = (positions, key, sin, cos)
         return sin, cos
 

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Optional, Tuple, Union
 
 import torch
+from torch.overrides import TorchFunctionMode
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
@@ -47,6 +48,7 @@ __all__ = [
     "get_pretrained_state_dict",
     "alibi_multipliers",
     "rotary_tables",
+    "rotary_frequencies",
     "kv_head_count",
     "is_local_layer",
     "rotary_base",
@@ -104,6 +106,65 @@ def rotary_tables(
         cfg.rotary_dim, n_positions, base=rotary_base(attn), dtype=dtype
     )
     return sin, cos
+
+
+class _DivisorOf(TorchFunctionMode):
+    """Records the divisor of the first ``[n, 1] / [1, d]`` division it sees."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.found: Optional[Tuple[torch.dtype, torch.Tensor]] = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (
+            self.found is None
+            and getattr(func, "__name__", "") in ("__truediv__", "div")
+            and len(args) == 2
+            and all(isinstance(a, torch.Tensor) for a in args)
+            and tuple(args[0].shape) == (self.n, 1)
+            and args[1].ndim == 2
+            and args[1].shape[0] == 1
+        ):
+            self.found = (args[0].dtype, args[1][0].detach().clone())
+        return out
+
+
+def rotary_frequencies(
+    attn: torch.nn.Module, dtype: torch.dtype
+) -> Optional[Tuple[torch.dtype, torch.Tensor]]:
+    """``(position dtype, freq [rotary_dim])`` with which ``calculate_sin_cos_rotary`` builds its table.
+
+    TransformerLens computes row ``p`` of its sin/cos tables as
+    ``sin(p / freq)`` (``cos`` alike) in float32 (float64 for float64 models),
+    then casts to ``dtype``; ``freq`` holds every variant (rotate-half or
+    adjacent pairs, per-layer base, linear scaling, Llama-3 NTK-by-parts,
+    YaRN). It is read off TransformerLens's own computation (the divisor of
+    its ``pos[:, None] / freq[None, :]``, and the dtype of ``pos``), so rows
+    for any positions can be computed without a table from 0:
+    ``positions.to(pos_dtype)[..., None] / freq``. Returns None if that division is not
+    found, or if rows from ``freq`` do not equal TransformerLens's table bit
+    for bit (e.g. YaRN's attention factor, which scales the rows afterwards):
+    the caller then uses :func:`rotary_tables`.
+    """
+    cfg = attn.cfg
+    n = 3
+    with torch.inference_mode(False), torch.no_grad():
+        probe = _DivisorOf(n)
+        with probe:
+            attn.calculate_sin_cos_rotary(cfg.rotary_dim, n, base=rotary_base(attn), dtype=dtype)
+        if probe.found is None:
+            return None
+        pos_dtype, freq = probe.found
+        if freq.shape != (cfg.rotary_dim,) or not freq.is_floating_point() or not pos_dtype.is_floating_point:
+            return None
+        check = 257
+        sin, cos = rotary_tables(attn, check, dtype)
+        angles = torch.arange(check).to(pos_dtype)[:, None] / freq
+        if not (torch.equal(angles.sin().to(dtype), sin) and torch.equal(angles.cos().to(dtype), cos)):
+            return None
+    return pos_dtype, freq
 
 
 _TL_FRAMES = (HookedTransformer.forward.__code__, HookedTransformer.input_to_embed.__code__)

@@ -88,10 +88,14 @@ class Assembler:
         batch: rows of the run.
         n_positions: length of the absolute position axis (every position
             any call of the run may write).
+        keep_logits: False: logits are not kept (the Record's are
+            ``[batch, pos, 0]``): they are the largest entry of a whole-generation
+            capture (``d_vocab`` floats per position).
     """
 
-    def __init__(self, batch: int, n_positions: int):
+    def __init__(self, batch: int, n_positions: int, keep_logits: bool = True):
         self.batch, self.n_positions = batch, n_positions
+        self.keep_logits = keep_logits
         self.buffers: Dict[str, Tensor] = {}
         self._computed: Dict[str, Tensor] = {}
         self.logits: Optional[Tensor] = None
@@ -139,6 +143,8 @@ class Assembler:
             self._computed[name][b, q_abs] = True
 
     def put_logits(self, logits: Tensor, q_pos: Int[Tensor, "batch pos"]) -> None:
+        if not self.keep_logits:
+            return
         self._check("logits", q_pos)
         if self.logits is None:
             self.logits = logits.new_zeros((self.batch, self.n_positions, logits.shape[-1]))

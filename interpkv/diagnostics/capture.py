@@ -26,10 +26,11 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
-from interpkv.core import calls
+from interpkv.core import calls, tlkeywords
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
+from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.assemble import Assembler, attention_rows  # noqa: F401 (attention_rows: re-export)
 from interpkv.diagnostics.chunk import Chunk
 from interpkv.diagnostics.layouts import Layouts, is_routing_hook
@@ -116,9 +117,9 @@ class _RecordBuilder(Sink):
 
     copies = True  # the Assembler copies each activation into its buffers at once
 
-    def __init__(self, valid: Tensor):
+    def __init__(self, valid: Tensor, keep_logits: bool = True):
         self.valid = valid
-        self.parts = Assembler(*valid.shape)
+        self.parts = Assembler(*valid.shape, keep_logits=keep_logits)
         self.skipped: dict = {}
 
     def activation(self, name, act, q_pos, k_pos):
@@ -152,7 +153,9 @@ def run(
     """Run ``model`` over ``tokens`` (chunked by ``steps``), feeding a sink.
 
     ``sink_factory(valid)`` builds the sink once the absolute positions are
-    known (``valid``: ``[batch, pos]``, True where a row has a token).
+    known (``valid``: ``[batch, pos]``, True where a row has a token). The
+    sink's ``token_positions`` (absolute position of each token column, -1
+    at padding) is set for :mod:`interpkv.diagnostics.tokenlayout`.
     ``fwd_hooks`` are registered before the recording hooks, so a hook that
     edits an activation is recorded edited (as ``run_with_cache`` inside
     ``model.hooks(...)`` would).
@@ -172,6 +175,7 @@ def run(
     rows, cols = (true_pos >= 0).nonzero(as_tuple=True)
     valid[rows, true_pos[rows, cols]] = True
     sink = sink_factory(valid)
+    sink.token_positions = true_pos
     wanted = names_filter(names)
 
     chunk = Chunk(cache, batch, true_pos.device)
@@ -246,8 +250,11 @@ def capture(
     names: NamesFilter = None,
     fwd_hooks: Sequence[Hook] = (),
     names_filter: NamesFilter = None,
+    layout: str = "tokens",
+    logits: bool = True,
+    **tl_kwargs,
 ) -> Record:
-    """Record activations at every matching hook point, by absolute position.
+    """Record activations at every matching hook point, laid out as ``run_with_cache`` does.
 
     Args:
         model: a HookedTransformer.
@@ -261,7 +268,8 @@ def capture(
             Each chunk is one ``interpkv.forward`` call through the cache.
             ``steps=None`` feeds all tokens in one call.
         attention_mask: ``[batch, pos]``, 1 = real, 0 = padding; chunked
-            with the tokens. Padding has no position and is not recorded.
+            with the tokens. Padding has no position and is not computed: its
+            columns hold 0 and are marked (``record.padding``, ``record.valid``).
         names: which hooks to record: None (all), a substring, a list of exact
             names, or a predicate on names.
         fwd_hooks: TransformerLens ``(name or filter, hook)`` pairs active for
@@ -269,12 +277,24 @@ def capture(
             run before recording, so an edited activation is recorded edited.
         names_filter: TransformerLens's form of ``names`` (a string is an exact
             name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
+        layout: ``"tokens"`` (default): the position axis is the columns of
+            ``tokens`` (after the cache's earlier positions, if ``cache`` held
+            any), as ``run_with_cache(tokens, attention_mask=...)`` lays a
+            ragged batch out: ``[:, -1]`` is every row's last real token of a
+            left-padded batch. ``"absolute"``: index ``p`` is absolute position
+            ``p`` in every row (see :mod:`interpkv.diagnostics.tokenlayout`).
+        logits: False leaves the logits out (``record.logits`` is then
+            ``[batch, pos, 0]``): ``d_vocab`` floats per position, often most
+            of a Record's memory.
+        **tl_kwargs: TransformerLens's ``run_with_cache`` keywords are refused
+            with one line naming the interpkv form (``remove_batch_dim``,
+            ``stop_at_layer``...; :mod:`interpkv.core.tlkeywords`).
 
     Returns:
         A :class:`~interpkv.diagnostics.record.Record`, logits included; its
         entries read like ``run_with_cache``'s (0 pattern, -inf scores for keys
         a query may not attend) and :meth:`~interpkv.Record.computed` names
-        the positions this run computed.
+        the entries this run computed.
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("gpt2", dtype=torch.float64)
@@ -283,11 +303,15 @@ def capture(
     >>> record["blocks.0.attn.hook_pattern"].shape
     torch.Size([1, 4, 10, 10])
     """
+    if tl_kwargs:
+        tlkeywords.refuse("interpkv.capture", tl_kwargs, tlkeywords.CAPTURE_REFUSED)
+    tokenlayout.check_layout(layout)
     names = resolve_names(names, names_filter)
+    history = cache.next_positions.clone() if cache is not None else None
     sink = run(
         model,
         tokens,
-        _RecordBuilder,
+        lambda valid: _RecordBuilder(valid, keep_logits=logits),
         cache=cache,
         steps=steps,
         attention_mask=attention_mask,
@@ -295,4 +319,7 @@ def capture(
         fwd_hooks=fwd_hooks,
     )
     meta = {"steps": list(steps) if steps is not None else None, "n_layers": model.cfg.n_layers}
-    return cast(_RecordBuilder, sink).record(meta)
+    record = sink.record(meta)
+    if layout == tokenlayout.ABSOLUTE:
+        return record
+    return tokenlayout.to_columns(record, tokenlayout.column_positions(sink.token_positions, history))

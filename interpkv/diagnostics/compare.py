@@ -5,7 +5,7 @@ uncached reference, then runs the cached chunks comparing each activation
 against the reference as it fires and dropping it.
 """
 
-from typing import Dict, Optional, Sequence, Tuple, cast
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -202,11 +202,21 @@ def compare(
     engine: Optional[str] = None,
     cache=None,
     names_filter: NamesFilter = None,
+    fast_path: bool = True,
 ) -> DivergenceReport:
     """Cached (chunked by ``steps``) against uncached, site by site.
 
-    The uncached run is recorded first (it is the reference, ``b``); the
-    cached run is then compared against it hook by hook as it fires, so only
+    What it checks: the uncached run is recorded first (it is the reference,
+    ``b``); the cached run, recorded at ``names``, is then compared against it
+    hook by hook as it fires. Recording a hook point forces the explicit path
+    there (scores materialized, unfused norms), so with ``fast_path`` (the
+    default, ``engine="interpkv"``) the same cached steps also run once with
+    nothing recording them, the fused path ``forward`` and ``generate`` take,
+    and their logits are compared with the reference's: the report's
+    ``"fast_path.logits"`` sites (``report.stats``, named in ``report.audited``),
+    checked by ``ok()`` and ``first_divergence()`` after the hooks and logits
+    (:mod:`interpkv.diagnostics.fastpath`). The
+    cached run is compared as it fires, so only
     the statistics of the cached run survive (memory: one Record plus one
     chunk's activations).
 
@@ -229,6 +239,8 @@ def compare(
             a ``transformers`` Cache (e.g. ``StaticCache``) for ``"hf"``.
         names_filter: TransformerLens's form of ``names`` (a string is an exact
             name; see :mod:`interpkv.diagnostics.names`). Not with ``names``.
+        fast_path: also audit the unrecorded cached run (above); False
+            checks the recorded path only (one run fewer).
 
     Returns:
         A :class:`DivergenceReport` (cached = ``a``, uncached = ``b``). When it
@@ -250,8 +262,8 @@ def compare(
 
     def run(hooks) -> DivergenceReport:
         return engines.compare(
-            model, cast(Tensor, tokens), steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
-            fwd_hooks=hooks,
+            model, tokens, steps=steps, attention_mask=attention_mask, names=names, engine=engine, cache=cache,
+            fwd_hooks=hooks, fast_path=fast_path,
         )
 
     report = run(fwd_hooks)

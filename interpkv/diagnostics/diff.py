@@ -1,5 +1,6 @@
 """``interpkv.diff``: two Records compared site by site (see :mod:`interpkv.diagnostics.stats`)."""
 
+from interpkv import tolerances
 from interpkv.diagnostics.assemble import fill_value
 from interpkv.diagnostics.record import Record, is_attention_hook
 from interpkv.diagnostics.report import DivergenceReport
@@ -28,7 +29,9 @@ def diff(a: Record, b: Record) -> DivergenceReport:
 
     Returns:
         A :class:`DivergenceReport` over the hooks both captured, in ``b``'s
-        forward order.
+        forward order. Sites are matched by absolute position
+        (:meth:`~interpkv.Record.absolute`), so a ragged batch and its rows
+        run alone, or a chunked and a one-shot run, line up whatever their padding.
 
     >>> import interpkv, torch
     >>> model = interpkv.zoo.load("gpt2", dtype=torch.float64)
@@ -38,6 +41,7 @@ def diff(a: Record, b: Record) -> DivergenceReport:
     >>> report.ok(atol=1e-10, rtol=1e-10)
     True
     """
+    a, b = a.absolute(), b.absolute()
     if a.valid.shape[0] != b.valid.shape[0]:
         raise ValueError(
             f"the records have batch sizes {a.valid.shape[0]} and {b.valid.shape[0]}; "
@@ -70,7 +74,7 @@ def diff(a: Record, b: Record) -> DivergenceReport:
     logits_a = pad_positions(a.logits, n_positions)[rows, positions]
     logits_b = pad_positions(b.logits, n_positions)[rows, positions]
     table.kl[rows, positions] = kl_divergence(logits_a, logits_b).cpu()
-    return DivergenceReport(
+    report = DivergenceReport(
         common,
         table.stats,
         table.kl,
@@ -78,3 +82,5 @@ def diff(a: Record, b: Record) -> DivergenceReport:
         only_in_b=[h for h in b.order if h not in a],
         skipped={**b.skipped, **a.skipped},
     )
+    report.dtype = tolerances.coarser(*(r.logits.dtype for r in (a, b) if r.logits.is_floating_point()))
+    return report

@@ -1,28 +1,42 @@
-"""``Record``: activations of one run, indexed by absolute position.
+"""``Record``: activations of one run, laid out as TransformerLens lays them out.
 
-A Record holds, for every captured hook point, one tensor whose position axis
-is the **absolute** position of each token (see :mod:`interpkv.core.axes`), so a
-run fed in chunks through a cache and a one-shot uncached run line up entry
-for entry:
+A Record holds, for every captured hook point, one tensor with a position
+axis. Its **layout** says what an index on that axis means
+(:mod:`interpkv.diagnostics.tokenlayout`):
+
+- ``record.layout == "tokens"`` (what :func:`interpkv.capture` and
+  ``Generation.record`` return): index ``c`` is column ``c`` of the tokens
+  that were run, left padding included, as in ``run_with_cache(tokens,
+  attention_mask=...)``; so ``record["resid_post", -1][:, -1]`` is every row's
+  last real token of a left-padded batch. ``record.positions[b, c]`` is that
+  column's absolute position, ``-1`` at padding.
+- ``record.layout == "absolute"`` (``capture(..., layout="absolute")``,
+  :meth:`Record.absolute`): index ``p`` is absolute position ``p`` (see
+  :mod:`interpkv.core.axes`), so a run fed in chunks through a cache and a
+  one-shot uncached run line up entry for entry whatever their padding; a
+  ragged row ends early.
+
+Without padding the two are the same tensors. Shapes:
 
 - ``[batch, pos, ...]`` hooks (residuals, q/k/v, z, MLP...) keep their
   trailing axes: ``record["blocks.0.attn.hook_q"]`` is
   ``[batch, pos, head_index, d_head]``.
 - attention-shaped hooks (``hook_attn_scores``, ``hook_pattern``) are
-  ``[batch, head_index, pos, pos]``, query then key absolute position, however
-  many chunks the key axis was assembled from.
+  ``[batch, head_index, pos, pos]``, query then key index (column or
+  absolute position), however many chunks the key axis was assembled from.
 
 Entries read like TransformerLens's ``ActivationCache`` and are never NaN
 (see :mod:`interpkv.diagnostics.assemble`): in an attention pattern a key the
 query may not attend (after the query, padding, evicted, outside a local
 window) is 0, and the scores hold TransformerLens's masked value there
 (``attn.IGNORE``, -inf), so ``record["pattern", 0].sum(-1)`` is 1 at every
-computed query, as in ``run_with_cache``. A position that was never computed
-(left padding takes no position, so a padded row simply has fewer; an earlier
-position a cached run did not recompute; a token an expert was not routed)
+computed query, as in ``run_with_cache``. An entry that was never computed
+(a padding column; an earlier position a cached run did not recompute; a
+token an expert was not routed)
 holds 0 and is named by an explicit mask, never by its value:
-``record.valid[b, p]`` says whether row ``b`` has a token at position ``p`` in
-this run, and :meth:`Record.computed` says where a given hook was written.
+``record.valid[b, p]`` says whether row ``b`` has a token at index ``p`` in
+this run (False at padding), and :meth:`Record.computed` says where a given
+hook was written.
 Integer hooks (``hook_tokens``) keep their dtype.
 
 Entries are looked up as in TransformerLens's ``ActivationCache``: by full
@@ -42,11 +56,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interpkv.core import tl as _tl
 from interpkv.core.axes import ATTENTION_HOOKS, is_attention_hook
+from interpkv.diagnostics import tokenlayout
 
 __all__ = ["Record", "ATTENTION_HOOKS", "LOGITS", "is_attention_hook", "split_hook_name"]
 
@@ -66,18 +82,23 @@ def split_hook_name(name: str) -> Tuple[Optional[int], str]:
 
 @dataclass
 class Record:
-    """Activations and logits of one run, at absolute positions.
+    """Activations and logits of one run (see the module docstring for the layouts).
 
     Attributes:
         activations: hook name -> tensor (see module docstring), in the order
             the hooks first fired during the forward pass.
-        logits: ``[batch, pos, d_vocab]`` at absolute positions.
-        valid: ``[batch, pos]``, True where the row has a token.
+        logits: ``[batch, pos, d_vocab]``, on the same position axis.
+        valid: ``[batch, pos]``, True where the row has a token this run
+            computed (False at padding).
         skipped: hook name -> why it fired but was not recorded (e.g. it fires
             once per q/k/v input under ``use_split_qkv_input``).
         computed_masks: hook name -> ``[batch, pos]`` bool, where the hook was
             written (query rows for attention hooks); read it through
             :meth:`computed`, which falls back to ``valid``.
+        layout: ``"tokens"`` or ``"absolute"`` (module docstring).
+        positions: ``[batch, pos]`` absolute position of each index, ``-1``
+            at padding (token layout; None in the absolute layout, where the
+            index is the position).
     """
 
     activations: Dict[str, Tensor]
@@ -86,6 +107,39 @@ class Record:
     meta: Dict[str, object] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
     computed_masks: Dict[str, Tensor] = field(default_factory=dict, repr=False)
+    layout: str = tokenlayout.ABSOLUTE
+    positions: Optional[Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        tokenlayout.check_layout(self.layout)
+        if self.layout == tokenlayout.TOKENS and self.positions is None:
+            raise ValueError("a token-layout Record needs positions (absolute position of each column)")
+
+    @property
+    def padding(self) -> Bool[Tensor, "batch pos"]:
+        """``[batch, pos]``, True at padding columns (no token); always False in the absolute layout."""
+        if self.positions is None:
+            return torch.zeros_like(self.valid)
+        return self.positions < 0
+
+    def absolute(self) -> "Record":
+        """This Record in the absolute layout: index ``p`` is absolute position ``p`` in every row.
+
+        A run fed in chunks through a cache and an uncached one then line up
+        whatever their padding (:func:`interpkv.diff` compares that way). A
+        ragged row ends early: entries after its last position hold the fill.
+        Shares the tensors when there is no padding.
+
+        >>> import interpkv, torch
+        >>> model = interpkv.zoo.load("gpt2")
+        >>> record = interpkv.capture(model, torch.tensor([[0, 4, 5], [1, 2, 3]]),
+        ...                           attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+        >>> record.positions.tolist(), record.absolute().valid.tolist()
+        ([[-1, 0, 1], [0, 1, 2]], [[True, True, False], [True, True, True]])
+        """
+        if self.layout == tokenlayout.ABSOLUTE:
+            return self
+        return tokenlayout.to_absolute(self)
 
     @property
     def order(self) -> List[str]:
@@ -115,7 +169,7 @@ class Record:
         >>> record = interpkv.capture(model, torch.tensor([[1, 2, 3], [0, 4, 5]]),
         ...                           attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
         >>> record.computed("resid_pre", 0).tolist()
-        [[True, True, True], [True, True, False]]
+        [[True, True, True], [False, True, True]]
         >>> sums = record["pattern", 0].sum(-1).transpose(1, 2)  # [batch, query pos, head]
         >>> bool(torch.allclose(sums[record.computed("pattern", 0)], torch.tensor(1.0)))
         True
@@ -179,18 +233,18 @@ class Record:
 
         Its tools then work on a capture, chunked and cached or not:
         ``accumulated_resid``, ``decompose_resid``, ``stack_activation``,
-        ``logit_attrs``... Entries keep the Record's layout, which is
-        TransformerLens's: ``[batch, pos, ...]``, and ``[batch, head_index,
-        query_pos, key_pos]`` for ``hook_pattern`` / ``hook_attn_scores``,
-        with ``pos`` the absolute position.
+        ``logit_attrs``... Entries keep the Record's layout: in the default
+        token layout that is ``run_with_cache(tokens, attention_mask=...)``'s
+        for the same (ragged, left-padded) tokens, ``[batch, pos, ...]`` and
+        ``[batch, head_index, query_pos, key_pos]`` for ``hook_pattern`` /
+        ``hook_attn_scores``, so ``pos_slice=-1`` is every row's last token.
 
-        Entries hold what ``run_with_cache`` holds where a row has no value
-        (see the module docstring): 0, a 0 pattern and -inf scores for keys a
-        query may not attend, and 0 at positions this run never computed
-        (the positions a left-padded row does not have: compare row ``b``'s
-        first ``record.valid[b].sum()`` positions with the row run alone).
-        :meth:`computed` names those positions. The tensors are shared, not
-        copied; logits are not part of an ``ActivationCache``.
+        Entries hold what ``run_with_cache`` holds where a query may not look
+        (0 pattern, -inf scores); at padding columns (``record.padding``) and
+        positions this run never computed they hold 0 where TransformerLens
+        would hold the value it computed for a pad token, which no real token
+        reads. :meth:`computed` names the computed entries. The tensors are
+        shared, not copied; logits are not part of an ``ActivationCache``.
 
         Args:
             model: the HookedTransformer the record was captured from.
@@ -217,7 +271,7 @@ class Record:
         skipped = f", {len(self.skipped)} skipped (see .skipped)" if self.skipped else ""
         return (
             f"Record({len(self.activations)} hooks + logits, batch={self.batch_size}, "
-            f"positions={self.n_positions}{skipped})"
+            f"positions={self.n_positions}, layout={self.layout!r}{skipped})"
         )
 
     def _repr_html_(self) -> str:
@@ -234,6 +288,7 @@ class Record:
             ("hooks", f"{len(self.activations)} + logits"),
             ("batch", self.batch_size),
             ("positions", self.n_positions),
+            ("layout", self.layout),
             ("real tokens per row", short_list(self.valid.sum(dim=1).tolist())),
         ]
         return html_summary("Record", fields, (["hook family", "layers", "shape"], rows))

@@ -3,8 +3,9 @@
 A site *diverges* at ``(atol, rtol)`` when ``max_abs > atol + rtol * scale``
 (statistics in :mod:`interpkv.diagnostics.stats`). The logits are a site family
 of their own (``"logits"``, after every hook), with a KL divergence per
-position, ``KL(softmax(b) || softmax(a))``. Default tolerances come from
-:mod:`interpkv.tolerances`.
+position, ``KL(softmax(b) || softmax(a))``. Default tolerances follow the
+runs' dtype (``report.dtype``, :func:`interpkv.tolerances.site_tolerance`:
+1e-10 float64, 1e-5 float32, 2e-2 float16, 1.5e-1 bfloat16).
 """
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from interpkv.diagnostics.record import LOGITS, split_hook_name
 from interpkv.diagnostics.stats import STAT_NAMES, nanmax
-from interpkv.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
+from interpkv.tolerances import site_tolerance
 
 __all__ = ["Site", "DivergenceReport"]
 
@@ -60,6 +61,12 @@ class DivergenceReport:
         cause: None, or a short string naming the ``fwd_hooks`` that make the
             runs differ (set by :func:`interpkv.compare` when the comparison
             without them agrees; see :mod:`interpkv.diagnostics.cause`).
+        audited: site families in :attr:`stats` beyond :attr:`hooks` that
+            :meth:`ok` and :meth:`first_divergence` check too, after the hooks:
+            ``"fast_path.logits"``, the unrecorded cached run's logits
+            (:mod:`interpkv.diagnostics.fastpath`).
+        dtype: the compared runs' dtype (the coarser of the two), which the
+            default ``atol`` / ``rtol`` follow; None: float32's.
     """
 
     def __init__(
@@ -79,6 +86,13 @@ class DivergenceReport:
         self.only_in_a = list(only_in_a)
         self.only_in_b = list(only_in_b)
         self.skipped = dict(skipped or {})
+        self.audited: List[str] = []
+        self.dtype: Optional[torch.dtype] = None
+
+    def tolerance(self, atol: Optional[float] = None, rtol: Optional[float] = None) -> Tuple[float, float]:
+        """``(atol, rtol)``: the given ones, else :func:`~interpkv.tolerances.site_tolerance` of :attr:`dtype`."""
+        default = site_tolerance(self.dtype)
+        return (default if atol is None else atol, default if rtol is None else rtol)
 
     # -------------------------------------------------------------- summary
     @property
@@ -96,18 +110,19 @@ class DivergenceReport:
         return {h: nanmax(self.stats[h]["max_abs"]) for h in self.hooks}
 
     def diverged(
-        self, hook: str, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+        self, hook: str, *, atol: Optional[float] = None, rtol: Optional[float] = None
     ) -> Bool[Tensor, "batch pos"]:
-        """``[batch, pos]``: True where ``hook``'s site fails the tolerance."""
+        """``[batch, pos]``: True where ``hook``'s site fails the tolerance (default: :meth:`tolerance`)."""
+        atol, rtol = self.tolerance(atol, rtol)
         s = self.stats[hook]
         return s["max_abs"] > atol + rtol * torch.nan_to_num(s["scale"], nan=0.0)
 
-    def ok(self, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> bool:
-        """Whether every site (logits included) is within tolerance."""
+    def ok(self, atol: Optional[float] = None, rtol: Optional[float] = None) -> bool:
+        """Whether every site (logits included) is within tolerance (default: the dtype's, :meth:`tolerance`)."""
         return self.first_divergence(atol=atol, rtol=rtol) is None
 
     def first_divergence(
-        self, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+        self, atol: Optional[float] = None, rtol: Optional[float] = None
     ) -> Optional[Site]:
         """The earliest hook in forward order that diverges, at its lowest position.
 
@@ -116,7 +131,7 @@ class DivergenceReport:
         Returns:
             A :class:`Site`, or None when every site is within tolerance.
         """
-        for hook in self.hooks:
+        for hook in [*self.hooks, *self.audited]:
             bad = self.diverged(hook, atol=atol, rtol=rtol)
             if not bool(bad.any()):
                 continue
@@ -189,7 +204,7 @@ class DivergenceReport:
         )
 
     def family_summary(
-        self, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL
+        self, atol: Optional[float] = None, rtol: Optional[float] = None
     ) -> List[Tuple[str, int, float, int, Optional[int]]]:
         """Per hook family in forward order: ``(family, hooks, max_abs, diverging sites, first position)``.
 
@@ -220,7 +235,7 @@ class DivergenceReport:
             ("batch x positions", f"{batch} x {positions}"),
             ("logits max |a-b|", self.logits_max_abs),
             ("KL (worst position)", self.kl),
-            (f"first divergence (atol {DEFAULT_ATOL:g}, rtol {DEFAULT_RTOL:g})", where),
+            ("first divergence (atol {:g}, rtol {:g})".format(*self.tolerance()), where),
         ]
         if self.cause:
             fields.append(("cause", self.cause))

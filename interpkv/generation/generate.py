@@ -15,8 +15,9 @@ has the rule, and ``compare_generation(...).cause`` names such hooks.
 No tokenizer is needed: prompts are token ids ``[batch, pos]`` or token
 embeddings ``[batch, pos, d_model]``; with a tokenizer, a string or a list of
 strings (see :func:`interpkv.core.inputs.as_inputs`). Sampling draws from a
-private ``torch.Generator`` (never the global RNG), so ``seed=`` reproduces a
-run. Afterwards the cache holds back the last chosen token, so a later call
+private ``torch.Generator``, so ``seed=`` reproduces a run; without a seed
+that generator is seeded from torch's global one (``torch.manual_seed`` then
+reproduces it, as in TransformerLens). Afterwards the cache holds back the last chosen token, so a later call
 can continue from the cache alone (see :mod:`interpkv.generation.resume`).
 
 TransformerLens's generate keywords (``do_sample``, ``stop_at_eos``,
@@ -31,7 +32,7 @@ and the token the failed step was feeding is held back, so
 uninterrupted call would have (:func:`interpkv.generation.loop.settle`).
 """
 
-from typing import Optional, Sequence, Union, cast
+from typing import Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
@@ -41,12 +42,15 @@ from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
+from interpkv.core.hostread import host_array
 from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
+from interpkv.core.positions import absolute_positions
+from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.names import NamesFilter
 from interpkv.generation import options as _options
 from interpkv.generation import resume
 from interpkv.generation.loop import Loop, attach, settle
-from interpkv.generation.recording import Recorder
+from interpkv.generation.recording import Recorder, StepRecords
 from interpkv.generation.result import Generation
 from interpkv.generation.sampling import sample_next
 
@@ -65,6 +69,7 @@ def generate(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     fwd_hooks: Sequence[Hook] = (),
     capture: Optional[HookNames] = None,
+    capture_logits: bool = True,
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
@@ -93,7 +98,11 @@ def generate(
             ``cache`` prefills it: every prompt token but the last is fed and
             the last is held back, ready to continue from.
         cache: continue from this cache (its stored tokens come before
-            ``tokens``); a fresh one is made if None. Afterwards it holds every
+            ``tokens``); a fresh one is made if None. If an earlier
+            ``generate`` left it holding a token back, that token is fed
+            first, as ``tokens``' first column (``Generation.tokens`` starts
+            with it), so a multi-turn conversation keeps every token
+            (:mod:`interpkv.core.heldback`). Afterwards it holds every
             token of ``Generation.tokens`` but the last, which it holds back in
             ``cache.next_tokens``: ``generate(model, cache=cache,
             max_new_tokens=n)`` then continues exactly where this call
@@ -122,11 +131,20 @@ def generate(
             predicate on names. ``Generation.record`` is then one Record over
             every position of ``Generation.tokens`` (``to_activation_cache``
             like ``run_with_cache`` on them), ``Generation.records`` one per step.
+        capture_logits: with ``capture``, also keep every position's logits in
+            the Record (default). False leaves them out (``record.logits`` is
+            ``[batch, pos, 0]``): at GPT-2-small, 512 + 64 tokens, they are
+            110 MiB of a 130 MiB record. ``keep_logits`` still keeps the
+            logits each token was chosen from.
         temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
             Default: greedy, or 1 with ``do_sample=True``.
         top_k, top_p: restrict sampling (need ``temperature > 0``).
         seed: seed of the private ``torch.Generator`` used for sampling; the same
-            seed gives the same tokens. None = a fresh random seed.
+            seed gives the same tokens and leaves torch's global generator
+            alone. None: the private generator is seeded with one draw from
+            torch's global generator, so ``torch.manual_seed(0)`` before the
+            call reproduces it, as with TransformerLens's ``generate``
+            (greedy runs draw nothing).
         stop_tokens: a row that emits one of these is finished: the stop token
             is kept and every later column of that row holds ``pad_token`` with
             attention_mask 0, while other rows continue. Generation ends early
@@ -184,12 +202,14 @@ def generate(
         single = isinstance(tokens, str) or (isinstance(tokens, Tensor) and tokens.ndim == 1)
         if attention_mask is None and isinstance(tokens, Tensor) and not is_text(tokens):
             refuse_right_padding(model, tokens)
-        tokens, mask = as_inputs(model, cast(Union[str, Sequence[str], Tensor], tokens), attention_mask)
-        empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")
-        if bool((mask[:, -1] == 0).any()):  # right (or inner) padding: each row ends at its last real token
-            tokens, mask = left_aligned(tokens, mask)
+        text = is_text(tokens)
+        tokens, mask = as_inputs(model, tokens, attention_mask)
+        if attention_mask is not None or text:  # else every column is real
+            _check_prompt_mask(mask)
+            if _ends_padded(mask):  # right (or inner) padding: each row ends at its last real token
+                tokens, mask = left_aligned(tokens, mask)
+        if cache is not None and cache.next_tokens is not None:  # the multi-turn rule (core/heldback.py)
+            tokens, mask = resume.prepend_held_back(cache, tokens, mask, keep=True)
     if not opts.cached:
         _options.refuse_uncached(cache, resumed, tokens, opts)
     device = torch.device(model.cfg.device or "cpu")  # forward moves the tokens here
@@ -206,16 +226,18 @@ def generate(
     if cache is None:
         cache = KVCache.for_model(model, batch, capacity=prompt_len + max_new_tokens)
     generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()  # fresh entropy; the global RNG is untouched
-    else:
+    if seed is not None:
         generator.manual_seed(int(seed))
+    elif opts.temperature > 0:  # as TransformerLens: torch.manual_seed(...) reproduces the run
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,))))  # one draw from the global generator
     recorder = None
     if opts.capture is not None:
         reach = int((cache.next_positions.to(device) + mask.sum(1)).max()) + max_new_tokens
-        recorder = Recorder(batch, reach, opts.capture, model.cfg.n_layers)
+        recorder = Recorder(batch, reach, opts.capture, model.cfg.n_layers, logits=capture_logits)
     loop = Loop(model, cache, tokens, mask, fwd_hooks, opts, recorder, resumed, keep_logits, generator)
     start = resume.snapshot(cache)
+    resume.release(cache)  # fed as the prompt's first column; put back by settle if the first step fails
+    history = cache.next_positions.clone() if caller_cache else None  # leading record columns
     # Where each row's generated tokens start (interpkv.steering's region="generated").
     generating = calls.generation(cache.next_positions + mask.sum(dim=1))
     with generating:
@@ -226,21 +248,51 @@ def generate(
                 settle(cache, start, loop, error)
             attach(error, loop, tokens, mask, single)
             raise
-        if loop.chosen is not None:
-            resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
         record = None
         if recorder is not None and loop.chosen is not None:
             with cache.freeze():  # the held-back token's activations, without storing it
                 recorder.step(model, loop.chosen[:, None], cache, loop.running.long()[:, None], fwd_hooks, final=True)
             record = recorder.record()
-    return loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+        if loop.chosen is not None:
+            resume.hold_back(cache, loop.chosen, loop.running)  # the last choice is not fed: held back
+    out = loop.result(tokens, mask, getattr(model, "tokenizer", None), single, record, recorder)
+    if record is not None:  # by columns of out.tokens, as run_with_cache(out.tokens, attention_mask=...)
+        fed = torch.cat([mask, out.attention_mask[:, out.prompt_length :]], dim=1)  # every column fed
+        offsets = history if history is not None else fed.new_zeros(batch)
+        columns = tokenlayout.column_positions(absolute_positions(fed, offsets), history)
+        out.record = tokenlayout.to_columns(record, columns)
+        out.records = StepRecords(out.record, recorder.step_valid)  # not the absolute copy: freed
+    return out
+
+
+def _check_prompt_mask(mask: Tensor) -> None:
+    """Raise for prompt rows with no real token (read on the host when the mask is there)."""
+    values = host_array(mask)
+    counts = values.sum(1).tolist() if values is not None else mask.sum(1).tolist()
+    empty = [row for row, n in enumerate(counts) if n == 0]
+    if empty:
+        raise ValueError(f"prompt rows {empty} have no real token (attention_mask all 0): nothing to continue")
+
+
+def _ends_padded(mask: Tensor) -> bool:
+    """Whether some row's last column is padding (read on the host when the mask is there)."""
+    values = host_array(mask)
+    if values is not None:
+        return bool((values[:, -1] == 0).any())
+    return bool((mask[:, -1] == 0).any())
 
 
 def _prefill(cache, model, tokens, mask, fwd_hooks, tokenizer, single) -> Generation:
     """``max_new_tokens=0``: feed all but the last prompt column into ``cache``, hold that one back."""
     if cache is not None and not tokens.is_floating_point():
         if tokens.shape[1] > 1:
-            forward(model, tokens[:, :-1], cache=cache, attention_mask=mask[:, :-1], fwd_hooks=fwd_hooks)
+            start = resume.snapshot(cache)
+            resume.release(cache)  # a pending held-back token is tokens[:, 0] (generate put it there)
+            try:
+                forward(model, tokens[:, :-1], cache=cache, attention_mask=mask[:, :-1], fwd_hooks=fwd_hooks)
+            except BaseException:
+                resume.restore(cache, start)
+                raise
         resume.hold_back(cache, tokens[:, -1], mask[:, -1] == 1)
         out, out_mask = tokens, mask
     elif tokens.is_floating_point():  # an embedding has no token id to hold back

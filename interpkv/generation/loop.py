@@ -37,9 +37,14 @@ class Loop:
         pad = opts.pad_token if opts.pad_token is not None else (opts.stop_tokens[0] if opts.stop_tokens else 0)
         self.pad = int(pad)
         self.finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+        # Rows known finished, on the host: decode steps read nothing back without
+        # stop tokens, and read this count once per step with them.
+        self.n_finished = 0
         if resumed:  # rows with nothing held back had stopped; so had rows holding back a stop token
             self.finished = (mask[:, -1] == 0) | torch.isin(tokens[:, -1], self.stop)
+            self.n_finished = int(self.finished.sum())  # one read per continued call
         self.step_input, self.step_mask = tokens, mask
+        self.step_all_real = False  # the step's mask is all ones (known on the host): not passed
         self.history = (tokens, mask)  # the uncached loop reruns all of it
         self.step = 0
         self.appended_before, self.length_before = cache.appended, cache.seq_len
@@ -62,12 +67,14 @@ class Loop:
             logits = self.recorder.step(self.model, self.step_input, self.cache, self.step_mask, self.fwd_hooks)
             return logits[:, -1]
         return forward(
-            self.model, self.step_input, cache=self.cache, attention_mask=self.step_mask,
+            self.model, self.step_input, cache=self.cache,
+            attention_mask=None if self.step_all_real else self.step_mask,
             fwd_hooks=self.fwd_hooks, logits="last",
         )[:, -1]
 
     def run(self, max_new_tokens: int) -> None:
-        if bool(self.finished.all()):  # resumed: an uninterrupted call would have ended already
+        batch = self.finished.shape[0]
+        if self.n_finished == batch:  # resumed: an uninterrupted call would have ended already
             return
         opts = self.opts
         for step in _options.progress(max_new_tokens, opts.verbose):
@@ -84,12 +91,15 @@ class Loop:
             self.chosen, self.running = chosen, running
             if self.keep_logits:
                 self.kept_logits.append(last.clone())
+            fed_all = self.n_finished == 0  # every row running in this step (host)
             if self.stop.numel():
                 self.finished = self.finished | (running & torch.isin(chosen, self.stop))
-            if bool(self.finished.all()) or step == max_new_tokens - 1:
+                self.n_finished = int(self.finished.sum())  # the step's one host read
+            if self.n_finished == batch or step == max_new_tokens - 1:
                 break
             # A row's stop token is still fed (it is real); after that, padding only.
             self.step_input, self.step_mask = chosen[:, None], running.long()[:, None]
+            self.step_all_real = fed_all
 
     def result(self, tokens, mask, tokenizer, single, record, recorder) -> Generation:
         batch, device = tokens.shape[0], tokens.device

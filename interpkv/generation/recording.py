@@ -62,10 +62,11 @@ class Recorder:
             (the cache's history, the prompt and ``max_new_tokens``).
         names: which hooks (as ``capture=`` of :func:`interpkv.generate`).
         n_layers: the model's layers (for ``record["q", -1]``).
+        logits: keep every position's logits (``capture_logits`` of generate).
     """
 
-    def __init__(self, batch: int, n_positions: int, names: NamesFilter, n_layers: int):
-        self.parts = Assembler(batch, n_positions)
+    def __init__(self, batch: int, n_positions: int, names: NamesFilter, n_layers: int, logits: bool = True):
+        self.parts = Assembler(batch, n_positions, keep_logits=logits)
         self.names = names
         self.skipped: dict = {}
         self.valid = None  # (B, P) bool, made on the model's device at the first step
@@ -110,14 +111,23 @@ def _narrow(record: Record, n: int) -> Record:
 class StepRecords(Sequence):
     """``Generation.records``: step ``s``'s Record, cut from the whole one when read.
 
-    Step ``s``'s Record covers positions ``[0, last position of the step]``;
-    ``valid`` marks the step's tokens and every other entry holds the fill of
-    a position that step did not compute (0; masked attention values).
+    Step ``s``'s Record is in the absolute layout (``record.layout ==
+    "absolute"``: index = absolute position) and covers positions ``[0, last
+    position of the step]``; ``valid`` marks the step's tokens and every other
+    entry holds the fill of a position that step did not compute (0; masked
+    attention values).
     """
 
     def __init__(self, whole: Record, step_valid: List[Tensor]):
-        self.whole = whole
+        self._whole = whole
         self.step_valid = step_valid
+
+    @property
+    def whole(self) -> Record:
+        """The whole Record in the absolute layout (converted once, when a step is first read)."""
+        if self._whole.layout != "absolute":
+            self._whole = self._whole.absolute()
+        return self._whole
 
     def __len__(self) -> int:
         return len(self.step_valid)

@@ -160,12 +160,18 @@ class GenerationDiff:
             distribution (largest over rows).
         top1_agree: True when every row's argmax token is the same in both.
         first_divergent_step: first step whose ``logits_max_abs`` exceeds
-            ``atol`` or whose top-1 tokens differ; None if there is none.
+            ``atol`` or whose top-1 tokens differ on more than a tie; None if
+            there is none.
         atol: the tolerance ``first_divergent_step`` was computed with.
         tokens_a, tokens_b: optional generated tokens ``[batch, steps]``.
         cause: None, or a short string naming the ``fwd_hooks`` that make the
             runs differ (set by :func:`interpkv.compare_generation` when the
             same comparison without them agrees).
+        top1_tied: per step, True when the top-1 tokens differ only on a tie:
+            in every differing row the reference scores ``a``'s token within
+            ``atol`` of its own top-1 (an exact tie, or one the dtype's
+            rounding decides). Such a flip is not a divergence. None: every
+            flip counts (a diff built without logits).
     """
 
     logits_max_abs: List[float]
@@ -176,6 +182,7 @@ class GenerationDiff:
     tokens_a: Optional[Tensor] = field(default=None, repr=False)
     tokens_b: Optional[Tensor] = field(default=None, repr=False)
     cause: Optional[str] = None
+    top1_tied: Optional[List[bool]] = None
 
     def __post_init__(self):
         n = len(self.logits_max_abs)
@@ -195,14 +202,19 @@ class GenerationDiff:
         return self.first_divergent_step is None
 
     def divergent(self) -> List[bool]:
-        """Per step: ``logits_max_abs > atol`` or the top-1 tokens differ."""
-        return [err > self.atol or not agree for err, agree in zip(self.logits_max_abs, self.top1_agree)]
+        """Per step: ``logits_max_abs > atol``, or the top-1 tokens differ on more than a tie (:attr:`top1_tied`)."""
+        tied = self.top1_tied or [False] * self.n_steps
+        return [
+            err > self.atol or not (agree or tie)
+            for err, agree, tie in zip(self.logits_max_abs, self.top1_agree, tied)
+        ]
 
     def to_frame(self):
         """A pandas DataFrame with one row per generated step.
 
-        Columns: ``step``, ``logits_max_abs``, ``kl``, ``top1_agree`` and
-        ``divergent`` (the step fails ``atol`` or its top-1 tokens differ).
+        Columns: ``step``, ``logits_max_abs``, ``kl``, ``top1_agree``,
+        ``top1_tied`` and ``divergent`` (the step fails ``atol`` or its top-1
+        tokens differ on more than a tie).
 
         >>> GenerationDiff([0.0, 0.5], [0.0, 0.1], [True, False], 1).to_frame().divergent.tolist()
         [False, True]
@@ -215,6 +227,7 @@ class GenerationDiff:
                 "logits_max_abs": self.logits_max_abs,
                 "kl": self.kl,
                 "top1_agree": self.top1_agree,
+                "top1_tied": self.top1_tied or [False] * self.n_steps,
                 "divergent": self.divergent(),
             }
         )
@@ -270,22 +283,31 @@ class GenerationDiff:
         Args:
             a: one ``[batch, d_vocab]`` tensor per step (the run under test).
             b: the same for the reference run.
-            atol: logit tolerance for ``first_divergent_step``.
+            atol: logit tolerance for ``first_divergent_step``; a top-1 flip
+                where the reference scores ``a``'s token within ``atol`` of its
+                own top-1 is a tie, not a divergence (:attr:`top1_tied`).
 
         >>> d = GenerationDiff.from_step_logits([torch.zeros(1, 3)], [torch.zeros(1, 3)])
         >>> d.logits_max_abs, d.top1_agree, d.first_divergent_step
         ([0.0], [True], None)
+        >>> tie = GenerationDiff.from_step_logits([torch.tensor([[1.0, 1.01]])], [torch.tensor([[1.01, 1.0]])], atol=0.05)
+        >>> tie.top1_agree, tie.top1_tied, tie.first_divergent_step
+        ([False], [True], None)
         """
         if len(a) != len(b):
             raise ValueError(f"runs have {len(a)} and {len(b)} steps; compare equal lengths")
-        max_abs, kl, agree = [], [], []
+        max_abs, kl, agree, tied = [], [], [], []
         first = None
         for step, (x, y) in enumerate(zip(a, b)):
             x, y = x.double(), y.double()
             max_abs.append(float((x - y).abs().max()))
             log_x, log_y = F.log_softmax(x, dim=-1), F.log_softmax(y, dim=-1)
             kl.append(float((log_y.exp() * (log_y - log_x)).sum(-1).max()))
-            agree.append(bool((x.argmax(-1) == y.argmax(-1)).all()))
-            if first is None and (max_abs[-1] > atol or not agree[-1]):
+            chosen = x.argmax(-1)  # (B,)
+            same = chosen == y.argmax(-1)
+            agree.append(bool(same.all()))
+            margin = y.max(-1).values - y.gather(-1, chosen[:, None])[:, 0]  # reference's regret, >= 0
+            tied.append(not agree[-1] and bool((same | (margin <= atol)).all()))
+            if first is None and (max_abs[-1] > atol or not (agree[-1] or tied[-1])):
                 first = step
-        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b)
+        return cls(max_abs, kl, agree, first, atol, tokens_a, tokens_b, top1_tied=tied)

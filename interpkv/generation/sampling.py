@@ -1,7 +1,8 @@
 """Choosing the next token from final-position logits: greedy, temperature, top-k, top-p.
 
 Sampling draws from a caller's ``torch.Generator`` (``interpkv.generate`` keeps
-a private one, never the global RNG), so a seed reproduces a run.
+a private one, seeded by ``seed=`` or, without one, by a draw from torch's
+global generator), so a seed, or ``torch.manual_seed``, reproduces a run.
 """
 
 from typing import Optional

@@ -129,6 +129,10 @@ def convert_hf(
     config = hf.config
     if not getattr(config, "architectures", None):
         config.architectures = [type(hf).__name__]  # TL reads the class from here
+    if not hasattr(config, "n_ctx") and hasattr(config, "n_positions"):
+        # TL 3.9's GPT-2 converter reads hf_config.n_ctx, which transformers 5's GPT2Config() no
+        # longer stores (only n_positions, the same number): give it the attribute it reads.
+        config.n_ctx = config.n_positions
     tmp = tempfile.mkdtemp(prefix="ikv_")  # no "llama"/"gemma": TL sniffs paths
     try:
         config.save_pretrained(tmp)  # TL only reads config.json; weights come from `hf`

@@ -100,7 +100,7 @@ def test_left_padding_is_recorded_at_absolute_positions(models, name):
     tokens = tokens_for(model, batch=2, n=12)
     mask = torch.ones_like(tokens)
     mask[1, :4] = 0  # row 1: 4 padding tokens, 8 real
-    record = interpkv.capture(model, tokens, steps=[6, 1, 5], attention_mask=mask)
+    record = interpkv.capture(model, tokens, steps=[6, 1, 5], attention_mask=mask, layout="absolute")
     alone = interpkv.capture(model, tokens[1:, 4:])
     assert record.valid[1].tolist() == [True] * 8 + [False] * 4
     for hook in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern", "logits"):

@@ -91,7 +91,9 @@ def test_capture_records_each_step_at_its_absolute_positions(name):
     hooks = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
     out = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=4, capture=hooks)
     assert len(out.records) == 4
-    one_shot = interpkv.capture(m, out.tokens[:, :-1], attention_mask=out.attention_mask[:, :-1], names=hooks)
+    one_shot = interpkv.capture(
+        m, out.tokens[:, :-1], attention_mask=out.attention_mask[:, :-1], names=hooks, layout="absolute"
+    )  # step records are in the absolute layout
     covered = torch.zeros_like(one_shot.valid)
     for step, record in enumerate(out.records):
         assert record.valid.sum(1).tolist() == ([10, 7, 4] if step == 0 else [1, 1, 1])
@@ -121,7 +123,7 @@ def test_capture_with_a_steering_hook_records_the_steered_run():
     )
     plain = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=3, fwd_hooks=hooks)
     assert torch.equal(out.tokens, plain.tokens)
-    steered = interpkv.capture(m, tokens, attention_mask=mask, names=["blocks.0.hook_resid_post"])
+    steered = interpkv.capture(m, tokens, attention_mask=mask, names=["blocks.0.hook_resid_post"], layout="absolute")
     recorded = out.records[0]["blocks.1.hook_resid_pre"]  # resid_pre of layer 1 = resid_post of layer 0
     valid = out.records[0].valid
     assert ((recorded - steered["blocks.0.hook_resid_post"])[valid] - 1.0).abs().max() < TOL[F64]
@@ -134,7 +136,7 @@ def test_generation_continues_from_a_cache():
     cache = interpkv.KVCache.for_model(m, 3)
     first = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=3, cache=cache)
     assert cache.seq_len == 10 + 2  # the last generated token is not fed yet
-    rest = interpkv.generate(m, first.tokens[:, -1:], max_new_tokens=4, cache=cache)
+    rest = interpkv.generate(m, max_new_tokens=4, cache=cache)  # from the held-back token
     assert torch.equal(torch.cat([first.tokens, rest.new_tokens], 1), one_shot.tokens)
 
 

@@ -37,9 +37,12 @@ def _forget_alibi(m):
 
 
 def _check_against_run_with_cache(m, out, dtype, every_hook=True):
-    """Row by row: the row's real tokens run alone through run_with_cache."""
-    cache = out.record.to_activation_cache(m)
-    record = out.record
+    """Row by row: the row's real tokens run alone through run_with_cache (absolute layout).
+
+    tests/integration/test_ragged_layout.py checks the default (token) layout
+    against run_with_cache on the ragged batch itself."""
+    record = out.record.absolute()
+    cache = record.to_activation_cache(m)
     checked = 0
     for row in range(out.tokens.shape[0]):
         real = out.tokens[row][out.attention_mask[row] == 1]
@@ -103,7 +106,8 @@ def test_step_records_are_cut_from_the_whole_record():
     tokens, mask = _prompts(m.cfg.d_vocab)
     hooks = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_attn_scores"]
     out = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=4, capture=hooks)
-    whole = out.record
+    whole = out.record.absolute()  # step records are in the absolute layout
+    assert all(record.layout == "absolute" for record in out.records)
     for step, record in enumerate(out.records):
         valid = record.valid
         assert valid.sum(1).tolist() == ([10, 7, 4] if step == 0 else [1, 1, 1])
@@ -115,9 +119,12 @@ def test_step_records_are_cut_from_the_whole_record():
 
 
 def test_buffers_are_allocated_once_per_hook():
-    """Every step writes into one buffer: the whole record's tensors are views of it."""
+    """Every step writes into one buffer: the whole record's tensors are views of it.
+
+    (Rectangular prompts: a ragged batch's record is laid out by token columns, one copy at the end.)"""
     m = zoo.load("llama", dtype=F64)
     tokens, mask = _prompts(m.cfg.d_vocab)
+    mask = torch.ones_like(mask)
     out = interpkv.generate(m, tokens, attention_mask=mask, max_new_tokens=5, capture="hook_resid_post")
     data = {t.untyped_storage().data_ptr() for t in out.record.activations.values()}
     assert len(data) == len(out.record.activations) == m.cfg.n_layers

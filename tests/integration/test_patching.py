@@ -217,3 +217,30 @@ def test_misuse_is_named():
         patch(m, clean, corrupt, hook="attn_scores", metric=_metric)
     with pytest.raises(ValueError, match="outside the 7 columns"):
         patch(m, clean, corrupt, hook="resid_pre", metric=_metric, positions=[7])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_model_level_position_hooks_give_transformer_lens_values(name):
+    """A hook on the model indexing positions (act[:, -1] += v): share_prefix must not shift it."""
+    m = model(name, torch.float64)
+    clean, corrupt = _pair(m.cfg.d_vocab)
+    vector = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def last_token(act, hook):
+        act[:, -1] += vector
+        return act
+
+    m.add_hook("blocks.0.hook_resid_post", last_token)
+    try:
+        ref = _tl_patch(m, clean, corrupt, "resid_pre")
+        with pytest.warns(interpkv.patching.SharedPrefixWarning, match="blocks.0.hook_resid_post"):
+            shared = patch(m, clean, corrupt, hook="resid_pre", metric=_metric, progress=False)
+        whole = patch(m, clean, corrupt, hook="resid_pre", metric=_metric, share_prefix=False, progress=False)
+    finally:
+        m.reset_hooks()
+    # TransformerLens stores its patching result in float32 (~1e-7 rounding of metrics ~1);
+    # the bug this guards against was off by 0.18-0.85.
+    assert (whole - ref.double()).abs().max() < 1e-6
+    assert (shared - whole).abs().max() < TOL_F64
+    without = _tl_patch(m, clean, corrupt, "resid_pre")
+    assert (without - ref).abs().max() > 1e-3  # the hook really moves the metric

@@ -47,9 +47,9 @@ def test_record(model, tokens):
     record = interpkv.capture(model, tokens, names="hook_resid")
     shape = f"[2, 12, {model.cfg.d_model}]"
     text, page = assert_summary(record, "hook_resid_pre", shape, "[12, 12]", f"[2, 12, {model.cfg.d_vocab}]")
-    assert text == f"Record({len(record.activations)} hooks + logits, batch=2, positions=12)"
+    assert text == f"Record({len(record.activations)} hooks + logits, batch=2, positions=12, layout='tokens')"
     families = {name.split(".", 2)[-1] for name in record.activations}
-    assert page.count("<tr>") == 4 + 1 + len(families) + 1  # fields, header, families, logits
+    assert page.count("<tr>") == 5 + 1 + len(families) + 1  # fields, header, families, logits
 
 
 def test_divergence_report_names_the_first_divergence(model, tokens):
@@ -81,7 +81,7 @@ def test_generation_diff_table_and_frame():
     text, page = assert_summary(diff, "0.5", "0.25", "2/3")
     assert text.startswith("GenerationDiff(3 steps, first_divergent_step=2, max logits_max_abs=0.5")
     frame = diff.to_frame()
-    assert list(frame.columns) == ["step", "logits_max_abs", "kl", "top1_agree", "divergent"]
+    assert list(frame.columns) == ["step", "logits_max_abs", "kl", "top1_agree", "top1_tied", "divergent"]
     assert frame.step.tolist() == [0, 1, 2] and frame.divergent.tolist() == [False, False, True]
     assert frame.logits_max_abs.tolist() == diff.logits_max_abs
 

@@ -9,6 +9,7 @@ import torch
 
 import interpkv
 from interpkv import zoo
+from interpkv.generation import resume
 from interpkv.zoo import charvocab
 
 F64 = torch.float64
@@ -152,7 +153,12 @@ def test_a_cache_without_a_held_back_token_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="no held-back token.*max_new_tokens=0"):
         interpkv.generate(m, cache=cache, max_new_tokens=3)
     interpkv.generate(m, "def ", cache=(cache := interpkv.KVCache.for_model(m)), max_new_tokens=2)
+    with pytest.raises(ValueError, match="holds back the last token generate chose"):
+        interpkv.forward(m, m.to_tokens("x"), cache=cache)  # the multi-turn rule (core/heldback.py)
+    held = resume.snapshot(cache)
+    resume.release(cache)
     interpkv.forward(m, m.to_tokens("x"), cache=cache)  # the cache moves past the held-back token
+    resume.restore(cache, held)
     with pytest.raises(ValueError, match=r"rows \[0\] of this cache moved on"):
         interpkv.generate(m, cache=cache, max_new_tokens=3)
     cache.crop(cache.seq_len - 1)  # back where generate left it: valid again

@@ -168,6 +168,7 @@ def compare(
     cache=None,
     fwd_hooks: Sequence = (),
     also: Optional[Callable[[Tensor], Sink]] = None,
+    fast_path: bool = True,
 ) -> DivergenceReport:
     """``engine``'s cached run against its uncached run: the one implementation of :func:`interpkv.compare`.
 
@@ -175,7 +176,9 @@ def compare(
     against it hook by hook as it fires (``fwd_hooks`` active in both runs).
     ``also(valid)``, if given, builds a second sink that sees the cached run
     too (:class:`Tee`), for a caller that needs more of that run than the
-    report (e.g. its logits) without running it again.
+    report (e.g. its logits) without running it again. ``fast_path``
+    (``"interpkv"`` only): also run the cached steps with nothing recording
+    them and compare their logits (:mod:`interpkv.diagnostics.fastpath`).
     """
     from interpkv.diagnostics.compare import _Comparator
 
@@ -189,6 +192,12 @@ def compare(
         comparator = _Comparator(reference, valid)
         return comparator if also is None else Tee(comparator, also(valid))
 
+    fast_cache = None
+    if fast_path and resolve(model, engine) == "interpkv":
+        from interpkv.diagnostics import fastpath
+
+        fast_cache = fastpath.fresh_cache(model, tokens.shape[0] if tokens.ndim > 1 else 1, tokens.shape[-1], cache)
+
     sink = run(
         model,
         tokens,
@@ -200,4 +209,11 @@ def compare(
         cache=cache,
         fwd_hooks=fwd_hooks,
     )
-    return sink.report()
+    report = sink.report()
+    report.dtype = reference.logits.dtype if reference.logits.is_floating_point() else None
+    if fast_cache is not None:
+        report = fastpath.audit(
+            report, model, tokens, steps=steps, attention_mask=attention_mask, reference=reference,
+            cache=fast_cache, fwd_hooks=fwd_hooks,
+        )
+    return report

@@ -232,12 +232,32 @@ def run(
             for start, end in chunk_bounds(n_tokens, steps):
                 hooks.q_pos = lay.true_pos[:, start:end]
                 extra = {"position_ids": positions[:, start:end]} if takes_positions else {}
-                out = model(
-                    input_ids=lay.tokens[:, start:end], attention_mask=lay.mask[:, :end], **kwargs, **extra
-                )
+                try:
+                    out = model(
+                        input_ids=lay.tokens[:, start:end], attention_mask=lay.mask[:, :end], **kwargs, **extra
+                    )
+                except RuntimeError as error:
+                    _refuse_static(model, kwargs.get(_cache_keyword(model)), error)
+                    raise
                 sink.logits(out.logits.detach(), hooks.q_pos)
     finally:
         hooks.remove()
     hooks.check_finite(model)
     sink.finish()
     return sink
+
+
+def _refuse_static(model: nn.Module, cache, error: RuntimeError) -> None:
+    """One line instead of a shape error deep in the model when it cannot run a ``StaticCache``.
+
+    Bloom's attention (transformers 5) adds its ALiBi bias over the keys of
+    the call, not over a static cache's whole length, and fails with a shape error.
+    """
+    import transformers
+
+    if isinstance(cache, transformers.StaticCache):
+        raise ValueError(
+            f"engine='hf': {type(model).__name__} ({model.config.model_type}) does not run with a StaticCache in "
+            f"transformers {transformers.__version__} (its forward failed: {str(error).splitlines()[0]}); "
+            "compare with its DynamicCache instead (cache=None)"
+        ) from error
