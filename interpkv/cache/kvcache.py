@@ -29,10 +29,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv.core import calls
-from interpkv.core import tl as _tl
-from interpkv.core.arguments import check_memory
-from interpkv.core.axes import PAD_POSITION
 from interpkv.cache import persist, provenance
 from interpkv.cache.bound import PositionBound
 from interpkv.cache.layer import LayerCache
@@ -43,6 +39,10 @@ from interpkv.cache.window import (
     compact_positions,
     eviction,
 )
+from interpkv.core import calls
+from interpkv.core import tl as _tl
+from interpkv.core.arguments import check_memory
+from interpkv.core.axes import PAD_POSITION
 from interpkv.errors import CacheMismatchError, warn_graph_kept
 
 __all__ = ["KVCache", "Slots", "model_signature", "check_state", "validated_rows"]
@@ -188,10 +188,10 @@ class KVCache:
         positions: ``Int[Tensor, "batch kv_pos"]``, absolute position of each
             stored key, ``-1`` for padding.
         nbytes: bytes of stored keys and values plus the position index.
-        next_positions: ``Int[Tensor, "batch"]``, position of each row's next token.
+        next_positions: ``Int[Tensor, " batch"]``, position of each row's next token.
         window, sinks: a windowed cache keeps the first ``sinks`` and the last
             ``window`` positions of each row.
-        next_tokens, next_tokens_at: ``Int[Tensor, "batch"]`` or None: the
+        next_tokens, next_tokens_at: ``Int[Tensor, " batch"]`` or None: the
             token :func:`interpkv.generate` chose last and held back (-1: none)
             and the ``next_positions`` it was held back at; ``generate(model,
             cache=cache, max_new_tokens=n)`` continues from it. Written only by
@@ -307,7 +307,7 @@ class KVCache:
         return self._appended
 
     @property
-    def next_positions(self) -> Int[Tensor, "batch"]:
+    def next_positions(self) -> Int[Tensor, " batch"]:
         """Absolute position the next real token of each row will get."""
         return self._next_position
 
@@ -357,7 +357,7 @@ class KVCache:
         keys: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
         values: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
         positions: Int[Tensor, "batch kv_pos"],
-        next_positions: Int[Tensor, "batch"],
+        next_positions: Int[Tensor, " batch"],
         *,
         window: Optional[int] = None,
         sinks: int = 0,
@@ -535,7 +535,7 @@ class KVCache:
         """
         return self._take_rows(torch.arange(self.batch_size, device=self.device))
 
-    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, "n"]]) -> "KVCache":
+    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, " n"]]) -> "KVCache":
         """A new cache holding rows ``batch_indices`` (in that order; repeats allowed).
 
         The original is unchanged. The slot layout is kept (``seq_len`` stays).
@@ -551,7 +551,9 @@ class KVCache:
             TypeError: indices that are not integers (a bool mask, floats).
             ValueError: no index, or an index outside ``[0, batch_size)``.
 
-        >>> second = cache.select([1])
+        >>> pair = cache.select([0, 0])  # row 0 twice
+        >>> pair.batch_size
+        2
         """
         return self._take_rows(validated_rows(batch_indices, self.batch_size, self.device))
 
@@ -583,8 +585,8 @@ class KVCache:
         new = self._with_storage(
             layers, self.positions[rows], self._next_position[rows], self.slot_ids[rows]
         )
-        if self.next_tokens is not None:
-            new.next_tokens, new.next_tokens_at = self.next_tokens[rows], self.next_tokens_at[rows]
+        if self.next_tokens is not None:  # set together with next_tokens_at
+            new.next_tokens, new.next_tokens_at = self.next_tokens[rows], self.next_tokens_at[rows]  # type: ignore[index]
         return new
 
     def _with_storage(self, layers, positions, next_positions, slot_ids=None) -> "KVCache":
@@ -600,7 +602,7 @@ class KVCache:
         self,
         layers: List[LayerCache],
         positions: Int[Tensor, "batch kv_pos"],
-        next_positions: Int[Tensor, "batch"],
+        next_positions: Int[Tensor, " batch"],
         slot_ids: Optional[Int[Tensor, "batch kv_pos"]] = None,
     ) -> None:
         """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""
@@ -618,15 +620,15 @@ class KVCache:
         """Drop slots no future query can attend (window), compacting rows in place."""
         length = self._length
         positions = self._positions[:, :length]
-        index, real = eviction(positions, self._next_position, self.window, self.sinks)  # (B, kept)
+        index, real = eviction(positions, self._next_position, self.window, self.sinks)  # type: ignore[arg-type]  # (B, kept); only windowed caches evict
         if index is None:
             return
         kept = index.shape[1]
         for layer in self.layers:
             layer.gather_slots_(index, length)
-        self._slot_ids[:, :kept] = compact_positions(self._slot_ids[:, :length], index, real)
+        self._slot_ids[:, :kept] = compact_positions(self._slot_ids[:, :length], index, real)  # type: ignore[arg-type]  # None only when nothing is evicted (returned above)
         self._slot_ids[:, kept:length] = PAD_POSITION
-        self._positions[:, :kept] = compact_positions(positions, index, real)
+        self._positions[:, :kept] = compact_positions(positions, index, real)  # type: ignore[arg-type]  # None only when nothing is evicted (returned above)
         self._positions[:, kept:length] = PAD_POSITION
         self._length = kept
 

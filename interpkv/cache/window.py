@@ -59,7 +59,7 @@ def in_window(
 
 def kept_slots(
     positions: Int[Tensor, "batch kv_pos"],
-    next_positions: Int[Tensor, "batch"],
+    next_positions: Int[Tensor, " batch"],
     window: Optional[int],
     sinks: int = 0,
 ) -> Bool[Tensor, "batch kv_pos"]:
@@ -86,7 +86,7 @@ def kept_slots(
 
 
 def required_positions(
-    next_positions: Int[Tensor, "batch"], window: Optional[int], sinks: int, limit: int
+    next_positions: Int[Tensor, " batch"], window: Optional[int], sinks: int, limit: int
 ) -> Bool[Tensor, "batch limit"]:
     """Positions ``0..limit-1`` a correct cache of each row must hold.
 
@@ -138,7 +138,7 @@ def compaction_index(
 
 
 def eviction(
-    positions: Int[Tensor, "batch kv_pos"], next_positions: Int[Tensor, "batch"], window: int, sinks: int
+    positions: Int[Tensor, "batch kv_pos"], next_positions: Int[Tensor, " batch"], window: int, sinks: int
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """What a windowed cache's commit compacts: :func:`compaction_index` of the kept slots.
 

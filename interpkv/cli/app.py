@@ -162,8 +162,8 @@ def _resolve(models: Sequence[str]) -> List[str]:
 def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv", built=None) -> list:
     """Each model's check; ``built``: the run's :class:`~interpkv.verify.models.Models` (default: fresh loads)."""
     from interpkv import zoo
-    from interpkv.verify.checks import check_hf_dir, check_zoo
     from interpkv.cli.inputs import load_error, quiet_hf
+    from interpkv.verify.checks import check_hf_dir, check_zoo
 
     def one(model: str):
         if engine != "interpkv":
@@ -300,11 +300,10 @@ def _command() -> str:
 
 def _demo_other_implementations(built):
     """Demo section "other implementations": TransformerLens's and HF's own caches, audited on the run's models."""
+    from interpkv import zoo
     from interpkv.verify import findings as tl_findings
     from interpkv.verify import verdicts
     from interpkv.verify.engine_checks import OtherImplementations, check_engine, engine_faults
-
-    from interpkv import zoo
 
     other = OtherImplementations()
     for engine, models in (("transformer_lens", zoo.names()), ("hf", [n for n in zoo.pairs() if n in zoo.names()])):

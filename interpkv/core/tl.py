@@ -24,7 +24,8 @@ of, and whose use (calling it, reading an attribute) raises
 needed, the one installed and the fix (:func:`require`).
 """
 
-from typing import Optional, Tuple
+from types import FrameType
+from typing import Optional, Tuple, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -222,7 +223,7 @@ def is_local_layer(attn: torch.nn.Module) -> bool:
     return getattr(attn, "attn_type", "global") == "local"
 
 
-def rotary_base(attn: torch.nn.Module) -> float:
+def rotary_base(attn: torch.nn.Module) -> Union[int, float]:
     """The rotary base of one layer (Gemma-style models use another for local layers)."""
     return attn._rotary_base()
 
@@ -316,7 +317,7 @@ def forward_locals(max_depth: int = 64):
     """
     import sys
 
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return None

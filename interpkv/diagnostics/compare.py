@@ -5,22 +5,22 @@ uncached reference, then runs the cached chunks comparing each activation
 against the reference as it fires and dropping it.
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from interpkv.core import calls
 from interpkv.cache import provenance
 from interpkv.cache.kvcache import KVCache
+from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.assemble import attention_rows, fill_value
-from interpkv.diagnostics.cause import blame
 from interpkv.diagnostics.capture import NamesFilter, Sink
+from interpkv.diagnostics.cause import blame
 from interpkv.diagnostics.names import resolve_names
-from interpkv.diagnostics.record import LOGITS, Record, is_attention_hook
+from interpkv.diagnostics.record import LOGITS, Record
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import StatsTable, check_shapes, kl_divergence, site_stats
 
@@ -49,8 +49,8 @@ class _Comparator(Sink):
         self.skipped: Dict[str, str] = dict(reference.skipped)
         self.pending: Dict[str, list] = {}
         self.pending_sites: Dict[str, int] = {}
-        self._memo = None
-        self._key_memo = None
+        self._memo: Optional[Tuple[Tensor, Tensor, Tensor, Tensor, bool]] = None
+        self._key_memo: Optional[Tuple[Tensor, bool]] = None
 
     def activation(self, name, act, q_pos, k_pos):
         self.seen[name] = None
@@ -266,7 +266,6 @@ def compare(
     """
     from interpkv.diagnostics import engines
 
-    from interpkv.cache.kvcache import KVCache
 
     if isinstance(model, _tl.HookedTransformer) and cache is not None and not callable(cache):
         if not isinstance(cache, KVCache):

@@ -43,8 +43,8 @@ def check_reach(model, cache, mask, max_new_tokens: int) -> None:
 
 def _fits(model, cache, mask, last: int) -> bool:
     """Whether positions up to ``last`` pass both limits of :func:`check_reach` (no error, no read)."""
-    from interpkv.core.arguments import physical_memory
     from interpkv.core import tl as _tl
+    from interpkv.core.arguments import physical_memory
 
     limit = scheme_for(model).max_positions()
     if limit is not None and last > limit:

@@ -76,7 +76,7 @@ def held_back(cache: KVCache) -> Tuple[Int[Tensor, "batch 1"], Int[Tensor, "batc
     return tokens, live.long()[:, None]
 
 
-def hold_back(cache: KVCache, tokens: Int[Tensor, "batch"], real: Bool[Tensor, "batch"]) -> None:
+def hold_back(cache: KVCache, tokens: Int[Tensor, " batch"], real: Bool[Tensor, " batch"]) -> None:
     """Record ``tokens`` (where ``real``) as chosen but not fed, due at ``cache.next_positions``."""
     ids = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
     due = cache.next_positions.clone()

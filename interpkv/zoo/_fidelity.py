@@ -146,8 +146,8 @@ def verify(tl: Any, hf: Any, *, label: str) -> float:
         UnsupportedModelError: the gap exceeds ``HF_LOGITS[dtype] * max(1,
             max |logit|)``; the message names the gap and the suspected features.
     """
-    from interpkv.diagnostics.hf_reference import hf_logits
     from interpkv.core.forward import forward
+    from interpkv.diagnostics.hf_reference import hf_logits
 
     window = tl.cfg.window_size if tl.cfg.use_local_attn else None
     length = VERIFY_LENGTH if window is None else max(VERIFY_LENGTH, min(window + 8, _MAX_VERIFY_LENGTH))

@@ -16,7 +16,7 @@ F64 = torch.float64
 TOL = 1e-10  # float64: summation-order noise only
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(name: str = "llama", dtype=F64):
     return zoo.load(name, trained=True, dtype=dtype)
 
