@@ -16,7 +16,6 @@ import time
 
 import pandas as pd
 import torch
-
 from transformer_lens import patching as tl_patching  # the reference implementation
 
 from interpkv import zoo

@@ -150,7 +150,7 @@ def sizes_table(args) -> None:
               f"[{min(s_all):.2f}-{max(s_all):.2f}] | {size / l_ours:.0f} / {size / l_pass:.0f} / "
               f"{size / l_clone:.0f} | {p_ratio:.2f}x [{min(p_all):.2f}-{max(p_all):.2f}] | "
               f"{c_ratio:.2f}x [{min(c_all):.2f}-{max(c_all):.2f}] |", flush=True)
-        del cache, tensors
+        cache = tensors = None  # free the memory before the next size
         for path in (ours, direct):
             os.unlink(path)
         os.rmdir(workdir)

@@ -65,8 +65,8 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.ops = 0
         self.syncs = 0
-        self.by_op: "collections.Counter[str]" = collections.Counter()
-        self.sync_sites: "collections.Counter[str]" = collections.Counter()
+        self.by_op: collections.Counter[str] = collections.Counter()
+        self.sync_sites: collections.Counter[str] = collections.Counter()
         self._where = where
 
     def _is_sync(self, name: str, args, kwargs) -> bool:

@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
 import interpkv  # noqa: E402
 from interpkv import zoo  # noqa: E402
-from torch.profiler import profile, ProfilerActivity  # noqa: E402
 
 shape, prompt_len = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
@@ -36,7 +37,9 @@ for row in range(batch):
 new = 9
 
 class Starter:
-    def __init__(self): self.n = 0; self.prof = None; self.t = None
+    def __init__(self):
+        self.n, self.prof, self.t = 0, None, None
+
     def __call__(self, module, args):
         self.n += 1
         if self.n == 2 and self.prof is not None:

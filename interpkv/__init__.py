@@ -39,13 +39,13 @@ if TYPE_CHECKING:  # what _load imports, spelled out for type checkers and the A
         CacheGraphWarning,
         CacheMismatchError,
         CacheSaveError,
-        UnsupportedModelError,
         ProvenanceWarning,
+        UnsupportedModelError,
     )
+    from interpkv.generation import steering
     from interpkv.generation.compare import compare_generation
     from interpkv.generation.generate import generate
     from interpkv.generation.result import Generation, GenerationDiff
-    from interpkv.generation import steering
     from interpkv.generation.steering import intervention
 
 _LAZY_SUBMODULES = ("zoo", "faults", "plot", "patching")

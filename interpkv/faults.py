@@ -26,9 +26,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from interpkv.core.axes import PAD_POSITION
 from interpkv.core import stephooks
 from interpkv.core import tl as _tl
+from interpkv.core.axes import PAD_POSITION
 from interpkv.core.schemes import ALiBi, LearnedPositions, scheme_for
 
 ZERO_PAD_BLOCK = 16
@@ -174,7 +174,7 @@ class ZeroPaddedResume(Fault):
 
     def __init__(self):
         # Per cache: the (first, end) slots of the zero padding appended to it.
-        self._zero_slots: "weakref.WeakKeyDictionary[object, Tuple[int, int]]" = (
+        self._zero_slots: weakref.WeakKeyDictionary[object, Tuple[int, int]] = (
             weakref.WeakKeyDictionary()
         )
 

@@ -33,17 +33,17 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interpkv.core import calls
-from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.cache.provenance import declare
+from interpkv.core import calls
+from interpkv.core import tl as _tl
 from interpkv.core.forward import forward
 from interpkv.core.inputs import TokensLike, as_pair
 from interpkv.core.positions import validate_mask
@@ -176,7 +176,7 @@ def _positions(positions: Optional[Sequence[int]], n_pos: int) -> List[int]:
         return list(range(n_pos))
     if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
         raise TypeError(f"positions must be a sequence of column indices, got {type(positions).__name__} {positions!r}")
-    out = []
+    out: list = []
     for p in positions.tolist() if isinstance(positions, torch.Tensor) else positions:
         if isinstance(p, bool) or not isinstance(p, numbers.Integral):
             raise TypeError(
@@ -283,8 +283,8 @@ def patch(
     # Shared prefix, run once; at least one column is left to recompute.
     prefix = min(shared_prefix_length(clean_tokens, corrupt_tokens, mask), n_pos - 1) if share_prefix else 0
     cache = KVCache.for_model(model, batch, capacity=n_pos)
-    prefix_logits = (
-        forward(model, corrupt_tokens[:, :prefix], cache=cache, attention_mask=mask[:, :prefix])
+    prefix_logits: Optional[Tensor] = (
+        cast(Tensor, forward(model, corrupt_tokens[:, :prefix], cache=cache, attention_mask=mask[:, :prefix]))
         if prefix
         else None
     )
@@ -293,6 +293,7 @@ def patch(
     def run(tokens: Tensor, fwd_hooks) -> Tensor:
         with cache.freeze():
             logits = forward(model, tokens[:, prefix:], cache=cache, attention_mask=suffix_mask, fwd_hooks=fwd_hooks)
+        logits = cast(Tensor, logits)
         return logits if prefix_logits is None else torch.cat([prefix_logits, logits], dim=1)
 
     names = [kind.hook_name.format(layer=layer) for layer in layers]
@@ -301,7 +302,7 @@ def patch(
     def keep_clean(x: Tensor, hook) -> None:
         clean[hook.name] = x.clone()
 
-    keep_clean._interpkv_observer = True  # records only: not an intervention on the shared prefix
+    keep_clean._interpkv_observer = True  # type: ignore[attr-defined] # records only: not an intervention on the shared prefix
     run(clean_tokens, [(name, keep_clean) for name in names])
     # Patches act on suffix columns only: positions from each row's next position on (provenance).
     suffix_start = cache.next_positions.tolist()

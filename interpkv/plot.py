@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from interpkv.diagnostics.record import split_hook_name
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.generation.result import GenerationDiff
-from interpkv.diagnostics.record import split_hook_name
 
 __all__ = ["divergence_heatmap", "first_divergence", "generation", "position_error", "heatmap_cells", "RUNS"]
 
@@ -58,12 +58,9 @@ def log_series(values: List[float], *, below: Optional[float] = None) -> dict:
     cap = max(finite) * 10 if finite else 1.0
     y, text = [], []
     for v in values:
-        if v == float("inf"):
-            y.append(cap), text.append("inf")
-        elif v == 0:
-            y.append(floor), text.append("exact 0")
-        else:
-            y.append(v), text.append("")
+        label = "inf" if v == float("inf") else "exact 0" if v == 0 else ""
+        y.append(cap if label == "inf" else floor if label == "exact 0" else v)
+        text.append(label)
     return {"y": y, "text": text, "log": True, "floor": floor}
 
 
@@ -121,7 +118,7 @@ def heatmap_cells(report: DivergenceReport) -> Dict[str, dict]:
         families.setdefault(family, []).append((layer, hook))
     cells = {}
     for family, members in families.items():
-        grids = {"max_abs": [], "rel": [], "cos": []}
+        grids: Dict[str, list] = {"max_abs": [], "rel": [], "cos": []}
         for _, hook in members:
             s = report.stats[hook]
             err = torch.nan_to_num(s["max_abs"], nan=-1.0)  # (B, P)
@@ -224,7 +221,7 @@ def divergence_heatmap(
         for family in families
     ]
     fig.update_layout(
-        title=title(shown) if families else f"largest {diff}",
+        title=title(shown) if families and shown is not None else f"largest {diff}",
         xaxis_title="absolute position of the token (query position for attention hooks)",
         yaxis={"title": "layer", "type": "category"},
         xaxis={"dtick": 1 if max((c["max_abs"].shape[1] for c in cells.values()), default=0) <= 32 else None},
@@ -354,8 +351,8 @@ def generation(gen_diff: GenerationDiff, *, runs: Tuple[str, str] = RUNS):
         ``top1_agree`` as 0/1; ``x`` = step; trace 1 is the tolerance's legend
         entry) and a vertical line at ``first_divergent_step`` when there is one.
     """
-    from plotly.subplots import make_subplots  # deferred: plotly
     import plotly.graph_objects as go  # deferred: plotly (importing interpkv never imports it)
+    from plotly.subplots import make_subplots  # deferred: plotly
 
     a, b = runs
     steps = list(range(gen_diff.n_steps))

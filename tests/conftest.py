@@ -28,3 +28,25 @@ settings.register_profile(
 settings.register_profile(
     "lifecycle-full", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+# Run-time shape checks (pyproject.toml: --jaxtyping-packages=...) preempt interpkv's own
+# argument errors with a TypeCheckError. A test whose point is one of those errors (a float
+# where an int goes, a tensor of the wrong rank, model=0) is marked `unchecked_shapes`: the
+# checker steps aside for it, so the test sees what a user without the checker sees.
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _unchecked_shapes(request):
+    if request.node.get_closest_marker("unchecked_shapes") is None:
+        yield
+        return
+    from jaxtyping import config
+
+    before = config.jaxtyping_disable
+    config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        config.update("jaxtyping_disable", before)

@@ -30,10 +30,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv._repr import kvcache_html
-from interpkv.core import calls
-from interpkv.core import tl as _tl
-from interpkv.core.arguments import check_memory
-from interpkv.core.axes import PAD_POSITION
 from interpkv.cache import persist, provenance
 from interpkv.cache.bound import PositionBound
 from interpkv.cache.layer import LayerCache
@@ -44,6 +40,10 @@ from interpkv.cache.window import (
     compact_positions,
     eviction,
 )
+from interpkv.core import calls
+from interpkv.core import tl as _tl
+from interpkv.core.arguments import check_memory
+from interpkv.core.axes import PAD_POSITION
 from interpkv.errors import CacheMismatchError, warn_graph_kept
 
 __all__ = ["KVCache", "Slots", "model_signature", "check_state", "validated_rows"]
@@ -189,10 +189,10 @@ class KVCache:
         positions: ``Int[Tensor, "batch kv_pos"]``, absolute position of each
             stored key, ``-1`` for padding.
         nbytes: bytes of stored keys and values plus the position index.
-        next_positions: ``Int[Tensor, "batch"]``, position of each row's next token.
+        next_positions: ``Int[Tensor, " batch"]``, position of each row's next token.
         window, sinks: a windowed cache keeps the first ``sinks`` and the last
             ``window`` positions of each row.
-        row_state: ``{name: Int[Tensor, "batch"]}``, per-row tensors that code
+        row_state: ``{name: Int[Tensor, " batch"]}``, per-row tensors that code
             above the cache attaches to its rows (generation's held-back token,
             :mod:`interpkv.generation.resume`). The cache never reads them: it
             keeps their rows aligned with its own through :meth:`fork`,
@@ -308,7 +308,7 @@ class KVCache:
         return self._appended
 
     @property
-    def next_positions(self) -> Int[Tensor, "batch"]:
+    def next_positions(self) -> Int[Tensor, " batch"]:
         """Absolute position the next real token of each row will get."""
         return self._next_position
 
@@ -356,7 +356,7 @@ class KVCache:
         keys: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
         values: Sequence[Float[Tensor, "batch kv_head kv_pos d_head"]],
         positions: Int[Tensor, "batch kv_pos"],
-        next_positions: Int[Tensor, "batch"],
+        next_positions: Int[Tensor, " batch"],
         *,
         window: Optional[int] = None,
         sinks: int = 0,
@@ -534,7 +534,7 @@ class KVCache:
         """
         return self._take_rows(torch.arange(self.batch_size, device=self.device))
 
-    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, "n"]]) -> "KVCache":
+    def select(self, batch_indices: Union[Sequence[int], Int[Tensor, " n"]]) -> "KVCache":
         """A new cache holding rows ``batch_indices`` (in that order; repeats allowed).
 
         The original is unchanged. The slot layout is kept (``seq_len`` stays).
@@ -550,7 +550,9 @@ class KVCache:
             TypeError: indices that are not integers (a bool mask, floats).
             ValueError: no index, or an index outside ``[0, batch_size)``.
 
-        >>> second = cache.select([1])
+        >>> pair = cache.select([0, 0])  # row 0 twice
+        >>> pair.batch_size
+        2
         """
         return self._take_rows(validated_rows(batch_indices, self.batch_size, self.device))
 
@@ -598,7 +600,7 @@ class KVCache:
         self,
         layers: List[LayerCache],
         positions: Int[Tensor, "batch kv_pos"],
-        next_positions: Int[Tensor, "batch"],
+        next_positions: Int[Tensor, " batch"],
         slot_ids: Optional[Int[Tensor, "batch kv_pos"]] = None,
     ) -> None:
         """Adopt storage whose capacity equals ``positions.shape[1]`` (all slots in use)."""
@@ -616,15 +618,15 @@ class KVCache:
         """Drop slots no future query can attend (window), compacting rows in place."""
         length = self._length
         positions = self._positions[:, :length]
-        index, real = eviction(positions, self._next_position, self.window, self.sinks)  # (B, kept)
+        index, real = eviction(positions, self._next_position, self.window, self.sinks)  # type: ignore[arg-type]  # (B, kept); only windowed caches evict
         if index is None:
             return
         kept = index.shape[1]
         for layer in self.layers:
             layer.gather_slots_(index, length)
-        self._slot_ids[:, :kept] = compact_positions(self._slot_ids[:, :length], index, real)
+        self._slot_ids[:, :kept] = compact_positions(self._slot_ids[:, :length], index, real)  # type: ignore[arg-type]  # None only when nothing is evicted (returned above)
         self._slot_ids[:, kept:length] = PAD_POSITION
-        self._positions[:, :kept] = compact_positions(positions, index, real)
+        self._positions[:, :kept] = compact_positions(positions, index, real)  # type: ignore[arg-type]  # None only when nothing is evicted (returned above)
         self._positions[:, kept:length] = PAD_POSITION
         self._length = kept
 

@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from interpkv.core.axes import PAD_POSITION
 from interpkv.core.arguments import check_cache_memory, count
+from interpkv.core.axes import PAD_POSITION
 
 __all__ = [
     "in_window",
@@ -60,7 +60,7 @@ def in_window(
 
 def kept_slots(
     positions: Int[Tensor, "batch kv_pos"],
-    next_positions: Int[Tensor, "batch"],
+    next_positions: Int[Tensor, " batch"],
     window: Optional[int],
     sinks: int = 0,
 ) -> Bool[Tensor, "batch kv_pos"]:
@@ -87,7 +87,7 @@ def kept_slots(
 
 
 def required_positions(
-    next_positions: Int[Tensor, "batch"], window: Optional[int], sinks: int, limit: int
+    next_positions: Int[Tensor, " batch"], window: Optional[int], sinks: int, limit: int
 ) -> Bool[Tensor, "batch limit"]:
     """Positions ``0..limit-1`` a correct cache of each row must hold.
 
@@ -139,7 +139,7 @@ def compaction_index(
 
 
 def eviction(
-    positions: Int[Tensor, "batch kv_pos"], next_positions: Int[Tensor, "batch"], window: int, sinks: int
+    positions: Int[Tensor, "batch kv_pos"], next_positions: Int[Tensor, " batch"], window: int, sinks: int
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """What a windowed cache's commit compacts: :func:`compaction_index` of the kept slots.
 

@@ -107,7 +107,7 @@ def _fault_table(results, section, title: str):
     notes = _Notes()
     for r, (label, verdict) in zip(results, section.rows):
         table.add_row(r.fault, r.model, r.expected_label, r.found_label, _word(verdict, notes.mark(label, verdict)))
-    from interpkv.verify.checks import FAULT_INPUTS  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv.verify.checks import FAULT_INPUTS  # deferred: torch, transformers (--help answers without)
 
     notes.lines.insert(0, f"inputs (every row above): {FAULT_INPUTS}")
     return table, notes
@@ -133,7 +133,13 @@ def _progress(items: Sequence, run: Callable, description: str, label: Callable 
             print(f"[{i}/{len(items)}] {description} {label(item)}", file=sys.stderr, flush=True)
             results.append(run(item))
         return results
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # deferred: rich, only when a table is printed
+    from rich.progress import (  # deferred: rich, only when a table is printed
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -165,12 +171,15 @@ def _resolve(models: Sequence[str]) -> List[str]:
 
 def _run_checks(models: Sequence[str], dtype, debug: bool = False, engine: str = "interpkv", built=None) -> list:
     """Each model's check; ``built``: the run's :class:`~interpkv.verify.models.Models` (default: fresh loads)."""
-    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-    from interpkv.verify.checks import check_hf_dir, check_zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help answer without them)
+    from interpkv.verify.checks import (  # deferred: torch, transformers (--version, --help answer without them)
+        check_hf_dir,
+        check_zoo,
+    )
 
     def one(model: str):
         if engine != "interpkv":
-            from interpkv.verify.engine_checks import check_engine  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+            from interpkv.verify.engine_checks import check_engine  # deferred: torch, transformers
 
             return check_engine(model, engine, dtype=dtype, models=built)
         if model in zoo.names():
@@ -200,7 +209,7 @@ def _verdict_line(console, tally) -> None:
 
 
 def _check_inputs(dtype_name: str) -> str:
-    from interpkv.verify.checks import INPUTS  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv.verify.checks import INPUTS  # deferred: torch, transformers
 
     return f"{INPUTS}; {dtype_name}"
 
@@ -210,8 +219,8 @@ def _check(
 ) -> int:
     import torch  # deferred: torch (--version, --help and argument errors answer without it)
 
-    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-    from interpkv.verify import verdicts  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help answer without them)
+    from interpkv.verify import verdicts  # deferred: torch, transformers
 
     dtype = getattr(torch, dtype_name)  # one of DTYPES (argparse checked it)
     console = _console()
@@ -230,7 +239,7 @@ def _check(
     _print_section(console, _check_table(results, tally.sections[0], table_title, _check_inputs(dtype_name)),
                    tally.sections[0])
     if html:
-        from interpkv.cli import html as report  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+        from interpkv.cli import html as report  # deferred: torch, transformers
 
         report.write(html, checks=results, title="interpkv check", command=_command(), dtype=dtype_name,
                      tally=tally, engine=engine)
@@ -248,10 +257,14 @@ def _fault_label(pair) -> str:
 def _demo(html: Optional[str]) -> int:
     import torch  # deferred: torch (--version, --help and argument errors answer without it)
 
-    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-    from interpkv.verify import verdicts  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-    from interpkv.verify.checks import BUG_ZOO, check_fault, check_generation  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-    from interpkv.verify.models import Models  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help answer without them)
+    from interpkv.verify import verdicts  # deferred: torch, transformers
+    from interpkv.verify.checks import (  # deferred: torch, transformers (--version, --help answer without them)
+        BUG_ZOO,
+        check_fault,
+        check_generation,
+    )
+    from interpkv.verify.models import Models  # deferred: torch, transformers
 
     console = _console()
     built = Models()  # each zoo model built once, read by every section below
@@ -280,7 +293,7 @@ def _demo(html: Optional[str]) -> int:
     _print_other_implementations(console, other, sections)
 
     if html:
-        from interpkv.cli import html as report  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+        from interpkv.cli import html as report  # deferred: torch, transformers
 
         report.write(
             html, checks=checks, faults=faults, generation=generation, other=other, title="interpkv demo",
@@ -302,11 +315,14 @@ def _command() -> str:
 
 def _demo_other_implementations(built):
     """Demo section "other implementations": TransformerLens's and HF's own caches, audited on the run's models."""
-    from interpkv.verify import findings as tl_findings  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-    from interpkv.verify import verdicts  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-    from interpkv.verify.engine_checks import OtherImplementations, check_engine, engine_faults  # deferred: torch, transformers (--version, --help and argument errors answer without them)
-
-    from interpkv import zoo  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help answer without them)
+    from interpkv.verify import findings as tl_findings  # deferred: torch, transformers
+    from interpkv.verify import verdicts  # deferred: torch, transformers
+    from interpkv.verify.engine_checks import (  # deferred: torch, transformers (--version, --help answer without them)
+        OtherImplementations,
+        check_engine,
+        engine_faults,
+    )
 
     other = OtherImplementations()
     for engine, models in (("transformer_lens", zoo.names()), ("hf", [n for n in zoo.pairs() if n in zoo.names()])):
@@ -326,7 +342,7 @@ def _demo_other_implementations(built):
 def _print_other_implementations(console, other, sections) -> None:
     from rich.table import Table  # deferred: rich, only when a table is printed
 
-    from interpkv.verify import findings as tl_findings  # deferred: torch, transformers (--version, --help and argument errors answer without them)
+    from interpkv.verify import findings as tl_findings  # deferred: torch, transformers
 
     s = sections.get("other engines' caches")
     if s is not None:

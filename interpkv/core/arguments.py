@@ -23,6 +23,7 @@ import os
 from typing import Any, List, Optional, Sequence
 
 import torch
+
 from interpkv.core import tl as _tl
 
 __all__ = [

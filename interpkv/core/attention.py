@@ -25,15 +25,12 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-
-from interpkv.core import tl as _tl
-
-from interpkv.core import calls, prepared
-from interpkv.cache.kvcache import KVCache
-from interpkv.cache.kvcache import Slots
+from interpkv.cache.kvcache import KVCache, Slots
 from interpkv.cache.window import in_window
-from interpkv.core.stephooks import StepHooks
+from interpkv.core import calls, prepared
+from interpkv.core import tl as _tl
 from interpkv.core.schemes import PositionalScheme
+from interpkv.core.stephooks import StepHooks
 
 __all__ = ["Step", "allowed_keys"]
 
@@ -214,7 +211,7 @@ class Step:
         Equal to :meth:`_explicit` up to rounding (another summation order).
         """
         batch, n_q, n_heads, d_head = q.shape
-        kv_heads, n_k = keys.shape[1], keys.shape[2]
+        kv_heads = keys.shape[1]
         group = n_heads // kv_heads
         scale = 1.0 / float(attn.attn_scale)
         bias = self.bias(q.dtype)

@@ -45,9 +45,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from interpkv.core.tl import HookPoint
-from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "Hook",
@@ -191,7 +191,7 @@ def _gated(hook: Callable, owner: object) -> Callable:
             result = conversion.revert(result)
         return result
 
-    gate._interpkv_owner = owner  # read by is_hooked
+    gate._interpkv_owner = owner  # type: ignore[attr-defined]  # read by is_hooked
     gate.__name__ = getattr(hook, "__name__", type(hook).__name__)
     return gate
 
@@ -275,7 +275,9 @@ class edits:
         self.model, self.points = model, points
 
     def __enter__(self) -> Tuple[list, list]:
-        self.found, self.changed, self.handles = [], [], []
+        self.found: list = []
+        self.changed: list = []
+        self.handles: list = []
         self.tokens = [_EDITS.set(self.found)]
         if self.points:
             owner = object()
@@ -309,7 +311,7 @@ def _probes(point: torch.nn.Module, name: str, owner: object, changed: list):
             if output is not before or version is None or _version(output) != version:
                 changed.append(name)
 
-    first._interpkv_owner = last._interpkv_owner = owner
+    first._interpkv_owner = last._interpkv_owner = owner  # type: ignore[attr-defined]
     return [point.register_forward_hook(first, prepend=True), point.register_forward_hook(last)]
 
 
@@ -323,7 +325,7 @@ def current_positions() -> Optional[Int[Tensor, "batch pos"]]:
     return _POSITIONS.get()
 
 
-def generation(first_generated: Int[Tensor, "batch"]):
+def generation(first_generated: Int[Tensor, " batch"]):
     """Mark this context as a generation whose tokens start at ``first_generated`` (per row).
 
     Set by :func:`interpkv.generate` and by ``compare_generation``'s uncached
@@ -333,7 +335,7 @@ def generation(first_generated: Int[Tensor, "batch"]):
     return _holding(_GENERATED_FROM, first_generated)
 
 
-def generation_start() -> Optional[Int[Tensor, "batch"]]:
+def generation_start() -> Optional[Int[Tensor, " batch"]]:
     """Per row, the absolute position of the first generated token, inside a generation; else None."""
     return _GENERATED_FROM.get()
 

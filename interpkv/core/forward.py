@@ -1,22 +1,20 @@
 """``interpkv.forward``: one forward pass, through a cache or not, with hooks."""
 
 import contextlib
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer
 from torch import Tensor
 
-from interpkv.core import calls, heldback, routing, stephooks, tlkeywords
-from interpkv.core.calls import Hook
-
-from interpkv.core import tl as _tl
-from interpkv.core.attention import Step
 from interpkv.cache import provenance
 from interpkv.cache.kvcache import KVCache
+from interpkv.core import calls, heldback, returns, routing, stephooks, tlkeywords
+from interpkv.core import tl as _tl
+from interpkv.core.attention import Step
+from interpkv.core.calls import Hook
 from interpkv.core.hostread import host_array
 from interpkv.core.inputs import as_inputs
 from interpkv.core.overlay import overlay
-from interpkv.core import returns
 from interpkv.core.positions import absolute_positions
 from interpkv.core.schemes import scheme_for
 
@@ -28,7 +26,7 @@ _NOT_NOTING = contextlib.nullcontext(((), ()))
 @calls.entry
 def forward(
     model: "_tl.HookedTransformer",
-    tokens: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],
+    tokens: Union[Integer[Tensor, "batch pos"], Integer[Tensor, " pos"], Float[Tensor, "batch pos d_model"]],
     *,
     cache: Optional[KVCache] = None,
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
@@ -165,7 +163,7 @@ def forward(
     ids = None if inputs.is_floating_point() else inputs
     view = overlay(model, routing.routes(model, step.attention_for, ids, last_logits_only=last_only))
     # Through a caller's cache, what edits activations is noted (interpkv.cache.provenance).
-    noting = _NOT_NOTING
+    noting: Any = _NOT_NOTING
     if acting is not None:
         points = provenance.model_hook_points(model)
         if fwd_hooks or points or calls.active_hooks():  # else nothing can edit: nothing to note

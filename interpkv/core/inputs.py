@@ -11,16 +11,18 @@ was wrong and how to fix it.
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer
 from torch import Tensor
 
 from interpkv.core.hostread import checks_on_device, host_array
-from interpkv.core.positions import validate_mask
 from interpkv.core.padding import inferred_mask
+from interpkv.core.positions import validate_mask
 
 __all__ = ["as_inputs", "as_pair", "is_text", "TokensLike", "refuse_right_padding", "left_aligned"]
 
-TokensLike = Union[str, Sequence[str], Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]]
+TokensLike = Union[
+    str, Sequence[str], Integer[Tensor, "batch pos"], Integer[Tensor, " pos"], Float[Tensor, "batch pos d_model"]
+]
 
 
 def is_text(tokens) -> bool:

@@ -14,7 +14,6 @@ Without a tokenizer there is no pad id, and ids are ids.
 
 from typing import Optional
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -42,7 +41,7 @@ def inferred_mask(model, ids: Int[Tensor, "batch pos"]) -> Optional[Int[Tensor, 
         padding = is_pad.flip(-1).long().cumprod(-1).flip(-1).bool()  # trailing run
     else:
         padding = is_pad.long().cumprod(-1).bool()  # leading run
-        if getattr(model.cfg, "default_prepend_bos", False) and tokenizer.bos_token_id == pad:
+        if getattr(model.cfg, "default_prepend_bos", False) and getattr(tokenizer, "bos_token_id", None) == pad:
             # The last pad of the run is the row's BOS (TransformerLens keeps it).
             rows = padding.any(-1).nonzero().flatten()
             padding[rows, padding[rows].sum(-1) - 1] = False

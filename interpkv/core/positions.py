@@ -53,7 +53,7 @@ def _zeros_and_ones(mask: Tensor) -> bool:
 
 
 def absolute_positions(
-    attention_mask: Int[Tensor, "batch pos"], offsets: Int[Tensor, "batch"]
+    attention_mask: Int[Tensor, "batch pos"], offsets: Int[Tensor, " batch"]
 ) -> Int[Tensor, "batch pos"]:
     """Absolute position of each token, ``-1`` for padding.
 

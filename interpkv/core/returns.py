@@ -22,7 +22,6 @@ TransformerLens returns them.
 
 from typing import NamedTuple, Optional, Union
 
-import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor

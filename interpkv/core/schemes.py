@@ -18,7 +18,7 @@ import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from interpkv.core import tl as _tl
@@ -195,7 +195,7 @@ _BLOOM_ARCHITECTURES = ("BloomForCausalLM", "BloomModel")
 """``cfg.original_architecture`` values whose ALiBi slopes follow Bloom's rule."""
 
 
-def alibi_slopes(n_heads: int, rule: str = "bloom") -> Float[Tensor, "head_index"]:
+def alibi_slopes(n_heads: int, rule: str = "bloom") -> Float[Tensor, " head_index"]:
     """ALiBi head slopes by Bloom's rule (float64) or TransformerLens's (float32).
 
     ``rule="bloom"``: for a power of two ``n`` the slopes are ``2^(-8i/n)``,
@@ -203,16 +203,18 @@ def alibi_slopes(n_heads: int, rule: str = "bloom") -> Float[Tensor, "head_index
     are followed by the odd-indexed slopes of the next higher power (Press et
     al. 2021; HF Bloom's ``build_alibi_tensor``). Returned in float64.
 
-    ``rule="transformer_lens"``: ``2^(-8i/n)`` for every n, exactly as
-    TransformerLens's ``AbstractAttention.create_alibi_multipliers`` computes
-    them (in float32). This is what a model defined by a
+    ``rule="transformer_lens"``: whatever the installed TransformerLens's
+    ``AbstractAttention.create_alibi_multipliers`` computes (in float32); in 3.9
+    that is ``2^(-8i/n)`` for every n. This is what a model defined by a
     ``HookedTransformerConfig(positional_embedding_type="alibi")`` computes; the
     two rules agree when n is a power of two.
 
     >>> alibi_slopes(4).tolist()
     [0.25, 0.0625, 0.015625, 0.00390625]
-    >>> alibi_slopes(6)[4].item(), round(alibi_slopes(6, rule="transformer_lens")[4].item(), 4)
-    (0.5, 0.0098)
+    >>> alibi_slopes(6).tolist()  # 2^-2, 2^-4, 2^-6, 2^-8 (4 heads), then 2^-1, 2^-3 (odd ones of 8)
+    [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
+    >>> bool(torch.allclose(alibi_slopes(8, rule="transformer_lens").double(), alibi_slopes(8)))
+    True
     """
     if n_heads < 1:
         raise ValueError(f"n_heads must be positive, got {n_heads}")

@@ -25,7 +25,8 @@ needed, the one installed and the fix (:func:`require`).
 """
 
 import sys
-from typing import Optional, Tuple
+from types import FrameType
+from typing import Optional, Tuple, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -120,7 +121,7 @@ hook names through and the rest are stand-ins.
 def transformer_bridge_class():
     """TransformerLens's ``TransformerBridge`` class (3.x or 4.x), or None when it cannot be imported."""
     try:
-        from transformer_lens.model_bridge import TransformerBridge  # deferred: transformer_lens.model_bridge, loads the bridge's model zoo
+        from transformer_lens.model_bridge import TransformerBridge  # deferred: transformer_lens.model_bridge
     except ImportError:
         return None
     return TransformerBridge
@@ -219,7 +220,7 @@ def is_local_layer(attn: torch.nn.Module) -> bool:
     return getattr(attn, "attn_type", "global") == "local"
 
 
-def rotary_base(attn: torch.nn.Module) -> float:
+def rotary_base(attn: torch.nn.Module) -> Union[int, float]:
     """The rotary base of one layer (Gemma-style models use another for local layers)."""
     return attn._rotary_base()
 
@@ -311,7 +312,7 @@ def forward_locals(max_depth: int = 64):
     call, what TransformerLens itself was given (``past_kv_cache``,
     ``attention_mask``): the hook function is called with neither.
     """
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return None

@@ -19,25 +19,25 @@ stored slots, followed by the new tokens'; slots this capture appended
 itself carry the positions capture assigned to them.
 """
 
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union, cast
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import calls, tlkeywords
 from interpkv.core import tl as _tl
+from interpkv.core.arguments import int_list
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.core.positions import absolute_positions
+from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.assemble import Assembler, attention_rows  # noqa: F401 (attention_rows: re-export)
 from interpkv.diagnostics.chunk import Chunk
 from interpkv.diagnostics.layouts import Layouts, is_routing_hook
 from interpkv.diagnostics.names import resolve_names
-from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.record import Record, is_attention_hook
-from interpkv.core.arguments import int_list
 
 __all__ = ["capture", "NamesFilter"]
 
@@ -238,7 +238,7 @@ def run(
             for name, (act, q_pos, k_pos) in latest.items():  # in first-firing order
                 sink.activation(name, act, q_pos, k_pos)
             latest.clear()
-            sink.logits(logits.detach(), chunk.q_pos)
+            sink.logits(cast(Tensor, logits).detach(), chunk.q_pos)
             chunk.end()
             start += n
     sink.finish()

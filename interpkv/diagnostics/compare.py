@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from interpkv.core import calls
 from interpkv.cache import provenance
 from interpkv.cache.kvcache import KVCache
+from interpkv.core import calls
 from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook
 from interpkv.core.inputs import TokensLike, as_inputs

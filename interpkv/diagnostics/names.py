@@ -12,6 +12,7 @@ Giving both is refused: one selection, said once.
 """
 
 from typing import Callable, Sequence, Union
+
 from interpkv.diagnostics.selection import select_hooks
 
 __all__ = ["resolve_names", "NamesFilter"]

@@ -16,8 +16,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from interpkv._repr import html_summary
-from interpkv.diagnostics.record import LOGITS, split_hook_name
 from interpkv.core.arguments import tolerance as checked_tolerance
+from interpkv.diagnostics.record import LOGITS, split_hook_name
 from interpkv.diagnostics.stats import STAT_NAMES, nanmax, nonfinite_note
 from interpkv.tolerances import site_tolerance
 

@@ -56,7 +56,7 @@ def check_layout(layout: str) -> str:
 
 
 def column_positions(
-    token_positions: Int[Tensor, "batch pos"], history: Optional[Int[Tensor, "batch"]] = None
+    token_positions: Int[Tensor, "batch pos"], history: Optional[Int[Tensor, " batch"]] = None
 ) -> Int[Tensor, "batch col"]:
     """Absolute position of every column of the token layout, ``-1`` for padding.
 

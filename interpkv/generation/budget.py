@@ -7,10 +7,9 @@ generation's own cache starts at :data:`FIRST_CAPACITY` new slots and grows
 as it fills, so a large ``max_new_tokens`` that stops early costs nothing up front.
 """
 
-from interpkv.core.arguments import check_cache_memory
-from interpkv.core.schemes import scheme_for
-from interpkv.core.arguments import physical_memory
 from interpkv.core import tl as _tl
+from interpkv.core.arguments import check_cache_memory, physical_memory
+from interpkv.core.schemes import scheme_for
 
 __all__ = ["check_reach", "FIRST_CAPACITY"]
 

@@ -16,17 +16,16 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interpkv.tolerances import generation_atol
-
 from interpkv.cache import provenance
 from interpkv.core import calls
 from interpkv.core import tl as _tl
+from interpkv.core.arguments import count, tolerance
 from interpkv.core.forward import Hook, forward
 from interpkv.core.inputs import TokensLike, as_inputs
 from interpkv.diagnostics.cause import blame
-from interpkv.generation.result import GenerationDiff
 from interpkv.generation.generate import generate
-from interpkv.core.arguments import count, tolerance
+from interpkv.generation.result import GenerationDiff
+from interpkv.tolerances import generation_atol
 
 __all__ = ["compare_generation", "default_atol"]
 

@@ -38,18 +38,17 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interpkv.core import tl as _tl
 from interpkv.cache.kvcache import KVCache
 from interpkv.core import arguments, calls
-from interpkv.generation import budget
+from interpkv.core import tl as _tl
 from interpkv.core.forward import Hook, forward
 from interpkv.core.hostread import host_array
 from interpkv.core.inputs import TokensLike, as_inputs, is_text, left_aligned, refuse_right_padding
 from interpkv.core.positions import absolute_positions
 from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.names import NamesFilter
+from interpkv.generation import budget, resume
 from interpkv.generation import options as _options
-from interpkv.generation import resume
 from interpkv.generation.loop import Loop, attach, settle
 from interpkv.generation.recording import Recorder, StepRecords
 from interpkv.generation.result import Generation

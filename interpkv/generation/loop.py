@@ -13,7 +13,6 @@ it was before the call.
 from typing import NamedTuple, Optional
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from interpkv.cache.kvcache import KVCache

@@ -19,10 +19,10 @@ Where a meaning cannot be kept, one line names the interpkv form
 """
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
-from interpkv.diagnostics.names import NamesFilter, resolve_names
 from interpkv.core import arguments
+from interpkv.diagnostics.names import NamesFilter, resolve_names
 
 __all__ = ["Options", "resolve", "NOT_KEPT", "progress", "refuse_uncached"]
 
@@ -154,7 +154,7 @@ def _check(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_to
             raise ValueError(f"{name} {bad} are not token ids of this model (d_vocab_out={d_vocab})")
 
 
-def progress(steps: int, verbose: bool) -> Callable:
+def progress(steps: int, verbose: bool) -> Iterator[int]:
     """A tqdm bar over ``steps`` when ``verbose`` (TransformerLens's), else a plain range."""
     if not verbose:
         return iter(range(steps))

@@ -35,7 +35,7 @@ class Generation:
             prompt's left padding and for the pad value written after a row
             stopped.
         prompt_length: number of leading columns of ``tokens`` that are prompt.
-        finished: ``Bool[Tensor, "batch"]``: rows that emitted a stop token.
+        finished: ``Bool[Tensor, " batch"]``: rows that emitted a stop token.
         logits: ``Float[Tensor, "batch new d_vocab"]``, the logits each new token
             was chosen from (only with ``keep_logits=True``, else None).
         records: one :class:`~interpkv.diagnostics.record.Record` per step when ``capture``
@@ -56,7 +56,7 @@ class Generation:
     tokens: Int[Tensor, "batch seq"]
     attention_mask: Int[Tensor, "batch seq"]
     prompt_length: int
-    finished: Bool[Tensor, "batch"]
+    finished: Bool[Tensor, " batch"]
     logits: Optional[Float[Tensor, "batch new d_vocab"]] = None
     records: Optional[Sequence[Record]] = None
     tokenizer: Any = field(default=None, repr=False, compare=False)

@@ -49,7 +49,7 @@ NO_TOKEN = -1
 """Held-back id of a row with nothing held back (it had stopped)."""
 
 
-def held_tokens(cache: KVCache) -> Optional[Tuple[Int[Tensor, "batch"], Int[Tensor, "batch"]]]:
+def held_tokens(cache: KVCache) -> Optional[Tuple[Int[Tensor, " batch"], Int[Tensor, " batch"]]]:
     """``(ids, due_at)`` of the tokens :func:`interpkv.generate` held back in ``cache``, or None.
 
     ``ids[b]`` is row ``b``'s chosen-but-not-fed token (:data:`NO_TOKEN` if
@@ -117,7 +117,7 @@ def held_back(cache: KVCache) -> Tuple[Int[Tensor, "batch 1"], Int[Tensor, "batc
     return tokens, live.long()[:, None]
 
 
-def hold_back(cache: KVCache, tokens: Int[Tensor, "batch"], real: Bool[Tensor, "batch"]) -> None:
+def hold_back(cache: KVCache, tokens: Int[Tensor, " batch"], real: Bool[Tensor, " batch"]) -> None:
     """Record ``tokens`` (where ``real``) as chosen but not fed, due at ``cache.next_positions``."""
     ids = torch.where(real, tokens, torch.full_like(tokens, NO_TOKEN))
     due = cache.next_positions.clone()

@@ -21,7 +21,7 @@ def sample_next(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
-) -> Int[Tensor, "batch"]:
+) -> Int[Tensor, " batch"]:
     """Choose one token per row from final-position logits.
 
     Args:

@@ -17,23 +17,21 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-from interpkv import faults, zoo
-from interpkv.core import tl as _tl
-from interpkv.core.schemes import scheme_for
-from interpkv.generation.generate import generate
-from interpkv.zoo import charvocab
+from interpkv import faults, tolerances, zoo
 from interpkv.cache.kvcache import KVCache
-from interpkv import tolerances
-from interpkv.diagnostics.compare import compare
-from interpkv.diagnostics.report import DivergenceReport, Site
-from interpkv.tolerances import DEFAULT_ATOL
+from interpkv.core import tl as _tl
 from interpkv.core.forward import forward
-from interpkv.generation.result import GenerationDiff
+from interpkv.core.schemes import scheme_for
+from interpkv.diagnostics.compare import compare
 from interpkv.diagnostics.hf_reference import hf_difference, hf_difference_by_position, hf_logits
+from interpkv.diagnostics.report import DivergenceReport, Site
+from interpkv.generation.generate import generate
+from interpkv.generation.result import GenerationDiff
+from interpkv.tolerances import DEFAULT_ATOL
 from interpkv.verify.models import Models
+from interpkv.zoo import charvocab
 
 HookedTransformer = _tl.HookedTransformer
 PreTrainedModel = "transformers.PreTrainedModel"

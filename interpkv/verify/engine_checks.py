@@ -18,17 +18,17 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import transformers
 
+from interpkv import zoo
+from interpkv.core import tl as _tl
+from interpkv.core.schemes import scheme_for
+from interpkv.diagnostics import engines
+from interpkv.diagnostics.capture import RecordBuilder
 from interpkv.diagnostics.hf_reference import hf_difference, hf_difference_by_position, hf_logits
+from interpkv.tolerances import DEFAULT_ATOL
+from interpkv.verify import engine_faults as faults
 from interpkv.verify.checks import COMPARE_TOL, CheckResult, FaultResult, _inputs, check_hf_dir, check_zoo
 from interpkv.verify.models import Models
 from interpkv.verify.verdicts import run_tally
-from interpkv.core import tl as _tl
-from interpkv.diagnostics import engines
-from interpkv.diagnostics.capture import RecordBuilder
-from interpkv.tolerances import DEFAULT_ATOL
-from interpkv import zoo
-from interpkv.core.schemes import scheme_for
-from interpkv.verify import engine_faults as faults
 
 __all__ = ["check_engine", "engine_faults", "ENGINE_FAULT_CASES", "OtherImplementations"]
 

@@ -86,7 +86,9 @@ def _corrupt_interpkv(layer: int, delta: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def inject(model, name: str = CORRUPT_STORED_KEY, *, engine: str = None, layer: int = 0, delta: float = 1.0) -> Iterator[EngineFault]:
+def inject(
+    model, name: str = CORRUPT_STORED_KEY, *, engine: str = None, layer: int = 0, delta: float = 1.0
+) -> Iterator[EngineFault]:
     """Plant fault ``name`` in ``engine``'s cache update for the duration of the block.
 
     Args:
@@ -195,7 +197,7 @@ def _corrupt_hf(layer: int, delta: float = 1.0) -> Iterator[None]:
 
     cls = cache_utils.Cache
     original = cls.__dict__["update"]
-    done: "weakref.WeakSet" = weakref.WeakSet()
+    done: weakref.WeakSet = weakref.WeakSet()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == layer and self not in done and self.get_seq_length(layer_idx) > 0:

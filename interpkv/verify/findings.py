@@ -5,7 +5,10 @@ localizes it with a :class:`~interpkv.DivergenceReport` and verifies it
 against the HF twin under teacher forcing (the same tokens fed to both, no
 greedy decoding: greedy agreement flips on near-ties in random models), in
 float64 where the bug does not need low precision. A finding is reported as
-real only when the HF check agrees (``Finding.verified``).
+real only when the HF check agrees (``Finding.verified``). A TransformerLens
+release without the behaviour gives a finding that is ``present=False`` and
+still ``explained`` (TL then agrees with HF and with itself): "not reproduced",
+never a failure, so an upstream fix does not turn the demo red.
 
 - :func:`alibi_slopes_not_power_of_two`: Bloom with 6 heads. TL gives head
   ``i`` the slope ``2^(-8(i+1)/n)``; Bloom interleaves slopes from the next
@@ -30,11 +33,10 @@ import torch
 
 from interpkv import zoo
 from interpkv.diagnostics import engines
-from interpkv.diagnostics.engines import transformer_lens as tle
-from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.diagnostics.capture import RecordBuilder
 from interpkv.diagnostics.diff import diff
-from interpkv.diagnostics.record import LOGITS
+from interpkv.diagnostics.engines import transformer_lens as tle
+from interpkv.diagnostics.hf_reference import hf_logits
 from interpkv.diagnostics.report import DivergenceReport, Site
 from interpkv.tolerances import HF_LOGITS, SITE
 
@@ -76,8 +78,11 @@ class Finding:
         report: the localizing report (plotted in the demo).
         atol: tolerance ``site`` was found at (``rtol`` equal).
         evidence: numbers of the HF check, label -> value.
-        verified: the HF check confirms TransformerLens is the side that is wrong.
+        verified: the behaviour is there and the HF check confirms TransformerLens is the side that is wrong.
         runs: names of ``report``'s run ``a`` and reference ``b`` (for plots and tables).
+        present: the installed TransformerLens shows the behaviour (``site`` is not None).
+        clean: with the behaviour absent, TransformerLens agrees with HF and with itself
+            (``False`` whenever ``present``).
     """
 
     title: str
@@ -89,10 +94,24 @@ class Finding:
     evidence: dict
     verified: bool
     runs: Tuple[str, str] = ("TransformerLens cached", "TransformerLens uncached")
+    present: bool = True
+    clean: bool = False
 
     @property
     def site_label(self) -> str:
         return "-" if self.site is None else f"{self.site.hook}@{self.site.pos}"
+
+    @property
+    def explained(self) -> bool:
+        """Verified where present, or absent with TransformerLens agreeing with HF: nothing unexplained."""
+        return self.verified or (not self.present and self.clean)
+
+    @property
+    def status(self) -> str:
+        """``"verified"``, ``"not reproduced"`` (fixed in the installed TransformerLens) or ``"unexplained"``."""
+        if self.verified:
+            return "verified"
+        return "not reproduced" if self.explained else "unexplained"
 
 
 def _centered(record):
@@ -130,12 +149,13 @@ def alibi_slopes_not_power_of_two(
         f"max |dlogit| TL cached vs HF ({control}, 4 heads)": control_report.logits_max_abs,
         "max |dlogit| TL cached vs TL uncached": own.logits_max_abs,
     }
-    verified = site is not None and control_report.ok(atol=tol, rtol=tol) and own.ok(**_tight())
+    sound = control_report.ok(atol=tol, rtol=tol) and own.ok(**_tight())
     return Finding(
         "ALiBi slopes, 6 heads", name,
         "TransformerLens gives head i the slope 2^(-8(i+1)/n) for any n; BLOOM interleaves slopes of the next "
         "power of two, so every attention output that sees two keys differs from HF (cached and uncached alike).",
-        site, report, tol, evidence, verified, ("TransformerLens cached", "HF"),
+        site, report, tol, evidence, site is not None and sound, ("TransformerLens cached", "HF"),
+        present=site is not None, clean=site is None and sound,
     )
 
 
@@ -170,6 +190,7 @@ def generate_learned_positions(
         f"HookedTransformer.generate without a tokenizer embeds the token at position p >= {prompt} with position "
         "row 2(p-1) (the cache offset is added to the whole sequence's numbering), so every generated step is off.",
         site, report, SITE[torch.float64], evidence, verified, ("TransformerLens generate", "TransformerLens uncached"),
+        present=site is not None, clean=site is None and max(hf_vs_uncached, hf_vs_generate) < tol,
     )
 
 
@@ -209,11 +230,12 @@ def stale_alibi(
     evidence["max |d hook_attn_scores| (layer 0, float64 TL), after the call vs fresh"] = _scores_shift(
         name, tokens, long_call)
     verified = site is not None and fresh_report.ok(atol=tol, rtol=tol) and stale > 2 * fresh
+    clean = site is None and fresh_report.ok(atol=tol, rtol=tol) and stale <= 2 * fresh
     return Finding(
         "stale ALiBi matrix", name,
         f"after a {long_call}-token call, shorter calls slice their ALiBi bias out of the stored matrix: scores "
         f"shift by slope x (offset) per row, which {str(dtype).replace('torch.', '')} cannot hold, so outputs drift.",
-        site, report, tol, evidence, verified,
+        site, report, tol, evidence, verified, present=site is not None, clean=clean,
     )
 
 

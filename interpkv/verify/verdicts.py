@@ -164,10 +164,10 @@ def of_generation(result) -> Verdict:
 
 
 def of_finding(finding) -> Verdict:
-    """KNOWN UPSTREAM when a TransformerLens finding reproduces and HF confirms it, FAIL when it does not.
-
-    A finding that no longer reproduces fails the run: either upstream fixed
-    it (the demo's account of it is stale) or the audit broke.
+    """KNOWN UPSTREAM when a TransformerLens finding reproduces and HF confirms it; PASS when the
+    installed TransformerLens no longer shows it and agrees with HF (upstream fixed it:
+    ``finding.explained`` without ``verified``); FAIL otherwise (the audit broke: a divergence
+    HF does not confirm, or no divergence yet no agreement with HF).
     """
     if finding.verified:
         return Verdict(
@@ -175,6 +175,8 @@ def of_finding(finding) -> Verdict:
             f"TransformerLens 3.x: {finding.claim}",
             "docs/capture.md (TransformerLens findings); interpkv.verify.findings",
         )
+    if getattr(finding, "explained", False):
+        return Verdict(PASS)
     return Verdict(FAIL, f"not reproduced against HF: {finding.title} on {finding.model}")
 
 

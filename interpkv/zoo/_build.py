@@ -50,7 +50,7 @@ def hf_config(spec: ModelSpec) -> transformers.PretrainedConfig:
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hf_float32(name: str, seed: int) -> transformers.PreTrainedModel:
     """Randomly initialise the float32 HF model of ``name`` (memoized).
 
@@ -267,7 +267,7 @@ def _tl_only(name: str, seed: int) -> tuple[Any, dict]:
     return model.cfg, model.state_dict()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def processed(name: str, seed: int, dtype: torch.dtype) -> tuple[Any, dict]:
     """Memoized processed TL (cfg, state dict) of ``name`` in ``dtype``.
 

@@ -33,7 +33,7 @@ __all__ = ["metadata", "hf_model", "load"]
 _EXACT = (torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _metadata(name: str) -> str:
     return (WEIGHTS_DIR / f"{name}.json").read_text()
 
@@ -86,7 +86,7 @@ def hf_model(name: str, dtype: torch.dtype = torch.float32) -> transformers.PreT
     return model.to(dtype).eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _processed(name: str, dtype: torch.dtype) -> tuple[Any, dict]:
     """Memoized processed TL (cfg, state dict); float32/64 converted in their own dtype."""
     if dtype not in _EXACT:

@@ -65,7 +65,7 @@ def encode(text: str) -> Int[Tensor, " pos"]:
     return torch.tensor([_ID.get(c, UNK) for c in text], dtype=torch.long)
 
 
-def decode(ids: Union[Int[Tensor, " pos"], Sequence[int]]) -> str:
+def decode(ids: Union[Int[Tensor, "*rows pos"], Sequence[int]]) -> str:
     """Decode ids back to text.
 
     Args:

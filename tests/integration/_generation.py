@@ -15,7 +15,7 @@ from interpkv.generation.generate import sample_next
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(name: str, dtype: torch.dtype = torch.float64):
     return zoo.load(name, dtype=dtype)
 

@@ -16,6 +16,7 @@ from interpkv.core.tl import HookedTransformer, HookedTransformerConfig
 from interpkv.patching import patch
 
 from ._parity import HF_TOL, batch, hf_model, hf_reference, max_err, model
+from ._upstream import tl_alibi_slopes_differ_from_bloom
 
 TOL_F64 = 1e-10  # float64: summation-order noise only (measured <= 1.5e-14)
 
@@ -85,9 +86,11 @@ def test_bloom6_still_uses_bloom_slopes_and_matches_hf():
     assert max_err(got, hf_reference(hf, tokens, mask), mask) < HF_TOL[torch.float32]
 
 
-def test_rules_agree_on_powers_of_two_only():
+def test_rules_agree_on_powers_of_two_and_follow_transformer_lens_otherwise():
     for n in (1, 2, 4, 8, 16):
         assert torch.allclose(alibi_slopes(n).float(), alibi_slopes(n, rule="transformer_lens"), rtol=1e-6)
-    assert not torch.allclose(alibi_slopes(6).float(), alibi_slopes(6, rule="transformer_lens"))
+    for n in (3, 6, 12):  # the "transformer_lens" rule is whatever the installed TransformerLens computes
+        differ = not torch.allclose(alibi_slopes(n).float(), alibi_slopes(n, rule="transformer_lens"), rtol=1e-6)
+        assert differ == tl_alibi_slopes_differ_from_bloom(n)
     with pytest.raises(ValueError, match="unknown ALiBi slope rule"):
         alibi_slopes(4, rule="press")

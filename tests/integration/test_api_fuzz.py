@@ -96,7 +96,9 @@ def _cases(models):
         "forward": lambda t: interpkv.forward(m, t),
         "generate": lambda t: interpkv.generate(m, t, max_new_tokens=2),
         "capture": lambda t: interpkv.capture(m, t),
-        "compare": lambda t: interpkv.compare(m, t, steps=[1] * (t.shape[-1] if isinstance(t, torch.Tensor) and t.ndim >= 2 else 1)),
+        "compare": lambda t: interpkv.compare(
+            m, t, steps=[1] * (t.shape[-1] if isinstance(t, torch.Tensor) and t.ndim >= 2 else 1)
+        ),
         "compare_generation": lambda t: interpkv.compare_generation(m, t, max_new_tokens=2),
     }.items():
         add(entry, "tokens", "tokens", fn)
@@ -160,7 +162,8 @@ def _cases(models):
     metric = lambda logits: logits[:, -1, 1].mean()  # noqa: E731
     add("patch", "hook", None, lambda v: patch(m, TOKENS, corrupt, hook=v, metric=metric, progress=False),
         values={"layer-past-model": "blocks.99.hook_resid_pre", "unknown": "resid_pots", "int": 3, "none": None})
-    add("patch", "positions", None, lambda v: patch(m, TOKENS, corrupt, hook="resid_pre", metric=metric, positions=v, progress=False),
+    add("patch", "positions", None,
+        lambda v: patch(m, TOKENS, corrupt, hook="resid_pre", metric=metric, positions=v, progress=False),
         values={"float": [1.5], "past-end": [99], "str": "1", "bool": [True], "int": 1})
     add("patch", "metric", None, lambda v: patch(m, TOKENS, corrupt, hook="resid_pre", metric=v, progress=False),
         values={"none": None, "str": "logit_diff"})

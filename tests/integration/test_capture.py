@@ -7,7 +7,6 @@ import interpkv
 from interpkv import zoo
 from interpkv.diagnostics.comparator import Comparator
 
-
 # float64 parity: cached and uncached runs differ only by summation order (~1e-14).
 TOL64 = dict(atol=1e-10, rtol=1e-10)
 STEPS = [8, 1, 1, 3, 11]  # 24 tokens: a prefill, single tokens, then chunks

@@ -12,8 +12,8 @@ import torch
 
 import interpkv
 from interpkv import zoo
-from interpkv.verify.checks import check_model
 from interpkv.core.tl import HookPoint
+from interpkv.verify.checks import check_model
 
 from ._parity import batch
 

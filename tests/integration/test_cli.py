@@ -10,12 +10,10 @@ from collections import Counter
 import pytest
 import torch
 
-from interpkv.verify import checks
-
-from interpkv.cli import app as cli
-
 from interpkv import zoo
+from interpkv.cli import app as cli
 from interpkv.diagnostics.report import Site
+from interpkv.verify import checks
 
 
 def run(capsys, *argv):
@@ -268,9 +266,9 @@ def _untouched(model, fresh) -> list:
 def test_demo_sections_leave_the_models_they_share_as_they_found_them():
     # interpkv demo builds each zoo model once and hands it to every section (verify/models.Models):
     # safe only because no section changes a model it is handed.
+    from interpkv.verify import findings
     from interpkv.verify.engine_checks import check_engine, engine_faults
     from interpkv.verify.models import Models
-    from interpkv.verify import findings
 
     built = Models()
     first = checks.bug_zoo(models=built)

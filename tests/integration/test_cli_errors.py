@@ -6,7 +6,6 @@ passing models collapse, and its size.
 
 import json
 import re
-import time
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ import transformers
 import interpkv
 from interpkv import zoo
 from interpkv.cli import app as cli
-from interpkv.verify import checks
 from interpkv.diagnostics.hf_reference import hf_difference
+from interpkv.verify import checks
 
 
 def run(capsys, *argv):

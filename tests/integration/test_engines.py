@@ -6,10 +6,13 @@ import torch
 import interpkv
 from interpkv import zoo
 from interpkv.diagnostics import engines
-from interpkv.diagnostics.engines import hf as hf_engine
-from interpkv.verify import engine_faults as faults, findings
-from interpkv.diagnostics.engines import transformer_lens as tl_engine
 from interpkv.diagnostics.capture import RecordBuilder
+from interpkv.diagnostics.engines import hf as hf_engine
+from interpkv.diagnostics.engines import transformer_lens as tl_engine
+from interpkv.verify import engine_faults as faults
+from interpkv.verify import findings
+
+from . import _upstream
 
 STEPS = [8, 1, 1, 4]  # first cached position 8
 FIRST_CACHED = STEPS[0]
@@ -131,7 +134,8 @@ def test_hf_attention_output_excludes_bloom_residual():
     """Bloom's attention module adds the residual itself; hook_attn_out is the attention's own output."""
     tl, hf = zoo.load_pair("bloom", dtype=torch.float64)
     record = engines.capture(hf, _tokens(), engine="hf")
-    pre, attn, mlp, post = (record[f"blocks.0.{h}"] for h in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))
+    families = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+    pre, attn, mlp, post = (record[f"blocks.0.{h}"] for h in families)
     assert torch.allclose(pre + attn + mlp, post, atol=1e-12)
 
 
@@ -155,23 +159,53 @@ def test_hf_static_and_sliding_window_caches():
 
 def _hf_cached_vs_uncached(hf, tokens, steps):
     """Max |logit| difference between HF fed in chunks through a DynamicCache and in one pass."""
+    import inspect
+
     from transformers import DynamicCache
 
+    keyword = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # renamed in 5.x
     with torch.no_grad():
         full = hf(tokens).logits
         cache, chunks, start = DynamicCache(), [], 0
         for n in steps:
-            chunks.append(hf(tokens[:, start:start + n], past_key_values=cache, use_cache=True).logits)
+            chunks.append(hf(tokens[:, start:start + n], **{keyword: cache}, use_cache=True).logits)
             start += n
     return (torch.cat(chunks, dim=1) - full).abs().max().item()
 
 
 def test_hf_nan_at_real_tokens_is_an_error_not_a_pass():
-    """transformers' float64 eager attention NaNs left-padded rows; NaN == NaN must not read as agreement."""
+    """NaN == NaN must never read as agreement: a NaN at a real token is an error naming where it is.
+
+    transformers' float64 eager attention (5.x) turns fully masked padding rows into NaN, which
+    reaches real tokens through zero-weighted values. Whether the installed version does is
+    measured first with HF's own forward; interpkv must raise exactly when it does.
+    """
     _, llama = zoo.load_pair("llama", dtype=torch.float64)
     tokens = _tokens(batch=2)
-    with pytest.raises(ValueError, match="NaN at a real token"):
-        interpkv.compare(llama, tokens, steps=STEPS, attention_mask=_padded_mask(tokens))
+    mask = _padded_mask(tokens)
+    if _upstream.hf_nans_at_real_tokens(llama, tokens, mask):
+        with pytest.raises(ValueError, match="NaN at a real token"):
+            interpkv.compare(llama, tokens, steps=STEPS, attention_mask=mask)
+    else:
+        assert interpkv.compare(llama, tokens, steps=STEPS, attention_mask=mask).ok(atol=LOOSE, rtol=LOOSE)
+
+
+def test_nan_planted_in_an_hf_layer_is_an_error_naming_the_site():
+    """The same check with the NaN put there on purpose, so it is exercised whatever transformers does."""
+    _, llama = zoo.load_pair("llama", dtype=torch.float32)
+    tokens = _tokens()
+
+    def plant(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[0, -1, 0] = float("nan")  # the last real token of the only row
+
+    handle = llama.model.layers[1].register_forward_hook(plant)
+    try:
+        with pytest.raises(ValueError, match=r"NaN at a real token \(blocks\.1\.hook_resid_post, batch row 0"):
+            interpkv.compare(llama, tokens, steps=STEPS)
+    finally:
+        handle.remove()
+    assert interpkv.compare(llama, tokens, steps=STEPS).ok(atol=LOOSE, rtol=LOOSE)
 
 
 def test_default_engine_and_errors():
@@ -197,10 +231,18 @@ def test_transformer_lens_audit_leaves_alibi_state_alone():
 
 
 def test_transformer_lens_stale_alibi_is_reported():
+    """TransformerLens 3.9 slices shorter calls' ALiBi bias out of a longer call's memoized matrix.
+
+    Measured first with TransformerLens's own hooks; interpkv's audit must localize the shift
+    where it is and by how much, or report nothing when the installed version has no memo.
+    """
     model = zoo.load("bloom", dtype=torch.float64)
     with torch.no_grad():
-        model(torch.zeros(1, 64, dtype=torch.long))  # leaves a 64 x 64 ALiBi matrix behind
+        model(torch.zeros(1, 64, dtype=torch.long))  # leaves a 64 x 64 ALiBi matrix behind, if TL memoizes
     site = interpkv.compare(model, _tokens(), steps=STEPS, engine="transformer_lens").first_divergence(atol=TIGHT, rtol=TIGHT)
+    if not _upstream.tl_alibi_memo_goes_stale():
+        assert site is None
+        return
     assert (site.hook, site.pos) == ("blocks.0.attn.hook_attn_scores", 0)
     # Reference (14 keys) and first chunk (8 keys) are shifted by slope * (64 - keys): the
     # steepest head (slope 1/4) differs by 1/4 * (14 - 8).
@@ -208,30 +250,62 @@ def test_transformer_lens_stale_alibi_is_reported():
 
 
 def test_stale_alibi_moves_the_raw_scores_a_hook_reads_even_in_float64():
-    """What a researcher reading ``hook_attn_scores`` sees: shifted by slope * (64 - 14), steepest slope 1/4."""
+    """What a researcher reading ``hook_attn_scores`` sees: shifted by slope * (64 - 14), steepest slope 1/4.
+
+    interpkv's measurement (``findings._scores_shift``) against the detector's, and the shift
+    explained by the slope, when the installed TransformerLens has the memo; 0 when it has not.
+    """
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
-    assert findings._scores_shift("bloom", tokens, 64) == pytest.approx(0.25 * (64 - 14))
+    expected = 0.25 * (64 - 14) if _upstream.tl_alibi_memo_goes_stale() else 0.0
+    assert findings._scores_shift("bloom", tokens, 64) == pytest.approx(expected, abs=1e-9)
 
 
-@pytest.mark.parametrize("name,broken", [("gpt2", True), ("llama", False)], ids=["learned", "rotary"])
-def test_transformer_lens_generate_positions(name, broken):
+@pytest.mark.parametrize("name", ["gpt2", "llama"], ids=["learned", "rotary"])
+def test_transformer_lens_generate_positions(name):
+    """TL 3.9's cached ``generate`` embeds learned positions at the wrong row (measured on TL's own hooks)."""
     model = zoo.load(name, dtype=torch.float64)
     sink, generated = tl_engine.run_generate(model, _tokens(length=8), RecordBuilder, max_new_tokens=4)
     reference = engines.capture(model, generated[:, :-1], engine="transformer_lens")
     site = interpkv.diff(sink.record({}), reference).first_divergence(atol=TIGHT, rtol=TIGHT)
-    if broken:
+    if name == "gpt2" and _upstream.tl_generate_misplaces_learned_positions():
         assert (site.hook, site.pos) == ("hook_pos_embed", 8)
-    else:
+    else:  # rotary positions never go through hook_pos_embed; learned ones once TL numbers them right
         assert site is None
 
 
 @pytest.mark.slow
 def test_transformer_lens_findings_are_verified_against_hf():
+    """Each finding is verified against HF when the installed TransformerLens shows it, and reported
+    as not reproduced (not as a failure) when it does not."""
     results = {f.title: f for f in findings.all_findings()}
+    present = {
+        "ALiBi slopes, 6 heads": _upstream.tl_alibi_slopes_differ_from_bloom(6),
+        "generate, learned positions": _upstream.tl_generate_misplaces_learned_positions(),
+        "stale ALiBi matrix": _upstream.tl_alibi_memo_goes_stale(),
+    }
+    for title, there in present.items():
+        finding = results[title]
+        assert (finding.present, finding.verified, finding.explained) == (there, there, True), title
     slopes = results["ALiBi slopes, 6 heads"]
-    assert slopes.verified and (slopes.site.hook, slopes.site.pos) == ("blocks.0.hook_attn_out", 1)
-    assert results["generate, learned positions"].verified
-    assert results["stale ALiBi matrix"].verified
+    if slopes.present:
+        assert (slopes.site.hook, slopes.site.pos) == ("blocks.0.hook_attn_out", 1)
+
+
+def test_a_finding_transformer_lens_has_fixed_is_reported_as_not_reproduced(monkeypatch):
+    """Simulate a TransformerLens with Bloom's slopes: the finding is absent, explained, not a failure."""
+    from transformer_lens.components import AbstractAttention
+
+    from interpkv.core.schemes import alibi_slopes
+    from interpkv.verify import verdicts
+    from interpkv.verify.engine_checks import OtherImplementations
+
+    monkeypatch.setattr(AbstractAttention, "create_alibi_multipliers",
+                        staticmethod(lambda n, device=None: alibi_slopes(n).float()))
+    fixed = findings.alibi_slopes_not_power_of_two()
+    assert fixed.site is None and not fixed.present and not fixed.verified and fixed.explained
+    assert fixed.status == "not reproduced"
+    assert verdicts.of_finding(fixed).word == verdicts.PASS  # not KNOWN UPSTREAM, not FAIL
+    assert OtherImplementations(findings=[fixed]).ok
 
 
 def test_cli_check_engine(capsys):
@@ -240,7 +314,9 @@ def test_cli_check_engine(capsys):
     assert main(["check", "gpt2", "--engine", "hf"]) == 0
     assert "gpt2 (hf)" in capsys.readouterr().out
     # TL's slopes differ from HF's: KNOWN UPSTREAM (reported, not a failure); PASS the day TL fixes them.
+    # Whether the installed TransformerLens has them is measured, and the row must say which.
     assert main(["check", "bloom6", "--engine", "transformer_lens"]) == 0
+    assert ("KNOWN UPSTREAM" in capsys.readouterr().out) == _upstream.tl_alibi_slopes_differ_from_bloom(6)
     with pytest.raises(SystemExit) as exit_info:
         main(["check", "gpt2", "--engine", "vllm"])
     assert exit_info.value.code == 2

@@ -4,9 +4,7 @@ import pytest
 import torch
 
 import interpkv
-from interpkv import faults
-from interpkv import zoo
-
+from interpkv import faults, zoo
 
 # float64 parity: without a fault, cached and uncached runs agree to ~1e-14.
 TOL64 = dict(atol=1e-10, rtol=1e-10)
@@ -108,7 +106,8 @@ def test_fault_free_cached_path_is_bit_identical_after_a_fault():
 
     def cached():
         cache = interpkv.KVCache.for_model(model, 2)
-        return torch.cat([interpkv.forward(model, tokens[:, :8], cache=cache), interpkv.forward(model, tokens[:, 8:], cache=cache)], 1)
+        first = interpkv.forward(model, tokens[:, :8], cache=cache)
+        return torch.cat([first, interpkv.forward(model, tokens[:, 8:], cache=cache)], 1)
 
     before = cached()
     with faults.inject(model, "alibi_unsliced"):

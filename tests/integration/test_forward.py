@@ -170,9 +170,11 @@ class TestMisuse:
         m = zoo.load("gpt2")
         cache = interpkv.KVCache.for_model(m)
         m.to(torch.float64)
-        with pytest.raises(interpkv.CacheMismatchError, match="cache dtype is torch.float32 but the model now runs in torch.float64"):
+        message = "cache dtype is torch.float32 but the model now runs in torch.float64"
+        with pytest.raises(interpkv.CacheMismatchError, match=message):
             interpkv.forward(m, torch.zeros(1, 2, dtype=torch.long), cache=cache)
 
+    @pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
     def test_mask_shape_mismatch(self):
         m = model("gpt2")
         with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\) but the tokens have shape \(1, 2\)"):
@@ -183,6 +185,7 @@ class TestMisuse:
         with pytest.raises(ValueError, match=r"ids outside \[0, d_vocab"):
             interpkv.forward(m, torch.tensor([[0, m.cfg.d_vocab]]))
 
+    @pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
     def test_not_a_tensor(self):
         with pytest.raises(TypeError, match="must be a torch.Tensor"):
             interpkv.forward(model("gpt2"), [[1, 2]])

@@ -83,16 +83,29 @@ def test_llama_mlp_bias_is_refused_with_the_feature_and_the_gap():
     assert "max |logit gap|" in str(info.value) and "run this model with transformers" in str(info.value)
 
 
+def _dropping_biases(state_dict, hf, cfg):
+    """A converter that replaces the attention biases by zeros (TransformerLens 3.9's does)."""
+    return {k: torch.zeros_like(v) if k.split(".")[-1].lstrip("_") in ("b_Q", "b_K", "b_V", "b_O") else v
+            for k, v in state_dict.items()}
+
+
 def test_unrepaired_conversion_is_refused(monkeypatch):
-    """Without the bias repair, the check itself catches the dropped biases."""
-    monkeypatch.setattr(_fidelity, "fix_state_dict", lambda sd, hf, cfg: sd)
+    """With the biases dropped and not repaired, the check itself catches it.
+
+    The drop is simulated, not left to the installed TransformerLens, so the
+    check is tested whether or not its converter still drops them.
+    """
+    monkeypatch.setattr(_fidelity, "fix_state_dict", _dropping_biases)
     hf = _hf("LlamaConfig", attention_bias=True)
     with pytest.raises(UnsupportedModelError, match=r"logit gap\| \d+\.\d+ .*attention_bias=True"):
         zoo.from_hf(hf, label="llama-bias")
 
 
 def test_unrepaired_window_is_refused(monkeypatch):
-    monkeypatch.setattr(_fidelity, "fix_config", lambda cfg, config: None)
+    def dropping_window(cfg, config):  # every layer global, as TransformerLens 3.9's converter leaves it
+        cfg.use_local_attn, cfg.attn_types = False, None
+
+    monkeypatch.setattr(_fidelity, "fix_config", dropping_window)
     hf = _hf("Qwen2Config", use_sliding_window=True, sliding_window=8, max_window_layers=1)
     with pytest.raises(UnsupportedModelError, match=r"sliding-window attention \(sliding_window=8\)"):
         zoo.from_hf(hf, label="qwen2-window")

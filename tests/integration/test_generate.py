@@ -234,7 +234,7 @@ def test_top_k_without_temperature_is_an_error():
         interpkv.generate(m, torch.tensor([[1, 2]]), max_new_tokens=2, top_k=5)
 
 
-# --------------------------------------------- TransformerLens 3.9 known bug
+# --------------------------------------------- TransformerLens 3.9 known bug (measured, not assumed)
 def _tl_generate(m, prompt, use_cache):
     return m.generate(
         prompt,
@@ -254,8 +254,9 @@ def test_transformer_lens_cached_generate_uses_position_rows_at_twice_the_offset
 
     Each step TL embeds the whole sequence at ``pos_offset`` = cached length and
     keeps the last row, so the new token at position ``n`` gets ``W_pos[2n]``.
-    Ours equals the uncached loop; TL's cached run equals a run whose last token
-    is given ``W_pos[2n]``.
+    Ours equals the uncached loop whatever TL does. Whether TL's cached run is off
+    is measured; when it is, it equals a run whose last token is given ``W_pos[2n]``
+    (the explanation above); when it is not, it equals the uncached loop too.
     """
     m = model("gpt2", F64)
     assert m.tokenizer is None
@@ -271,7 +272,9 @@ def test_transformer_lens_cached_generate_uses_position_rows_at_twice_the_offset
     assert (torch.stack(tl_uncached.logits, 1) - ref_logits).abs().max() < TOL[F64]
     tl_logits = torch.stack(tl_cached.logits, 1)
     assert (tl_logits[:, 0] - ref_logits[:, 0]).abs().max() < TOL[F64]  # the prompt step is right
-    assert (tl_logits[:, 1] - ref_logits[:, 1]).abs().max() > 0.1  # the first cached step is not
+    if (tl_logits[:, 1] - ref_logits[:, 1]).abs().max() < TOL[F64]:  # an installed TL without the bug
+        assert (tl_logits - ref_logits).abs().max() < TOL[F64]
+        return
 
     # Step 1 feeds the token at position n = 10 with W_pos[20].
     n = tokens.shape[1]

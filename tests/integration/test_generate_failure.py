@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.generation.resume import held_tokens
 from interpkv import zoo
 from interpkv.generation import loop as loop_module
+from interpkv.generation.resume import held_tokens
 
 F64 = torch.float64
 NEW = 8

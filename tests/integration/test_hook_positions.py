@@ -67,7 +67,8 @@ def test_attention_hooks_get_query_positions(gpt2):
     seen = []
     cache = interpkv.KVCache.for_model(gpt2)
     interpkv.forward(gpt2, torch.ones(1, 4, dtype=torch.long), cache=cache)
-    interpkv.forward(gpt2, torch.ones(1, 2, dtype=torch.long), cache=cache, fwd_hooks=recorder(seen, "blocks.0.attn.hook_pattern"))
+    hooks = recorder(seen, "blocks.0.attn.hook_pattern")
+    interpkv.forward(gpt2, torch.ones(1, 2, dtype=torch.long), cache=cache, fwd_hooks=hooks)
     assert seen[0].tolist() == [[4, 5]]
 
 
@@ -181,7 +182,8 @@ def test_naive_last_position_hook_differs_and_is_named(trained):
     diff = interpkv.compare_generation(trained, prompt, max_new_tokens=12, fwd_hooks=naive)
     assert diff.cause is not None and HOOK in diff.cause and "steer_last" in diff.cause
     assert "hook_positions" in diff.cause and "cause:" in repr(diff) and "cause" in diff._repr_html_()
-    report = interpkv.compare(trained, prompt[:, :8] if prompt.shape[1] >= 8 else prompt, steps=[prompt.shape[1] - 1, 1], fwd_hooks=naive)
+    head = prompt[:, :8] if prompt.shape[1] >= 8 else prompt
+    report = interpkv.compare(trained, head, steps=[prompt.shape[1] - 1, 1], fwd_hooks=naive)
     assert report.cause is not None and "steer_last" in report.cause and "cause" in report._repr_html_()
 
 

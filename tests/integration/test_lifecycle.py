@@ -12,10 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
+
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 # float64 tiny models agree with TransformerLens to ~1e-14; 1e-10 leaves room for
 # summation-order differences while still catching any wrong position (>1e-3).
@@ -110,6 +111,7 @@ def test_crop_to_zero_and_to_full_length(model):
 
 
 @pytest.mark.parametrize("n", [-1, 8, 1.5, True, "3"], ids=["negative", "too-long", "float", "bool", "str"])
+@pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
 def test_crop_rejects_bad_lengths(n):
     model = tiny_model("neox")
     cache = interpkv.KVCache.for_model(model)
@@ -159,6 +161,7 @@ def test_select_reorders_and_repeats_rows(model):
     ],
     ids=["empty", "too-large", "negative", "float", "bool-mask", "2d", "float-tensor"],
 )
+@pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
 def test_select_rejects_bad_indices(indices, error, message):
     model = tiny_model("gpt2")
     cache = interpkv.KVCache.for_model(model, 2)
@@ -180,6 +183,7 @@ def test_repeat_is_row_major_and_continues_each_copy(model):
 
 
 @pytest.mark.parametrize("n", [0, -2, 1.5, True], ids=["zero", "negative", "float", "bool"])
+@pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
 def test_repeat_rejects_bad_counts(n):
     model = tiny_model("gpt2")
     cache = interpkv.KVCache.for_model(model)

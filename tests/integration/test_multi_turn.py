@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import interpkv
+from interpkv import zoo
 from interpkv.core.heldback import HeldBackTokenError
 from interpkv.generation.resume import prepend_held_back, release
-from interpkv import zoo
 
 TOL = 1e-10
 NEW = 4

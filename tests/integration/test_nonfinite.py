@@ -7,14 +7,13 @@ activation is NaN in the cached and the uncached run alike.
 
 import math
 
-import pytest
 import torch
 
 import interpkv
 from interpkv.cli import app as cli
-from interpkv.verify import checks
 from interpkv.diagnostics.stats import NONFINITE_A, NONFINITE_B, site_stats
 from interpkv.generation.result import GenerationDiff
+from interpkv.verify import checks
 
 INF, NAN = float("inf"), float("nan")
 

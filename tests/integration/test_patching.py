@@ -9,14 +9,16 @@ from interpkv import zoo
 from interpkv.patching import HOOKS, patch, shared_prefix_length
 
 from ._generation import model
+from ._parity import TL_WRONG
 
 F32 = torch.float32
 # float32: TransformerLens and interpkv sum attention in different orders
 # (~1e-7 relative per op, logits ~1-10, a metric of one logit difference).
 TOL_F32 = 1e-5
 TOL_F64 = 1e-10  # float64: summation-order noise only
-# TransformerLens 3.9 uses wrong ALiBi slopes for 6 heads: no reference there.
-TL_NAMES = [n for n in zoo.names() if n != "bloom6"]
+# TransformerLens 3.9 uses wrong ALiBi slopes for 6 heads: no reference there
+# (measured on the installed version, see _upstream.py).
+TL_NAMES = [n for n in zoo.names() if n not in TL_WRONG]
 
 
 def _pair(d_vocab, batch=2, length=7, seed=0, differ=((0, 5), (1, 4), (0, 6), (1, 6))):
@@ -205,6 +207,7 @@ def test_progress_bar_can_be_silenced(capsys):
     assert "patch resid_pre (shared prefix" in capsys.readouterr().err
 
 
+@pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
 def test_misuse_is_named():
     m = model("gpt2", torch.float64)
     clean, corrupt = _pair(m.cfg.d_vocab)

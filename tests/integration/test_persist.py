@@ -15,11 +15,13 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
-from interpkv.cache.persist import cachefile as persist, checksums, file_checks
+from interpkv.cache.persist import cachefile as persist
+from interpkv.cache.persist import checksums, file_checks
+
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 HELPERS = os.path.join(os.path.dirname(__file__), "lifecycle_helpers.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -314,6 +316,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
+@pytest.mark.unchecked_shapes  # checks interpkv's own error for a wrong argument
 def test_malformed_files_are_refused(case, saved, monkeypatch):
     model, _, path = saved
     make, message = MALFORMED[case]

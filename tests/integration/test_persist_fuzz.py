@@ -114,7 +114,9 @@ def mutate(data: bytes, rng: random.Random):
     if kind == "json-raw":  # deeply nested or garbage text spliced into the header
         raw = json.dumps(header)
         at = rng.randrange(len(raw))
-        junk = rng.choice(["[" * 100000 + "]" * 100000, '{"a":' * 50000 + "1" + "}" * 50000, "\x00", "\ud800", "1e999", "9" * 5000])
+        junk = rng.choice(
+            ["[" * 100000 + "]" * 100000, '{"a":' * 50000 + "1" + "}" * 50000, "\x00", "\ud800", "1e999", "9" * 5000]
+        )
         return join(None, body, raw=raw[:at] + junk + raw[at:]), kind, True
     if kind == "swap":
         names = [n for n in header if n != "__metadata__"]

@@ -10,7 +10,6 @@
 """
 
 import gc
-import json
 import os
 import struct
 import sys
@@ -70,12 +69,13 @@ def test_a_failed_save_in_a_swapped_directory_removes_its_temp_where_it_is(tmp_p
 PACKAGE = os.path.dirname(interpkv.__file__) + os.sep
 
 
-@pytest.mark.parametrize("stride", [pytest.param(5, id="every-5th-line"), pytest.param(1, id="every-line", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stride", [pytest.param(5, id="every-5th-line"), pytest.param(1, id="every-line", marks=pytest.mark.slow)]
+)
 def test_an_interrupt_at_any_line_of_a_save_leaks_nothing(filled, tmp_path, stride):
     model, cache = filled
     target = tmp_path / "c.safetensors"
     interpkv.KVCache.for_model(model).save(target)
-    before = target.read_bytes()
     seen = {"lines": 0, "at": None}
 
     def local(frame, event, arg):

@@ -8,11 +8,8 @@ import pytest
 import torch
 
 import interpkv
-from interpkv import faults
-from interpkv import plot
-from interpkv import zoo
+from interpkv import faults, plot, zoo
 from interpkv.generation.result import GenerationDiff
-
 
 TOL64 = dict(atol=1e-10, rtol=1e-10)
 

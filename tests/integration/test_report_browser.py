@@ -20,11 +20,9 @@ import subprocess
 import pytest
 import torch
 
-from interpkv.verify import checks
-
-from interpkv.cli import html as report
-
 from interpkv import zoo
+from interpkv.cli import html as report
+from interpkv.verify import checks
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and os.path.exists(p)), None)
 pytestmark = pytest.mark.skipif(

@@ -44,7 +44,7 @@ def tolerance(dtype, reference):
     return TOL[dtype] * max(1.0, reference.abs().max().item()) if dtype == F32 else TOL[dtype]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sae_model(name, setup, dtype=F64):
     spec = SETUPS[setup]
     return zoo.load_sae(

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.generation.resume import held_tokens
 from interpkv import zoo
 from interpkv.generation import resume
+from interpkv.generation.resume import held_tokens
 from interpkv.zoo import charvocab
 
 F64 = torch.float64
 TOL = 1e-10  # float64: summation-order noise only
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(name: str = "llama", dtype=F64):
     return zoo.load(name, trained=True, dtype=dtype)
 

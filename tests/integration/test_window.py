@@ -9,10 +9,11 @@ import functools
 
 import pytest
 import torch
-from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
-from .lifecycle_helpers import tiny_model as build_model
 
 import interpkv
+
+from .lifecycle_helpers import D_VOCAB, SCHEMES, padded_batch, reference
+from .lifecycle_helpers import tiny_model as build_model
 
 # float64: cached and uncached agree to ~1e-14; 1e-10 allows summation order only.
 ATOL = 1e-10

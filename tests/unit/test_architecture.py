@@ -262,7 +262,10 @@ def test_package_docstrings_list_their_modules(package):
         m.name for m in pkgutil.iter_modules([str(_path(package).parent)], package + ".")
         if not m.name.endswith("__main__")
     )
-    missing = [c for c in children if not re.search(rf"(?<![\w.]){re.escape(c)}(?![\w])|``{re.escape(c.rpartition('.')[2])}/?``", doc)]
+    missing = [
+        c for c in children
+        if not re.search(rf"(?<![\w.]){re.escape(c)}(?![\w])|``{re.escape(c.rpartition('.')[2])}/?``", doc)
+    ]
     assert not missing, f"the docstring of {package} does not name {missing}"
 
 

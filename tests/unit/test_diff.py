@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+import interpkv
 from interpkv.diagnostics.capture import names_filter, split_steps
+from interpkv.diagnostics.record import Record, is_attention_hook, split_hook_name
 from interpkv.diagnostics.report import DivergenceReport
 from interpkv.diagnostics.stats import site_stats
 from interpkv.generation.result import GenerationDiff
-from interpkv.diagnostics.record import Record, is_attention_hook, split_hook_name
-import interpkv
 
 INF, NAN = float("inf"), float("nan")
 

@@ -6,8 +6,8 @@ from typing import List, Optional
 import pytest
 import torch
 
-from interpkv.verify import verdicts
 from interpkv.diagnostics.report import Site
+from interpkv.verify import verdicts
 from interpkv.verify.verdicts import FAIL, KNOWN_UPSTREAM, PASS, Section, Tally, Verdict
 
 TOL = 5e-5  # tolerances.CACHED_LOGITS[float32]

@@ -116,7 +116,7 @@ def remove_stale_temps(directory: str, before: float) -> list:
     return removed
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sync_file_range():
     """Linux's ``sync_file_range`` from the C library (Python's ``os`` has none), or None."""
     if not sys.platform.startswith("linux"):
@@ -158,7 +158,7 @@ class _Directory:
         return self.fd
 
     def close(self) -> None:
-        fd = self.fd; self.fd = None; fd is not None and os.close(fd)  # noqa: E702 (one line: no gap)
+        fd = self.fd; self.fd = None; fd is not None and os.close(fd)  # type: ignore[func-returns-value]  # noqa: E702 (one line: no gap)
 
     __del__ = close
 

@@ -56,6 +56,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Union
 import torch
 
 from interpkv.cache import provenance
+from interpkv.cache.fingerprint import weights_fingerprint
+from interpkv.cache.persist import st_format
 from interpkv.cache.persist.atomic import atomic_write
 from interpkv.cache.persist.checksums import SHA256, WRITTEN, header_digest
 from interpkv.cache.persist.file_checks import (
@@ -73,8 +75,6 @@ from interpkv.cache.persist.file_checks import (
     model_fingerprint,
     row_state_names,
 )
-from interpkv.cache.fingerprint import weights_fingerprint
-from interpkv.cache.persist import st_format
 from interpkv.cache.persist.st_format import DTYPES, MAX_HEADER_BYTES, CacheFileError, decode, open_regular, parse_header
 from interpkv.cache.persist.st_read import check_unchanged, read_body, read_exactly
 from interpkv.cache.persist.st_write import write_file
@@ -296,7 +296,7 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
         expected = check_tensors(header, metadata, model, path)
         with _background(before.st_size > _BACKGROUND_BYTES) as pool:
             mine = _submit(pool, model_fingerprint, metadata["version"], model)  # overlaps the read
-            suspects = set()
+            suspects: set = set()
             inspect = _nonfinite_finder({name: DTYPES[dtype] for name, (dtype, _) in expected.items()},
                                         suspects.add)
             body, digests = read_body(f, before.st_size - len(prefix), header, path, metadata["checksum"],

@@ -17,10 +17,10 @@ import torch
 
 from interpkv.cache import fingerprint
 from interpkv.cache.persist import checksums, st_format
-from interpkv.cache.signature import model_signature
-from interpkv.cache.window import in_window
 from interpkv.cache.persist.checksums import header_digest
 from interpkv.cache.persist.st_format import DTYPES, CacheFileError
+from interpkv.cache.signature import model_signature
+from interpkv.cache.window import in_window
 from interpkv.core import tl as _tl
 from interpkv.core.schemes import scheme_for
 

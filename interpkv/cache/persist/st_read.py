@@ -6,8 +6,8 @@ loaded cache's tensors then view. The tensors are shared between
 positional reads (``os.preadv``, which releases the GIL) in pieces of
 :data:`CHUNK_BYTES` and feeds each piece to the tensor's checksum
 (:mod:`~interpkv.cache.persist.checksums`), and to an optional ``inspect`` (the load's
-finiteness check), while it is still in the CPU cache: one pass over memory, and the kernel's copies out of the page cache run on both
-cores (one reader copies at about half the speed of a parallel ``clone``).
+finiteness check), while it is still in the CPU cache: one pass over memory, and the kernel's copies out of the page
+cache run on both cores (one reader copies at about half the speed of a parallel ``clone``).
 
 Everything goes through the one open file descriptor, and
 :func:`check_unchanged` compares its ``fstat`` before and after: a file that
@@ -80,7 +80,8 @@ def _buffer(size: int) -> "numpy.ndarray":
 
 def _share(spans: List[Tuple[int, int, str]], n: int) -> List[List[Tuple[int, int, str]]]:
     """``spans`` dealt to ``n`` workers, largest first to the least loaded (each list in file order)."""
-    loads, shares = [0] * n, [[] for _ in range(n)]
+    loads = [0] * n
+    shares: List[list] = [[] for _ in range(n)]
     for span in sorted(spans, key=lambda s: s[0] - s[1]):
         i = loads.index(min(loads))
         shares[i].append(span)

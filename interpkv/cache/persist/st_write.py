@@ -29,8 +29,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from interpkv.cache.persist.checksums import WRITTEN, Checksum
 from interpkv.cache.persist.atomic import start_writeback
+from interpkv.cache.persist.checksums import WRITTEN, Checksum
 from interpkv.cache.persist.st_format import DTYPES  # the one table of safetensors dtype names
 
 __all__ = ["write_file", "runs", "CHUNK_BYTES", "HASH_WORKERS"]

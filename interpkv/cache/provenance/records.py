@@ -6,7 +6,7 @@ compared with a span's by plain equality.
 """
 
 import dataclasses
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -163,7 +163,7 @@ class Intervention:
         return f"<{self.text()}>"
 
     def to_json(self) -> dict:
-        out = {"kind": self.kind, "point": self.point, "label": self.label, "digest": self.digest}
+        out: dict[str, Any] = {"kind": self.kind, "point": self.point, "label": self.label, "digest": self.digest}
         if self.where is not None:
             out["where"] = self.where.to_json()
         if not self.acts:

@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 from torch import Tensor
 
 from interpkv.cache.provenance.collect import current, edited
-from interpkv.core import stephooks
 from interpkv.cache.provenance.records import Intervention
+from interpkv.core import stephooks
 from interpkv.errors import ProvenanceWarning
 
 __all__ = ["written", "crop", "mismatches", "check", "explain", "check_loaded", "set_text", "history"]
@@ -53,7 +53,8 @@ def crop(cache, kept_ids: Tensor) -> None:
 def _restrict(spans: Tuple[RawSpan, ...], present: List[int]) -> Tuple[RawSpan, ...]:
     out: List[RawSpan] = []
     for a, b, acting in spans:
-        run_start = prev = None
+        run_start: int | None = None
+        prev = -2  # no run yet
         for i in present:
             if i < a or i >= b:
                 continue
@@ -98,7 +99,7 @@ def _acting_on(cache, interventions, a: int, b: int, masks: bool) -> collections
     side declares positions); else every acting one counts as acting on all.
     """
     n_layers = cache.signature["n_layers"]
-    out = collections.Counter()
+    out: collections.Counter = collections.Counter()
     pos = in_span = None
     for i in interventions:
         if not i.acts or not _affects_cache(n_layers, i.point):
@@ -107,6 +108,7 @@ def _acting_on(cache, interventions, a: int, b: int, masks: bool) -> collections
         if masks:
             if pos is None:
                 pos, in_span = _span_positions(cache, a, b)
+            assert pos is not None and in_span is not None
             chosen = in_span if i.where is None else i.where.selects(pos) & in_span
             if not bool(chosen.any()):
                 continue

@@ -47,8 +47,9 @@ class Provenance:
 
     @property
     def weights(self) -> Optional[str]:
-        if self._weights is None and self._model is not None and self._model() is not None:
-            self._weights = weights_fingerprint(self._model())
+        model = self._model() if self._weights is None and self._model is not None else None
+        if model is not None:
+            self._weights = weights_fingerprint(model)
         return self._weights
 
     @property

@@ -33,11 +33,11 @@ from typing import Callable, Optional, Sequence
 from torch import Tensor
 
 from interpkv.core import tl as _tl
-from interpkv.diagnostics.capture import NamesFilter, RecordBuilder, Sink
 from interpkv.diagnostics import fastpath
+from interpkv.diagnostics.capture import NamesFilter, RecordBuilder, Sink
+from interpkv.diagnostics.capture import run as _run_interpkv
 from interpkv.diagnostics.comparator import Comparator
 from interpkv.diagnostics.engines import hf, transformer_bridge, transformer_lens
-from interpkv.diagnostics.capture import run as _run_interpkv
 from interpkv.diagnostics.record import Record
 from interpkv.diagnostics.report import DivergenceReport
 

@@ -35,7 +35,7 @@ Bloom, OPT layouts):
 """
 
 import inspect
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
