@@ -14,7 +14,7 @@ TypeError: max_new_tokens must be an int, got float 1.5
 >>> tolerance("atol", float("nan"))
 Traceback (most recent call last):
 ...
-ValueError: atol must be a finite number >= 0, got nan
+ValueError: atol must be a finite number >= 0.0, got nan
 """
 
 import math

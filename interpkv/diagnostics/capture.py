@@ -19,7 +19,7 @@ stored slots, followed by the new tokens'; slots this capture appended
 itself carry the positions capture assigned to them.
 """
 
-from typing import Callable, Iterable, List, Optional, Sequence, Union, cast
+from typing import Callable, Iterable, List, Optional, Sequence, cast
 
 import torch
 from jaxtyping import Int
@@ -36,12 +36,11 @@ from interpkv.diagnostics import tokenlayout
 from interpkv.diagnostics.assemble import Assembler, attention_rows  # noqa: F401 (attention_rows: re-export)
 from interpkv.diagnostics.chunk import Chunk
 from interpkv.diagnostics.layouts import Layouts, is_routing_hook
-from interpkv.diagnostics.names import resolve_names
+from interpkv.diagnostics.names import NamesFilter, resolve_names
 from interpkv.diagnostics.record import Record, is_attention_hook
 
 __all__ = ["capture", "NamesFilter"]
 
-NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
 def names_filter(names: NamesFilter) -> Callable[[str], bool]:

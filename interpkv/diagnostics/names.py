@@ -11,13 +11,15 @@ meaning of a string, selects that hook alone.
 Giving both is refused: one selection, said once.
 """
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence, Tuple, Union
 
 from interpkv.diagnostics.selection import select_hooks
 
 __all__ = ["resolve_names", "NamesFilter"]
 
-NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+# A Record key as Record[...] reads it: ("resid_post", -1), ("scale", 1, "ln2").
+RecordKey = Tuple[Union[str, int], ...]
+NamesFilter = Union[None, str, RecordKey, Sequence[Union[str, RecordKey]], Callable[[str], bool]]
 
 
 def resolve_names(

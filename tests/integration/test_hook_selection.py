@@ -107,6 +107,7 @@ def _metric(logits):
     return logits[:, -1, 1] - logits[:, -1, 2]
 
 
+@pytest.mark.unchecked_shapes  # malformed arguments: interpkv's own error is the point
 def test_patching_short_names_as_record_reads_them_and_no_silent_layer(gpt2):
     clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 3, 5]])
     by_alias = patch(gpt2, clean, corrupt, hook="attn", metric=_metric, progress=False)

@@ -95,6 +95,7 @@ def test_setup_cfg_installs_no_transformer_lens():
 
 
 @needs_tl4
+@pytest.mark.unchecked_shapes  # hands entry points non-HookedTransformer models: interpkv's error is the point
 def test_tl4_hooked_transformer_features_name_the_version():
     import importlib.metadata
 
