@@ -42,12 +42,12 @@ import statistics
 import tempfile
 import time
 
+import persist_safetensors
 import safetensors.torch
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import interpkv
-import persist_safetensors
 from interpkv.cache.persist import cachefile as persist
 
 
@@ -201,7 +201,7 @@ def candidate_table(args) -> None:
 
         print(f"| {cache.nbytes / 2**20:.0f} MiB | {before:.1f} / {after:.1f} | {cell('save engine')} / "
               f"{cell('save candidate')} | {cell('load engine')} / {cell('load candidate')} |", flush=True)
-        del cache, tensors
+        cache = tensors = None  # type: ignore[assignment]  # free them before the next size
         for path in (ours, cand, direct):
             os.unlink(path)
         os.rmdir(workdir)
