@@ -118,8 +118,8 @@ def paired(ours, base, repeats: int):
     return statistics.median(mine), statistics.median(theirs), statistics.median(ratios), ratios
 
 
-def sizes_table(args) -> None:
-    """Save and load ratios at each of ``args.sizes`` MiB (see the module docstring)."""
+def bench_model(args) -> HookedTransformer:
+    """The rotary GQA model whose caches both tables save and load (weights seeded, never run)."""
     cfg = HookedTransformerConfig(
         n_layers=args.layers, d_model=args.d_model, d_head=args.d_model // args.heads,
         n_heads=args.heads, n_key_value_heads=args.kv_heads, d_mlp=4 * args.d_model, n_ctx=64,
@@ -127,7 +127,20 @@ def sizes_table(args) -> None:
         rotary_dim=args.d_model // args.heads, gated_mlp=True, dtype=torch.float32,
     )
     torch.manual_seed(0)
-    model = HookedTransformer(cfg).eval()
+    return HookedTransformer(cfg).eval()
+
+
+def library_tensors(cache) -> dict:
+    """The cache's used slots as the plain tensor dict the safetensors baselines write and read."""
+    tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
+    for i, layer in enumerate(cache.layers):
+        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(cache.seq_len)
+    return tensors
+
+
+def sizes_table(args) -> None:
+    """Save and load ratios at each of ``args.sizes`` MiB (see the module docstring)."""
+    model = bench_model(args)
     print("| cache | save MiB/s: interpkv / save_file + fsync | save ratio | load MiB/s: interpkv / safe_open + "
           "one pass / safe_open + clone | load ratio (one pass) | load ratio (clone) |")
     print("|---|---|---|---|---|---|")
@@ -135,9 +148,7 @@ def sizes_table(args) -> None:
         cache = synthetic_cache(model, mib, args.batch)
         workdir = tempfile.mkdtemp(dir=args.dir)
         ours, direct = os.path.join(workdir, "ours.safetensors"), os.path.join(workdir, "direct.safetensors")
-        tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
-        for i, layer in enumerate(cache.layers):
-            tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(cache.seq_len)
+        tensors = library_tensors(cache)
         size = cache.nbytes / 2**20
         cache.save(ours)  # warm-up: the weights fingerprint is memoized, files exist for the loads
         fsync_save(tensors, direct)
@@ -160,14 +171,7 @@ def sizes_table(args) -> None:
 
 def candidate_table(args) -> None:
     """Today's engine and the safetensors-container candidate, each against the library's own save and load."""
-    cfg = HookedTransformerConfig(
-        n_layers=args.layers, d_model=args.d_model, d_head=args.d_model // args.heads,
-        n_heads=args.heads, n_key_value_heads=args.kv_heads, d_mlp=4 * args.d_model, n_ctx=64,
-        d_vocab=1000, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-        rotary_dim=args.d_model // args.heads, gated_mlp=True, dtype=torch.float32,
-    )
-    torch.manual_seed(0)
-    model = HookedTransformer(cfg).eval()
+    model = bench_model(args)
     print("| cache | load avg (1 min) before/after | save vs save_file + fsync: engine / candidate | "
           "validated load vs safe_open + clone: engine / candidate |")
     print("|---|---|---|---|")
@@ -176,9 +180,7 @@ def candidate_table(args) -> None:
         cache = synthetic_cache(model, mib, args.batch)
         workdir = tempfile.mkdtemp(dir=args.dir)
         ours, cand, direct = (os.path.join(workdir, f"{n}.safetensors") for n in ("ours", "cand", "direct"))
-        tensors = {"positions": cache.positions, "next_positions": cache.next_positions}
-        for i, layer in enumerate(cache.layers):
-            tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.view(cache.seq_len)
+        tensors = library_tensors(cache)
         cache.save(ours)  # warm-up: the weights fingerprint is memoized, files exist for the loads
         persist_safetensors.save(cache, cand)
         fsync_save(tensors, direct)
