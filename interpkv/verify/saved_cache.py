@@ -7,7 +7,8 @@ What ``interpkv check MODEL --cache PATH`` runs (:func:`check_saved_cache`):
    recording the :class:`~interpkv.ProvenanceWarning` it emits when the
    file's SAEs, faults or model hooks differ from the model's.
 2. **Provenance.** The file's provenance (:attr:`KVCache.provenance`) is
-   compared span by span with what ``model`` runs under *now*, every kind of
+   compared span by span with what ``model`` runs under *now* (its SAEs,
+   faults and hooks, and the caller's ``fwd_hooks``), every kind of
    intervention included: a span written under a steering hook (a call's
    ``fwd_hooks``, which :meth:`KVCache.load` cannot know will be absent) is a
    mismatch when the model continues without it. A span whose writers are
@@ -17,7 +18,8 @@ What ``interpkv check MODEL --cache PATH`` runs (:func:`check_saved_cache`):
    file's metadata ``"tokens"``: ``cache.save(path, metadata={"tokens":
    tokens.tolist()})``), the loaded cache is continued by ``new_tokens``
    random tokens (seeded) and its logits compared with one uncached forward
-   of the prefix and those tokens under the same mask: the largest
+   of the prefix and those tokens under the same mask (and the same
+   ``fwd_hooks``, when the caller continues it under hooks): the largest
    difference, judged at :data:`interpkv.tolerances.CACHED_LOGITS`. A held-back
    token (a cache ``generate`` continued) is fed first, as the multi-turn rule
    says (:mod:`interpkv.core.heldback`). Without tokens nothing is continued,
@@ -31,7 +33,7 @@ PASS / FAIL rows (:func:`~interpkv.verify.verdicts.of_saved_provenance`,
 import dataclasses
 import os
 import warnings
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -114,7 +116,7 @@ def saved_dtype(path: Union[str, "os.PathLike[str]"]) -> torch.dtype:
     raw = persist.read_header(path)
     name = raw.get("dtype")
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if raw.get("format") != "interpkv.KVCache" or dtype not in tolerances.CACHED_LOGITS:
+    if raw.get("format") != persist.cachefile.FORMAT or dtype not in tolerances.CACHED_LOGITS:
         raise CacheFileError(
             f"{os.fspath(path)}: not an interpkv cache file (format {raw.get('format')!r}, dtype {name!r}); "
             "write caches with cache.save(path)"
@@ -166,6 +168,7 @@ def check_saved_cache(
     *,
     label: Optional[str] = None,
     tokens=None,
+    fwd_hooks: Sequence = (),
     new_tokens: int = 4,
     seed: int = 0,
 ) -> SavedCacheResult:
@@ -181,6 +184,9 @@ def check_saved_cache(
         tokens: the prefix's token ids, ``[batch, seq_len]`` (one per stored
             slot, any id at padding). Default: the file's metadata
             ``"tokens"``; without either, nothing is continued.
+        fwd_hooks: the hooks the cache is to be continued under (e.g. the
+            steering hook that wrote it): compared with its provenance, and
+            active in both the continued and the uncached run.
         new_tokens: how many random tokens continue it.
         seed: the random tokens' seed.
 
@@ -191,13 +197,14 @@ def check_saved_cache(
         CacheFileError: the file cannot become a cache for ``model`` (see :meth:`KVCache.load`).
         ValueError: ``tokens`` (or the metadata's) do not fit the cache.
 
-    >>> import interpkv, torch
+    >>> import interpkv, os, tempfile, torch
     >>> model = interpkv.zoo.load("gpt2")
     >>> cache = interpkv.KVCache.for_model(model)
     >>> prompt = torch.tensor([[1, 2, 3]])
     >>> _ = interpkv.forward(model, prompt, cache=cache)
-    >>> cache.save("/tmp/interpkv-doctest-saved.safetensors", metadata={"tokens": prompt.tolist()})
-    >>> result = check_saved_cache(model, "/tmp/interpkv-doctest-saved.safetensors")
+    >>> path = os.path.join(tempfile.mkdtemp(), "prompt.safetensors")
+    >>> cache.save(path, metadata={"tokens": prompt.tolist()})   # its tokens, for the continuation
+    >>> result = check_saved_cache(model, path)
     >>> result.provenance_ok, result.continuation_ok
     (True, True)
     """
@@ -213,8 +220,9 @@ def check_saved_cache(
         else:  # not ours to swallow
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     prov = cache.provenance
-    acting = provenance.current(model, (), stephooks.installed(model))
-    mismatches = provenance.mismatches(cache, acting, now_text=f"{label} here has")
+    acting = provenance.current(model, fwd_hooks, stephooks.installed(model))
+    now = f"{label} here has" if not fwd_hooks else f"{label} with the hooks given has"
+    mismatches = provenance.mismatches(cache, acting, now_text=now)
     unknown = [_span_positions(s) for s in prov.spans if s.interventions is None and s.positions is not None]
     saved_with = persist.read_provenance(path) is not None
 
@@ -243,10 +251,10 @@ def check_saved_cache(
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", ProvenanceWarning)  # reported above, as the provenance row
             fed, mask = prepend_held_back(cache, new)
-            continued = forward(model, fed, cache=cache, attention_mask=mask)[:, -new_tokens:]
+            continued = forward(model, fed, cache=cache, attention_mask=mask, fwd_hooks=fwd_hooks)[:, -new_tokens:]
             whole = torch.cat([prefix, fed], 1)
             whole_mask = torch.cat([prefix_mask, mask.to(prefix_mask)], 1)
-            uncached = forward(model, whole, attention_mask=whole_mask)[:, -new_tokens:]
+            uncached = forward(model, whole, attention_mask=whole_mask, fwd_hooks=fwd_hooks)[:, -new_tokens:]
         max_dlogit = float((continued - uncached).abs().max())
         held = " after the held-back token" if fed.shape[1] > new_tokens else ""
         inputs = (f"the cache ({cache.batch_size} x {prefix.shape[1]} slots, prefix tokens from {tokens_from}) "

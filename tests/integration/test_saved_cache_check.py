@@ -183,6 +183,17 @@ def test_the_continuation_row_fails_on_its_own_when_the_tokens_are_not_the_cache
     assert "see the provenance row" not in continuation_row.why  # no mismatch to blame
 
 
+def test_a_steered_cache_continued_under_an_equal_hook_passes(gpt2, files):
+    # What the FAIL note advises: continue it under the same intervention (rebuilt equal).
+    steer = [(HOOK, interpkv.steering.add(vector(gpt2).clone()))]
+    result = check_saved_cache(gpt2, files["steered"], fwd_hooks=steer)
+    assert result.mismatches == [] and result.ok and result.max_dlogit < TOL
+    other = [(HOOK, interpkv.steering.add(2 * vector(gpt2)))]
+    result = check_saved_cache(gpt2, files["steered"], fwd_hooks=other, label="gpt2")
+    assert len(result.mismatches) == 1 and "gpt2 with the hooks given has " + HOOK in result.mismatches[0]
+    assert result.continuation_ok is False
+
+
 def test_a_generated_cache_continues_after_its_held_back_token(gpt2, tmp_path):
     cache = interpkv.KVCache.for_model(gpt2)
     g = interpkv.generate(gpt2, PROMPT[:1], cache=cache, max_new_tokens=3)
