@@ -139,6 +139,17 @@ def test_provenance_html_writes_the_same_table_standalone(capsys, files, gpt2, t
     assert table in report.read_text()
 
 
+def test_a_cache_saved_from_an_hf_directory_is_checked_in_that_directory(capsys, tmp_path):
+    directory = tmp_path / "my-llama"
+    interpkv.zoo.load_pair("llama")[1].save_pretrained(directory)
+    model = interpkv.zoo.load_hf_dir(directory, dtype=F64)
+    path = saved(model, tmp_path / "llama.safetensors", [(HOOK, interpkv.steering.add(vector(model), start=8))])
+    status, out, _ = run(capsys, "check", str(directory), "--cache", path)
+    assert status == 0, out  # a hook declared after the prefix never acted on it: not a mismatch
+    assert "start=8)" in out and "loaded cache in my-llama: 2 rows x 8 slots" in flat(out)
+    assert "loaded cache: 2 PASS, 0 FAIL" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["check", "gpt2", "bloom", "--cache", "{clean}"], "name the one model the cache was saved from"),
     (["check", "--cache", "{clean}"], "name the one model the cache was saved from"),
