@@ -1,10 +1,14 @@
-"""Command line: ``interpkv check [MODEL ...] [--html PATH]`` and ``interpkv demo [--html PATH]``.
+"""Command line: ``interpkv check [MODEL ...] [--cache PATH] [--html PATH]``, ``interpkv demo [--html PATH]``
+and ``interpkv provenance PATH [--html OUT]``.
 
 ``check`` runs the cached-vs-uncached equivalence checks (and the HuggingFace
 comparison where a twin exists) on zoo models or on local HF model
-directories. ``demo`` runs the zoo check, the bug zoo (every known cache bug
-injected and localized), when trained weights ship a greedy generation with
-the cache on and off, and the audit of other libraries' caches. Every row
+directories; with ``--cache`` it also loads a saved cache into the one MODEL,
+shows what wrote it and checks it (:mod:`interpkv.verify.saved_cache`).
+``provenance`` shows what wrote a saved cache from its header alone. ``demo``
+runs the zoo check, the bug zoo (every known cache bug injected and
+localized), when trained weights ship a greedy generation with the cache on
+and off, and the audit of other libraries' caches. Every row
 ends in PASS, FAIL or KNOWN UPSTREAM (:mod:`interpkv.verify.verdicts`);
 the last line counts them, as the HTML report's header does. Exit 0 when
 nothing FAILed, 1 when a check FAILed, 2 on bad arguments or an error (one
@@ -14,6 +18,7 @@ before torch, transformers or TransformerLens are imported.
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from typing import Callable, List, Optional, Sequence
@@ -214,18 +219,72 @@ def _check_inputs(dtype_name: str) -> str:
     return f"{INPUTS}; {dtype_name}"
 
 
+def _cache_dtype(path: str, dtype_name: Optional[str]) -> str:
+    """``check --cache``: the run's dtype, the file's (``--dtype`` may only repeat it)."""
+    from interpkv.verify.saved_cache import saved_dtype  # deferred: torch (--help answers without it)
+
+    saved = str(saved_dtype(path)).replace("torch.", "")  # CacheFileError (a ValueError): one line, exit 2
+    if dtype_name is not None and dtype_name != saved:
+        raise ValueError(f"--cache {path} holds a {saved} cache but --dtype is {dtype_name}: the model must run "
+                         f"in the cache's dtype (omit --dtype, or pass --dtype {saved})")
+    return saved
+
+
+def _load_for_cache(model: str, dtype, built, debug: bool):
+    """The HookedTransformer ``check --cache`` loads the cache into: the checked zoo model, or the directory's."""
+    from interpkv import zoo  # deferred: torch, transformers (--version, --help answer without them)
+
+    if model in zoo.names():
+        return built.load(model, dtype)
+    try:
+        with quiet_hf():
+            return zoo.load_hf_dir(model, dtype=dtype)
+    except Exception as exc:  # HF / TransformerLens errors run over many lines
+        if debug:
+            raise
+        raise _Failure(load_error(model, exc)) from exc
+
+
+def _saved_tables(console, saved, section) -> None:
+    """``check --cache``: what wrote the cache, then its rows (provenance, continuation) with their notes."""
+    from rich.table import Table  # deferred: rich, only when a table is printed
+
+    _print_provenance(console, saved.path, saved.provenance)
+    table = Table(title=f"loaded cache in {saved.model}: {saved.batch_size} rows x {saved.seq_len} slots")
+    table.add_column("check", overflow="fold")
+    table.add_column("verdict", no_wrap=True)
+    notes = _Notes()
+    for label, verdict in section.rows:
+        table.add_row(label, _word(verdict, notes.mark(label, verdict)))
+    notes.lines.insert(0, f"continuation: {saved.inputs}")
+    _print_section(console, (table, notes), section)
+
+
 def _check(
-    models: Sequence[str], dtype_name: str, html: Optional[str], debug: bool = False, engine: str = "interpkv"
+    models: Sequence[str], dtype_name: Optional[str], html: Optional[str], debug: bool = False,
+    engine: str = "interpkv", cache: Optional[str] = None,
 ) -> int:
     import torch  # deferred: torch (--version, --help and argument errors answer without it)
 
     from interpkv import zoo  # deferred: torch, transformers (--version, --help answer without them)
     from interpkv.verify import verdicts  # deferred: torch, transformers
+    from interpkv.verify.models import Models  # deferred: torch, transformers
 
+    if cache is not None:
+        dtype_name = _cache_dtype(cache, dtype_name)
+    dtype_name = dtype_name or "float32"
     dtype = getattr(torch, dtype_name)  # one of DTYPES (argparse checked it)
     console = _console()
     models = list(models) or zoo.names()
-    results = _run_checks(models, dtype, debug, engine)
+    built = Models()  # the model checked is the one the cache is loaded into
+    saved = None
+    if cache is not None:  # first: a file that does not fit the model fails before the checks run
+        from interpkv.verify.saved_cache import check_saved_cache  # deferred: torch, transformers
+
+        target = _load_for_cache(models[0], dtype, built, debug)
+        label = models[0] if models[0] in zoo.names() else os.path.basename(os.path.normpath(models[0]))
+        saved = _progress([cache], lambda path: check_saved_cache(target, path, label=label), "loading cache")[0]
+    results = _run_checks(models, dtype, debug, engine, built=built)
     upstream = {}
     if engine != "interpkv":
         for model, r in zip(models, results):
@@ -234,15 +293,17 @@ def _check(
                 upstream[r.model] = found
     title = "interpkv" if engine == "interpkv" else f"engine {engine}"
     section_title = "checks" if engine == "interpkv" else f"engine {engine} checks"
-    tally = verdicts.run_tally(checks=results, upstream=upstream, check_title=section_title)
+    tally = verdicts.run_tally(checks=results, upstream=upstream, check_title=section_title, saved=saved)
     table_title = f"{title}: cached vs uncached vs HuggingFace ({dtype_name})"
     _print_section(console, _check_table(results, tally.sections[0], table_title, _check_inputs(dtype_name)),
                    tally.sections[0])
+    if saved is not None:
+        _saved_tables(console, saved, next(s for s in tally.sections if s.title == "loaded cache"))
     if html:
         from interpkv.cli import html as report  # deferred: torch, transformers
 
         report.write(html, checks=results, title="interpkv check", command=_command(), dtype=dtype_name,
-                     tally=tally, engine=engine)
+                     tally=tally, engine=engine, saved=saved)
         console.print(f"report: {html}")
     _verdict_line(console, tally)
     return tally.exit_status
@@ -379,6 +440,8 @@ examples:
   interpkv check llama bloom --dtype float64
   interpkv check ./my-model             a directory written by model.save_pretrained(dir)
   interpkv check gpt2 bloom6 --engine transformer_lens
+  interpkv check gpt2 --cache prompt.safetensors   a saved cache: what wrote it, and its continuation
+  interpkv provenance prompt.safetensors           what wrote a saved cache (header only, no model)
   interpkv demo --html report.html      everything, with an HTML report
 
 exit status:
@@ -409,7 +472,12 @@ def _parser():
             "  interpkv check llama bloom --dtype float64\n"
             "  interpkv check ./my-model             a directory written by model.save_pretrained(dir)\n"
             "  interpkv check gpt2 bloom6 --engine transformer_lens\n"
-            "  interpkv check llama --html report.html\n\n" + _EXAMPLES.split("\n\n")[1]
+            "  interpkv check llama --html report.html\n"
+            "  interpkv check gpt2 --cache prompt.safetensors --html report.html\n"
+            "      load a cache saved from gpt2: what wrote it (FAIL when it was written under interventions\n"
+            "      gpt2 does not have here, e.g. a steering hook), and, when the file's metadata holds its\n"
+            "      tokens (cache.save(path, metadata={'tokens': tokens.tolist()})), its continuation vs uncached\n\n"
+            + _EXAMPLES.split("\n\n")[1]
         ),
     )
     check.add_argument(
@@ -417,11 +485,19 @@ def _parser():
         help="a zoo model name (listed below) or a local HF model directory (default: every zoo model)",
     )
     check.add_argument(
-        "--dtype", choices=DTYPES, default="float32",
-        help="precision of both runs (default float32; float64 holds the cache to 1e-10; "
+        "--dtype", choices=DTYPES, default=None,
+        help="precision of both runs (default float32, with --cache the file's; float64 holds the cache to 1e-10; "
         "float16/bfloat16 are judged at their measured tolerances, see interpkv.tolerances)",
     )
     check.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (opens offline)")
+    check.add_argument(
+        "--cache", metavar="PATH",
+        help=(
+            "also load this saved cache (KVCache.save) into the one MODEL: show what wrote it, FAIL when it was "
+            "written under interventions MODEL does not have here, and continue it against an uncached run "
+            "when the file's metadata holds its tokens"
+        ),
+    )
     check.add_argument(
         "--engine", choices=["interpkv", "transformer_lens", "hf", "transformer_bridge"], default="interpkv",
         help=(
@@ -445,10 +521,36 @@ def _parser():
     demo.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (opens offline)")
     shown = sub.add_parser(
         "provenance", help="what wrote a saved KV cache: its provenance, read from the file header (no tensors)",
-        parents=[debug],
+        parents=[debug], formatter_class=raw,
+        description=(
+            "Prints, for each span of a saved cache's slots, its positions and the interventions active when it\n"
+            "was written (hooks that edited, SAEs, faults, the model's own hooks), and the weights fingerprint.\n"
+            "Reads the file header only: no tensor is read and no model is built."
+        ),
+        epilog=(
+            "examples:\n"
+            "  interpkv provenance prompt.safetensors\n"
+            "  interpkv provenance prompt.safetensors --html provenance.html\n"
+            "  interpkv check gpt2 --cache prompt.safetensors   load it into gpt2 and check it\n\n"
+            "exit status:\n  0  printed\n  2  not a cache file, or an error: one line on stderr\n"
+        ),
     )
     shown.add_argument("path", help="a file written by KVCache.save")
+    shown.add_argument("--html", metavar="OUT", help="also write the table as a self-contained HTML page")
     return parser
+
+
+def _check_cache_arguments(args) -> None:
+    """``check --cache PATH``: one MODEL, interpkv's own engine, a file that exists (one line each, before torch)."""
+    if len(args.models) != 1:
+        raise ValueError(f"--cache {args.cache}: name the one model the cache was saved from "
+                         f"(interpkv check MODEL --cache {args.cache}), got {len(args.models)} models")
+    if args.engine != "interpkv":
+        raise ValueError(f"--cache loads an interpkv KVCache: it runs with --engine interpkv, not {args.engine}")
+    if not os.path.exists(args.cache):
+        raise ValueError(f"--cache {args.cache}: does not exist (give a file written by cache.save(path))")
+    if not os.path.isfile(args.cache):
+        raise ValueError(f"--cache {args.cache}: is not a file (give a file written by cache.save(path))")
 
 
 def _quiet_upstream_logs() -> None:
@@ -458,25 +560,35 @@ def _quiet_upstream_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _provenance(path: str) -> int:
-    """Print what wrote a saved cache: its provenance, read from the header (no tensor, no model)."""
+def _print_provenance(console, path: str, saved) -> None:
+    """What wrote each span of a saved cache (``saved``: its Provenance, None when saved without one)."""
     from rich.table import Table  # deferred: rich, only when a table is printed
 
-    from interpkv.cache import persist, provenance  # deferred: torch (--help answers without it)
+    if saved is None:
+        console.print(f"{path}: saved without provenance (an earlier interpkv): what wrote it is unknown",
+                      markup=False, highlight=False)
+        return
+    table = Table(title=f"{path}: what wrote each span")
+    for column in saved.COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in saved.rows():
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"weights fingerprint: {saved.weights}", markup=False, highlight=False)
+
+
+def _provenance(path: str, html: Optional[str] = None) -> int:
+    """Print what wrote a saved cache: its provenance, read from the header (no tensor, no model)."""
+    from interpkv.cache import persist  # deferred: torch (--help answers without it)
 
     saved = persist.read_provenance(path)  # CacheFileError (a ValueError): one line, exit 2
     console = _console()
-    if saved is None:
-        console.print(f"{path}: saved without provenance (an earlier interpkv): what wrote it is unknown")
-        return 0
-    table = Table(title=f"{path}: what wrote each span (weights {str(saved.weights)[:31]}...)")
-    for column in ("slots", "positions", "interventions"):
-        table.add_column(column, overflow="fold")
-    for span in saved.spans:
-        positions = "-" if span.positions is None else f"{span.positions[0]}-{span.positions[1]}"
-        what = "unknown" if span.interventions is None else provenance.set_text(span.interventions)
-        table.add_row(f"{span.slots[0]}-{span.slots[1] - 1}", positions, what)
-    console.print(table)
+    _print_provenance(console, path, saved)
+    if html:
+        from interpkv.cli import html as report  # deferred: torch, transformers
+
+        report.write_provenance(html, path, saved, command=_command())
+        console.print(f"report: {html}")
     return 0
 
 
@@ -494,21 +606,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _ARGV[:] = argv
     args = _parser().parse_args(argv)
-    if args.command == "provenance":
-        try:
-            return _provenance(args.path)
-        except ValueError as exc:  # CacheFileError: one line, exit 2
-            if args.debug:
-                raise
-            return _error(str(exc))
     try:
         # Arguments first, before torch/transformers/TransformerLens load: a typo answers at once.
         if args.command == "check":
             _resolve(args.models)
+            if args.cache is not None:
+                _check_cache_arguments(args)
         if args.html:
 
             check_writable(args.html)
-    except ValueError as exc:
+        if args.command == "provenance":
+            return _provenance(args.path, args.html)
+    except ValueError as exc:  # CacheFileError too: one line, exit 2
         if args.debug:
             raise
         return _error(str(exc))
@@ -520,7 +629,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with torch_threads(threads):
             if args.command == "check":
-                return _check(args.models, args.dtype, args.html, args.debug, args.engine)
+                return _check(args.models, args.dtype, args.html, args.debug, args.engine, args.cache)
             return _demo(args.html)
     except (_Failure, ValueError) as exc:
         if args.debug:

@@ -30,7 +30,7 @@ from interpkv.verify.checks import CACHED_TOL, COMPARE_TOL, FAULT_INPUTS, HF_TOL
 from interpkv.verify.findings import INPUTS as findings_inputs
 from interpkv.verify.verdicts import run_tally
 
-__all__ = ["render", "write"]
+__all__ = ["render", "write", "provenance_section", "render_provenance", "write_provenance"]
 
 
 _STYLE = """
@@ -202,6 +202,42 @@ def _fault_sentence(name: str) -> str:
     return f"<b>{_esc(name)}</b>: {_esc(first)} Reproduces {_esc(fault.report)}."
 
 
+def provenance_section(path: str, saved, heading: str = "h2") -> str:
+    """What wrote each span of a saved cache: the table ``cache.provenance`` shows in a notebook.
+
+    ``saved``: the file's :class:`~interpkv.cache.provenance.Provenance`, or None for
+    a file saved without one. The table sits in ``<div class="provenance">``.
+    """
+    parts = [f"<{heading}>What wrote {_esc(path)}</{heading}>"]
+    if saved is None:
+        parts.append("<p>Saved without provenance (by an interpkv before it): what wrote it is unknown.</p>")
+        return '<div class="provenance">' + "".join(parts) + "</div>"
+    parts.append(
+        "<p>For each span of stored slots, the interventions active when it was written: hooks that edited "
+        "(with their hook point), SAEs, faults, hooks the model held. <i>none</i>: written by the plain model. "
+        f'Weights fingerprint: <code>{_esc(saved.weights or "-")}</code>.</p>'
+    )
+    rows = [[("num", slots), ("num", positions), ("site", what)] for slots, positions, what in saved.rows()]
+    parts.append(_table(list(saved.COLUMNS), rows))
+    return '<div class="provenance">' + "".join(parts) + "</div>"
+
+
+def _saved_section(saved, section) -> List[str]:
+    """The ``check --cache`` section: the cache's provenance and its rows (provenance, continuation)."""
+    parts = [_section_head(f"Loaded cache: {saved.path} in {saved.model}", section)]
+    parts.append(
+        f"<p><code>KVCache.load</code> read the file into {_esc(saved.model)} ({saved.batch_size} rows x "
+        f"{saved.seq_len} slots). <i>provenance</i> compares what wrote each span with what the model runs "
+        "under here (no hooks, SAEs or faults); <i>continuation</i> continues the cache and compares its logits "
+        "with one uncached run of the same tokens.</p>"
+    )
+    rows = [[("", label), _verdict(v), _why(v)] for label, v in section.rows]
+    parts.append(_table(["check", "verdict", "why"], rows))
+    parts.append(f'<p class="inputs">Continuation: {_esc(saved.inputs)}.</p>')
+    parts.append(provenance_section(saved.path, saved.provenance, heading="h3"))
+    return parts
+
+
 def render(
     *,
     checks: Sequence = (),
@@ -213,6 +249,7 @@ def render(
     dtype: Optional[str] = None,
     tally=None,
     engine: str = "interpkv",
+    saved=None,
 ) -> str:
     """The report as one HTML string (plotly.js inline, once, when there is a figure).
 
@@ -232,6 +269,8 @@ def render(
         tally: the run's :class:`~interpkv.verify.verdicts.Tally` (what the
             terminal printed); default: computed from the results here.
         engine: whose cache ``checks`` audited (``check --engine``).
+        saved: a loaded cache's :class:`~interpkv.verify.saved_cache.SavedCacheResult`
+            (``check --cache``): its rows and what wrote it.
 
     Returns:
         The HTML document.
@@ -239,7 +278,7 @@ def render(
     if tally is None:
         demo = bool(faults) or generation is not None or other is not None
         tally = run_tally(checks=checks, faults=faults, generation=generation, other=other,
-                          check_title="zoo check" if demo else "checks")
+                          check_title="zoo check" if demo else "checks", saved=saved)
     sections = {s.title: s for s in tally.sections}
     figure = _Figures()
     parts: List[str] = [f"<h1>{_esc(title)}</h1>"]
@@ -271,6 +310,9 @@ def render(
             parts.append(_collapsed(passing))
         runs = ("cached", "HF") if engine == "interpkv" else (f"{engine} cached", "HF")
         parts.extend(_failed_figures(checks, section.rows, figure, runs))
+
+    if saved is not None:
+        parts.extend(_saved_section(saved, sections["loaded cache"]))
 
     if faults:
         section = sections.get("bug zoo")
@@ -364,14 +406,35 @@ def _other_section(other, figure, sections) -> List[str]:
     return parts
 
 
+def render_provenance(path: str, saved, command: Optional[str] = None) -> str:
+    """``interpkv provenance PATH --html OUT``: the provenance section alone, on a page of its own."""
+    items = [("command", command or "-"), ("file", path)] + versions()
+    run = _table(["", ""], [[("", k), ("site", v)] for k, v in items])
+    title = f"interpkv provenance: {path}"
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<h1>{_esc(title)}</h1><h2>Run</h2>{run}\n{provenance_section(path, saved)}</body></html>\n"
+    )
+
+
+def write_provenance(out: str, path: str, saved, command: Optional[str] = None) -> str:
+    """Write :func:`render_provenance`'s page to ``out`` (parent directories created); returns ``out``."""
+    return _write(out, render_provenance(path, saved, command))
+
+
+def _write(path: str, page: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
+
+
 def write(path: str, **kwargs) -> str:
     """Write :func:`render`'s page to ``path`` (parent directories created).
 
     Returns:
         The path written.
     """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render(**kwargs))
-    return path
+    return _write(path, render(**kwargs))

@@ -148,8 +148,12 @@ def add(
         return _select_where(act, mask, act + value)
 
     hook.__name__ = "steering.add"
+    if isinstance(scale, int):  # scale=2 and scale=2.0 are one intervention (and read the same)
+        scale = float(scale)
+    plain = isinstance(scale, float)
     return declare(hook, "steering.add", values=(vector, scale), start=start, stop=stop, positions=positions,
-                   region=region)
+                   region=region, shown=(("v", vector),) + (() if plain else (("scale", scale),)),
+                   keywords=(("scale", scale),) if plain and scale != 1.0 else ())
 
 
 def replace(
@@ -172,7 +176,7 @@ def replace(
 
     hook.__name__ = "steering.replace"
     return declare(hook, "steering.replace", values=(value,), start=start, stop=stop, positions=positions,
-                   region=region)
+                   region=region, shown=(("value", value),))
 
 
 def intervention(
@@ -229,6 +233,7 @@ def intervention(
         out = fn(act, hook)
         return torch.where(mask, act if out is None else out, before)
 
-    hook.__name__ = name or getattr(fn, "__name__", type(fn).__name__)
-    return declare(hook, f"intervention({hook.__name__})", values=(fn,), name=name, start=start, stop=stop,
-                   positions=positions, region=region)
+    fn_name = getattr(fn, "__name__", type(fn).__name__)
+    hook.__name__ = name or fn_name
+    return declare(hook, "intervention", values=(fn,), name=name, start=start, stop=stop,
+                   positions=positions, region=region, shown=((fn_name, fn),))

@@ -16,6 +16,9 @@ directly):
 - :mod:`~interpkv.verify.findings`: TransformerLens 3.x cache bugs,
   demonstrated and checked against HF.
 - :mod:`~interpkv.verify.models`: the zoo models of one run, each built once.
+- :mod:`~interpkv.verify.saved_cache`: a saved cache loaded into a model
+  (``check --cache``): what wrote it against what the model runs under now,
+  and its continuation against an uncached run.
 - :mod:`~interpkv.verify.verdicts`: the one verdict vocabulary (PASS / FAIL / KNOWN UPSTREAM)
   and the one count every report prints.
 

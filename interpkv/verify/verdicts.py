@@ -36,6 +36,9 @@ __all__ = [
     "of_fault",
     "of_generation",
     "of_finding",
+    "of_saved_provenance",
+    "of_continuation",
+    "saved_cache_rows",
     "Section",
     "Tally",
     "run_tally",
@@ -180,6 +183,58 @@ def of_finding(finding) -> Verdict:
     return Verdict(FAIL, f"not reproduced against HF: {finding.title} on {finding.model}")
 
 
+def of_saved_provenance(result) -> Verdict:
+    """PASS when every span of a loaded cache was written under what the model runs under now.
+
+    FAIL when a span was written under other interventions (a steering hook,
+    an SAE, a fault the model does not have now): continued as it is, the
+    cache gives what no uncached run of the model computes, and the note says
+    which positions, which interventions and what to do. FAIL too when what
+    wrote a span is unknown (a file saved without provenance, slots built with
+    ``KVCache.from_state``): nothing shows it matches. ``result``: a
+    :class:`~interpkv.verify.saved_cache.SavedCacheResult`.
+    """
+    from_load = " (KVCache.load warned: ProvenanceWarning)" if result.load_warnings else ""
+    if result.mismatches:
+        return Verdict(FAIL, "; ".join(f"the cache's {line}" for line in result.mismatches) + from_load + ". "
+                       + _SAVED_ADVICE)
+    if result.unknown:
+        why = ("the file was saved without provenance (an interpkv before it)" if not result.saved_with_provenance
+               else "its slots were not written by an interpkv forward (KVCache.from_state)")
+        return Verdict(FAIL, f"what wrote the cache's {', '.join(result.unknown)} is unknown: {why}, so nothing "
+                       "shows it was computed without interventions. Recompute the prefix, or save it again from "
+                       "a cache interpkv wrote")
+    return Verdict(PASS)
+
+
+_SAVED_ADVICE = (  # what to do about a provenance mismatch (the FAIL note ends with it)
+    "Continued as it is here, it attends to keys no uncached run of this model computes. To continue it, "
+    "apply the same interventions in Python (fwd_hooks with an equal hook, the same SAE attached); "
+    "otherwise recompute the prefix (docs/provenance.md)"
+)
+
+
+def of_continuation(result) -> Verdict:
+    """PASS when a loaded cache, continued, gives the uncached run's logits within the dtype's tolerance."""
+    tol = tolerances.CACHED_LOGITS[result.dtype]
+    if result.max_dlogit is None:
+        return Verdict(FAIL, result.inputs)  # nothing continued: never a PASS
+    if result.max_dlogit < tol:
+        return Verdict(PASS)
+    why = f"max |continued - uncached| logit {result.max_dlogit:.2e} > tolerance {tol:g}"
+    if result.mismatches:
+        why += " (expected: the cache was written under other interventions, see the provenance row)"
+    return Verdict(FAIL, why)
+
+
+def saved_cache_rows(result) -> List[Tuple[str, Verdict]]:
+    """The rows of a loaded cache: its provenance, and its continuation when the prefix tokens are known."""
+    rows = [(f"provenance of {result.path}", of_saved_provenance(result))]
+    if result.max_dlogit is not None:
+        rows.append((f"continuation of {result.path}", of_continuation(result)))
+    return rows
+
+
 @dataclasses.dataclass
 class Section:
     """The rows of one part of a run: ``(label, verdict)`` pairs."""
@@ -244,7 +299,8 @@ class Tally:
         return "; ".join(f"{s.title} {s.counts}" for s in self.sections)
 
 
-def run_tally(*, checks=(), faults=(), generation=None, other=None, upstream=None, check_title="zoo check") -> Tally:
+def run_tally(*, checks=(), faults=(), generation=None, other=None, upstream=None, check_title="zoo check",
+              saved=None) -> Tally:
     """The sections of an ``interpkv check`` / ``interpkv demo`` run, in the order they print.
 
     Args:
@@ -255,11 +311,15 @@ def run_tally(*, checks=(), faults=(), generation=None, other=None, upstream=Non
             ``findings`` and ``upstream``: label -> :class:`Upstream`), or None.
         upstream: label -> :class:`Upstream` for ``checks`` (``check --engine``).
         check_title: the first section's title.
+        saved: a loaded cache's :class:`~interpkv.verify.saved_cache.SavedCacheResult`
+            (``check --cache``), or None: section "loaded cache".
     """
     upstream = upstream or {}
     sections = []
     if checks:
         sections.append(Section(check_title, [(c.model, of_check(c, upstream.get(c.model))) for c in checks]))
+    if saved is not None:
+        sections.append(Section("loaded cache", saved_cache_rows(saved)))
     if faults:
         sections.append(Section("bug zoo", [(f"{f.fault} on {f.model}", of_fault(f)) for f in faults]))
     if generation is not None:

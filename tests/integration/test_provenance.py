@@ -8,6 +8,7 @@ meaning, not only the message.
 
 import functools
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import interpkv
-from interpkv.cache import persist, provenance
+from interpkv.cache import identity, persist, provenance
 
 F64 = torch.float64
 HOOK = "blocks.0.hook_resid_post"
@@ -73,8 +74,9 @@ def test_steered_prefix_continued_unsteered_warns_naming_the_hook_point(model):
     logits, caught = continued(model, cache)
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert HOOK in message and "steering.add" in message and "positions 0-7" in message
-    assert "this call has none" in message
+    # Reads as the call that made the hook (the wording), v by the first digits of its content digest.
+    label = f"steering.add(v#{identity.value_digest(vector(model))[:4]})"
+    assert f"positions 0-7 were written under {HOOK} {label}; this call has none." in message
     assert caught[0].filename == __file__  # attributed to the caller's line, not interpkv's
     # Warranted: it equals neither uncached run.
     assert not close(logits, uncached(model)) and not close(logits, uncached(model, steer))
@@ -146,7 +148,8 @@ def test_a_hook_declared_to_act_after_the_prefix_is_silent_and_exact(model):
 def test_a_declared_hook_reaching_into_the_prefix_warns(gpt2):
     hook = interpkv.steering.add(vector(gpt2), start=PROMPT.shape[1] - 2)
     _, caught = continued(gpt2, prefilled(gpt2), [(HOOK, hook)])
-    assert len(caught) == 1 and "[start=6]" in str(caught[0].message)
+    assert len(caught) == 1 and re.search(r"; this call has blocks\.0\.hook_resid_post steering\.add\(v#[0-9a-f]{4}, "
+                                          r"start=6\)\.", str(caught[0].message))
 
 
 def test_intervention_enforces_its_declared_positions(gpt2):
@@ -280,12 +283,46 @@ def test_fork_crop_select_repeat_freeze_carry_provenance(gpt2):
 def test_provenance_repr_frame_and_html(gpt2):
     cache = prefilled(gpt2, [(HOOK, interpkv.steering.add(vector(gpt2), start=2))])
     prov = cache.provenance
-    assert "positions 0-7" in repr(prov) and "steering.add" in repr(prov) and "start=2" in repr(prov)
+    label = f"steering.add(v#{identity.value_digest(vector(gpt2))[:4]}, start=2)"  # as the call that made it
+    assert repr(prov) == f"Provenance(positions 0-7: {HOOK} {label})"
     frame = prov.to_frame()
     assert list(frame["point"]) == [HOOK] and list(frame["declared_positions"]) == ["start=2"]
-    assert "<table" in prov._repr_html_()
+    assert list(frame["intervention"]) == [label]
+    assert f"{HOOK} {label}</td>" in prov._repr_html_()
     assert prov.weights.startswith("sampled-sha256:")
 
+
+
+def test_labels_read_as_the_call_that_made_the_hook(gpt2, tmp_path):
+    v = vector(gpt2)
+    tag = identity.value_digest(v)[:4]
+
+    def double(act, hook):
+        return act * 2
+
+    cases = [  # (hook, label in repr / to_frame / HTML / warnings / cause)
+        (interpkv.steering.add(v), f"steering.add(v#{tag})"),
+        (interpkv.steering.add(v, scale=2, start=5), f"steering.add(v#{tag}, scale=2.0, start=5)"),
+        (interpkv.steering.add(v, positions=[1, 3], stop=4), f"steering.add(v#{tag}, stop=4, positions=[1, 3])"),
+        (interpkv.steering.replace(v, positions=[4]), f"steering.replace(value#{tag}, positions=[4])"),
+        (interpkv.intervention(double, start=2),
+         f"intervention(double#{identity.value_digest(double)[:4]}, start=2)"),
+        (interpkv.intervention(double, name="double-v1"), "intervention(double, name='double-v1')"),
+    ]
+    for hook, label in cases:
+        cache = prefilled(gpt2, [(HOOK, hook)])
+        (item,) = cache.provenance.interventions
+        assert (item.label, item.text()) == (label, f"{HOOK} {label}")  # the positions once, in the label
+    # Equal calls read the same: an int scale is the float it means (one identity, one label).
+    assert interpkv.steering.add(v, scale=2)._interpkv_declared == interpkv.steering.add(v, scale=2.0)._interpkv_declared
+    # A region is stated as declared; in a file it also shows where it resolved to.
+    cache = interpkv.KVCache.for_model(gpt2)
+    interpkv.generate(gpt2, PROMPT, cache=cache, max_new_tokens=2,
+                      fwd_hooks=[(HOOK, interpkv.steering.add(v, region="generated"))])
+    assert repr(cache.provenance) == f"Provenance(positions 0-8: {HOOK} steering.add(v#{tag}, region='generated'))"
+    cache.save(tmp_path / "g.safetensors")
+    saved = persist.read_provenance(tmp_path / "g.safetensors")
+    assert saved.interventions[0].text() == f"{HOOK} steering.add(v#{tag}, region='generated') [start=[8]]"
 
 # ------------------------------------------------------------------- files
 def test_save_carries_provenance_readable_without_tensors(gpt2, tmp_path):
@@ -422,7 +459,8 @@ def test_compare_and_compare_generation_given_a_cache_name_its_provenance_in_cau
     assert same.ok(atol=ATOL, rtol=0) and same.cause is None
     assert not report.ok(atol=ATOL, rtol=0)
     assert report.first_divergence(atol=ATOL, rtol=0).pos == PROMPT.shape[1]
-    assert "positions 0-7 written under" in report.cause and HOOK in report.cause
+    assert re.search(r"positions 0-7 were written under blocks\.0\.hook_resid_post steering\.add\(v#[0-9a-f]{4}\); "
+                     "this run has none", report.cause)
     assert "this run has none" in report.cause
     assert gen_clean.ok and gen_clean.cause is None
     assert not gen.ok and HOOK in gen.cause

@@ -129,3 +129,51 @@ def test_run_tally_sections_follow_the_run():
         "corrupt on gpt2": PASS, "slopes (bloom6)": KNOWN_UPSTREAM, "gone (gpt2)": FAIL,
     }
     assert tally.line() == "FAIL: 7 checks: 3 PASS, 2 FAIL, 2 KNOWN UPSTREAM"
+
+
+@dataclasses.dataclass
+class Saved:
+    """What the loaded-cache verdicts read of a SavedCacheResult."""
+
+    max_dlogit: Optional[float] = 1e-15
+    mismatches: List[str] = dataclasses.field(default_factory=list)
+    unknown: List[str] = dataclasses.field(default_factory=list)
+    load_warnings: List[str] = dataclasses.field(default_factory=list)
+    saved_with_provenance: bool = True
+    dtype: torch.dtype = torch.float64
+    path: str = "c.safetensors"
+    inputs: str = "not continued: the prefix tokens are unknown"
+
+
+MISMATCH = "positions 0-7 were written under blocks.0.hook_resid_post steering.add(v#3f2a); gpt2 here has none"
+
+SAVED_CASES = [
+    # (result, provenance word, words in its why, continuation row: None or (word, words in its why))
+    (Saved(), PASS, [], (PASS, [])),
+    (Saved(max_dlogit=None), PASS, [], None),  # nothing continued: no row that checked nothing
+    (Saved(mismatches=[MISMATCH], max_dlogit=1.66), FAIL, ["the cache's " + MISMATCH, "recompute the prefix"],
+     (FAIL, ["1.66e+00 > tolerance 1e-10", "see the provenance row"])),
+    (Saved(mismatches=[MISMATCH], load_warnings=["w"]), FAIL, ["KVCache.load warned"], (PASS, [])),
+    (Saved(unknown=["positions 0-7"], saved_with_provenance=False), FAIL, ["positions 0-7 is unknown", "without provenance"],
+     (PASS, [])),
+    (Saved(unknown=["position 3"]), FAIL, ["KVCache.from_state"], (PASS, [])),
+    (Saved(max_dlogit=2e-10), PASS, [], (FAIL, ["2.00e-10 > tolerance 1e-10"])),
+    (Saved(max_dlogit=float("nan")), PASS, [], (FAIL, ["nan > tolerance"])),  # NaN is never within tolerance
+    (Saved(max_dlogit=1e-6, dtype=torch.float32), PASS, [], (PASS, [])),  # judged at the dtype's tolerance
+]
+
+
+@pytest.mark.parametrize("result, word, why, continuation", SAVED_CASES)
+def test_loaded_cache_rows(result, word, why, continuation):
+    rows = verdicts.saved_cache_rows(result)
+    assert rows[0][0] == "provenance of c.safetensors" and rows[0][1].word == word
+    assert all(w in rows[0][1].why for w in why), rows[0][1].why
+    if continuation is None:
+        assert len(rows) == 1
+        assert verdicts.of_continuation(result).word == FAIL  # asked anyway: never a PASS for nothing run
+    else:
+        (label, verdict), = rows[1:]
+        assert label == "continuation of c.safetensors" and verdict.word == continuation[0]
+        assert all(w in verdict.why for w in continuation[1]), verdict.why
+    tally = verdicts.run_tally(checks=[Result(1e-6, 1e-6)], saved=result)
+    assert [s.title for s in tally.sections] == ["zoo check", "loaded cache"]

@@ -6,8 +6,9 @@ work from the cache's public state and never import the cache module. The
 subsystem, outermost first:
 
 - :mod:`~interpkv.cache.persist.cachefile`: what is in a file (tensors and
-  metadata fields, format versions), the two boundary functions, and
-  :func:`read_provenance` (a file's provenance from its header alone).
+  metadata fields, format versions), the two boundary functions,
+  :func:`read_provenance` (a file's provenance from its header alone) and
+  :func:`read_header` (its string metadata, e.g. the dtype, likewise).
 - :mod:`~interpkv.cache.persist.file_checks`: every semantic check of a loaded
   file (format, model, dtype, shapes, positions, window, checksums, finiteness).
 - :mod:`~interpkv.cache.persist.checksums`: per-tensor checksums (XXH3-128;
@@ -23,6 +24,6 @@ The weights fingerprint a file carries is :mod:`interpkv.cache.fingerprint`
 (it identifies a model's weights, persistence only records it).
 """
 
-from interpkv.cache.persist.cachefile import load_cache, read_provenance, save_cache
+from interpkv.cache.persist.cachefile import load_cache, read_header, read_provenance, save_cache
 
-__all__ = ["save_cache", "load_cache", "read_provenance"]
+__all__ = ["save_cache", "load_cache", "read_header", "read_provenance"]

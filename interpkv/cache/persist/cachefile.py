@@ -81,7 +81,7 @@ from interpkv.cache.persist.st_write import write_file
 from interpkv.core import tl as _tl
 from interpkv.errors import CacheFileNotFoundError, CacheReadError
 
-__all__ = ["CacheFileError", "save_cache", "load_cache", "read_provenance", "weights_fingerprint", "FORMAT",
+__all__ = ["CacheFileError", "save_cache", "load_cache", "read_header", "read_provenance", "weights_fingerprint", "FORMAT",
            "FORMAT_VERSION", "MAX_USER_METADATA_BYTES"]
 
 #: Largest caller metadata accepted by ``save`` (UTF-8 JSON bytes).
@@ -326,6 +326,25 @@ def _load(path: str, model: "_tl.HookedTransformer", cache_type) -> Any:
     return cache
 
 
+def read_header(path: Union[str, "os.PathLike[str]"]) -> Dict[str, str]:
+    """A cache file's string metadata (``dtype``, ``seq_len``, ``provenance``, ...), from its header only.
+
+    No tensor is read and no model is needed; nothing is checked beyond the
+    header's structure (:meth:`KVCache.load` checks the rest).
+
+    Raises:
+        CacheFileError: not a safetensors file, or a corrupted header.
+    """
+    path = os.fspath(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = read_exactly(f, 8)
+        if len(prefix) == 8:
+            prefix += read_exactly(f, min(struct.unpack("<Q", prefix)[0], MAX_HEADER_BYTES))
+        header = parse_header(prefix, size, path)
+    return dict(header.get("__metadata__") or {})
+
+
 def read_provenance(path: Union[str, "os.PathLike[str]"]) -> Optional["provenance.Provenance"]:
     """The provenance saved in a cache file, read from its header only (no tensor is read, no model needed).
 
@@ -338,10 +357,4 @@ def read_provenance(path: Union[str, "os.PathLike[str]"]) -> Optional["provenanc
         CacheFileError: not a cache file, or a corrupted header.
     """
     path = os.fspath(path)
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = read_exactly(f, 8)
-        if len(prefix) == 8:
-            prefix += read_exactly(f, min(struct.unpack("<Q", prefix)[0], MAX_HEADER_BYTES))
-        header = parse_header(prefix, size, path)
-    return provenance.from_header(header.get("__metadata__") or {}, path)
+    return provenance.from_header(read_header(path), path)

@@ -32,14 +32,16 @@ def _base(hook) -> Tuple[str, str, Optional[Where], bool]:
     declared = getattr(hook, "_interpkv_declared", None)
     if declared is not None:
         if declared.name is not None:
-            base = (declared.name, "name:" + declared.name, declared.where, True)
+            label = _call_label(declared) if declared.shown or declared.keywords else declared.name
+            base = (label, "name:" + declared.name, declared.where, True)
         else:
             try:
                 d = identity.value_digest((declared.label, declared.values))
                 auto = True
             except TypeError:
                 d, auto = f"id:{id(hook):x}", False
-            base = (f"{declared.label}#{d[:4]}", d, declared.where, auto)
+            label = _call_label(declared) if declared.shown or declared.keywords else f"{declared.label}#{d[:4]}"
+            base = (label, d, declared.where, auto)
     else:
         if getattr(hook, "__qualname__", "").endswith("add_hook.<locals>.full_hook") and hook.__closure__:
             inner = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__))).get("hook")
@@ -53,6 +55,30 @@ def _base(hook) -> Tuple[str, str, Optional[Where], bool]:
     except TypeError:  # not weakly referenceable (a bound method is rebuilt anyway)
         pass
     return base
+
+
+def _call_label(declared) -> str:
+    """``steering.add(v#3f2a, scale=2.0, start=5)``: the label of a declared hook, read as its call.
+
+    Each shown value by its name and the first four hex digits of its content
+    digest (a steering vector rebuilt equal reads the same; ``v#3f2a`` under
+    ``add`` and ``replace`` is one vector); a named hook's values by name only.
+    """
+    parts = []
+    for text, value in declared.shown:
+        if declared.name is not None:
+            parts.append(text)
+            continue
+        try:
+            parts.append(f"{text}#{identity.value_digest(value)[:4]}")
+        except TypeError:  # no content digest: it counts by identity (the hook's automatic=False says so)
+            parts.append(f"{text} (object {id(value):x})")
+    parts += [f"{key}={value!r}" for key, value in declared.keywords]
+    if declared.where is not None and declared.where.text():
+        parts.append(declared.where.text())
+    if declared.name is not None:
+        parts.append(f"name={declared.name!r}")
+    return f"{declared.label}({', '.join(parts)})"
 
 
 def hook_intervention(kind: str, point: str, hook) -> Intervention:

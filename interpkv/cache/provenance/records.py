@@ -155,7 +155,10 @@ class Intervention:
         return hash(self._key())
 
     def text(self) -> str:
-        where = f" [{self.where.text()}]" if self.where is not None and self.where.text() else ""
+        # The declared positions, unless the label already states them (a steering label reads as its call:
+        # "steering.add(v#3f2a, start=5)"); a region resolved in a file shows where it resolved to.
+        shown = self.where.text() if self.where is not None else ""
+        where = f" [{shown}]" if shown and shown not in self.label else ""
         kind = "" if self.kind == "hook" else f"{self.kind} "
         return f"{kind}{self.point} {self.label}{where}"
 
@@ -183,21 +186,33 @@ class Intervention:
 # ------------------------------------------------------ declared identities
 @dataclasses.dataclass(frozen=True)
 class Declared:
-    """What a hook says about itself: a name (or values to digest) and the positions it acts on."""
+    """What a hook says about itself: a name (or values to digest), the positions it acts on, and the
+    arguments its label shows (see :func:`declare`)."""
 
     label: str
     values: tuple = ()
     name: Optional[str] = None
     where: Optional[Where] = None
+    shown: tuple = ()
+    keywords: tuple = ()
 
 
 def declare(hook, label: str, *, values: tuple = (), name: Optional[str] = None, start=None, stop=None,
-            positions: Optional[Sequence[int]] = None, region: Optional[str] = None):
+            positions: Optional[Sequence[int]] = None, region: Optional[str] = None,
+            shown: Sequence[Tuple[str, Any]] = (), keywords: Sequence[Tuple[str, Any]] = ()):
     """Attach an exact identity and declared positions to ``hook`` (returns ``hook``).
 
     ``name`` (if given) is the identity; else ``label`` and the content digest
     of ``values``. ``start`` / ``stop`` / ``positions`` / ``region`` as in
     :mod:`interpkv.steering`: the hook must act on no other position.
+
+    The label reads as the call that made the hook when ``shown`` or
+    ``keywords`` is given: ``label(v#3f2a, scale=2.0, start=5)``, each
+    ``(text, value)`` of ``shown`` as ``text#`` and the first four hex digits
+    of the value's content digest (just ``text`` when the hook is named: a
+    named hook's values are not digested), each of ``keywords`` as
+    ``text=value``, then the declared positions and ``name=``. Without them
+    the label is ``name``, or ``label#digest``.
     """
     if region is not None and region not in ("prompt", "generated"):
         raise ValueError(f'region is "prompt" or "generated", got {region!r}')
@@ -205,7 +220,7 @@ def declare(hook, label: str, *, values: tuple = (), name: Optional[str] = None,
     if any(x is not None for x in (start, stop, positions, region)):
         where = Where(_as_bound(start), _as_bound(stop),
                       None if positions is None else tuple(int(p) for p in positions), region)
-    hook._interpkv_declared = Declared(label, tuple(values), name, where)
+    hook._interpkv_declared = Declared(label, tuple(values), name, where, tuple(shown), tuple(keywords))
     return hook
 
 

@@ -164,7 +164,8 @@ def mismatches(cache, acting: Tuple[Intervention, ...], kinds=None, now_text: st
             else:
                 where = _positions_text(cache, a, b)
                 memo[key] = (
-                    f"{where} written under {set_text(_listed(w, then))}; "
+                    f"{where} {'was' if where.startswith('position ') else 'were'} written under "
+                    f"{set_text(_listed(w, then))}; "
                     f"{now_text} {set_text(_listed(c, now))}"
                     if where != "no stored position" else None
                 )

@@ -98,13 +98,27 @@ class Provenance:
         frame.attrs["weights"] = self.weights  # the fingerprint, computed now if not yet known
         return frame
 
-    def _repr_html_(self) -> str:
-        rows = [(f"{s.slots[0]}-{s.slots[1] - 1}" if s.slots[1] > s.slots[0] else "-",
-                 "-" if s.positions is None else f"{s.positions[0]}-{s.positions[1]}",
+    COLUMNS = ("slots", "positions", "interventions")
+    """The headers of :meth:`rows` (the notebook table, ``interpkv provenance`` and the HTML report)."""
+
+    def rows(self) -> List[Tuple[str, str, str]]:
+        """One ``(slots, positions, interventions)`` text row per span, as every table shows them.
+
+        Slots and positions as ``first-last`` (one number for one), interventions
+        as ``point label`` joined by ``; `` (``none``; ``unknown`` when not recorded).
+        """
+
+        def pair(a: int, b: int) -> str:
+            return str(a) if a == b else f"{a}-{b}"
+
+        return [(pair(s.slots[0], s.slots[1] - 1) if s.slots[1] > s.slots[0] else "-",
+                 "-" if s.positions is None else pair(*s.positions),
                  "unknown" if s.interventions is None else set_text(s.interventions)) for s in self.spans]
+
+    def _repr_html_(self) -> str:
         weights = self._weights or "(not computed yet: read .weights)"
         return html_summary("Provenance", [("spans", len(self.spans)), ("weights", weights)],
-                            (["slots", "positions", "interventions"], rows))
+                            (list(self.COLUMNS), self.rows()))
 
     def to_json(self) -> str:
         return json.dumps({"version": 1, "spans": [
