@@ -51,7 +51,8 @@ def project_heads(
     batch, n, d_model = x.shape
     heads, _, d_head = W.shape
     if batch * n < d_head:
-        out = torch.matmul(x.reshape(1, batch * n, d_model), W) + b[:, None, :]  # (H, B*T, d)
+        rows = x.reshape(1, batch * n, d_model).expand(heads, batch * n, d_model)  # a view, no copy
+        out = torch.baddbmm(b[:, None, :], rows, W)  # (H, B*T, d): bias and product in one op
         return out.view(heads, batch, n, d_head).permute(1, 2, 0, 3)
     w = W.permute(1, 0, 2).reshape(d_model, heads * d_head)  # the one copy: (d_model, H*d)
     out = torch.addmm(b.reshape(-1), x.reshape(batch * n, d_model), w)  # (B*T, H*d)
@@ -67,8 +68,10 @@ def gated_mlp_forward(mlp: torch.nn.Module) -> Callable[[Tensor], Tensor]:
             return original(mlp, x)
         pre_act = mlp.hook_pre(torch.matmul(x, mlp.W_gate))  # (B, T, d_mlp)
         pre_linear = mlp.hook_pre_linear(torch.matmul(x, mlp.W_in))
-        post_act = mlp.hook_post(mlp.act_fn(pre_act) * pre_linear + mlp.b_in)
-        return torch.matmul(post_act, mlp.W_out) + mlp.b_out
+        # addcmul(b, a, c) is b + a * c, rounded as TransformerLens's (a * c) + b (no fused multiply-add on a CPU)
+        post_act = mlp.hook_post(torch.addcmul(mlp.b_in, mlp.act_fn(pre_act), pre_linear))
+        out = torch.addmm(mlp.b_out, post_act.reshape(-1, post_act.shape[-1]), mlp.W_out)  # (B*T, d_model)
+        return out.view(*post_act.shape[:-1], -1)
 
     return forward
 

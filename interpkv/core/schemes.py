@@ -149,8 +149,8 @@ class Rotary(PositionalScheme):
             self._tables[key] = table
         return table
 
-    def _rows(self, layer: int, positions: Tensor, dtype, device) -> Tuple[Tensor, Tensor]:
-        """Sin and cos rows at ``positions``, ``[batch, pos, 1, rotary_dim]``.
+    def _rotation_rows(self, layer: int, positions: Tensor, dtype, device) -> Tuple[Tensor, Tensor]:
+        """Signed sin rows and cos rows at ``positions``, ``[batch, pos, 1, rotary_dim]`` (see :meth:`rotate`).
 
         Every layer of one call (queries and keys) rotates by the same positions
         tensor: the rows are computed once per call and table kind, not per use.
@@ -159,6 +159,22 @@ class Rotary(PositionalScheme):
         last = self._last
         if last is not None and last[0] is positions and last[1] == key:
             return last[2], last[3]
+        sin, cos = self._computed_rows(layer, positions, dtype, device)
+        # The sign of the rotation moves from the swapped coordinates to sin, once per
+        # call: each rotation is then swap, multiply, multiply-add (-a * s == a * -s exactly).
+        if self.adjacent_pairs:  # GPT-J: pairs (0,1), (2,3), ...: the first of each pair
+            signed = torch.stack((-sin[..., ::2], sin[..., 1::2]), dim=-1).flatten(-2)
+        else:  # GPT-NeoX / Llama: pairs (i, i + rotary_dim/2): the first half
+            half = self.rotary_dim // 2
+            signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        self._last = (positions, key, signed, cos)
+        return signed, cos
+
+    def _rows(self, layer: int, positions: Tensor, dtype, device) -> Tuple[Tensor, Tensor]:
+        """Sin and cos rows at ``positions``, ``[batch, pos, 1, rotary_dim]`` (as TransformerLens's table rows)."""
+        return self._computed_rows(layer, positions, dtype, device)
+
+    def _computed_rows(self, layer: int, positions: Tensor, dtype, device) -> Tuple[Tensor, Tensor]:
         index = positions.clamp(min=0)
         found = self._frequencies(layer, dtype, device)
         if found is not None:
@@ -169,19 +185,20 @@ class Rotary(PositionalScheme):
             needed = int(positions.max()) + 1 if positions.numel() else 1
             table_sin, table_cos = self._table(layer, needed, dtype, device)
             sin, cos = table_sin[index], table_cos[index]
-        sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # (B, T, 1, rotary_dim)
-        self._last = (positions, key, sin, cos)
-        return sin, cos
+        return sin[:, :, None, :], cos[:, :, None, :]  # (B, T, 1, rotary_dim)
 
     def rotate(self, layer, x, positions):
-        sin, cos = self._rows(layer, positions, x.dtype, x.device)
-        x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        if self.adjacent_pairs:  # GPT-J: pairs (0,1), (2,3), ...
-            flipped = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
-        else:  # GPT-NeoX / Llama: pairs (i, i + rotary_dim/2)
-            half = self.rotary_dim // 2
-            flipped = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-        return torch.cat((x_rot * cos + flipped * sin, x_pass), dim=-1)
+        signed_sin, cos = self._rotation_rows(layer, positions, x.dtype, x.device)
+        dim = self.rotary_dim
+        x_rot = x if dim == x.shape[-1] else x[..., :dim]
+        if self.adjacent_pairs:  # (x1, x0, x3, x2, ...)
+            swapped = torch.stack((x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+        else:  # (second half, first half)
+            half = dim // 2
+            swapped = torch.cat((x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        # addcmul(a, b, c) is a + b * c, rounded as the two ops (no fused multiply-add on a CPU)
+        rotated = torch.addcmul(x_rot * cos, swapped, signed_sin)
+        return rotated if dim == x.shape[-1] else torch.cat((rotated, x[..., dim:]), dim=-1)
 
     def describe(self):
         style = "adjacent pairs" if self.adjacent_pairs else "rotate-half"
