@@ -193,16 +193,20 @@ class Step:
         z = pattern.reshape(batch, kv_heads, group * n_q, n_k) @ values  # (B, kvh, g*T, d)
         return z.view(batch, n_heads, n_q, d_head).transpose(1, 2)  # (B, T, H, d)
 
-    def _fused_mask(self, local_window: Optional[int], bias: Optional[Tensor]) -> Tensor:
-        """The fused kernel's mask: boolean, or with ALiBi the bias where allowed and -inf elsewhere.
+    def _fused_mask(self, local_window: Optional[int], bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        """The fused kernel's additive mask: 0 (or ALiBi's bias) where allowed, -inf elsewhere.
 
-        Built once per call (every layer of a call shares it).
+        Built once per call (every layer of a call shares it). A boolean mask
+        would be turned into this same tensor by the kernel in every layer.
         """
-        if bias is None:
-            return self.mask(local_window)
-        key = (local_window, bias.dtype)
+        key = (local_window, dtype)
         if key not in self._additive:
-            self._additive[key] = bias.masked_fill(~self.mask(local_window), float("-inf"))
+            allowed = self.mask(local_window)
+            if bias is None:
+                zero = torch.zeros((), dtype=dtype, device=allowed.device)
+                self._additive[key] = zero.masked_fill(~allowed, float("-inf"))  # (B, 1, T, S)
+            else:
+                self._additive[key] = bias.masked_fill(~allowed, float("-inf"))
         return self._additive[key]
 
     def _fused(self, attn, local_window, q, keys, values) -> Tensor:
@@ -218,7 +222,7 @@ class Step:
         if bias is None and self.causal_only and local_window is None:
             mask, causal = None, True
         else:
-            mask, causal = self._fused_mask(local_window, bias), False  # (B, 1 or H, T, S)
+            mask, causal = self._fused_mask(local_window, bias, q.dtype), False  # (B, 1 or H, T, S)
         q_heads = q.transpose(1, 2)  # (B, H, T, d)
         if n_q == 1 and group > 1 and (mask is None or mask.shape[1] == 1):
             # One query: every head of a group reads the same keys, so a group's
