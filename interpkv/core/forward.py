@@ -180,7 +180,7 @@ def forward(
             else:
                 if model.cfg.use_hook_tokens:
                     inputs = view.hook_tokens(inputs)
-                embed = view.hook_embed(model.embed(inputs))  # (B, T, d_model)
+                embed = view.hook_embed(view.embed(inputs))  # (B, T, d_model); the view: a routed embedding norm
             residual, shortformer_pos_embed = scheme.embed(model, embed, q_pos)
         out = view(residual, start_at_layer=start, stop_at_layer=stop, shortformer_pos_embed=shortformer_pos_embed)
     if acting is not None:

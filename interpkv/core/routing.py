@@ -8,7 +8,8 @@ and returns every route:
 - **attention**: each block's ``attn`` runs interpkv's position-aware attention
   over the call's cache (:meth:`interpkv.core.attention.Step.attention_for`);
 - **fast modules** (:func:`fast_modules`): TransformerLens's ``LayerNormPre``,
-  ``RMSNormPre`` and GPT-2's ``gelu_new`` ``MLP`` run as single kernels
+  ``LayerNorm``, ``RMSNormPre`` and the ``MLP`` of a one-kernel activation
+  (GPT-2's ``gelu_new``, Bloom's ``gelu_fast``, ``relu``, ...) run as single kernels
   (:mod:`interpkv.core.fused`, only while their inner hook points are idle),
   ``GatedMLP`` and ``Unembed`` without per-call weight copies
   (:mod:`interpkv.core.prepared`). So on this path norms, MLPs and the
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from interpkv.core import tl as _tl
-from interpkv.core.fused import gelu_new_mlp_forward, norm_forward
+from interpkv.core.fused import MLP_ACTIVATIONS, mlp_forward, norm_forward
 from interpkv.core.prepared import gated_mlp_forward, unembed_forward
 from interpkv.core.sae_lens import wrapper_routes
 
@@ -87,7 +88,8 @@ def fast_modules(model: "_tl.HookedTransformer", *, last_logits_only: bool = Fal
 
     TransformerLens's plain ``GatedMLP`` (not SoLU's layer-norm activation) and
     ``Unembed`` skip their per-call weight copies (:mod:`interpkv.core.prepared`);
-    ``LayerNormPre``, ``RMSNormPre`` and GPT-2's ``gelu_new`` ``MLP`` run as single
+    ``LayerNormPre``, ``LayerNorm`` (the blocks', the final and the embedding's),
+    ``RMSNormPre`` and an ``MLP`` whose activation is one kernel run as single
     kernels (:mod:`interpkv.core.fused`). Every other module, and any module
     whose instance already has its own ``forward``, runs its own forward.
     ``last_logits_only``: the unembedding computes the last position only
@@ -101,16 +103,19 @@ def fast_modules(model: "_tl.HookedTransformer", *, last_logits_only: bool = Fal
         for layer, block in enumerate(model.blocks)
         for name in ("ln1", "ln2")
     ]
-    for path, norm in norms + [(("ln_final",), getattr(model, "ln_final", None))]:
-        if type(norm) is _tl.LayerNormPre or type(norm) is _tl.RMSNormPre:
-            pairs.append((path, norm, norm_forward(norm, rms=type(norm) is _tl.RMSNormPre, last=last_norm)))
+    norms += [(("ln_final",), getattr(model, "ln_final", None)), (("embed", "ln"), getattr(model.embed, "ln", None))]
+    for path, norm in norms:
+        kind = type(norm)
+        if kind is _tl.LayerNormPre or kind is _tl.RMSNormPre or kind is _tl.LayerNorm:
+            forward = norm_forward(norm, rms=kind is _tl.RMSNormPre, last=last_norm, affine=kind is _tl.LayerNorm)
+            pairs.append((path, norm, forward))
     for layer, block in enumerate(model.blocks):
         mlp = getattr(block, "mlp", None)
         path = ("blocks", str(layer), "mlp")
         if type(mlp) is _tl.GatedMLP and not cfg.is_layer_norm_activation():
             pairs.append((path, mlp, gated_mlp_forward(mlp)))
-        elif type(mlp) is _tl.MLP and cfg.act_fn == "gelu_new" and mlp.W_in.ndim == 2:
-            pairs.append((path, mlp, gelu_new_mlp_forward(mlp)))
+        elif type(mlp) is _tl.MLP and cfg.act_fn in MLP_ACTIVATIONS and mlp.W_in.ndim == 2:
+            pairs.append((path, mlp, mlp_forward(mlp)))
     if type(model.unembed) is _tl.Unembed:
         pairs.append((("unembed",), model.unembed, unembed_forward(model.unembed, last_only=last_logits_only)))
     # A forward the caller installed on the instance (a monkeypatched module) wins.

@@ -86,6 +86,7 @@ try:  # TransformerLens 3 only: HookedTransformer and its parts
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
     from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformer_lens.components.layer_norm import LayerNorm
     from transformer_lens.components.layer_norm_pre import LayerNormPre
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
     from transformer_lens.components.mlps.mlp import MLP
@@ -101,9 +102,11 @@ except ImportError as exc:  # TransformerLens 4 (no HookedTransformer) or none a
     HookedTransformer, HookedTransformerConfig = stand_in("HookedTransformer", exc), stand_in("HookedTransformerConfig", exc)  # type: ignore[misc]  # a stand-in for the class
     TransformerLensKeyValueCache = stand_in("TransformerLensKeyValueCache", exc)  # type: ignore[misc]  # a stand-in for the class
     TransformerLensKeyValueCacheEntry = stand_in("TransformerLensKeyValueCacheEntry", exc)  # type: ignore[misc]  # a stand-in for the class
-    AbstractAttention, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, ProcessWeights = (  # type: ignore[misc]  # a stand-in for the class
+    AbstractAttention, LayerNorm, LayerNormPre, GatedMLP, MLP, RMSNormPre, Unembed, ProcessWeights = (  # type: ignore[misc]  # a stand-in for the class
         stand_in(n, exc)
-        for n in ("AbstractAttention", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "ProcessWeights")
+        for n in (
+            "AbstractAttention", "LayerNorm", "LayerNormPre", "GatedMLP", "MLP", "RMSNormPre", "Unembed", "ProcessWeights"
+        )
     )
     get_pretrained_model_config, get_pretrained_state_dict = (
         stand_in(n, exc, "function") for n in ("get_pretrained_model_config", "get_pretrained_state_dict")
@@ -188,6 +191,7 @@ __all__ = [
     "is_local_layer",
     "rotary_base",
     "kv_projection",
+    "LayerNorm",
     "LayerNormPre",
     "RMSNormPre",
     "GatedMLP",
