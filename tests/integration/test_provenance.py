@@ -255,7 +255,12 @@ def test_fork_crop_select_repeat_freeze_carry_provenance(gpt2):
     steer = [(HOOK, interpkv.steering.add(vector(gpt2)))]
     cache = interpkv.KVCache.for_model(gpt2, 2)
     interpkv.forward(gpt2, PROMPT.repeat(2, 1), cache=cache, fwd_hooks=steer)
-    interpkv.forward(gpt2, NEXT.repeat(2, 1), cache=cache)
+    with warnings.catch_warnings(record=True) as caught:  # an unsteered span after a steered one
+        warnings.simplefilter("always", interpkv.ProvenanceWarning)
+        interpkv.forward(gpt2, NEXT.repeat(2, 1), cache=cache)
+    assert any(
+        w.category is interpkv.ProvenanceWarning and "positions 0-7 were written under" in str(w.message) for w in caught
+    )
     expect = [((0, 8), (0, 7), 1), ((8, 10), (8, 9), 0)]
 
     def spans(c):
