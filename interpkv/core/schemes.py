@@ -159,7 +159,7 @@ class Rotary(PositionalScheme):
         last = self._last
         if last is not None and last[0] is positions and last[1] == key:
             return last[2], last[3]
-        sin, cos = self._computed_rows(layer, positions, dtype, device)
+        sin, cos = self._rows(layer, positions, dtype, device)
         # The sign of the rotation moves from the swapped coordinates to sin, once per
         # call: each rotation is then swap, multiply, multiply-add (-a * s == a * -s exactly).
         if self.adjacent_pairs:  # GPT-J: pairs (0,1), (2,3), ...: the first of each pair
@@ -171,10 +171,7 @@ class Rotary(PositionalScheme):
         return signed, cos
 
     def _rows(self, layer: int, positions: Tensor, dtype, device) -> Tuple[Tensor, Tensor]:
-        """Sin and cos rows at ``positions``, ``[batch, pos, 1, rotary_dim]`` (as TransformerLens's table rows)."""
-        return self._computed_rows(layer, positions, dtype, device)
-
-    def _computed_rows(self, layer: int, positions: Tensor, dtype, device) -> Tuple[Tensor, Tensor]:
+        """Sin and cos rows at ``positions``, ``[batch, pos, 1, rotary_dim]`` (TransformerLens's table rows)."""
         index = positions.clamp(min=0)
         found = self._frequencies(layer, dtype, device)
         if found is not None:
